@@ -1,0 +1,281 @@
+"""Anomaly-detection metrics as reported by MVTec AD / anomalib, per category.
+
+Image level (one score per image) and pixel level (anomaly maps against ground-truth masks,
+all test pixels pooled). A metric that a test split cannot define (e.g. AUROC without any
+anomalous image) is reported as ``None`` with a note saying why, so a benchmark over many
+categories never crashes or prints warnings because one split is degenerate.
+
+AUPRO follows MVTec's official ``compute_pro``: one sort of all pixels gives the exact PRO/FPR
+curve over every distinct threshold, instead of sampling a fixed grid of thresholds.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Sequence
+
+import numpy as np
+from scipy import ndimage
+from sklearn.metrics import precision_recall_curve, roc_auc_score
+
+METRIC_NAMES: tuple[str, ...] = (
+    "image_auroc",
+    "pixel_auroc",
+    "aupro",
+    "image_ap",
+    "pixel_ap",
+    "image_f1_max",
+    "pixel_f1_max",
+    "pixel_iou",
+)
+# Operating points for downstream use (binary decisions, mask rendering); not averaged over
+# categories because each category's scores live on their own scale.
+THRESHOLD_NAMES: tuple[str, ...] = ("image_threshold", "pixel_threshold")
+
+_IMAGE_KEYS = ("image_auroc", "image_ap", "image_f1_max", "image_threshold")
+_PIXEL_KEYS = ("pixel_auroc", "pixel_ap", "pixel_f1_max", "pixel_iou", "aupro", "pixel_threshold")
+
+# Same 8-connectivity as MVTec's scipy.ndimage.label(mask, np.ones((3, 3))), applied to every
+# image of an [N, H, W] stack in one call: the empty outer slices keep images apart.
+_REGION_STRUCTURE = np.zeros((3, 3, 3), dtype=bool)
+_REGION_STRUCTURE[1] = True
+
+
+@dataclass
+class MetricReport:
+    """Metric values of one category (or a mean), with the reason behind every missing value.
+
+    ``notes`` explains each ``None`` in ``values``; for a mean it also says how many categories
+    a defined value left out.
+    """
+
+    values: dict[str, float | None]
+    notes: dict[str, str] = field(default_factory=dict)
+
+    def to_dict(self) -> dict:
+        return {"values": dict(self.values), "notes": dict(self.notes)}
+
+
+def image_metrics(labels: np.ndarray, scores: np.ndarray) -> dict[str, float | None]:
+    """AUROC, AP, max F1 and the F1-optimal threshold of image scores against 0/1 labels."""
+    return _image_metrics(labels, scores)[0]
+
+
+def pixel_metrics(masks: np.ndarray, maps: np.ndarray, fpr_limit: float = 0.3) -> dict[str, float | None]:
+    """Pixel AUROC, AP, max F1, IoU at the F1-optimal threshold, AUPRO and that threshold."""
+    return _pixel_metrics(masks, maps, fpr_limit)[0]
+
+
+def aupro(masks: np.ndarray, maps: np.ndarray, fpr_limit: float = 0.3) -> float:
+    """Normalized area under the PRO curve up to ``fpr_limit`` (1.0 = perfect).
+
+    Unlike pixel AUROC, every ground-truth region weighs the same however many pixels it has,
+    so small defects are not drowned out by large ones.
+    """
+    masks, maps = _check_pixels(masks, maps)
+    _check_fpr_limit(fpr_limit)
+    reason = _pixel_degeneracy(masks)
+    if reason is not None:
+        raise ValueError(f"{reason}: aupro is undefined")
+    return _aupro(masks, maps, fpr_limit)
+
+
+def compute_metrics(
+    labels: np.ndarray,
+    scores: np.ndarray,
+    masks: np.ndarray | None = None,
+    maps: np.ndarray | None = None,
+    fpr_limit: float = 0.3,
+) -> MetricReport:
+    """All metrics of one category; pixel metrics are ``None`` (with a note) without masks."""
+    values, notes = _image_metrics(labels, scores)
+    if masks is None:
+        pixel_values = dict.fromkeys(_PIXEL_KEYS)
+        pixel_notes = _undefined_notes(_PIXEL_KEYS, "dataset has no ground-truth masks")
+    else:
+        if maps is None:
+            raise ValueError("maps is required when masks are given")
+        if np.shape(masks)[:1] != np.shape(labels)[:1]:
+            raise ValueError(
+                f"masks has shape {np.shape(masks)} but labels has shape {np.shape(labels)}; "
+                "they must have one entry per image"
+            )
+        pixel_values, pixel_notes = _pixel_metrics(masks, maps, fpr_limit)
+    values.update(pixel_values)
+    notes.update(pixel_notes)
+    return MetricReport(values=values, notes=notes)
+
+
+def mean_metrics(reports: Sequence[MetricReport]) -> MetricReport:
+    """Per-metric mean over the categories where the metric is defined.
+
+    Skipping rather than failing keeps one degenerate category from hiding the others; the
+    notes say how many were skipped so a mean over fewer categories is not mistaken for a full one.
+    Thresholds are left out: each category's scores live on their own scale.
+    """
+    if not reports:
+        raise ValueError("reports is empty: nothing to average")
+    values: dict[str, float | None] = {}
+    notes: dict[str, str] = {}
+    for name in METRIC_NAMES:
+        defined = [r.values[name] for r in reports if r.values.get(name) is not None]
+        skipped = len(reports) - len(defined)
+        values[name] = float(np.mean(defined)) if defined else None
+        if not defined:
+            notes[name] = f"undefined in all {len(reports)} categories"
+        elif skipped:
+            notes[name] = (
+                f"mean over {len(defined)} of {len(reports)} categories; "
+                f"{skipped} skipped where it is undefined"
+            )
+    return MetricReport(values=values, notes=notes)
+
+
+def _image_metrics(labels: np.ndarray, scores: np.ndarray) -> tuple[dict, dict[str, str]]:
+    labels = _as_binary("labels", labels, ndim=1)
+    scores = _as_finite("scores", scores, ndim=1)
+    _check_same_shape("labels", labels, "scores", scores)
+    n_anomalous = int(labels.sum())
+    if n_anomalous == 0:
+        return _undefined(_IMAGE_KEYS, "test split has no anomalous images")
+    if n_anomalous == labels.size:
+        return _undefined(_IMAGE_KEYS, "test split has only anomalous images")
+    auroc, ap, f1_max, threshold = _ranking_metrics(labels, scores)
+    values = {"image_auroc": auroc, "image_ap": ap, "image_f1_max": f1_max, "image_threshold": threshold}
+    return values, {}
+
+
+def _pixel_metrics(masks: np.ndarray, maps: np.ndarray, fpr_limit: float) -> tuple[dict, dict[str, str]]:
+    masks, maps = _check_pixels(masks, maps)
+    _check_fpr_limit(fpr_limit)
+    reason = _pixel_degeneracy(masks)
+    if reason is not None:
+        return _undefined(_PIXEL_KEYS, reason)
+    flat_masks, flat_maps = masks.ravel(), maps.ravel()
+    auroc, ap, f1_max, threshold = _ranking_metrics(flat_masks, flat_maps)
+    predicted = flat_maps >= threshold
+    iou = np.count_nonzero(predicted & flat_masks) / np.count_nonzero(predicted | flat_masks)
+    values = {
+        "pixel_auroc": auroc,
+        "pixel_ap": ap,
+        "pixel_f1_max": f1_max,
+        "pixel_iou": float(iou),
+        "aupro": _aupro(masks, maps, fpr_limit),
+        "pixel_threshold": threshold,
+    }
+    return values, {}
+
+
+def _ranking_metrics(labels: np.ndarray, scores: np.ndarray) -> tuple[float, float, float, float]:
+    """AUROC, AP, max F1 and its threshold (predict anomalous where score >= threshold).
+
+    AP uses sklearn's ``average_precision_score`` formula on the PR curve that F1 needs anyway,
+    which saves a second sort of millions of pixels.
+    """
+    auroc = roc_auc_score(labels, scores)
+    precision, recall, thresholds = precision_recall_curve(labels, scores)
+    ap = -np.sum(np.diff(recall) * precision[:-1])
+    # The curve's last point (precision 1, recall 0) has no threshold and F1 0: drop it.
+    precision, recall = precision[:-1], recall[:-1]
+    denominator = precision + recall
+    f1 = np.divide(2 * precision * recall, denominator, out=np.zeros_like(denominator), where=denominator > 0)
+    best = int(np.argmax(f1))
+    return float(auroc), float(ap), float(f1[best]), float(thresholds[best])
+
+
+def _aupro(masks: np.ndarray, maps: np.ndarray, fpr_limit: float) -> float:
+    """Exact AUPRO of validated, non-degenerate inputs (see ``aupro``)."""
+    regions, n_regions = ndimage.label(masks, structure=_REGION_STRUCTURE)
+    regions = regions.ravel()
+    sizes = np.bincount(regions)  # sizes[0]: normal pixels
+    # Lowering the threshold past a pixel raises the overlap of its region by 1/size, and the
+    # PRO (mean overlap over regions) by 1/(size * n_regions); a normal pixel adds one FP.
+    pro_step = np.zeros(len(sizes))
+    pro_step[1:] = 1.0 / (sizes[1:] * n_regions)
+    flat_maps = maps.ravel()
+    order = np.argsort(flat_maps)[::-1]
+    sorted_scores = flat_maps[order]
+    sorted_regions = regions[order]
+    fpr = np.cumsum(sorted_regions == 0) / sizes[0]
+    pro = np.minimum(np.cumsum(pro_step[sorted_regions]), 1.0)
+    # A threshold admits all pixels scoring >= it: read the curve at the end of each tie group.
+    group_end = np.append(sorted_scores[1:] != sorted_scores[:-1], True)
+    fpr = np.concatenate(([0.0], fpr[group_end]))
+    pro = np.concatenate(([0.0], pro[group_end]))
+    return _area_up_to(fpr, pro, fpr_limit) / fpr_limit
+
+
+def _area_up_to(x: np.ndarray, y: np.ndarray, x_max: float) -> float:
+    """Trapezoid area under a curve with nondecreasing x from x[0] up to x_max.
+
+    The curve is interpolated exactly at x_max, so the result does not depend on whether
+    some threshold happens to land on the limit.
+    """
+    end = int(np.searchsorted(x, x_max, side="right"))
+    xs, ys = x[:end], y[:end]
+    if end < len(x) and xs[-1] < x_max:
+        y_max = ys[-1] + (y[end] - ys[-1]) * (x_max - xs[-1]) / (x[end] - xs[-1])
+        xs, ys = np.append(xs, x_max), np.append(ys, y_max)
+    return float(np.sum(np.diff(xs) * (ys[1:] + ys[:-1]) / 2))
+
+
+def _pixel_degeneracy(masks: np.ndarray) -> str | None:
+    """Why pixel metrics are undefined for these masks, or None if both classes are present."""
+    n_anomalous = np.count_nonzero(masks)
+    if n_anomalous == 0:
+        return "ground-truth masks have no anomalous pixels"
+    if n_anomalous == masks.size:
+        return "ground-truth masks have no normal pixels"
+    return None
+
+
+def _undefined(keys: Sequence[str], reason: str) -> tuple[dict, dict[str, str]]:
+    return dict.fromkeys(keys), _undefined_notes(keys, reason)
+
+
+def _undefined_notes(keys: Sequence[str], reason: str) -> dict[str, str]:
+    return {key: f"{reason}: {key} is undefined" for key in keys}
+
+
+def _check_pixels(masks: np.ndarray, maps: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    masks = _as_binary("masks", masks, ndim=3)
+    maps = _as_finite("maps", maps, ndim=3)
+    _check_same_shape("masks", masks, "maps", maps)
+    return masks, maps
+
+
+def _check_fpr_limit(fpr_limit: float) -> None:
+    if not 0.0 < fpr_limit <= 1.0:
+        raise ValueError(f"fpr_limit must be in (0, 1], got {fpr_limit!r}")
+
+
+def _check_same_shape(name_a: str, a: np.ndarray, name_b: str, b: np.ndarray) -> None:
+    if a.shape != b.shape:
+        raise ValueError(f"{name_a} has shape {a.shape} but {name_b} has shape {b.shape}; they must match")
+
+
+def _as_finite(name: str, array: np.ndarray, ndim: int) -> np.ndarray:
+    """As float64 (no copy if it already is): one precision for thresholds and sums, whatever the input."""
+    array = np.asarray(array, dtype=np.float64)
+    _check_ndim(name, array, ndim)
+    if not np.isfinite(array).all():
+        raise ValueError(f"{name} (shape {array.shape}) contains NaN or inf")
+    return array
+
+
+def _as_binary(name: str, array: np.ndarray, ndim: int) -> np.ndarray:
+    array = np.asarray(array)
+    _check_ndim(name, array, ndim)
+    if array.dtype != bool:
+        if not ((array == 0) | (array == 1)).all():
+            raise ValueError(f"{name} (shape {array.shape}) must be binary: only 0/1 or bool values")
+        array = array.astype(bool)
+    return array
+
+
+def _check_ndim(name: str, array: np.ndarray, ndim: int) -> None:
+    if array.ndim != ndim:
+        expected = "[N]" if ndim == 1 else "[N, H, W]"
+        raise ValueError(f"{name} must have shape {expected}, got shape {array.shape}")
+    if array.size == 0:
+        raise ValueError(f"{name} is empty (shape {array.shape})")
