@@ -1,0 +1,130 @@
+"""Typed run configuration, validated once where it enters (the jobs); the engine gets plain values.
+
+Defaults are the PatchCore reference settings (WRN50 layer2+layer3, 256 -> 224, 1024 dims, 10 %
+coreset, k = 1). Unknown keys are errors, so a typo never silently falls back to a default.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+
+class ConfigError(ValueError):
+    """The configuration is invalid; the message names every offending key."""
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class DatasetConfig(_Strict):
+    name: str = Field(min_length=1, pattern=r"^[A-Za-z0-9_.-]+$")
+    format: Literal["mvtec", "mvtec3d", "visa", "btad", "folder", "synthetic"]
+    root: str
+    categories: list[str] | None = None  # None = every category found under root
+
+
+class BackboneConfig(_Strict):
+    name: str = "wide_resnet50_2"
+    layers: list[str] = Field(default_factory=lambda: ["layer2", "layer3"])
+    weights: str = "random"  # a .pth/.safetensors path, "package" (installed weights) or "random"
+
+
+class PreprocessConfig(_Strict):
+    resize: int = Field(256, ge=8)
+    crop: int = Field(224, ge=8)
+
+    @model_validator(mode="after")
+    def _crop_fits(self) -> "PreprocessConfig":
+        if self.crop > self.resize:
+            raise ValueError(f"crop ({self.crop}) must not exceed resize ({self.resize})")
+        return self
+
+
+class EmbeddingConfig(_Strict):
+    patch_size: int = Field(3, ge=1)
+    pretrain_dim: int = Field(1024, ge=1)
+    target_dim: int = Field(1024, ge=1)
+
+
+class CoresetConfig(_Strict):
+    method: Literal["exact", "approximate", "none"] = "approximate"
+    ratio: float = Field(0.1, gt=0.0, le=1.0)
+    projection_dim: int = Field(128, ge=1)
+    distributed: Literal["sharded", "two_round"] = "sharded"
+
+
+class ScoringConfig(_Strict):
+    k: int = Field(1, ge=1)
+    reweight_neighbours: int = Field(0, ge=0)
+    blur_sigma: float = Field(4.0, ge=0.0)
+
+
+class MetricsConfig(_Strict):
+    pro_fpr_limit: float = Field(0.3, gt=0.0, le=1.0)
+
+
+class ClusterConfig(_Strict):
+    num_extractors: int | Literal["auto"] = "auto"  # auto = one per GPU, else one per 2 CPUs
+    num_evaluators: int | Literal["auto"] = "auto"
+    gpus_per_extractor: float = Field(0.0, ge=0.0)  # 1, or a fraction to pack several per GPU
+    cpus_per_actor: float = Field(1.0, gt=0.0)
+    batch_size: int = Field(8, ge=1)
+    fp16: bool = False
+    coreset_shards: int = Field(2, ge=1)
+    coreset_batch: int = Field(64, ge=1)  # candidates per shard per round trip
+    max_restarts: int = Field(3, ge=0)
+
+    @field_validator("num_extractors", "num_evaluators")
+    @classmethod
+    def _positive(cls, value: int | str) -> int | str:
+        if isinstance(value, int) and value < 1:
+            raise ValueError("must be >= 1 or 'auto'")
+        return value
+
+
+class WandbConfig(_Strict):
+    mode: Literal["auto", "online", "offline", "off"] = "auto"  # auto = online if logged in, else offline
+    project: str = "anomaly-bench"
+    entity: str | None = None
+    group: str | None = None
+    tags: list[str] = Field(default_factory=list)
+    log_images: int = Field(3, ge=0)  # best and worst test images per category to log
+
+
+class RunConfig(_Strict):
+    name: str = Field("benchmark", pattern=r"^[A-Za-z0-9_.-]+$")
+    output_dir: str = "outputs"
+    seed: int = 0
+    datasets: list[DatasetConfig] = Field(min_length=1)
+    backbone: BackboneConfig = BackboneConfig()
+    preprocess: PreprocessConfig = PreprocessConfig()
+    embedding: EmbeddingConfig = EmbeddingConfig()
+    coreset: CoresetConfig = CoresetConfig()
+    scoring: ScoringConfig = ScoringConfig()
+    metrics: MetricsConfig = MetricsConfig()
+    cluster: ClusterConfig = ClusterConfig()
+    wandb: WandbConfig = WandbConfig()
+
+    @model_validator(mode="after")
+    def _unique_dataset_names(self) -> "RunConfig":
+        names = [dataset.name for dataset in self.datasets]
+        if len(set(names)) != len(names):
+            raise ValueError(f"dataset names must be unique, got {names}")
+        return self
+
+
+def parse_config(raw: Any, source: str) -> RunConfig:
+    """Validate a plain mapping into a RunConfig; every error names its key path and ``source``."""
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{source}: top level must be a mapping, got {type(raw).__name__}")
+    try:
+        return RunConfig.model_validate(raw)
+    except ValidationError as error:
+        lines = []
+        for problem in error.errors():
+            key = ".".join(str(part) for part in problem["loc"]) or "(top level)"
+            lines.append(f"  {key}: {problem['msg']}")
+        raise ConfigError(f"{source}: invalid configuration\n" + "\n".join(lines)) from None

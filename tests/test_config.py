@@ -1,0 +1,62 @@
+"""Config files: every bundled config validates; bad keys, types and paths give one clear error each."""
+
+from pathlib import Path
+
+import pytest
+
+from anomaly_core.config import ConfigError
+from jobs.cli import apply_override, load_config, read_yaml
+
+from .conftest import REPO
+
+CONFIGS = sorted((REPO / "configs").glob("*.yaml"))
+
+
+@pytest.mark.parametrize("path", CONFIGS, ids=lambda p: p.stem)
+def test_bundled_configs_validate(path):
+    from anomaly_core.config import parse_config
+
+    config = parse_config(read_yaml(path), str(path))
+    assert config.coreset.ratio == 0.1 and config.scoring.k == 1
+    assert (config.preprocess.resize, config.preprocess.crop) == (256, 224)
+    assert config.embedding.target_dim == 1024
+
+
+def test_reference_defaults_in_dataset_configs():
+    config = read_yaml(REPO / "configs" / "mvtec_ad.yaml")
+    assert config["backbone"]["name"] == "wide_resnet50_2"
+    assert config["backbone"]["layers"] == ["layer2", "layer3"]
+
+
+def test_overrides_and_list_indexing():
+    raw = {"datasets": [{"name": "a", "format": "mvtec", "root": "x"}], "coreset": {"ratio": 0.1}}
+    out = apply_override(apply_override(raw, "coreset.ratio=0.01"), "datasets.0.root=/data/y")
+    assert out["coreset"]["ratio"] == 0.01 and out["datasets"][0]["root"] == "/data/y"
+    assert raw["coreset"]["ratio"] == 0.1  # the input is not modified
+    with pytest.raises(ConfigError, match="not an index"):
+        apply_override(raw, "datasets.3.root=z")
+
+
+@pytest.mark.parametrize(
+    "override,message",
+    [
+        ("coreset.ratio=1.5", "coreset.ratio: Input should be less than or equal to 1"),
+        ("coreset.method=fancy", "coreset.method: Input should be 'exact', 'approximate' or 'none'"),
+        ("scoring.kk=3", "scoring.kk: Extra inputs are not permitted"),
+        ("preprocess.crop=300", "crop \\(300\\) must not exceed resize \\(256\\)"),
+        ("datasets.0.root=/no/such/dir", "datasets.0.root: dataset folder not found: /no/such/dir"),
+        ("backbone.weights=/no/w.pth", "backbone.weights: weights file not found: /no/w.pth"),
+    ],
+)
+def test_invalid_values_name_their_key(override, message):
+    with pytest.raises(ConfigError, match=message):
+        load_config(REPO / "configs" / "demo.yaml", [override])
+
+
+def test_missing_or_broken_file(tmp_path):
+    with pytest.raises(ConfigError, match="config file not found"):
+        load_config(tmp_path / "absent.yaml", [])
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("datasets: [\n")
+    with pytest.raises(ConfigError, match="not valid YAML"):
+        load_config(bad, [])

@@ -1,0 +1,64 @@
+"""kNN scoring: brute-force distances, the paper's re-weighting, maps, and batch independence."""
+
+import numpy as np
+import pytest
+from scipy.ndimage import gaussian_filter
+
+from anomaly_core.scoring import NearestNeighbourScorer, ScoringParams, anomaly_map
+
+
+@pytest.fixture
+def data():
+    rng = np.random.default_rng(0)
+    return rng.normal(size=(200, 16)).astype(np.float32), rng.normal(size=(49, 16)).astype(np.float32)
+
+
+def test_patch_scores_are_brute_force_nearest_distances(data):
+    bank, queries = data
+    brute = np.sqrt(((queries[:, None, :].astype(np.float64) - bank[None]) ** 2).sum(-1))
+    scores, nearest = NearestNeighbourScorer(bank, ScoringParams(k=1)).patch_scores(queries)
+    np.testing.assert_allclose(scores, brute.min(1), rtol=1e-6)
+    np.testing.assert_array_equal(nearest, brute.argmin(1))
+    scores3, _ = NearestNeighbourScorer(bank, ScoringParams(k=3)).patch_scores(queries)
+    np.testing.assert_allclose(scores3, np.sort(brute, 1)[:, :3].mean(1), rtol=1e-6)
+
+
+def test_scores_do_not_depend_on_batch_composition(data):
+    bank, queries = data
+    scorer = NearestNeighbourScorer(bank, ScoringParams())
+    together, _ = scorer.patch_scores(queries)
+    alone = np.concatenate([scorer.patch_scores(queries[i : i + 1])[0] for i in range(len(queries))])
+    assert np.array_equal(together, alone)
+
+
+def test_image_score_max_and_reweighting(data):
+    bank, queries = data
+    plain = NearestNeighbourScorer(bank, ScoringParams())
+    scores, nearest = plain.patch_scores(queries)
+    assert plain.image_score(queries, scores, nearest) == pytest.approx(scores.max())
+    b = 5
+    weighted = NearestNeighbourScorer(bank, ScoringParams(reweight_neighbours=b))
+    top = int(np.argmax(scores))
+    anchor = bank[nearest[top]]
+    support = np.argsort(((bank - anchor) ** 2).sum(1), kind="stable")[:b]  # m* itself first
+    distances = np.sqrt(((bank[support] - queries[top]) ** 2).sum(1))
+    expected = (1 - np.exp(distances[0]) / np.exp(distances).sum()) * scores.max()
+    assert weighted.image_score(queries, scores, nearest) == pytest.approx(expected, rel=1e-5)
+
+
+def test_anomaly_map_upsamples_and_blurs():
+    grid = np.zeros((4, 4), np.float32)
+    grid[1, 2] = 1.0
+    result = anomaly_map(grid.reshape(-1), (4, 4), 32, sigma=4.0)
+    assert result.shape == (32, 32) and result.dtype == np.float32
+    peak = np.unravel_index(np.argmax(result), result.shape)
+    assert 8 <= peak[0] < 16 and 16 <= peak[1] < 24  # the hot patch's cell
+    unblurred = anomaly_map(grid.reshape(-1), (4, 4), 32, sigma=0)
+    np.testing.assert_allclose(result, gaussian_filter(unblurred, 4.0), rtol=1e-6)
+
+
+def test_invalid_parameters():
+    with pytest.raises(ValueError, match="scoring.k=5 exceeds the memory bank size 3"):
+        NearestNeighbourScorer(np.zeros((3, 2), np.float32), ScoringParams(k=5))
+    with pytest.raises(ValueError, match="reweight_neighbours"):
+        ScoringParams(reweight_neighbours=1)
