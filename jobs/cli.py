@@ -26,6 +26,11 @@ def add_config_arguments(parser: argparse.ArgumentParser) -> None:
     )
 
 
+def add_category_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--dataset", help="dataset name from the config (default: the first)")
+    parser.add_argument("--category", required=True, help="category name, e.g. tire")
+
+
 def read_yaml(path: Path) -> Any:
     if not path.is_file():
         raise ConfigError(f"config file not found: {path}")

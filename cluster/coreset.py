@@ -1,0 +1,177 @@
+"""Sharded greedy coreset: the training patches stay spread over holder actors during the greedy loop.
+
+Each holder pulls its extractor outputs straight from the object store (the driver never gathers the
+features), keeps a ``GreedyShard`` and answers the driver's ``greedy_select`` rounds, so the picks are
+those of single-process exact greedy. The proxy overlaps holders: ``add_centers`` is fire-and-forget
+and immediately queues the next ``top_candidates`` call. A holder that dies is rebuilt from the same
+feature objects and replayed with every centre sent so far — the min-distance state is a pure function
+of (points, centres), so the restarted holder is indistinguishable from the lost one.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any, Callable
+
+import numpy as np
+import ray
+from ray.exceptions import RayActorError
+
+from anomaly_core.coreset import Candidates, GreedyShard, coreset_size, greedy_coreset, greedy_select, random_projection, start_index_for
+from anomaly_core.patchcore import PatchFeatures
+
+
+def global_patch_indices(part: PatchFeatures) -> np.ndarray:
+    """Patch ``p`` of sample ``s`` is global row ``s * patches_per_image + p`` (the engine's flat order)."""
+    per_image = part.embeddings.shape[1]
+    return (part.sample_indices[:, None] * per_image + np.arange(per_image)[None, :]).reshape(-1)
+
+
+class CoresetHolder:
+    """One shard of a category's training patches (original rows + the space greedy runs in)."""
+
+    def __init__(self, parts: list[ray.ObjectRef], method: str, projection_dim: int, seed: int) -> None:
+        features: list[PatchFeatures] = ray.get(parts)
+        self.per_image = features[0].embeddings.shape[1]
+        self.original = np.concatenate([part.flat() for part in features])
+        self.indices = np.concatenate([global_patch_indices(part) for part in features])
+        points = self.original
+        if method == "approximate":
+            points = random_projection(self.original, projection_dim, seed, block_rows=self.per_image)
+        self.points = points
+        self.shard = GreedyShard(points, self.indices)
+
+    def size(self) -> int:
+        return len(self.indices)
+
+    def fetch_rows(self, global_indices: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        return self.shard.fetch_rows(global_indices)
+
+    def add_centers(self, rows: np.ndarray, global_indices: np.ndarray) -> None:
+        self.shard.add_centers(rows, global_indices)
+
+    def top_candidates(self, b: int) -> Candidates:
+        return self.shard.top_candidates(b)
+
+    def original_rows(self, global_indices: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Bank rows (un-projected) for the requested indices this holder owns."""
+        local = np.flatnonzero(np.isin(self.indices, global_indices))
+        return self.indices[local], self.original[local]
+
+    def local_greedy(self, n_select: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
+        """First round of the two-round mode: exact greedy inside this shard only."""
+        local = greedy_coreset(self.points, n_select=min(n_select, len(self.points)), seed=seed).indices
+        return self.indices[local], self.points[local]
+
+
+class HolderProxy:
+    """``ShardLike`` view of a holder actor: pipelined calls, rebuilt and replayed if the actor dies."""
+
+    def __init__(self, create: Callable[[], Any], batch: int) -> None:
+        self.create = create
+        self.actor = create()
+        self.batch = batch
+        self.sent: list[tuple[np.ndarray, np.ndarray]] = []
+        self.prefetched: ray.ObjectRef | None = None
+        self.restarts = 0
+
+    def _call(self, method: str, *args: Any) -> Any:
+        try:
+            return ray.get(getattr(self.actor, method).remote(*args))
+        except RayActorError:
+            self._rebuild()
+            return ray.get(getattr(self.actor, method).remote(*args))
+
+    def _rebuild(self) -> None:
+        self.restarts += 1
+        self.actor = self.create()
+        if self.sent:
+            rows = np.concatenate([rows for rows, _ in self.sent])
+            indices = np.concatenate([indices for _, indices in self.sent])
+            self.actor.add_centers.remote(rows, indices)
+        self.prefetched = None
+
+    def fetch_rows(self, global_indices: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        return self._call("fetch_rows", global_indices)
+
+    def add_centers(self, rows: np.ndarray, global_indices: np.ndarray) -> None:
+        self.sent.append((rows, global_indices))
+        self.actor.add_centers.remote(rows, global_indices)
+        self.prefetched = self.actor.top_candidates.remote(self.batch)
+
+    def top_candidates(self, b: int) -> Candidates:
+        if b == self.batch and self.prefetched is not None:
+            ref, self.prefetched = self.prefetched, None
+            try:
+                return ray.get(ref)
+            except RayActorError:
+                self._rebuild()
+        return self._call("top_candidates", b)
+
+
+def _assign_parts(refs: list[ray.ObjectRef], n_holders: int) -> list[list[ray.ObjectRef]]:
+    n_holders = max(1, min(n_holders, len(refs)))
+    return [refs[holder::n_holders] for holder in range(n_holders)]
+
+
+def distributed_coreset(
+    refs: list[ray.ObjectRef],
+    n_holders: int,
+    method: str,
+    ratio: float,
+    projection_dim: int,
+    seed: int,
+    mode: str = "sharded",
+    batch: int = 64,
+    holder_cpus: float = 0.25,
+) -> tuple[np.ndarray, dict[str, Any]]:
+    """Select a category's bank from extractor outputs ``refs``; returns (bank rows, info)."""
+    started = time.perf_counter()
+    head: PatchFeatures = ray.get(refs[0])
+    grid = list(head.grid)
+    Holder = ray.remote(num_cpus=holder_cpus, max_restarts=0)(CoresetHolder)
+    proxies = [
+        HolderProxy(lambda group=group: Holder.remote(group, method, projection_dim, seed), batch)
+        for group in _assign_parts(refs, n_holders)
+    ]
+    sizes = [proxy._call("size") for proxy in proxies]
+    n_points = int(sum(sizes))
+    if method == "none":
+        chosen = np.arange(n_points, dtype=np.int64)
+        info = {"coverage_radius": 0.0, "rounds": 0}
+    else:
+        n_select = coreset_size(n_points, None, ratio)
+        if mode == "two_round":
+            chosen, info = _two_round(proxies, n_select, seed)
+        else:
+            result = greedy_select(proxies, n_select, start_index_for(n_points, seed), batch=batch)
+            chosen = result.indices
+            info = {"coverage_radius": result.coverage_radius, "rounds": result.n_rounds}
+    rows = _gather_rows(proxies, chosen)
+    info["holder_restarts"] = sum(proxy.restarts for proxy in proxies)
+    info["holders"] = len(proxies)
+    return rows, {"coreset": info, "n_patches": n_points, "grid": grid, "seconds": time.perf_counter() - started}
+
+
+def _two_round(proxies: list[HolderProxy], n_select: int, seed: int) -> tuple[np.ndarray, dict[str, Any]]:
+    """Greedy per holder, then exact greedy over the union; radius measured on all points after."""
+    local = ray.get([proxy.actor.local_greedy.remote(n_select, seed) for proxy in proxies])
+    union_indices = np.concatenate([indices for indices, _ in local])
+    union_points = np.concatenate([points for _, points in local])
+    order = np.argsort(union_indices, kind="stable")
+    union_indices, union_points = union_indices[order], union_points[order]
+    picks = greedy_coreset(union_points, n_select=min(n_select, len(union_points)), seed=seed).indices
+    chosen = union_indices[picks]
+    for proxy in proxies:
+        proxy.add_centers(union_points[picks], chosen)
+    radius_sq = max(proxy.top_candidates(0).bound for proxy in proxies)
+    return chosen, {"coverage_radius": float(np.sqrt(max(radius_sq, 0.0))), "rounds": 2}
+
+
+def _gather_rows(proxies: list[HolderProxy], chosen: np.ndarray) -> np.ndarray:
+    """The bank in pick order, fetched from whichever holder owns each row."""
+    found = ray.get([proxy.actor.original_rows.remote(chosen) for proxy in proxies])
+    indices = np.concatenate([indices for indices, _ in found])
+    rows = np.concatenate([rows for _, rows in found])
+    position = {int(index): row for row, index in enumerate(indices)}
+    return np.ascontiguousarray(rows[[position[int(index)] for index in chosen]])

@@ -1,0 +1,74 @@
+"""Extractor actor: one frozen backbone per GPU (or CPU slot) turning shards of images into patch features.
+
+Why actors and not Ray Data: a benchmark runs dozens of small categories whose shards must keep a fixed
+batch composition (bit-identical banks for any actor count) and be tagged with sample indices; an actor
+that loads the model once and is handed whole-batch shards gives that directly, while decoding overlaps
+the forward pass through a small thread pool inside the actor (PIL and the resize release the GIL).
+Ray restarts a killed actor and retries its in-flight shard (``max_restarts``/``max_task_retries``);
+a shard's result depends only on its images, so the retry reproduces it exactly.
+"""
+
+from __future__ import annotations
+
+import os
+import resource
+import time
+from concurrent.futures import ThreadPoolExecutor
+from typing import Sequence
+
+import numpy as np
+import ray
+import torch
+
+from anomaly_core.data import Sample
+from anomaly_core.patchcore import ExtractionSettings, PatchFeatureExtractor, PatchFeatures
+
+
+class Extractor:
+    """Holds the model; ``extract`` embeds a shard, decoding batch i+1 while batch i runs."""
+
+    def __init__(self, settings: ExtractionSettings, threads: int) -> None:
+        torch.set_num_threads(max(1, threads))
+        device = "cuda" if torch.cuda.is_available() and ray.get_gpu_ids() else "cpu"
+        self.extractor = PatchFeatureExtractor(settings, device=device)
+        self.decoders = ThreadPoolExecutor(max_workers=2, thread_name_prefix="decode")
+        self.images_done = 0
+        self.busy_seconds = 0.0
+
+    def describe(self) -> dict:
+        return {**self.extractor.describe(), "device": str(self.extractor.device), "pid": os.getpid()}
+
+    def extract(self, samples: Sequence[Sample], indices: Sequence[int]) -> PatchFeatures:
+        started = time.perf_counter()
+        size = self.extractor.settings.batch_size
+        batches = [samples[start : start + size] for start in range(0, len(samples), size)]
+        pending = self.decoders.submit(self.extractor.load_batch, batches[0])
+        chunks, grid = [], None
+        for position in range(len(batches)):
+            images = pending.result()
+            if position + 1 < len(batches):
+                pending = self.decoders.submit(self.extractor.load_batch, batches[position + 1])
+            embeddings, grid = self.extractor.embed_batch(images)
+            chunks.append(embeddings)
+        seconds = time.perf_counter() - started
+        self.images_done += len(samples)
+        self.busy_seconds += seconds
+        return PatchFeatures(np.concatenate(chunks), grid, np.asarray(indices, dtype=np.int64), seconds)
+
+    def stats(self) -> dict:
+        """Throughput and peak resident memory (MiB) of this actor, for the run summary."""
+        peak_mib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+        return {
+            "pid": os.getpid(),
+            "images": self.images_done,
+            "busy_s": round(self.busy_seconds, 3),
+            "images_per_s": round(self.images_done / self.busy_seconds, 3) if self.busy_seconds else None,
+            "peak_rss_mib": round(peak_mib, 1),
+        }
+
+
+def extractor_actor(num_cpus: float, num_gpus: float, max_restarts: int):
+    """The remote class with its resources; restarts and retries make a killed actor cost a shard, not the run."""
+    return ray.remote(
+        num_cpus=num_cpus, num_gpus=num_gpus, max_restarts=max_restarts, max_task_retries=max_restarts
+    )(Extractor)

@@ -1,0 +1,44 @@
+"""Build one category's memory bank on Ray and write bank.safetensors + bank.json.
+
+    python -m jobs.build_bank --config configs/demo.yaml --dataset tire_small --category tire [--out DIR]
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from pathlib import Path
+
+from anomaly_core.bank import BankError, save_bank
+from anomaly_core.config import ConfigError
+from anomaly_core.data import DatasetError
+from cluster.pipeline import BenchmarkPipeline
+from jobs.benchmark import single_job
+from jobs.cli import add_category_arguments, add_config_arguments, load_config
+from jobs.ray_runtime import start_ray
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m jobs.build_bank", description=__doc__.split("\n")[0])
+    add_config_arguments(parser)
+    add_category_arguments(parser)
+    parser.add_argument("--out", type=Path, help="folder for the bank files (default: <output_dir>/banks/<dataset>/<category>)")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
+    try:
+        config = load_config(args.config, args.overrides)
+        job = single_job(config, args.dataset, args.category)
+        start_ray()
+        bank = BenchmarkPipeline(config).build_bank(job)
+        out = args.out or Path(config.output_dir) / "banks" / job.dataset / job.split.category
+        tensors, _ = save_bank(bank, out)
+    except (ConfigError, DatasetError, BankError) as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    print(f"{job.key}: {len(bank.features)} x {bank.features.shape[1]} bank -> {tensors} (sha256 {bank.sha256[:12]})")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

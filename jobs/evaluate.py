@@ -1,0 +1,51 @@
+"""Evaluate one category with an existing memory bank; writes metrics.json and predictions/.
+
+    python -m jobs.evaluate --config configs/demo.yaml --dataset tire_small --category tire --bank outputs/banks/tire_small/tire
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from pathlib import Path
+
+from anomaly_core.bank import BankError, load_bank
+from anomaly_core.config import ConfigError
+from anomaly_core.data import DatasetError
+from cluster.pipeline import BenchmarkPipeline
+from jobs.benchmark import single_job
+from jobs.cli import add_category_arguments, add_config_arguments, load_config
+from jobs.outputs import format_table, write_category
+from jobs.ray_runtime import start_ray
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m jobs.evaluate", description=__doc__.split("\n")[0])
+    add_config_arguments(parser)
+    add_category_arguments(parser)
+    parser.add_argument("--bank", required=True, help="bank folder or bank.safetensors")
+    parser.add_argument("--out", type=Path, help="output folder (default: <output_dir>/evaluate/<dataset>/<category>)")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
+    try:
+        config = load_config(args.config, args.overrides)
+        job = single_job(config, args.dataset, args.category)
+        bank = load_bank(Path(args.bank))
+        start_ray()
+        pipeline = BenchmarkPipeline(config)
+        result = pipeline.collect(pipeline.submit_evaluation(job, bank))
+        out = args.out or Path(config.output_dir) / "evaluate"
+        folder = write_category(out, result, config)
+    except (ConfigError, DatasetError, BankError) as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    print(format_table([result]))
+    print(f"-> {folder}")
+    print(json.dumps(result.report.values))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

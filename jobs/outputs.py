@@ -1,0 +1,114 @@
+"""Run folders: per-category bank, metrics, predictions and config; the run's summary.json.
+
+Layout: ``outputs/<run>/<dataset>/<category>/{bank.safetensors, bank.json, metrics.json, config.yaml,
+predictions/{predictions.json, anomaly_maps.safetensors}}`` and ``outputs/<run>/summary.json``.
+Every file is written atomically, so an interrupted run never leaves a half-written file.
+"""
+
+from __future__ import annotations
+
+import platform
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import yaml
+from safetensors.numpy import save_file
+
+from anomaly_core.bank import _atomic_write, save_bank, write_json
+from anomaly_core.config import RunConfig
+from anomaly_core.metrics import METRIC_NAMES, MetricReport, mean_metrics
+from cluster.pipeline import CategoryResult
+
+
+def run_directory(config: RunConfig, run_name: str | None) -> Path:
+    stamp = datetime.now(timezone.utc).strftime("%Y%m%d-%H%M%S")
+    return Path(config.output_dir) / (run_name or f"{config.name}-{stamp}")
+
+
+def write_yaml(path: Path, payload: Any) -> None:
+    _atomic_write(path, lambda tmp: Path(tmp).write_text(yaml.safe_dump(payload, sort_keys=False)))
+
+
+def prediction_records(result: CategoryResult) -> list[dict[str, Any]]:
+    """anomalib-style per-image records: pred_score, pred_label (at the F1-optimal image threshold)."""
+    threshold = result.report.values.get("image_threshold")
+    records = []
+    for sample, score in zip(result.test_samples, result.predictions.scores):
+        records.append({
+            "image_path": sample.image_path,
+            "label": sample.label,
+            "defect_type": sample.defect_type,
+            "mask_path": sample.mask_path,
+            "pred_score": float(score),
+            "pred_label": None if threshold is None else int(score >= threshold),
+        })
+    return records
+
+
+def write_category(run_dir: Path, result: CategoryResult, config: RunConfig) -> Path:
+    folder = run_dir / result.job.dataset / result.job.split.category
+    values = result.report.values
+    # F1-optimal thresholds of this evaluation travel with the bank, so jobs.predict can label images.
+    result.bank.metadata["thresholds"] = {"image": values.get("image_threshold"), "pixel": values.get("pixel_threshold")}
+    save_bank(result.bank, folder)
+    write_json(folder / "metrics.json", {**result.report.to_dict(), "timings": result.timings})
+    write_yaml(folder / "config.yaml", config.model_dump(mode="json"))
+    predictions = folder / "predictions"
+    write_json(predictions / "predictions.json", prediction_records(result))
+    maps = {"anomaly_maps": np.ascontiguousarray(result.predictions.maps, dtype=np.float16)}
+    _atomic_write(predictions / "anomaly_maps.safetensors", lambda tmp: save_file(maps, tmp))
+    return folder
+
+
+def summary(config: RunConfig, results: list[CategoryResult], run_seconds: float, extra: dict[str, Any]) -> dict[str, Any]:
+    categories = []
+    for result in results:
+        images = len(result.job.split.train) + len(result.test_samples)
+        categories.append({
+            "dataset": result.job.dataset,
+            "category": result.job.split.category,
+            "metrics": result.report.values,
+            "notes": result.report.notes,
+            "timings": result.timings,
+            "n_train": len(result.job.split.train),
+            "n_test": len(result.test_samples),
+            "images": images,
+            "memory_size": int(result.bank.features.shape[0]),
+            "bank_sha256": result.bank.sha256,
+        })
+    mean = mean_metrics([result.report for result in results]) if results else MetricReport({}, {})
+    total_images = sum(entry["images"] for entry in categories)
+    return {
+        "run": config.name,
+        "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "categories": categories,
+        "mean": {"metrics": mean.values, "notes": mean.notes},
+        "timings": {"total_s": round(run_seconds, 3), "images_per_s": round(total_images / max(run_seconds, 1e-9), 3),
+                    **extra.get("timings", {})},
+        "cluster": extra.get("cluster", {}),
+        "machine": {"platform": platform.platform(), "python": platform.python_version()},
+        "config": config.model_dump(mode="json"),
+    }
+
+
+def format_table(results: list[CategoryResult]) -> str:
+    """The per-category table printed at the end of a run (mean last)."""
+    columns = ["dataset", "category", *METRIC_NAMES, "time_s"]
+    rows = []
+    for result in results:
+        values = [result.report.values.get(name) for name in METRIC_NAMES]
+        seconds = sum(result.timings.get(key, 0.0) for key in ("extract_train_s", "coreset_s", "evaluate_s"))
+        rows.append([result.job.dataset, result.job.split.category, *_cells(values), f"{seconds:.1f}"])
+    if results:
+        mean = mean_metrics([result.report for result in results])
+        rows.append(["mean", "", *_cells([mean.values.get(name) for name in METRIC_NAMES]), ""])
+    widths = [max(len(column), *(len(row[i]) for row in rows)) for i, column in enumerate(columns)]
+    lines = ["  ".join(column.ljust(width) for column, width in zip(columns, widths))]
+    lines += ["  ".join(cell.ljust(width) for cell, width in zip(row, widths)) for row in rows]
+    return "\n".join(lines)
+
+
+def _cells(values: list[float | None]) -> list[str]:
+    return ["n/a" if value is None else f"{value:.4f}" for value in values]

@@ -1,0 +1,30 @@
+"""Start an embedded local Ray, or join the cluster named by RAY_ADDRESS (as ``ray job submit`` sets it)."""
+
+from __future__ import annotations
+
+import logging
+import os
+
+import ray
+
+LOCALHOST = "127.0.0.1"
+
+
+def start_ray(address: str | None = None, num_cpus: int | None = None) -> str:
+    """Connect to ``address`` (or $RAY_ADDRESS); without one, start a local Ray bound to 127.0.0.1."""
+    if ray.is_initialized():
+        return "existing"
+    address = address or os.environ.get("RAY_ADDRESS")
+    if address:
+        ray.init(address=address, logging_level=logging.WARNING, log_to_driver=True)
+        return f"joined {address}"
+    # Without this Ray resolves 127.0.0.1 to the machine's external interface on Linux.
+    os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
+    ray.init(
+        _node_ip_address=LOCALHOST,
+        num_cpus=num_cpus or os.cpu_count(),
+        include_dashboard=False,
+        logging_level=logging.WARNING,
+        configure_logging=True,
+    )
+    return "embedded local Ray on 127.0.0.1"
