@@ -1,0 +1,61 @@
+"""Decoding image and mask files into plain numpy arrays, whatever their PIL mode.
+
+Datasets mix 8-bit gray, palette, RGBA, CMYK and 16-bit files; every one becomes uint8 RGB
+(images) or bool (masks) here, so nothing downstream looks at PIL modes.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+from .sample import DatasetError
+
+_WIDE_GRAY = ("I", "I;16", "I;16B", "I;16L", "I;16N")
+
+
+@contextmanager
+def _opened(path: str | Path, decode: bool = True) -> Iterator[Image.Image]:
+    """Open (and decode) ``path``; any failure becomes a DatasetError naming the file."""
+    try:
+        with Image.open(path) as im:
+            if decode:
+                im.load()
+            yield im
+    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:
+        raise DatasetError(f"cannot read image file {path}: {e}") from e
+
+
+def read_rgb(path: str | Path) -> np.ndarray:
+    """``uint8 [H, W, 3]``.
+
+    16-bit gray (``I;16*``, and ``I``, taken to hold 16-bit values as PNG decoders produce)
+    keeps its top 8 bits. Alpha is dropped, not composited: anomaly datasets store opaque
+    images, so the colour channels are the image. Palette images go through RGBA so their
+    transparency entry does not trigger PIL's warning.
+    """
+    with _opened(path) as im:
+        if im.mode in _WIDE_GRAY:
+            gray = (np.clip(np.asarray(im, dtype=np.int64), 0, 65535) >> 8).astype(np.uint8)
+            return np.repeat(gray[:, :, None], 3, axis=2)
+        if im.mode in ("P", "PA"):
+            return np.asarray(im.convert("RGBA"))[:, :, :3].copy()
+        return np.asarray(im.convert("RGB")).copy()
+
+
+def image_size(path: str | Path) -> tuple[int, int]:
+    """``(height, width)`` from the file header, without decoding the pixels."""
+    with _opened(path, decode=False) as im:
+        return im.height, im.width
+
+
+def read_mask(path: str | Path) -> np.ndarray:
+    """``bool [H, W]``: a pixel is anomalous when any of its channels is > 0 (alpha ignored)."""
+    with _opened(path) as im:
+        if im.mode in ("1", "L", "F", *_WIDE_GRAY):
+            return np.asarray(im) > 0
+        return (np.asarray(im.convert("RGB")) > 0).any(axis=2)

@@ -1,0 +1,107 @@
+"""Sample records, and the filesystem helpers every reader builds them with.
+
+A sample's index is its position in ``CategorySplit.train`` / ``.test``; scores, banks and
+metrics are keyed by that index across machines, so readers never rely on directory listing
+order: every listing here is sorted, and ``make_split`` sorts the final tuples by the image
+path relative to the dataset root.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+IMAGE_EXTENSIONS = frozenset({".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff"})
+
+
+class DatasetError(ValueError):
+    """A dataset on disk is missing, malformed or unreadable; the message names the path."""
+
+
+@dataclass(frozen=True)
+class Sample:
+    image_path: str  # absolute
+    label: int  # 0 normal, 1 anomalous
+    mask_path: str | None  # None for normal images (and unmasked anomalies of the folder format)
+    category: str
+    defect_type: str  # "good" for normal images
+    split: str  # "train" | "test"
+
+
+@dataclass(frozen=True)
+class CategorySplit:
+    dataset: str  # format name
+    category: str
+    train: tuple[Sample, ...]
+    test: tuple[Sample, ...]
+
+    @property
+    def has_pixel_masks(self) -> bool:
+        """True when every anomalous test image has a mask, i.e. pixel metrics are defined."""
+        return all(s.mask_path is not None for s in self.test if s.label == 1)
+
+
+def dataset_root(root: str | Path) -> Path:
+    """Absolute, normalised root (so sample paths are stable strings), checked to exist."""
+    path = Path(os.path.abspath(root))
+    if not path.is_dir():
+        raise DatasetError(f"dataset root does not exist or is not a directory: {path}")
+    return path
+
+
+def subdirs(directory: Path) -> list[str]:
+    """Sorted names of the visible subdirectories of ``directory``."""
+    return sorted(p.name for p in directory.iterdir() if p.is_dir() and not p.name.startswith("."))
+
+
+def list_images(directory: Path) -> list[Path]:
+    """Sorted image files directly in ``directory``.
+
+    Hidden files (e.g. macOS ``._x.png`` resource forks) and non-image files are skipped.
+    """
+    if not directory.is_dir():
+        raise DatasetError(f"missing image directory: {directory}")
+    return sorted(
+        p
+        for p in directory.iterdir()
+        if p.is_file() and not p.name.startswith(".") and p.suffix.lower() in IMAGE_EXTENSIONS
+    )
+
+
+def masks_by_stem(mask_dir: Path) -> dict[str, list[Path]]:
+    """Image files of ``mask_dir`` grouped by stem (listed once per directory, not per image)."""
+    found: dict[str, list[Path]] = {}
+    if mask_dir.is_dir():
+        for path in list_images(mask_dir):
+            found.setdefault(path.stem, []).append(path)
+    return found
+
+
+def find_mask(masks: dict[str, list[Path]], stem: str, suffixes: tuple[str, ...]) -> Path | None:
+    """The mask named ``<stem><suffix>.<any image ext>`` for the first suffix that has one.
+
+    Any extension is accepted because datasets mix them (BTAD has .png and .bmp masks); two
+    candidates for one name are ambiguous and rejected rather than picked silently.
+    """
+    for suffix in suffixes:
+        found = masks.get(stem + suffix, [])
+        if len(found) > 1:
+            raise DatasetError(f"ambiguous masks for image '{stem}': {', '.join(map(str, found))}")
+        if found:
+            return found[0]
+    return None
+
+
+def make_split(fmt: str, root: Path, category: str, train: list[Sample], test: list[Sample]) -> CategorySplit:
+    """Sort both parts by root-relative path (the index contract) and reject an empty train set.
+
+    An empty test set is allowed: building a memory bank needs only the train images.
+    """
+    if not train:
+        raise DatasetError(f"empty train set for category '{category}' under {root}")
+
+    def key(sample: Sample) -> str:
+        return os.path.relpath(sample.image_path, root).replace(os.sep, "/")
+
+    return CategorySplit(fmt, category, tuple(sorted(train, key=key)), tuple(sorted(test, key=key)))

@@ -1,0 +1,82 @@
+"""The image/mask geometry every PatchCore run applies: resize shorter side, center-crop.
+
+Resizing and cropping go through torchvision's functional ops on PIL images, i.e. exactly
+``Resize(int)`` + ``CenterCrop`` of the reference PatchCore pipelines (PIL bilinear, which is
+antialiased and deterministic on any CPU). Masks follow the same geometry with nearest
+interpolation, so mask pixel (y, x) is the image's pixel (y, x).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torchvision.transforms.functional as TF
+from PIL import Image
+from torchvision.transforms import InterpolationMode
+
+from .images import image_size, read_mask, read_rgb
+from .sample import DatasetError, Sample
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+@dataclass(frozen=True)
+class ImageTransform:
+    resize: int = 256
+    crop: int = 224
+    mean: tuple[float, float, float] = IMAGENET_MEAN
+    std: tuple[float, float, float] = IMAGENET_STD
+
+    def __post_init__(self) -> None:
+        if self.crop <= 0:
+            raise ValueError(f"crop must be positive, got crop={self.crop}")
+        if self.resize < self.crop:
+            raise ValueError(f"resize={self.resize} must be >= crop={self.crop}")
+        if len(self.mean) != 3 or len(self.std) != 3 or min(self.std) <= 0:
+            raise ValueError(f"mean and std need 3 values, std > 0; got mean={self.mean}, std={self.std}")
+
+    def _geometry(self, im: Image.Image, interpolation: InterpolationMode) -> Image.Image:
+        return TF.center_crop(TF.resize(im, self.resize, interpolation), [self.crop, self.crop])
+
+    def image(self, rgb: np.ndarray) -> torch.Tensor:
+        """``uint8 [H, W, 3]`` -> normalized ``float32 [3, crop, crop]``."""
+        if rgb.dtype != np.uint8 or rgb.ndim != 3 or rgb.shape[2] != 3:
+            raise ValueError(f"expected uint8 [H, W, 3], got {rgb.dtype} {list(rgb.shape)}")
+        out = np.asarray(self._geometry(Image.fromarray(rgb), InterpolationMode.BILINEAR))
+        x = torch.from_numpy(np.ascontiguousarray(out.transpose(2, 0, 1))).float().div_(255)
+        mean = torch.tensor(self.mean, dtype=torch.float32).view(3, 1, 1)
+        std = torch.tensor(self.std, dtype=torch.float32).view(3, 1, 1)
+        return (x - mean) / std
+
+    def mask(self, mask: np.ndarray) -> torch.Tensor:
+        """``bool [H, W]`` -> ``bool [crop, crop]``, aligned with ``image`` of the same size."""
+        if mask.ndim != 2:
+            raise ValueError(f"expected a 2-D mask, got shape {list(mask.shape)}")
+        im = Image.fromarray(np.where(mask, 255, 0).astype(np.uint8))
+        out = np.asarray(self._geometry(im, InterpolationMode.NEAREST))
+        return torch.from_numpy(out > 127)
+
+
+def load_image(sample: Sample, transform: ImageTransform) -> torch.Tensor:
+    return transform.image(read_rgb(sample.image_path))
+
+
+def load_mask(sample: Sample, transform: ImageTransform) -> torch.Tensor | None:
+    """The sample's mask at crop size: all False for a normal image, None for an unmasked anomaly.
+
+    A mask whose size differs from its image would be silently misaligned after resizing, so
+    it is rejected (the image size comes from the file header, without decoding it).
+    """
+    if sample.mask_path is None:
+        return None if sample.label == 1 else torch.zeros(transform.crop, transform.crop, dtype=torch.bool)
+    mask = read_mask(sample.mask_path)
+    size = image_size(sample.image_path)
+    if mask.shape != size:
+        raise DatasetError(
+            f"mask {sample.mask_path} is {mask.shape[0]}x{mask.shape[1]} (HxW) but its image "
+            f"{sample.image_path} is {size[0]}x{size[1]}"
+        )
+    return transform.mask(mask)

@@ -1,0 +1,320 @@
+"""Dataset readers: exact sample lists for tiny fake trees of each layout, and error messages."""
+
+from __future__ import annotations
+
+import pathlib
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+import pytest
+from PIL import Image
+
+from anomaly_core.data import (
+    DATASET_FORMATS,
+    DatasetError,
+    Sample,
+    list_categories,
+    load_split,
+    read_mask,
+    read_rgb,
+)
+
+TIRE = Path(__file__).parent.parent / "data/tire_small"
+
+
+def img(path: Path, value: int = 128) -> Path:
+    """A tiny image (format from the extension); masks get value 255 so they are non-empty."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.new("RGB", (6, 4), (value, value, value)).save(path)
+    return path
+
+
+def touch(root: Path, *rel: str) -> None:
+    for r in rel:
+        img(root / r, 255 if "mask" in r or "ground_truth" in r or "/gt/" in r else 128)
+
+
+def summary(root: Path, samples: tuple[Sample, ...]) -> list[tuple]:
+    return [
+        (
+            Path(s.image_path).relative_to(root).as_posix(),
+            s.label,
+            s.defect_type,
+            s.mask_path and Path(s.mask_path).relative_to(root).as_posix(),
+            s.split,
+        )
+        for s in samples
+    ]
+
+
+@contextmanager
+def raises_naming(*parts: Path | str) -> Iterator[None]:
+    """Expect a DatasetError whose message contains every part (paths and what is wrong)."""
+    with pytest.raises(DatasetError) as info:
+        yield
+    for part in parts:
+        assert str(part) in str(info.value)
+
+
+@pytest.fixture
+def mvtec_root(tmp_path: Path) -> Path:
+    # Created in non-sorted order; hidden and non-image files must be skipped.
+    touch(
+        tmp_path,
+        "bottle/train/good/b.png",
+        "bottle/train/good/a.png",
+        "bottle/train/good/c.PNG",
+        "bottle/train/good/._a.png",
+        "bottle/test/scratch/000.png",
+        "bottle/ground_truth/scratch/000_mask.png",
+        "bottle/test/good/x.png",
+        "bottle/test/crack/001.png",
+        "bottle/test/crack/000.png",
+        "bottle/ground_truth/crack/001_mask.png",
+        "bottle/ground_truth/crack/000_mask.png",
+        "cable/train/good/0.jpg",
+    )
+    (tmp_path / "bottle/train/good/notes.txt").write_text("not an image")
+    (tmp_path / "license.txt").write_text("x")
+    (tmp_path / "docs").mkdir()  # no train/: not a category
+    return tmp_path
+
+
+def test_registry_lists_all_formats() -> None:
+    assert set(DATASET_FORMATS) == {"mvtec", "mvtec3d", "visa", "btad", "folder", "synthetic"}
+
+
+def test_mvtec_exact_samples(mvtec_root: Path) -> None:
+    assert list_categories("mvtec", mvtec_root) == ["bottle", "cable"]
+    split = load_split("mvtec", mvtec_root, "bottle")
+    assert (split.dataset, split.category) == ("mvtec", "bottle")
+    assert summary(mvtec_root, split.train) == [
+        ("bottle/train/good/a.png", 0, "good", None, "train"),
+        ("bottle/train/good/b.png", 0, "good", None, "train"),
+        ("bottle/train/good/c.PNG", 0, "good", None, "train"),
+    ]
+    gt = "bottle/ground_truth"
+    assert summary(mvtec_root, split.test) == [
+        ("bottle/test/crack/000.png", 1, "crack", f"{gt}/crack/000_mask.png", "test"),
+        ("bottle/test/crack/001.png", 1, "crack", f"{gt}/crack/001_mask.png", "test"),
+        ("bottle/test/good/x.png", 0, "good", None, "test"),
+        ("bottle/test/scratch/000.png", 1, "scratch", f"{gt}/scratch/000_mask.png", "test"),
+    ]
+    assert all(Path(s.image_path).is_absolute() and s.category == "bottle" for s in split.test)
+    assert split.has_pixel_masks
+
+
+def test_order_does_not_depend_on_listing_order(mvtec_root: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    expected = load_split("mvtec", mvtec_root, "bottle")
+    original = pathlib.Path.iterdir
+    monkeypatch.setattr(pathlib.Path, "iterdir", lambda self: iter(sorted(original(self), reverse=True)))
+    assert load_split("mvtec", mvtec_root, "bottle") == expected
+
+
+def test_relative_root_gives_absolute_paths(mvtec_root: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.chdir(mvtec_root.parent)
+    split = load_split("mvtec", mvtec_root.name, "cable")
+    assert split.train[0].image_path == str(mvtec_root / "cable/train/good/0.jpg")
+    assert split.test == ()  # no test/ directory: empty test set, allowed
+
+
+def test_unknown_format_and_missing_root(tmp_path: Path) -> None:
+    with pytest.raises(DatasetError, match=r"unknown dataset format 'mvtek'.*mvtec"):
+        load_split("mvtek", tmp_path, "x")
+    missing = tmp_path / "nope"
+    for fmt in ("mvtec", "mvtec3d", "visa", "btad", "folder"):
+        with raises_naming(missing, "does not exist"):
+            list_categories(fmt, missing)
+        with raises_naming(missing):
+            load_split(fmt, missing, "x")
+
+
+def test_mvtec_errors(mvtec_root: Path) -> None:
+    with pytest.raises(DatasetError, match=r"unknown category 'toothbrush'.*available: bottle, cable"):
+        load_split("mvtec", mvtec_root, "toothbrush")
+    with raises_naming(mvtec_root / "docs/train/good", "missing image directory"):
+        (mvtec_root / "docs/train").mkdir()  # now a category, but without train/good
+        load_split("mvtec", mvtec_root, "docs")
+    (mvtec_root / "docs/train/good").mkdir()
+    with raises_naming(mvtec_root, "empty train set"):
+        load_split("mvtec", mvtec_root, "docs")
+    (mvtec_root / "bottle/ground_truth/crack/001_mask.png").unlink()
+    expected = mvtec_root / "bottle/ground_truth/crack/001_mask.png"
+    with raises_naming(mvtec_root / "bottle/test/crack/001.png", str(expected)):
+        load_split("mvtec", mvtec_root, "bottle")
+    img(mvtec_root / "bottle/ground_truth/crack/001_mask.png")
+    img(mvtec_root / "bottle/ground_truth/crack/001_mask.bmp")
+    with pytest.raises(DatasetError, match=r"ambiguous masks for image '001'.*001_mask"):
+        load_split("mvtec", mvtec_root, "bottle")
+
+
+def test_empty_root_has_no_categories(tmp_path: Path) -> None:
+    with raises_naming(tmp_path, "no category directories"):
+        list_categories("mvtec", tmp_path)
+
+
+def test_mvtec3d_rgb_only(tmp_path: Path) -> None:
+    touch(
+        tmp_path,
+        "bagel/train/good/rgb/001.png",
+        "bagel/train/good/rgb/000.png",
+        "bagel/train/good/xyz/000.tiff",
+        "bagel/validation/good/rgb/000.png",
+        "bagel/test/good/rgb/000.png",
+        "bagel/test/crack/rgb/000.png",
+        "bagel/test/crack/gt/000.png",
+        "bagel/test/crack/xyz/000.tiff",
+    )
+    assert list_categories("mvtec3d", tmp_path) == ["bagel"]
+    split = load_split("mvtec3d", tmp_path, "bagel")
+    assert summary(tmp_path, split.train + split.test) == [
+        ("bagel/train/good/rgb/000.png", 0, "good", None, "train"),
+        ("bagel/train/good/rgb/001.png", 0, "good", None, "train"),
+        ("bagel/test/crack/rgb/000.png", 1, "crack", "bagel/test/crack/gt/000.png", "test"),
+        ("bagel/test/good/rgb/000.png", 0, "good", None, "test"),
+    ]
+    (tmp_path / "bagel/test/crack/gt/000.png").unlink()
+    with raises_naming(tmp_path / "bagel/test/crack/gt/000.png", "missing mask"):
+        load_split("mvtec3d", tmp_path, "bagel")
+
+
+def test_btad_ok_ko_and_mixed_mask_extensions(tmp_path: Path) -> None:
+    touch(
+        tmp_path,
+        "02/train/ok/0000.png",
+        "01/train/ok/0001.bmp",
+        "01/train/ok/0000.bmp",
+        "01/test/ok/0000.bmp",
+        "01/test/ko/0000.bmp",
+        "01/test/ko/0001.bmp",
+        "01/ground_truth/ko/0000.png",
+        "01/ground_truth/ko/0001.bmp",
+    )
+    assert list_categories("btad", tmp_path) == ["01", "02"]
+    split = load_split("btad", tmp_path, "01")
+    assert summary(tmp_path, split.train + split.test) == [
+        ("01/train/ok/0000.bmp", 0, "good", None, "train"),
+        ("01/train/ok/0001.bmp", 0, "good", None, "train"),
+        ("01/test/ko/0000.bmp", 1, "ko", "01/ground_truth/ko/0000.png", "test"),
+        ("01/test/ko/0001.bmp", 1, "ko", "01/ground_truth/ko/0001.bmp", "test"),
+        ("01/test/ok/0000.bmp", 0, "good", None, "test"),
+    ]
+    (tmp_path / "01/ground_truth/ko/0001.bmp").unlink()
+    with raises_naming(tmp_path / "01/test/ko/0001.bmp", "missing mask"):
+        load_split("btad", tmp_path, "01")
+
+
+def test_folder_masks_optional(tmp_path: Path) -> None:
+    touch(
+        tmp_path,
+        "parts/train/good/a.jpg",
+        "parts/test/good/a.jpg",
+        "parts/test/dent/1.png",
+        "parts/ground_truth/dent/1_mask.png",
+        "parts/test/dent/2.png",
+        "parts/ground_truth/dent/2.png",
+        "parts/test/dent/3.png",
+    )
+    split = load_split("folder", tmp_path, "parts")
+    assert split.dataset == "folder"
+    assert summary(tmp_path, split.test) == [
+        ("parts/test/dent/1.png", 1, "dent", "parts/ground_truth/dent/1_mask.png", "test"),
+        ("parts/test/dent/2.png", 1, "dent", "parts/ground_truth/dent/2.png", "test"),
+        ("parts/test/dent/3.png", 1, "dent", None, "test"),
+        ("parts/test/good/a.jpg", 0, "good", None, "test"),
+    ]
+    assert not split.has_pixel_masks
+    # The same tree is not valid MVTec AD: there, masks are required.
+    with raises_naming(tmp_path / "parts/test/dent/2.png", "missing mask"):
+        load_split("mvtec", tmp_path, "parts")
+
+
+VISA_HEADER = "object,split,label,image,mask\n"
+
+
+def visa_tree(root: Path, rows: str) -> Path:
+    touch(
+        root,
+        "candle/Data/Images/Normal/0001.JPG",
+        "candle/Data/Images/Normal/0000.JPG",
+        "candle/Data/Images/Anomaly/000.JPG",
+        "candle/Data/Masks/Anomaly/000.png",
+        "pcb1/Data/Images/Normal/0000.JPG",
+    )
+    (root / "split_csv").mkdir(exist_ok=True)
+    (root / "split_csv/1cls.csv").write_text(VISA_HEADER + rows)
+    return root / "split_csv/1cls.csv"
+
+
+VISA_ROWS = (
+    "pcb1,train,normal,pcb1/Data/Images/Normal/0000.JPG,\n"
+    "candle,train,normal,candle/Data/Images/Normal/0001.JPG,\n"
+    "candle,test,anomaly,candle/Data/Images/Anomaly/000.JPG,candle/Data/Masks/Anomaly/000.png\n"
+    "candle,train,normal,candle/Data/Images/Normal/0000.JPG,\n"
+)
+
+
+def test_visa_exact_samples(tmp_path: Path) -> None:
+    visa_tree(tmp_path, VISA_ROWS)
+    assert list_categories("visa", tmp_path) == ["candle", "pcb1"]
+    split = load_split("visa", tmp_path, "candle")
+    assert summary(tmp_path, split.train + split.test) == [
+        ("candle/Data/Images/Normal/0000.JPG", 0, "good", None, "train"),
+        ("candle/Data/Images/Normal/0001.JPG", 0, "good", None, "train"),
+        ("candle/Data/Images/Anomaly/000.JPG", 1, "anomaly", "candle/Data/Masks/Anomaly/000.png", "test"),
+    ]
+
+
+@pytest.mark.parametrize(
+    "row, message",
+    [
+        ("candle,test,anomaly,candle/Data/Images/Anomaly/000.JPG,\n", "has no mask"),
+        ("candle,test,anomaly,candle/Data/Images/Anomaly/000.JPG,candle/nope.png\n", "mask file not found"),
+        ("candle,test,normal,candle/missing.JPG,\n", "image file not found"),
+        ("candle,test,broken,candle/Data/Images/Normal/0000.JPG,\n", "label must be"),
+        ("candle,val,normal,candle/Data/Images/Normal/0000.JPG,\n", "split must be"),
+        (
+            "candle,train,anomaly,candle/Data/Images/Anomaly/000.JPG,candle/Data/Masks/Anomaly/000.png\n",
+            "train split",
+        ),
+    ],
+)
+def test_visa_row_errors_name_the_csv_line(tmp_path: Path, row: str, message: str) -> None:
+    csv = visa_tree(tmp_path, VISA_ROWS + row)
+    with raises_naming(f"{csv}:6", message):  # header is line 1, the bad row line 6
+        load_split("visa", tmp_path, "candle")
+
+
+def test_visa_duplicate_rows(tmp_path: Path) -> None:
+    csv = visa_tree(tmp_path, VISA_ROWS + "candle,test,normal,candle/Data/Images/Normal/0000.JPG,\n")
+    with raises_naming(csv, "listed more than once", tmp_path / "candle/Data/Images/Normal/0000.JPG"):
+        load_split("visa", tmp_path, "candle")
+
+
+def test_visa_file_errors(tmp_path: Path) -> None:
+    with raises_naming(tmp_path / "split_csv/1cls.csv", "missing VisA split file"):
+        list_categories("visa", tmp_path)
+    csv = visa_tree(tmp_path, VISA_ROWS)
+    with pytest.raises(DatasetError, match=r"unknown category 'fryum'.*available: candle, pcb1"):
+        load_split("visa", tmp_path, "fryum")
+    csv.write_text("object,split,image\ncandle,train,x.png\n")
+    with raises_naming(csv, "missing columns ['label', 'mask']"):
+        load_split("visa", tmp_path, "candle")
+
+
+def test_bundled_tire_small() -> None:
+    assert list_categories("mvtec", TIRE) == ["tire"]
+    split = load_split("mvtec", TIRE, "tire")
+    assert len(split.train) == 34 and len(split.test) == 28
+    assert [s.label for s in split.train] == [0] * 34
+    good = [s for s in split.test if s.label == 0]
+    bad = [s for s in split.test if s.label == 1]
+    assert len(good) == 8 and all(s.defect_type == "good" and s.mask_path is None for s in good)
+    assert len(bad) == 20
+    assert sorted({s.defect_type for s in bad}) == ["combined", "contamination", "cut", "hole"]
+    for s in bad:
+        assert s.mask_path is not None and Path(s.mask_path).is_file()
+        mask = read_mask(s.mask_path)
+        assert mask.any() and mask.shape == read_rgb(s.image_path).shape[:2]
+    assert [s.image_path for s in split.test] == sorted(s.image_path for s in split.test)
