@@ -20,7 +20,7 @@ import torch
 from anomaly_core import __version__
 from anomaly_core.backbones import FeatureBackbone
 from anomaly_core.bank import MemoryBank
-from anomaly_core.coreset import greedy_coreset
+from anomaly_core.coreset import greedy_coreset, random_projection
 from anomaly_core.data import ImageTransform, Sample, read_mask, read_rgb
 from anomaly_core.metrics import MetricReport, compute_metrics
 from anomaly_core.patch_features import PatchEmbedder
@@ -156,6 +156,21 @@ def coreset_seed(seed: int, dataset: str, category: str) -> int:
     return derive_seed(seed, dataset, category, "coreset")
 
 
+def coreset_points(features: PatchFeatures, method: str, projection_dim: int, seed: int) -> np.ndarray:
+    """The points greedy runs on: the patches, or (approximate) their seeded random projection.
+
+    The projection is applied image by image so that every matrix product has the same shape
+    wherever an image lives: a coreset holder with a few images and a single process with all of
+    them get bit-identical points (BLAS blocking can otherwise change last bits with the shape).
+    """
+    if method != "approximate":
+        return features.flat()
+    return np.concatenate([
+        random_projection(np.ascontiguousarray(image, dtype=np.float32), projection_dim, seed)
+        for image in features.embeddings
+    ])
+
+
 def build_bank(
     features: PatchFeatures,
     method: str,
@@ -170,7 +185,8 @@ def build_bank(
     if method == "none":
         selected, radius_sq = np.arange(len(flat)), 0.0
     else:
-        result = greedy_coreset(flat, ratio=ratio, method=method, projection_dim=projection_dim, seed=seed)
+        points = coreset_points(features, method, projection_dim, seed)
+        result = greedy_coreset(points, ratio=ratio, method="exact", seed=seed)
         selected, radius_sq = np.asarray(result.indices), float(result.coverage_radius_sq)
     coreset_seconds = time.perf_counter() - started
     return MemoryBank(

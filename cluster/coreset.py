@@ -17,8 +17,8 @@ import numpy as np
 import ray
 from ray.exceptions import RayActorError
 
-from anomaly_core.coreset import Candidates, GreedyShard, coreset_size, greedy_coreset, greedy_select, random_projection, start_index_for
-from anomaly_core.patchcore import PatchFeatures
+from anomaly_core.coreset import Candidates, GreedyShard, coreset_size, greedy_coreset, greedy_select, start_index_for
+from anomaly_core.patchcore import PatchFeatures, coreset_points
 
 
 def global_patch_indices(part: PatchFeatures) -> np.ndarray:
@@ -32,14 +32,10 @@ class CoresetHolder:
 
     def __init__(self, parts: list[ray.ObjectRef], method: str, projection_dim: int, seed: int) -> None:
         features: list[PatchFeatures] = ray.get(parts)
-        self.per_image = features[0].embeddings.shape[1]
         self.original = np.concatenate([part.flat() for part in features])
         self.indices = np.concatenate([global_patch_indices(part) for part in features])
-        points = self.original
-        if method == "approximate":
-            points = random_projection(self.original, projection_dim, seed, block_rows=self.per_image)
-        self.points = points
-        self.shard = GreedyShard(points, self.indices)
+        self.points = np.concatenate([coreset_points(part, method, projection_dim, seed) for part in features])
+        self.shard = GreedyShard(self.points, self.indices)
 
     def size(self) -> int:
         return len(self.indices)
@@ -123,13 +119,13 @@ def distributed_coreset(
     seed: int,
     mode: str = "sharded",
     batch: int = 64,
-    holder_cpus: float = 0.25,
+    holder_cpus: float = 0.0,
 ) -> tuple[np.ndarray, dict[str, Any]]:
     """Select a category's bank from extractor outputs ``refs``; returns (bank rows, info)."""
     started = time.perf_counter()
     head: PatchFeatures = ray.get(refs[0])
     grid = list(head.grid)
-    Holder = ray.remote(num_cpus=holder_cpus, max_restarts=0)(CoresetHolder)
+    Holder = ray.remote(num_cpus=holder_cpus, max_restarts=0, scheduling_strategy="SPREAD")(CoresetHolder)
     proxies = [
         HolderProxy(lambda group=group: Holder.remote(group, method, projection_dim, seed), batch)
         for group in _assign_parts(refs, n_holders)

@@ -37,7 +37,9 @@ class Evaluator:
 
 
 def evaluator_actor(num_cpus: float, max_restarts: int):
-    return ray.remote(num_cpus=num_cpus, max_restarts=max_restarts, max_task_retries=max_restarts)(Evaluator)
+    return ray.remote(
+        num_cpus=num_cpus, max_restarts=max_restarts, max_task_retries=max_restarts, scheduling_strategy="SPREAD"
+    )(Evaluator)
 
 
 @ray.remote

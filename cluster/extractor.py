@@ -29,6 +29,8 @@ class Extractor:
 
     def __init__(self, settings: ExtractionSettings, threads: int) -> None:
         torch.set_num_threads(max(1, threads))
+        torch.backends.cudnn.benchmark = False  # autotuned kernels differ run to run
+        torch.backends.cudnn.deterministic = True
         device = "cuda" if torch.cuda.is_available() and ray.get_gpu_ids() else "cpu"
         self.extractor = PatchFeatureExtractor(settings, device=device)
         self.decoders = ThreadPoolExecutor(max_workers=2, thread_name_prefix="decode")
@@ -37,6 +39,10 @@ class Extractor:
 
     def describe(self) -> dict:
         return {**self.extractor.describe(), "device": str(self.extractor.device), "pid": os.getpid()}
+
+    def where(self) -> dict:
+        """The node and GPUs this actor was placed on (placement checks, summary)."""
+        return {"node": ray.get_runtime_context().get_node_id(), "gpu_ids": ray.get_gpu_ids()}
 
     def extract(self, samples: Sequence[Sample], indices: Sequence[int]) -> PatchFeatures:
         started = time.perf_counter()

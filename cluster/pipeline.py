@@ -25,9 +25,10 @@ from cluster.evaluator import bank_reference, category_metrics, evaluator_actor
 from cluster.extractor import extractor_actor
 from cluster.sharding import plan_shards
 
-# Logical CPUs asked by the light actors and tasks (coreset holders, evaluators, metrics), so they
-# are scheduled beside the extractors even on a small machine; they mostly wait on the driver.
-LIGHT_CPUS = 0.25
+# Coreset holders, evaluators and metric tasks reserve no logical CPU, so they are scheduled beside
+# the extractors even on a small machine (they mostly wait on the driver); SPREAD places them across
+# nodes, which spreads the memory of the coreset shards.
+LIGHT_CPUS = 0.0
 
 
 @dataclass(frozen=True)
@@ -48,7 +49,9 @@ def plan_cluster(cluster: Any, resources: dict[str, float]) -> ClusterPlan:
     else:
         n = cluster.num_extractors
     n = max(1, n)
-    threads = max(1, int(cpus // n)) if not use_gpu else max(1, int(cluster.cpus_per_actor))
+    # Fixed by the config, never by the actor count: CPU conv kernels round differently with
+    # different thread counts, and banks must be bit-identical for 1 or N extractors.
+    threads = max(1, int(cluster.cpus_per_actor))
     n_eval = cluster.num_evaluators if cluster.num_evaluators != "auto" else max(1, min(4, n))
     return ClusterPlan(n, cluster.cpus_per_actor, cluster.gpus_per_extractor if use_gpu else 0.0, threads, n_eval)
 
