@@ -1,0 +1,206 @@
+"""Score new images with a saved memory bank, writing anomalib-style predictions.
+
+    python -m jobs.predict --bank <folder|bank.safetensors|wandb:entity/project/name:alias> --input <image|folder>
+                           [--out DIR] [--weights PATH] [--threshold X] [--wandb off|offline|online|auto]
+
+The extractor is rebuilt from the bank's own metadata (backbone, layers, weights, preprocessing) and
+then checked against it, so a bank is never scored with features it was not built from. Single
+process, no Ray: the engine functions of ``anomaly_core.patchcore`` do the work, as in a benchmark.
+
+Output in ``--out``: ``predictions.json`` (per image ``pred_score``, ``pred_label``, and the paths,
+relative to that file, of ``anomaly_map`` (.npy, float32 at the crop size), ``pred_mask`` (PNG) and
+``overlay`` (PNG: image | heat map with the predicted mask outlined in white)). The heat map's colour
+scale is fixed relative to the pixel threshold (``COLOUR_RANGE``): blue at half of it, red at 1.25
+times it, the threshold itself yellow — so colours mean the same in every overlay of a bank.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+import torch
+
+from anomaly_core.backbones import WeightsError
+from anomaly_core.bank import BankError, MemoryBank, _atomic_write, check_compatible, load_bank, write_json
+from anomaly_core.config import WandbConfig
+from anomaly_core.data import IMAGE_EXTENSIONS, DatasetError, read_rgb
+from anomaly_core.patchcore import ExtractionSettings, PatchFeatureExtractor, PatchFeatures, predict
+from anomaly_core.scoring import NearestNeighbourScorer, ScoringParams
+from jobs.report import display_image, heatmap_overlay, write_png
+from jobs.tracking import Tracker, TrackingError, is_wandb_ref, parse_wandb_ref
+
+COLOUR_RANGE = (0.5, 1.25)  # heat-map scale, as multiples of the pixel threshold
+
+
+class PredictError(ValueError):
+    """The inputs or the bank do not allow a prediction; the message says what to pass instead."""
+
+
+def input_images(path: Path) -> tuple[Path, list[Path]]:
+    """(root, images): the image itself, or every image under a folder (recursively, sorted)."""
+    path = Path(path)
+    if path.is_file():
+        return path.parent, [path]
+    if not path.is_dir():
+        raise PredictError(f"input not found: {path}")
+    images = sorted(p for p in path.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS
+                    and not any(part.startswith(".") for part in p.relative_to(path).parts))
+    if not images:
+        raise PredictError(f"no images ({', '.join(sorted(IMAGE_EXTENSIONS))}) under {path}")
+    return path, images
+
+
+def rebuild_extractor(metadata: dict[str, Any], weights: str | None, source: str, device: str) -> PatchFeatureExtractor:
+    """The extractor the bank was built with; ``weights`` overrides the recorded weights location."""
+    weights = weights or metadata.get("weights")
+    if not weights:
+        raise PredictError(f"{source} does not record the backbone weights it was built with; pass --weights PATH")
+    try:
+        settings = ExtractionSettings(
+            backbone=metadata["backbone"],
+            layers=tuple(metadata["layers"]),
+            weights=weights,
+            resize=metadata["resize"],
+            crop=metadata["crop"],
+            patch_size=metadata["patch_size"],
+            pretrain_dim=metadata["pretrain_dim"],
+            target_dim=metadata["feature_dim"],
+        )
+    except KeyError as missing:
+        raise BankError(f"{source}: bank metadata lacks {missing}, so its extractor cannot be rebuilt") from None
+    extractor = PatchFeatureExtractor(settings, device=device)
+    check_compatible(metadata, extractor.describe(), source)
+    return extractor
+
+
+def thresholds(metadata: dict[str, Any], override: float | None, source: str) -> dict[str, Any]:
+    """Image and pixel thresholds, and where they come from.
+
+    Image scores and map values share a unit (distance to the nearest bank patch), so a single
+    ``--threshold`` serves both; a bank without a pixel threshold (no masks at evaluation) uses its
+    image threshold for the masks.
+    """
+    if override is not None:
+        return {"image": override, "pixel": override, "source": "--threshold"}
+    recorded = metadata.get("thresholds") or {}
+    if recorded.get("image") is None:
+        raise PredictError(f"{source} records no image threshold (its evaluation had no anomalous images, or it "
+                           f"predates thresholds in bank.json); pass --threshold X")
+    pixel = recorded.get("pixel")
+    return {"image": recorded["image"], "pixel": pixel if pixel is not None else recorded["image"],
+            "source": "bank.json" if pixel is not None else "bank.json (image threshold used for masks)"}
+
+
+def check_grid(metadata: dict[str, Any], grid: tuple[int, int], source: str) -> None:
+    """The recorded patch grid must be the one the recorded preprocessing produces (else bank.json lies)."""
+    recorded = metadata.get("grid")
+    if recorded is not None and tuple(recorded) != tuple(grid):
+        raise BankError(
+            f"{source}: bank was built on a {recorded[0]}x{recorded[1]} patch grid, but its recorded preprocessing "
+            f"(resize {metadata.get('resize')}, crop {metadata.get('crop')}) gives {grid[0]}x{grid[1]}: "
+            f"bank.json does not describe this bank"
+        )
+
+
+def save_npy(path: Path, array: np.ndarray) -> None:
+    def write(tmp: str) -> None:
+        with open(tmp, "wb") as handle:
+            np.save(handle, array)
+
+    _atomic_write(path, write)
+
+
+def predict_images(
+    bank: MemoryBank,
+    extractor: PatchFeatureExtractor,
+    root: Path,
+    images: Sequence[Path],
+    limits: dict[str, Any],
+    out_dir: Path,
+    source: str,
+) -> list[dict[str, Any]]:
+    """Score ``images`` batch by batch and write their maps, masks and overlays; returns the records."""
+    scorer = NearestNeighbourScorer(bank.features, ScoringParams(**bank.metadata.get("scoring", {})))
+    crop, batch_size = extractor.settings.crop, extractor.settings.batch_size
+    vmin, vmax = (factor * limits["pixel"] for factor in COLOUR_RANGE)
+    records = []
+    for start in range(0, len(images), batch_size):
+        batch = images[start : start + batch_size]
+        rgbs = [read_rgb(path) for path in batch]
+        embeddings, grid = extractor.embed_batch(torch.stack([extractor.transform.image(rgb) for rgb in rgbs]))
+        check_grid(bank.metadata, grid, source)
+        features = PatchFeatures(embeddings, grid, np.arange(start, start + len(batch), dtype=np.int64))
+        predictions = predict(scorer, features, crop)
+        for path, rgb, score, amap in zip(batch, rgbs, predictions.scores, predictions.maps):
+            relative = path.relative_to(root).with_suffix("")
+            mask = amap >= limits["pixel"]
+            shown = display_image(rgb, extractor.transform)
+            files = {"anomaly_map": f"anomaly_maps/{relative.as_posix()}.npy",
+                     "pred_mask": f"masks/{relative.as_posix()}.png",
+                     "overlay": f"overlays/{relative.as_posix()}.png"}
+            save_npy(out_dir / files["anomaly_map"], amap.astype(np.float32))
+            write_png(out_dir / files["pred_mask"], mask.astype(np.uint8) * 255)
+            write_png(out_dir / files["overlay"],
+                      np.concatenate([shown, heatmap_overlay(shown, amap, vmin, vmax, outline=mask)], axis=1))
+            records.append({"image_path": str(path), "pred_score": float(score),
+                            "pred_label": int(score >= limits["image"]), **files})
+    return records
+
+
+def run(args: argparse.Namespace) -> Path:
+    out_dir = Path(args.out or Path("outputs") / f"predict-{datetime.now(timezone.utc):%Y%m%d-%H%M%S}")
+    root, images = input_images(args.input)
+    if is_wandb_ref(args.bank):
+        # The predict run joins the bank's project, so the bank's lineage shows it there.
+        entity, project, _ = parse_wandb_ref(args.bank)
+        settings = WandbConfig(mode=args.wandb or "auto", entity=entity, project=project)
+    else:
+        settings = WandbConfig(mode=args.wandb or "off")
+    config = {key: str(value) if isinstance(value, Path) else value for key, value in vars(args).items()}
+    with Tracker(settings, job_type="predict", run_dir=out_dir, config=config) as tracker:
+        bank_path = tracker.use_bank(args.bank) if is_wandb_ref(args.bank) else Path(args.bank)
+        bank = load_bank(bank_path)
+        source = str(args.bank)
+        extractor = rebuild_extractor(bank.metadata, args.weights, source, args.device)
+        limits = thresholds(bank.metadata, args.threshold, source)
+        records = predict_images(bank, extractor, root, images, limits, out_dir, source)
+        write_json(out_dir / "predictions.json", {
+            "bank": {"source": source, "bank_sha256": bank.metadata.get("bank_sha256"),
+                     "dataset": bank.metadata.get("dataset"), "category": bank.metadata.get("category")},
+            "thresholds": limits,
+            "predictions": records,
+        })
+        tracker.log_predictions(records, out_dir)
+    anomalous = sum(record["pred_label"] for record in records)
+    print(f"{len(records)} images, {anomalous} predicted anomalous -> {out_dir / 'predictions.json'}")
+    return out_dir
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m jobs.predict", description=__doc__.split("\n")[0])
+    parser.add_argument("--bank", required=True, help="bank folder, its bank.safetensors, or wandb:entity/project/name:alias")
+    parser.add_argument("--input", required=True, type=Path, help="an image, or a folder of images (searched recursively)")
+    parser.add_argument("--out", type=Path, help="output folder (default: outputs/predict-<UTC time>)")
+    parser.add_argument("--weights", help="backbone weights (path or 'package'), overriding the bank's record")
+    parser.add_argument("--threshold", type=float, help="anomaly threshold for scores and maps (default: the bank's)")
+    parser.add_argument("--wandb", choices=("auto", "online", "offline", "off"),
+                        help="W&B tracking of this prediction (default: auto for a wandb: bank, else off)")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="torch device")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
+    try:
+        run(args)
+    except (PredictError, BankError, WeightsError, DatasetError, TrackingError) as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

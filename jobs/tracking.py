@@ -1,0 +1,332 @@
+"""Weights & Biases tracking of the jobs: one run per job, and tracking can never fail or stall one.
+
+A benchmark is worth its numbers with or without W&B, so every W&B call goes through one guard: the
+first failure logs a single warning and turns tracking off for the rest of the job, ``wandb.init`` and
+``run.finish`` get short timeouts, and ``online`` without credentials is refused up front instead of
+prompting for a key. Mode ``off`` never calls into wandb: no run, no service process, no files.
+
+What a benchmark run holds: per category its metrics as summary values ``<dataset>/<category>/<metric>``,
+stage timings, ROC and PR curves (W&B's own area-under-curve chart, drawn from tables we compute, which
+needs no pandas), and the worst and best scored test images as heat-map overlays with the ground-truth
+and predicted masks; at the end a results table with a mean row, bar charts over it, throughput per
+extractor actor, peak memory and the report's figures. Each category's memory bank is an artifact of
+type ``memory-bank``, so a later job can ``use_bank`` it by name and W&B records the lineage.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import logging
+import netrc
+import os
+import re
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Callable, Sequence, TypeVar
+from urllib.parse import urlsplit
+
+import numpy as np
+from sklearn.metrics import precision_recall_curve, roc_curve
+
+from anomaly_core.config import WandbConfig
+from anomaly_core.data import ImageTransform, load_mask, read_rgb
+from anomaly_core.metrics import METRIC_NAMES, THRESHOLD_NAMES
+from jobs.report import TIMING_KEYS, display_image, heatmap_overlay, metric_rows, ranked_examples, timing_rows
+
+if TYPE_CHECKING:
+    from cluster.pipeline import CategoryResult
+
+log = logging.getLogger("jobs.tracking")
+
+BANK_ARTIFACT_TYPE = "memory-bank"
+WANDB_REF_PREFIX = "wandb:"
+DEFAULT_HOST = "https://api.wandb.ai"
+INIT_TIMEOUT_S = 30.0
+FINISH_TIMEOUT_S = 120.0
+MASK_CLASSES = {0: "normal", 1: "anomalous"}
+
+T = TypeVar("T")
+
+
+class TrackingError(RuntimeError):
+    """A W&B resource the job cannot do without (a bank given as ``wandb:...``) is unavailable."""
+
+
+def api_key_configured(environ: dict[str, str] | None = None) -> bool:
+    """True when W&B credentials are set up locally (env or netrc); never touches the network."""
+    environ = os.environ if environ is None else environ
+    if environ.get("WANDB_API_KEY") or environ.get("WANDB_IDENTITY_TOKEN_FILE"):
+        return True
+    host = urlsplit(environ.get("WANDB_BASE_URL") or DEFAULT_HOST).netloc
+    path = Path(environ.get("NETRC") or "~/.netrc").expanduser()
+    try:
+        return bool(host) and netrc.netrc(str(path)).authenticators(host) is not None
+    except (OSError, netrc.NetrcParseError):
+        return False
+
+
+def resolve_mode(mode: str, environ: dict[str, str] | None = None) -> str:
+    """``auto`` becomes ``online`` when credentials are configured, else ``offline``."""
+    if mode not in ("auto", "online", "offline", "off"):
+        raise ValueError(f"W&B mode must be auto, online, offline or off; got {mode!r}")
+    if mode == "auto":
+        return "online" if api_key_configured(environ) else "offline"
+    return mode
+
+
+def artifact_name(*parts: str) -> str:
+    """W&B artifact names and aliases allow letters, digits, '-', '_' and '.' only."""
+    return "-".join(re.sub(r"[^A-Za-z0-9_.-]+", "-", part) for part in parts)
+
+
+def is_wandb_ref(ref: str) -> bool:
+    return str(ref).startswith(WANDB_REF_PREFIX)
+
+
+def parse_wandb_ref(ref: str) -> tuple[str, str, str]:
+    """``wandb:<entity>/<project>/<name>:<alias>`` -> (entity, project, "<name>:<alias>")."""
+    parts = str(ref).removeprefix(WANDB_REF_PREFIX).split("/")
+    if not is_wandb_ref(ref) or len(parts) != 3 or not all(parts) or ":" not in parts[2]:
+        raise TrackingError(f"W&B bank reference {ref!r} must look like {WANDB_REF_PREFIX}<entity>/<project>/<name>:<alias>")
+    entity, project, version = parts
+    return entity, project, version
+
+
+def _guarded(method: Callable[..., T]) -> Callable[..., T | None]:
+    """Run a tracking method only while tracking is on; any error turns tracking off with one warning."""
+
+    @functools.wraps(method)
+    def wrapper(self: "Tracker", *args: Any, **kwargs: Any) -> T | None:
+        if self.run is None:
+            return None
+        try:
+            return method(self, *args, **kwargs)
+        except Exception as error:  # W&B raises many types; none of them may stop the job
+            self._disable(f"{method.__name__} failed: {error}")
+            return None
+
+    return wrapper
+
+
+class Tracker:
+    """One W&B run for one job; every method is a no-op once tracking is off."""
+
+    def __init__(
+        self,
+        settings: WandbConfig,
+        job_type: str,
+        run_dir: Path,
+        config: dict[str, Any] | None = None,
+        init_timeout: float = INIT_TIMEOUT_S,
+        finish_timeout: float = FINISH_TIMEOUT_S,
+    ) -> None:
+        self.settings = settings
+        self.run_dir = Path(run_dir)
+        self.mode = resolve_mode(settings.mode)
+        self.run: Any = None
+        if self.mode == "off":
+            return
+        if self.mode == "online" and not api_key_configured():
+            log.warning("W&B tracking disabled: mode is online but no API key is configured "
+                        "(set WANDB_API_KEY or run `wandb login`); the job goes on without it")
+            self.mode = "off"
+            return
+        try:
+            import wandb
+
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+            self.run = wandb.init(
+                project=settings.project,
+                entity=settings.entity,
+                group=settings.group,
+                tags=list(settings.tags) or None,
+                job_type=job_type,
+                name=self.run_dir.name,
+                config=config,
+                dir=str(self.run_dir),
+                mode=self.mode,
+                settings=wandb.Settings(init_timeout=init_timeout, finish_timeout=finish_timeout),
+            )
+        except Exception as error:
+            self._disable(f"wandb.init failed: {error}")
+
+    @property
+    def active(self) -> bool:
+        return self.run is not None
+
+    def __enter__(self) -> "Tracker":
+        return self
+
+    def __exit__(self, kind: type | None, error: BaseException | None, traceback: Any) -> None:
+        self.finish(exit_code=0 if kind is None else 1)
+
+    def _disable(self, reason: str) -> None:
+        key = os.environ.get("WANDB_API_KEY")
+        message = reason.replace(key, "***") if key else reason
+        log.warning("W&B tracking disabled (%s); the job goes on without it", message.splitlines()[0])
+        run, self.run, self.mode = self.run, None, "off"
+        if run is not None:
+            try:
+                _finish(run, exit_code=1)
+            except Exception:  # already failing: the warning above is the one message the user gets
+                pass
+
+    @_guarded
+    def log_category(self, result: "CategoryResult", transform: ImageTransform) -> None:
+        """Metrics, timings, ROC/PR curves and example overlays of one finished category."""
+        key = result.job.key
+        values = result.report.values
+        summary = {f"{key}/{name}": values[name] for name in (*METRIC_NAMES, *THRESHOLD_NAMES)
+                   if values.get(name) is not None}
+        summary.update({f"{key}/time/{name}": seconds for name, seconds in result.timings.items()})
+        summary[f"{key}/memory_size"] = int(result.bank.features.shape[0])
+        self.run.summary.update(summary)
+        labels = np.asarray([sample.label for sample in result.test_samples])
+        logged: dict[str, Any] = {}
+        if labels.min() != labels.max():
+            logged[f"{key}/roc"] = _curve_chart(key, *roc_curve(labels, result.predictions.scores)[:2],
+                                                ("fpr", "tpr"), f"{key}: image ROC")
+            precision, recall, _ = precision_recall_curve(labels, result.predictions.scores)
+            logged[f"{key}/pr"] = _curve_chart(key, recall, precision, ("recall", "precision"), f"{key}: image PR")
+        if self.settings.log_images:
+            logged[f"{key}/examples"] = self._examples(result, transform)
+        if logged:
+            self.run.log(logged)
+
+    def _examples(self, result: "CategoryResult", transform: ImageTransform) -> list[Any]:
+        import wandb
+
+        worst, best = ranked_examples(result, self.settings.log_images)
+        maps = result.predictions.maps
+        vmin, vmax = float(maps.min()), float(maps.max())
+        pixel_threshold = result.report.values.get("pixel_threshold")
+        images = []
+        for kind, index in [("worst", i) for i in worst] + [("best", i) for i in best]:
+            sample = result.test_samples[index]
+            predicted = maps[index] >= pixel_threshold if pixel_threshold is not None else None
+            masks = {}
+            truth = load_mask(sample, transform)
+            if truth is not None:
+                masks["ground_truth"] = {"mask_data": truth.numpy().astype(np.uint8), "class_labels": MASK_CLASSES}
+            if predicted is not None:
+                masks["prediction"] = {"mask_data": predicted.astype(np.uint8), "class_labels": MASK_CLASSES}
+            overlay = heatmap_overlay(display_image(read_rgb(sample.image_path), transform), maps[index], vmin, vmax)
+            caption = (f"{kind}: {sample.defect_type}/{Path(sample.image_path).name} "
+                       f"label {sample.label} score {result.predictions.scores[index]:.4f}")
+            images.append(wandb.Image(overlay, caption=caption, masks=masks or None))
+        return images
+
+    @_guarded
+    def log_bank(self, result: "CategoryResult", folder: Path) -> None:
+        """The category's bank.safetensors + bank.json as a ``memory-bank`` artifact."""
+        import wandb
+
+        folder = Path(folder)
+        metadata = json.loads((folder / "bank.json").read_text())
+        dataset, category = result.job.dataset, result.job.split.category
+        artifact = wandb.Artifact(artifact_name("bank", dataset, category), type=BANK_ARTIFACT_TYPE, metadata=metadata)
+        for name in ("bank.safetensors", "bank.json"):
+            # The files are written atomically and never changed afterwards: no staging copy needed.
+            artifact.add_file(str(folder / name), name=name, policy="immutable")
+        backbone = str(metadata.get("backbone", "unknown"))
+        self.run.log_artifact(artifact, aliases=[artifact_name(dataset, category, backbone), "latest"])
+
+    @_guarded
+    def log_run(self, results: Sequence["CategoryResult"], summary: dict[str, Any], figures: dict[str, Path]) -> None:
+        """End of a benchmark: results table with a mean row, bar charts, throughput, memory, figures."""
+        import wandb
+
+        rows = [{**metrics, **timings} for metrics, timings in zip(metric_rows(results), timing_rows(results))]
+        columns = ["dataset", "category", *METRIC_NAMES, "memory_size", *TIMING_KEYS]
+        table = wandb.Table(columns=columns, data=[[row.get(column) for column in columns] for row in rows])
+        logged: dict[str, Any] = {"results": table}
+        for name in ("image_auroc", "pixel_auroc"):
+            bars = [[f"{row['dataset']}/{row['category']}" if row["category"] else "mean", row[name]]
+                    for row in rows if row[name] is not None]
+            if bars:
+                bar_table = wandb.Table(columns=["category", name], data=bars)
+                logged[f"charts/{name}"] = wandb.plot.bar(bar_table, "category", name, title=f"{name} per category")
+        cluster = summary.get("cluster", {})
+        extractors = cluster.get("extractors", [])
+        if extractors:
+            fields = sorted({name for stats in extractors for name in stats})
+            actor_rows = [[position, *(stats.get(name) for name in fields), _rate(stats)]
+                          for position, stats in enumerate(extractors)]
+            logged["actors"] = wandb.Table(columns=["actor", *fields, "images_per_s"], data=actor_rows)
+        logged.update({f"figures/{name}": wandb.Image(str(path)) for name, path in figures.items() if Path(path).is_file()})
+        self.run.log(logged)
+        mean = rows[-1] if rows else {}
+        totals = {f"mean/{name}": mean[name] for name in METRIC_NAMES if mean.get(name) is not None}
+        totals.update({f"timings/{name}": value for name, value in summary.get("timings", {}).items()})
+        totals.update({f"actors/{position}/images_per_s": _rate(stats) for position, stats in enumerate(extractors)})
+        if cluster.get("driver_peak_rss_mb") is not None:
+            totals["memory/driver_peak_rss_mb"] = cluster["driver_peak_rss_mb"]
+        self.run.summary.update(totals)
+
+    @_guarded
+    def log_predictions(self, records: Sequence[dict[str, Any]], out_dir: Path) -> None:
+        """A predict job's scores and labels, with its overlay images, as one table."""
+        import wandb
+
+        columns = ["image_path", "pred_score", "pred_label", "overlay"]
+        data = [[record["image_path"], record["pred_score"], record["pred_label"],
+                 wandb.Image(str(Path(out_dir) / record["overlay"]))] for record in records]
+        self.run.log({"predictions": wandb.Table(columns=columns, data=data)})
+        self.run.summary.update({"images": len(records), "anomalous": sum(r["pred_label"] for r in records)})
+
+    def use_bank(self, ref: str) -> Path:
+        """Download a ``wandb:<entity>/<project>/<name>:<alias>`` bank into the run folder (lineage recorded).
+
+        Unlike logging, this cannot degrade gracefully: without the bank there is nothing to score with.
+        """
+        entity, project, version = parse_wandb_ref(ref)
+        if self.run is None or self.mode != "online":
+            raise TrackingError(f"resolving {ref} needs an online W&B run (--wandb online or auto with an API key); "
+                                f"tracking here is {self.mode}")
+        try:
+            artifact = self.run.use_artifact(f"{entity}/{project}/{version}", type=BANK_ARTIFACT_TYPE)
+            folder = artifact.download(root=str(self.run_dir / "artifacts" / artifact_name(version)))
+        except Exception as error:
+            raise TrackingError(f"cannot download W&B bank {ref}: {error}") from error
+        return Path(folder)
+
+    def finish(self, exit_code: int = 0) -> None:
+        """Close the run (bounded by the finish timeout); safe to call twice."""
+        run, self.run = self.run, None
+        if run is None:
+            return
+        try:
+            _finish(run, exit_code)
+        except Exception as error:
+            log.warning("W&B run did not finish cleanly (%s); its files stay under %s for `wandb sync`",
+                        str(error).splitlines()[0] if str(error) else type(error).__name__, self.run_dir)
+
+
+def _finish(run: Any, exit_code: int) -> None:
+    """Finish the run and shut the W&B service down, so the run's files are complete on return.
+
+    wandb-core writes the run's transaction log after ``finish`` returns; a process that exits right
+    then (the end of every job) can lose it. ``teardown`` waits for the service, within finish_timeout.
+    """
+    import wandb
+
+    run.finish(exit_code=exit_code)
+    wandb.teardown()
+
+
+def _curve_chart(key: str, x: np.ndarray, y: np.ndarray, names: tuple[str, str], title: str) -> Any:
+    """The chart ``wandb.plot.roc_curve`` draws, built from our own points (that helper needs pandas)."""
+    import wandb
+
+    table = wandb.Table(columns=["class", *names], data=[[key, float(a), float(b)] for a, b in zip(x, y)])
+    return wandb.plot_table(
+        "wandb/area-under-curve/v0",
+        table,
+        {"x": names[0], "y": names[1], "class": "class"},
+        {"title": title, "x-axis-title": names[0], "y-axis-title": names[1]},
+    )
+
+
+def _rate(stats: dict[str, Any]) -> float | None:
+    busy = stats.get("busy_s")
+    return round(stats["images"] / busy, 3) if busy and stats.get("images") is not None else None

@@ -1,0 +1,276 @@
+"""W&B tracking: what an offline run records (read back from its files), mode off, a broken W&B.
+
+The offline run is read back from its transaction log (``run-<id>.wandb``: LevelDB-style blocks of
+protobuf ``Record``s, the file ``wandb sync`` uploads) and its media files, so the tests check what
+W&B would show, not merely that a folder appeared.
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import json
+import logging
+import socket
+import struct
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from anomaly_core.bank import save_bank
+from anomaly_core.config import WandbConfig
+from anomaly_core.metrics import METRIC_NAMES, mean_metrics
+from jobs.report import figure_paths, write_report
+from jobs.tracking import BANK_ARTIFACT_TYPE, Tracker, TrackingError, api_key_configured, artifact_name, resolve_mode
+from tests.test_report import TRANSFORM, fake_results
+
+REPO = Path(__file__).resolve().parent.parent
+FAKE_KEY = "0123456789abcdef" * 3  # 48 characters, never valid anywhere
+BLOCK = 32768
+FULL, FIRST, MIDDLE, LAST = 1, 2, 3, 4
+
+
+def read_records(path: Path):
+    """Protobuf records of a ``.wandb`` transaction log (7-byte file header, then 32 KiB blocks)."""
+    from wandb.proto import wandb_internal_pb2
+
+    data = path.read_bytes()
+    assert data[:4] == b":W&B", f"{path} is not a W&B transaction log"
+    position, pending = 7, b""
+    while position + 7 <= len(data):
+        if BLOCK - position % BLOCK < 7:  # a block's tail too short for a header is padding
+            position += BLOCK - position % BLOCK
+            continue
+        _, length, kind = struct.unpack("<IHB", data[position : position + 7])
+        pending += data[position + 7 : position + 7 + length]
+        position += 7 + length
+        if kind in (FULL, LAST):
+            record = wandb_internal_pb2.Record()
+            record.ParseFromString(pending)
+            pending = b""
+            yield record
+        elif kind not in (FIRST, MIDDLE):
+            break
+
+
+def read_offline_run(run_dir: Path) -> dict:
+    """The run record, final summary, history rows and artifacts of the one offline run under ``run_dir``."""
+    [log_file] = (run_dir / "wandb").glob("offline-run-*/run-*.wandb")
+    run, summary, history, artifacts = None, {}, [], []
+    for record in read_records(log_file):
+        kind = record.WhichOneof("record_type")
+        if kind == "run":
+            run = record.run
+        elif kind == "summary":
+            for item in record.summary.update:
+                summary[item.key or "/".join(item.nested_key)] = json.loads(item.value_json)
+        elif kind == "history":
+            history.append({item.key or "/".join(item.nested_key): json.loads(item.value_json) for item in record.history.item})
+        elif kind == "artifact":
+            artifacts.append(record.artifact)
+    return {"run": run, "summary": summary, "history": history, "artifacts": artifacts, "files": log_file.parent / "files"}
+
+
+@pytest.fixture
+def wandb_env(tmp_path, monkeypatch):
+    """Every W&B folder under tmp_path, no credentials anywhere, offline unless a test says otherwise."""
+    for name in ("WANDB_DIR", "WANDB_DATA_DIR", "WANDB_CACHE_DIR", "WANDB_CONFIG_DIR"):
+        folder = tmp_path / "wandb_home" / name.lower()
+        folder.mkdir(parents=True)
+        monkeypatch.setenv(name, str(folder))
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    monkeypatch.setenv("NETRC", str(tmp_path / "no-netrc"))
+    for name in ("WANDB_API_KEY", "WANDB_IDENTITY_TOKEN_FILE", "WANDB_BASE_URL"):
+        monkeypatch.delenv(name, raising=False)
+    return tmp_path / "wandb_home"
+
+
+@pytest.fixture(scope="module")
+def results(tire_root):
+    return fake_results(tire_root)
+
+
+def _track_benchmark(tracker: Tracker, results, run_dir: Path) -> dict:
+    summary = {"timings": {"total_s": 9.5, "images_per_s": 3.2},
+               "cluster": {"extractors": [{"images": 30, "busy_s": 6.0}, {"images": 24, "busy_s": 8.0}],
+                           "driver_peak_rss_mb": 812.5}}
+    for result in results:
+        folder = run_dir / result.job.dataset / result.job.split.category
+        result.bank.metadata["thresholds"] = {"image": result.report.values["image_threshold"],
+                                              "pixel": result.report.values["pixel_threshold"]}
+        save_bank(result.bank, folder)
+        tracker.log_category(result, TRANSFORM)
+        tracker.log_bank(result, folder)
+    write_report(run_dir, results, TRANSFORM, summary)
+    tracker.log_run(results, summary, figure_paths(run_dir, results))
+    return summary
+
+
+def test_offline_run_holds_metrics_table_images_and_bank_artifacts(wandb_env, results, tmp_path):
+    run_dir = tmp_path / "outputs" / "bench-1"
+    settings = WandbConfig(mode="offline", project="anomaly-test", group="nightly", tags=["ci", "tire"], log_images=2)
+    with Tracker(settings, "benchmark", run_dir, config={"name": "bench", "seed": 7}) as tracker:
+        assert tracker.active and tracker.mode == "offline"
+        _track_benchmark(tracker, results, run_dir)
+    assert not tracker.active
+    recorded = read_offline_run(run_dir)
+
+    run = recorded["run"]
+    assert (run.project, run.job_type, run.run_group, list(run.tags)) == ("anomaly-test", "benchmark", "nightly", ["ci", "tire"])
+    assert run.display_name == "bench-1"
+    config = {item.key: json.loads(item.value_json) for item in run.config.update}
+    assert config["name"] == "bench" and config["seed"] == 7
+
+    summary = recorded["summary"]
+    for result in results:
+        for name in METRIC_NAMES:
+            assert summary[f"{result.job.key}/{name}"] == pytest.approx(result.report.values[name])
+        assert summary[f"{result.job.key}/memory_size"] == len(result.bank.features)
+        assert summary[f"{result.job.key}/time/coreset_s"] == 0.5
+    mean = mean_metrics([result.report for result in results]).values
+    assert summary["mean/image_auroc"] == pytest.approx(mean["image_auroc"])
+    assert summary["timings/total_s"] == 9.5
+    assert summary["actors/0/images_per_s"] == 5.0 and summary["actors/1/images_per_s"] == 3.0
+    assert summary["memory/driver_peak_rss_mb"] == 812.5
+
+    files = recorded["files"]
+    [table_file] = (files / "media" / "table").glob("results_*.table.json")
+    table = json.loads(table_file.read_text())
+    assert table["columns"][:2 + len(METRIC_NAMES)] == ["dataset", "category", *METRIC_NAMES]
+    assert {"memory_size", "extract_train_s", "coreset_s", "evaluate_s", "metrics_s"} <= set(table["columns"])
+    rows = {(row[0], row[1]): dict(zip(table["columns"], row)) for row in table["data"]}
+    assert set(rows) == {(r.job.dataset, r.job.split.category) for r in results} | {("mean", "")}
+    assert rows[("mean", "")]["pixel_auroc"] == pytest.approx(mean["pixel_auroc"])
+    assert rows[("visa", "tire")]["aupro"] == pytest.approx(results[2].report.values["aupro"])
+    bars = json.loads(next((files / "media" / "table" / "charts").glob("image_auroc_table_*.json")).read_text())
+    assert [row[0] for row in bars["data"]] == [r.job.key for r in results] + ["mean"]
+    for result in results:
+        roc = json.loads(next((files / "media" / "table" / result.job.key).glob("roc_table_*.json")).read_text())
+        assert roc["columns"] == ["class", "fpr", "tpr"] and roc["data"][-1][1:] == [1.0, 1.0]
+
+    examples = [row for row in recorded["history"] if f"{results[1].job.key}/examples/filenames" in row]
+    [row] = examples
+    filenames = row[f"{results[1].job.key}/examples/filenames"]
+    assert len(filenames) == 4  # two worst and two best
+    for name in filenames:
+        with Image.open(files / name) as image:
+            assert image.size == (112, 112) and image.mode == "RGB"
+    masks = row[f"{results[1].job.key}/examples/all_masks"]
+    assert all({"ground_truth", "prediction"} <= set(entry) for entry in masks)
+    assert all((files / entry["prediction"]["path"]).is_file() for entry in masks)
+    figures = sorted(p.name.split("_")[0] for p in (files / "media" / "images" / "figures").glob("*.png"))
+    assert figures == ["auroc", "roc"]
+
+    banks = [artifact for artifact in recorded["artifacts"] if artifact.type == BANK_ARTIFACT_TYPE]
+    assert [artifact.name for artifact in banks] == ["bank-mvtec_ad-tire", "bank-mvtec_ad-tire_hard", "bank-visa-tire"]
+    for artifact, result in zip(banks, results):
+        folder = run_dir / result.job.dataset / result.job.split.category
+        assert set(artifact.aliases) == {"latest", f"{result.job.dataset}-{result.job.split.category}-tf_efficientnet_lite0"}
+        assert json.loads(artifact.metadata) == json.loads((folder / "bank.json").read_text())
+        contents = {entry.path: entry for entry in artifact.manifest.contents}
+        assert set(contents) == {"bank.safetensors", "bank.json"}
+        for name, entry in contents.items():
+            data = (folder / name).read_bytes()
+            assert entry.size == len(data)
+            assert entry.digest == base64.b64encode(hashlib.md5(data).digest()).decode()
+
+
+def test_mode_off_imports_nothing_and_creates_nothing(tmp_path, tmp_path_factory):
+    """In a fresh interpreter: no W&B run or service, no run folder, no W&B folders anywhere.
+
+    (wandb may still be imported: timm imports it when installed; importing it writes nothing.)
+    """
+    home = tmp_path_factory.mktemp("home")  # matplotlib may cache fonts there; W&B must not write
+    script = f"""
+import os, sys
+for name in ("WANDB_DIR", "WANDB_DATA_DIR", "WANDB_CACHE_DIR", "WANDB_CONFIG_DIR"):
+    os.environ[name] = {str(tmp_path)!r} + "/" + name.lower()
+from pathlib import Path
+from anomaly_core.config import WandbConfig
+from jobs.tracking import Tracker
+from tests.test_report import TRANSFORM, fake_results
+results = fake_results(Path({str(REPO / "data" / "tire_small")!r}), n_test=4)
+with Tracker(WandbConfig(mode="off"), "benchmark", Path({str(tmp_path / "run")!r}), config={{"a": 1}}) as tracker:
+    tracker.log_category(results[0], TRANSFORM)
+    tracker.log_bank(results[0], Path({str(tmp_path / "missing")!r}))
+    tracker.log_run(results, {{}}, {{}})
+wandb = sys.modules.get("wandb")
+print("active", tracker.active, "wandb run", None if wandb is None else wandb.run)
+"""
+    done = subprocess.run([sys.executable, "-c", script], cwd=REPO, capture_output=True, text=True, timeout=120,
+                          env={"PATH": "/usr/bin:/bin", "PYTHONPATH": str(REPO), "HOME": str(home)})
+    assert done.returncode == 0, done.stderr
+    assert "active False wandb run None" in done.stdout
+    assert list(tmp_path.iterdir()) == [], sorted(p.name for p in tmp_path.rglob("*"))
+    assert not [p for p in home.rglob("*") if "wandb" in p.name.lower()]
+
+
+def _closed_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+def test_unreachable_wandb_disables_tracking_quickly_without_raising(wandb_env, results, tmp_path, monkeypatch, caplog):
+    monkeypatch.setenv("WANDB_API_KEY", FAKE_KEY)
+    monkeypatch.setenv("WANDB_BASE_URL", f"http://127.0.0.1:{_closed_port()}")
+    monkeypatch.delenv("WANDB_MODE")
+    started = time.monotonic()
+    with caplog.at_level(logging.WARNING, logger="jobs.tracking"):
+        with Tracker(WandbConfig(mode="online"), "benchmark", tmp_path / "run", init_timeout=3) as tracker:
+            assert not tracker.active
+            _track_benchmark(tracker, results, tmp_path / "run")
+    assert time.monotonic() - started < 60
+    warnings = [record.getMessage() for record in caplog.records if record.name == "jobs.tracking"]
+    assert len(warnings) == 1 and "W&B tracking disabled" in warnings[0] and "wandb.init failed" in warnings[0]
+    assert FAKE_KEY not in caplog.text
+    assert (tmp_path / "run" / "report.md").is_file()  # the job itself went on
+
+
+def test_online_without_credentials_is_refused_up_front(wandb_env, tmp_path, caplog):
+    with caplog.at_level(logging.WARNING, logger="jobs.tracking"):
+        tracker = Tracker(WandbConfig(mode="online"), "predict", tmp_path / "run")
+    assert not tracker.active and tracker.mode == "off"
+    assert "no API key is configured" in caplog.text
+    assert not (tmp_path / "run").exists()
+
+
+def test_a_failing_call_turns_tracking_off_with_one_warning(wandb_env, results, tmp_path, caplog):
+    with caplog.at_level(logging.WARNING, logger="jobs.tracking"):
+        with Tracker(WandbConfig(mode="offline", log_images=0), "evaluate", tmp_path / "run") as tracker:
+            tracker.log_category(results[0], TRANSFORM)
+            tracker.log_bank(results[0], tmp_path / "no-such-bank")  # bank.json missing: raises inside
+            assert not tracker.active
+            tracker.log_category(results[1], TRANSFORM)
+    messages = [record.getMessage() for record in caplog.records if record.name == "jobs.tracking"]
+    assert len(messages) == 1 and "log_bank failed" in messages[0]
+    summary = read_offline_run(tmp_path / "run")["summary"]
+    assert f"{results[0].job.key}/image_auroc" in summary and f"{results[1].job.key}/image_auroc" not in summary
+
+
+def test_auto_mode_goes_online_only_with_local_credentials(tmp_path):
+    netrc = tmp_path / "netrc"
+    assert resolve_mode("auto", {"NETRC": str(netrc)}) == "offline"
+    assert resolve_mode("auto", {"NETRC": str(netrc), "WANDB_API_KEY": FAKE_KEY}) == "online"
+    netrc.write_text(f"machine api.wandb.ai\n  login user\n  password {FAKE_KEY}\n")
+    assert api_key_configured({"NETRC": str(netrc)})
+    assert not api_key_configured({"NETRC": str(netrc), "WANDB_BASE_URL": "https://wandb.example.com"})
+    assert resolve_mode("offline", {"WANDB_API_KEY": FAKE_KEY}) == "offline"
+    with pytest.raises(ValueError, match="auto, online, offline or off"):
+        resolve_mode("disabled")
+
+
+def test_use_bank_needs_a_wellformed_reference_and_online_tracking(wandb_env, tmp_path):
+    with Tracker(WandbConfig(mode="offline"), "predict", tmp_path / "run") as tracker:
+        with pytest.raises(TrackingError, match="must look like"):
+            tracker.use_bank("wandb:bank-mvtec-tire:latest")
+        with pytest.raises(TrackingError, match="needs an online W&B run"):
+            tracker.use_bank("wandb:me/proj/bank-mvtec-tire:latest")
+    assert artifact_name("bank", "my data", "cat/1") == "bank-my-data-cat-1"
+    assert np.all([c.isalnum() or c in "-_." for c in artifact_name("x:y", "a b")])
