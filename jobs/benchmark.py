@@ -1,6 +1,6 @@
 """Full benchmark: every category of every configured dataset, on Ray, with outputs and a summary.
 
-    python -m jobs.benchmark --config configs/demo.yaml [--set key=value ...] [--categories a,b]
+    python -m jobs.benchmark --config configs/demo.yaml [--set key=value ...] [--categories a,b] [--wandb MODE]
 
 Without RAY_ADDRESS it starts an embedded local Ray on 127.0.0.1; under ``ray job submit`` (or with
 RAY_ADDRESS set) it joins that cluster.
@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import resource
 import sys
 import time
 from pathlib import Path
@@ -22,7 +23,10 @@ from anomaly_core.bank import write_json
 from cluster.pipeline import BenchmarkPipeline, CategoryJob, CategoryResult
 from jobs.cli import add_config_arguments, load_config
 from jobs.outputs import format_table, run_directory, summary, write_category
+from jobs.progress import Progress
 from jobs.ray_runtime import start_ray
+from jobs.report import figure_paths, write_report
+from jobs.tracking import Tracker
 
 log = logging.getLogger("jobs.benchmark")
 
@@ -64,22 +68,31 @@ def run(config: RunConfig, run_name: str | None = None, only: set[str] | None = 
     log.info("Ray: %s; resources %s", how, ray.cluster_resources())
     run_dir = run_directory(config, run_name)
     started = time.perf_counter()
-    pipeline = BenchmarkPipeline(config)
     results: list[CategoryResult] = []
-    for result in pipeline.run(jobs):
-        folder = write_category(run_dir, result, config)
-        log.info("%s done: %s -> %s", result.job.key, _headline(result), folder)
-        results.append(result)
-    seconds = time.perf_counter() - started
-    order = {job.key: position for position, job in enumerate(jobs)}
-    results.sort(key=lambda result: order[result.job.key])
-    stats = pipeline.actor_stats()
-    extra = {
-        "cluster": {"plan": pipeline.plan.__dict__, "extractors": stats, "resources": ray.cluster_resources()},
-    }
-    write_json(run_dir / "summary.json", summary(config, results, seconds, extra))
+    tracker = Tracker(config.wandb, "benchmark", run_dir, config.model_dump(mode="json"))
+    with tracker, Progress(jobs) as progress:
+        pipeline = BenchmarkPipeline(config, on_event=progress)
+        for result in pipeline.run(jobs):
+            folder = write_category(run_dir, result, config)
+            tracker.log_category(result, pipeline.transform)
+            tracker.log_bank(result, folder)
+            log.info("%s done: %s -> %s", result.job.key, _headline(result), folder)
+            results.append(result)
+        seconds = time.perf_counter() - started
+        order = {job.key: position for position, job in enumerate(jobs)}
+        results.sort(key=lambda result: order[result.job.key])
+        stats = pipeline.actor_stats()
+        peak_rss_mb = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)  # ru_maxrss is KiB on Linux
+        extra = {
+            "cluster": {"plan": pipeline.plan.__dict__, "extractors": stats, "resources": ray.cluster_resources(),
+                        "driver_peak_rss_mb": peak_rss_mb},
+        }
+        payload = summary(config, results, seconds, extra)
+        write_json(run_dir / "summary.json", payload)
+        report = write_report(run_dir, results, pipeline.transform, payload)
+        tracker.log_run(results, payload, figure_paths(run_dir, results))
     print(format_table(results))
-    print(f"\n{len(results)} categories in {seconds:.1f} s -> {run_dir}")
+    print(f"\n{len(results)} categories in {seconds:.1f} s -> {run_dir} (report: {report})")
     return run_dir
 
 
@@ -95,10 +108,14 @@ def main(argv: list[str] | None = None) -> int:
     add_config_arguments(parser)
     parser.add_argument("--run-name", help="output folder name under output_dir (default: <name>-<UTC time>)")
     parser.add_argument("--categories", help="comma-separated subset, e.g. bottle,cable or mvtec_ad/bottle")
+    parser.add_argument("--wandb", choices=("auto", "online", "offline", "off"),
+                        help="W&B tracking mode, overriding wandb.mode of the config")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
     try:
-        config = load_config(args.config, args.overrides)
+        # Quoted: --set values are YAML, where a bare off reads as false.
+        overrides = args.overrides + ([f'wandb.mode="{args.wandb}"'] if args.wandb else [])
+        config = load_config(args.config, overrides)
         only = set(args.categories.split(",")) if args.categories else None
         run(config, args.run_name, only)
     except (ConfigError, DatasetError) as error:
