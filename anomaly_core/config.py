@@ -93,6 +93,12 @@ class WandbConfig(_Strict):
     tags: list[str] = Field(default_factory=list)
     log_images: int = Field(3, ge=0)  # best and worst test images per category to log
 
+    @field_validator("mode", mode="before")
+    @classmethod
+    def _yaml_off(cls, value: object) -> object:
+        """YAML 1.1 reads a bare ``off`` as false; it still means mode 'off'."""
+        return "off" if value is False else value
+
 
 class RunConfig(_Strict):
     name: str = Field("benchmark", pattern=r"^[A-Za-z0-9_.-]+$")

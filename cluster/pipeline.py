@@ -147,6 +147,7 @@ class BenchmarkPipeline:
             "train_list_sha256": train_list_sha256(job.split.train, job.root),
             "coreset": {"method": coreset.method, "ratio": coreset.ratio, "projection_dim": coreset.projection_dim,
                         "seed": seed, "distributed": coreset.distributed, **info["coreset"]},
+            "scoring": self.config.scoring.model_dump(),
             "n_patches": info["n_patches"],
             "grid": info["grid"],
             "package_version": __version__,

@@ -21,7 +21,7 @@ from anomaly_core.config import ConfigError, RunConfig
 from anomaly_core.data import DatasetError, list_categories, load_split
 from anomaly_core.bank import write_json
 from cluster.pipeline import BenchmarkPipeline, CategoryJob, CategoryResult
-from jobs.cli import add_config_arguments, load_config
+from jobs.cli import add_config_arguments, config_from_args
 from jobs.outputs import format_table, run_directory, summary, write_category
 from jobs.progress import Progress
 from jobs.ray_runtime import start_ray
@@ -75,7 +75,7 @@ def run(config: RunConfig, run_name: str | None = None, only: set[str] | None = 
         for result in pipeline.run(jobs):
             folder = write_category(run_dir, result, config)
             tracker.log_category(result, pipeline.transform)
-            tracker.log_bank(result, folder)
+            tracker.log_bank(result.job, folder)
             log.info("%s done: %s -> %s", result.job.key, _headline(result), folder)
             results.append(result)
         seconds = time.perf_counter() - started
@@ -108,14 +108,10 @@ def main(argv: list[str] | None = None) -> int:
     add_config_arguments(parser)
     parser.add_argument("--run-name", help="output folder name under output_dir (default: <name>-<UTC time>)")
     parser.add_argument("--categories", help="comma-separated subset, e.g. bottle,cable or mvtec_ad/bottle")
-    parser.add_argument("--wandb", choices=("auto", "online", "offline", "off"),
-                        help="W&B tracking mode, overriding wandb.mode of the config")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
     try:
-        # Quoted: --set values are YAML, where a bare off reads as false.
-        overrides = args.overrides + ([f'wandb.mode="{args.wandb}"'] if args.wandb else [])
-        config = load_config(args.config, overrides)
+        config = config_from_args(args)
         only = set(args.categories.split(",")) if args.categories else None
         run(config, args.run_name, only)
     except (ConfigError, DatasetError) as error:

@@ -1,4 +1,4 @@
-"""Build one category's memory bank on Ray and write bank.safetensors + bank.json.
+"""Build one category's memory bank on Ray and write bank.safetensors + bank.json (+ a W&B artifact).
 
     python -m jobs.build_bank --config configs/demo.yaml --dataset tire_small --category tire [--out DIR]
 """
@@ -15,8 +15,9 @@ from anomaly_core.config import ConfigError
 from anomaly_core.data import DatasetError
 from cluster.pipeline import BenchmarkPipeline
 from jobs.benchmark import single_job
-from jobs.cli import add_category_arguments, add_config_arguments, load_config
+from jobs.cli import add_category_arguments, add_config_arguments, config_from_args
 from jobs.ray_runtime import start_ray
+from jobs.tracking import Tracker
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -27,12 +28,14 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
     try:
-        config = load_config(args.config, args.overrides)
+        config = config_from_args(args)
         job = single_job(config, args.dataset, args.category)
-        start_ray()
-        bank = BenchmarkPipeline(config).build_bank(job)
         out = args.out or Path(config.output_dir) / "banks" / job.dataset / job.split.category
-        tensors, _ = save_bank(bank, out)
+        start_ray()
+        with Tracker(config.wandb, "build_bank", out, config.model_dump(mode="json")) as tracker:
+            bank = BenchmarkPipeline(config).build_bank(job)
+            tensors, _ = save_bank(bank, out)
+            tracker.log_bank(job, out)
     except (ConfigError, DatasetError, BankError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2

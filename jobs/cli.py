@@ -24,6 +24,15 @@ def add_config_arguments(parser: argparse.ArgumentParser) -> None:
         help="override a config value, e.g. --set coreset.ratio=0.01 --set backbone.weights=/w/wrn50.pth "
         "(VALUE is parsed as YAML; datasets.0.root addresses a list item)",
     )
+    parser.add_argument("--wandb", choices=("auto", "online", "offline", "off"),
+                        help="W&B tracking mode, overriding wandb.mode of the config")
+
+
+def config_from_args(args: argparse.Namespace) -> RunConfig:
+    """The validated config of a job's command line (--config, --set ..., --wandb)."""
+    # Quoted: --set values are YAML, where a bare off reads as false.
+    overrides = list(args.overrides) + ([f'wandb.mode="{args.wandb}"'] if args.wandb else [])
+    return load_config(args.config, overrides)
 
 
 def add_category_arguments(parser: argparse.ArgumentParser) -> None:

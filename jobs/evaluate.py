@@ -1,6 +1,7 @@
 """Evaluate one category with an existing memory bank; writes metrics.json and predictions/.
 
-    python -m jobs.evaluate --config configs/demo.yaml --dataset tire_small --category tire --bank outputs/banks/tire_small/tire
+    python -m jobs.evaluate --config configs/demo.yaml --dataset tire_small --category tire \
+        --bank outputs/banks/tire_small/tire        # or --bank wandb:<entity>/<project>/<name>:<alias>
 """
 
 from __future__ import annotations
@@ -16,29 +17,32 @@ from anomaly_core.config import ConfigError
 from anomaly_core.data import DatasetError
 from cluster.pipeline import BenchmarkPipeline
 from jobs.benchmark import single_job
-from jobs.cli import add_category_arguments, add_config_arguments, load_config
+from jobs.cli import add_category_arguments, add_config_arguments, config_from_args
 from jobs.outputs import format_table, write_category
 from jobs.ray_runtime import start_ray
+from jobs.tracking import Tracker, TrackingError, is_wandb_ref
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m jobs.evaluate", description=__doc__.split("\n")[0])
     add_config_arguments(parser)
     add_category_arguments(parser)
-    parser.add_argument("--bank", required=True, help="bank folder or bank.safetensors")
-    parser.add_argument("--out", type=Path, help="output folder (default: <output_dir>/evaluate/<dataset>/<category>)")
+    parser.add_argument("--bank", required=True, help="bank folder, bank.safetensors or wandb:<entity>/<project>/<name>:<alias>")
+    parser.add_argument("--out", type=Path, help="output folder (default: <output_dir>/evaluate)")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
     try:
-        config = load_config(args.config, args.overrides)
+        config = config_from_args(args)
         job = single_job(config, args.dataset, args.category)
-        bank = load_bank(Path(args.bank))
-        start_ray()
-        pipeline = BenchmarkPipeline(config)
-        result = pipeline.collect(pipeline.submit_evaluation(job, bank))
         out = args.out or Path(config.output_dir) / "evaluate"
-        folder = write_category(out, result, config)
-    except (ConfigError, DatasetError, BankError) as error:
+        with Tracker(config.wandb, "evaluate", out, config.model_dump(mode="json")) as tracker:
+            bank = load_bank(tracker.use_bank(args.bank) if is_wandb_ref(args.bank) else Path(args.bank))
+            start_ray()
+            pipeline = BenchmarkPipeline(config)
+            result = pipeline.collect(pipeline.submit_evaluation(job, bank))
+            folder = write_category(out, result, config)
+            tracker.log_category(result, pipeline.transform)
+    except (ConfigError, DatasetError, BankError, TrackingError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
     print(format_table([result]))

@@ -18,8 +18,6 @@ def start_ray(address: str | None = None, num_cpus: int | None = None) -> str:
     if address:
         ray.init(address=address, logging_level=logging.WARNING, log_to_driver=True)
         return f"joined {address}"
-    # Without this Ray resolves 127.0.0.1 to the machine's external interface on Linux.
-    os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
     ray.init(
         _node_ip_address=LOCALHOST,
         num_cpus=num_cpus or os.cpu_count(),

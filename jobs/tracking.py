@@ -34,7 +34,7 @@ from anomaly_core.metrics import METRIC_NAMES, THRESHOLD_NAMES
 from jobs.report import TIMING_KEYS, display_image, heatmap_overlay, metric_rows, ranked_examples, timing_rows
 
 if TYPE_CHECKING:
-    from cluster.pipeline import CategoryResult
+    from cluster.pipeline import CategoryJob, CategoryResult
 
 log = logging.getLogger("jobs.tracking")
 
@@ -217,13 +217,13 @@ class Tracker:
         return images
 
     @_guarded
-    def log_bank(self, result: "CategoryResult", folder: Path) -> None:
+    def log_bank(self, job: "CategoryJob", folder: Path) -> None:
         """The category's bank.safetensors + bank.json as a ``memory-bank`` artifact."""
         import wandb
 
         folder = Path(folder)
         metadata = json.loads((folder / "bank.json").read_text())
-        dataset, category = result.job.dataset, result.job.split.category
+        dataset, category = job.dataset, job.split.category
         artifact = wandb.Artifact(artifact_name("bank", dataset, category), type=BANK_ARTIFACT_TYPE, metadata=metadata)
         for name in ("bank.safetensors", "bank.json"):
             # The files are written atomically and never changed afterwards: no staging copy needed.

@@ -32,6 +32,8 @@ from anomaly_core.scoring import NearestNeighbourScorer
 from cluster.coreset import HolderProxy, CoresetHolder
 from cluster.pipeline import BenchmarkPipeline, CategoryJob
 from jobs import benchmark
+from jobs import build_bank as build_bank_job
+from jobs import evaluate as evaluate_job
 
 from .conftest import TIRE_ROOT
 
@@ -180,3 +182,20 @@ def test_benchmark_job_writes_outputs(ray_cluster, tmp_path, capsys):
     assert metrics["image_auroc"] > 0.65 and metrics["pixel_auroc"] > 0.93
     assert summary["timings"]["images_per_s"] > 0
     assert "tire_small" in capsys.readouterr().out
+
+
+def test_build_bank_then_evaluate_jobs(ray_cluster, tmp_path, capsys):
+    """jobs.build_bank writes a bank that jobs.evaluate scores; a bank built at another size is refused."""
+    config_path = tmp_path / "tire.yaml"
+    config_path.write_text(json.dumps(tire_config(num_extractors=2).model_dump(mode="json")))  # JSON is YAML
+    common = ["--config", str(config_path), "--category", "tire", "--set", f"output_dir={tmp_path}"]
+    assert build_bank_job.main(common + ["--out", str(tmp_path / "bank")]) == 0
+    bank = load_bank(tmp_path / "bank")
+    assert bank.metadata["category"] == "tire" and bank.metadata["scoring"]["k"] == 1
+    assert evaluate_job.main(common + ["--bank", str(tmp_path / "bank"), "--out", str(tmp_path / "eval")]) == 0
+    metrics = json.loads((tmp_path / "eval" / "tire_small" / "tire" / "metrics.json").read_text())["values"]
+    assert metrics["image_auroc"] > 0.65 and metrics["pixel_auroc"] > 0.93
+    capsys.readouterr()
+    mismatched = common + ["--bank", str(tmp_path / "bank"), "--set", "preprocess.crop=96"]
+    assert evaluate_job.main(mismatched) == 2
+    assert "crop: bank has 112, inference uses 96" in capsys.readouterr().err

@@ -106,7 +106,7 @@ def _track_benchmark(tracker: Tracker, results, run_dir: Path) -> dict:
                                               "pixel": result.report.values["pixel_threshold"]}
         save_bank(result.bank, folder)
         tracker.log_category(result, TRANSFORM)
-        tracker.log_bank(result, folder)
+        tracker.log_bank(result.job, folder)
     write_report(run_dir, results, TRANSFORM, summary)
     tracker.log_run(results, summary, figure_paths(run_dir, results))
     return summary
@@ -198,7 +198,7 @@ from tests.test_report import TRANSFORM, fake_results
 results = fake_results(Path({str(REPO / "data" / "tire_small")!r}), n_test=4)
 with Tracker(WandbConfig(mode="off"), "benchmark", Path({str(tmp_path / "run")!r}), config={{"a": 1}}) as tracker:
     tracker.log_category(results[0], TRANSFORM)
-    tracker.log_bank(results[0], Path({str(tmp_path / "missing")!r}))
+    tracker.log_bank(results[0].job, Path({str(tmp_path / "missing")!r}))
     tracker.log_run(results, {{}}, {{}})
 wandb = sys.modules.get("wandb")
 print("active", tracker.active, "wandb run", None if wandb is None else wandb.run)
@@ -245,7 +245,7 @@ def test_a_failing_call_turns_tracking_off_with_one_warning(wandb_env, results, 
     with caplog.at_level(logging.WARNING, logger="jobs.tracking"):
         with Tracker(WandbConfig(mode="offline", log_images=0), "evaluate", tmp_path / "run") as tracker:
             tracker.log_category(results[0], TRANSFORM)
-            tracker.log_bank(results[0], tmp_path / "no-such-bank")  # bank.json missing: raises inside
+            tracker.log_bank(results[0].job, tmp_path / "no-such-bank")  # bank.json missing: raises inside
             assert not tracker.active
             tracker.log_category(results[1], TRANSFORM)
     messages = [record.getMessage() for record in caplog.records if record.name == "jobs.tracking"]
