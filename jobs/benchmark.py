@@ -32,20 +32,27 @@ log = logging.getLogger("jobs.benchmark")
 
 
 def category_jobs(config: RunConfig, only: set[str] | None) -> list[CategoryJob]:
-    """Resolve the configured datasets into category splits; unknown categories are errors."""
-    jobs = []
+    """Resolve the configured datasets into category splits; unknown categories are errors.
+
+    ``only`` (from --categories) holds plain category names or ``dataset/category`` keys.
+    """
+    jobs, known = [], set()
     for position, dataset in enumerate(config.datasets):
         available = list_categories(dataset.format, dataset.root)
-        wanted = dataset.categories or available
-        if only:
-            wanted = [category for category in wanted if category in only or f"{dataset.name}/{category}" in only]
-        missing = sorted(set(wanted) - set(available))
+        known |= set(available) | {f"{dataset.name}/{category}" for category in available}
+        missing = sorted(set(dataset.categories or []) - set(available))
         if missing:
             raise ConfigError(
                 f"datasets.{position}.categories: {missing} not found under {dataset.root} (have {available})"
             )
-        for category in wanted:
-            jobs.append(CategoryJob(dataset.name, str(Path(dataset.root).resolve()), load_split(dataset.format, dataset.root, category)))
+        wanted = dataset.categories or available
+        if only:
+            wanted = [category for category in wanted if category in only or f"{dataset.name}/{category}" in only]
+        root = str(Path(dataset.root).resolve())
+        jobs += [CategoryJob(dataset.name, root, load_split(dataset.format, dataset.root, category)) for category in wanted]
+    unknown = sorted((only or set()) - known)
+    if unknown:
+        raise ConfigError(f"categories {unknown} not found in the configured datasets (have {sorted(known)})")
     if not jobs:
         raise ConfigError("no categories selected")
     return jobs

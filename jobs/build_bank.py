@@ -5,8 +5,6 @@
 
 from __future__ import annotations
 
-import argparse
-import logging
 import sys
 from pathlib import Path
 
@@ -15,18 +13,15 @@ from anomaly_core.config import ConfigError
 from anomaly_core.data import DatasetError
 from cluster.pipeline import BenchmarkPipeline
 from jobs.benchmark import single_job
-from jobs.cli import add_category_arguments, add_config_arguments, config_from_args
+from jobs.cli import category_parser, config_from_args
 from jobs.ray_runtime import start_ray
 from jobs.tracking import Tracker
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m jobs.build_bank", description=__doc__.split("\n")[0])
-    add_config_arguments(parser)
-    add_category_arguments(parser)
+    parser = category_parser("python -m jobs.build_bank", __doc__)
     parser.add_argument("--out", type=Path, help="folder for the bank files (default: <output_dir>/banks/<dataset>/<category>)")
     args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
     try:
         config = config_from_args(args)
         job = single_job(config, args.dataset, args.category)

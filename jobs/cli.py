@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import logging
 from pathlib import Path
 from typing import Any
 
@@ -35,9 +36,14 @@ def config_from_args(args: argparse.Namespace) -> RunConfig:
     return load_config(args.config, overrides)
 
 
-def add_category_arguments(parser: argparse.ArgumentParser) -> None:
+def category_parser(prog: str, doc: str) -> argparse.ArgumentParser:
+    """The command line shared by the one-category jobs (build_bank, evaluate); also sets up logging."""
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
+    parser = argparse.ArgumentParser(prog=prog, description=doc.split("\n")[0])
+    add_config_arguments(parser)
     parser.add_argument("--dataset", help="dataset name from the config (default: the first)")
     parser.add_argument("--category", required=True, help="category name, e.g. tire")
+    return parser
 
 
 def read_yaml(path: Path) -> Any:

@@ -6,9 +6,7 @@
 
 from __future__ import annotations
 
-import argparse
 import json
-import logging
 import sys
 from pathlib import Path
 
@@ -17,20 +15,17 @@ from anomaly_core.config import ConfigError
 from anomaly_core.data import DatasetError
 from cluster.pipeline import BenchmarkPipeline
 from jobs.benchmark import single_job
-from jobs.cli import add_category_arguments, add_config_arguments, config_from_args
+from jobs.cli import category_parser, config_from_args
 from jobs.outputs import format_table, write_category
 from jobs.ray_runtime import start_ray
 from jobs.tracking import Tracker, TrackingError, is_wandb_ref
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m jobs.evaluate", description=__doc__.split("\n")[0])
-    add_config_arguments(parser)
-    add_category_arguments(parser)
+    parser = category_parser("python -m jobs.evaluate", __doc__)
     parser.add_argument("--bank", required=True, help="bank folder, bank.safetensors or wandb:<entity>/<project>/<name>:<alias>")
     parser.add_argument("--out", type=Path, help="output folder (default: <output_dir>/evaluate)")
     args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
     try:
         config = config_from_args(args)
         job = single_job(config, args.dataset, args.category)

@@ -60,3 +60,15 @@ def test_missing_or_broken_file(tmp_path):
     bad.write_text("datasets: [\n")
     with pytest.raises(ConfigError, match="not valid YAML"):
         load_config(bad, [])
+
+
+def test_unknown_category_is_named_with_what_exists():
+    from jobs.benchmark import category_jobs
+
+    config = load_config(REPO / "configs" / "demo.yaml", ["datasets=[{name: t, format: mvtec, root: data/tire_small}]"])
+    assert [job.key for job in category_jobs(config, {"t/tire"})] == ["t/tire"]
+    with pytest.raises(ConfigError, match=r"categories \['nope'\] not found .*have \['t/tire', 'tire'\]"):
+        category_jobs(config, {"nope"})
+    listed = load_config(REPO / "configs" / "demo.yaml", ["datasets.0.categories=[tyre]"])
+    with pytest.raises(ConfigError, match=r"datasets.0.categories: \['tyre'\] not found"):
+        category_jobs(listed, None)
