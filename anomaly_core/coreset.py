@@ -317,6 +317,8 @@ class GreedyShard:
         Only clusters whose radius reaches the (b+1)-th largest radius can hold the b+1
         best points, so a round costs O(#centres + their members), not O(N).
         """
+        if b < 0:
+            raise ValueError(f"b must be >= 0, got {b}")
         q = b + 1
         t = self._n_centers
         reach = self._reach[:t]

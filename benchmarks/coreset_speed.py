@@ -118,15 +118,10 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--skip-numpy", action="store_true", help="skip the plain O(N·D)-per-step greedy")
     parser.add_argument(
         "--blas-threads", type=int, default=1,
-        help="BLAS threads in this process: our many small GEMMs run faster and steadier on 1 with few cores",
+        help="BLAS threads for our run: its many small GEMMs run faster and steadier on 1 with few cores",
     )
     parser.add_argument("--json", type=Path, help="also write the results here")
     args = parser.parse_args(argv)
-    with threadpool_limits(limits=args.blas_threads, user_api="blas"):
-        run(args)
-
-
-def run(args: argparse.Namespace) -> None:
     if args.features is not None:
         features = np.ascontiguousarray(np.load(args.features)[: args.n], dtype=np.float32)
         source = f"{args.features} (first {len(features)} rows)"
@@ -136,15 +131,15 @@ def run(args: argparse.Namespace) -> None:
     n, dim = features.shape
     n_select = max(1, int(args.ratio * n))
     print(f"features: {source}, N={n}, D={dim}, n_select={n_select}, cpus={os.cpu_count()}, "
-          f"blas threads here={args.blas_threads}", flush=True)
+          f"our blas threads={args.blas_threads}", flush=True)
 
     rows: list[dict] = []
-    start = time.perf_counter()
-    ours = greedy_coreset(features, ratio=args.ratio, method="exact", seed=args.seed)
-    rows.append(
-        {"method": "ours (exact, pruned)", "seconds": time.perf_counter() - start, "indices": ours.indices,
-         "note": f"{ours.n_rounds} rounds"}
-    )
+    with threadpool_limits(limits=args.blas_threads, user_api="blas"):
+        start = time.perf_counter()
+        ours = greedy_coreset(features, ratio=args.ratio, method="exact", seed=args.seed)
+        seconds = time.perf_counter() - start
+    rows.append({"method": "ours (exact, pruned)", "seconds": seconds, "indices": ours.indices,
+                 "note": f"{ours.n_rounds} rounds"})
     print(f"ours: {rows[-1]['seconds']:.1f}s", flush=True)
 
     if not args.skip_anomalib and Path(args.anomalib_python).exists():
@@ -170,7 +165,7 @@ def run(args: argparse.Namespace) -> None:
     for row in rows:
         row["radius"] = coverage_radius(features, row["indices"])
         speedup = f"{baseline / row['seconds']:.1f}x" if baseline else "-"
-        print(f"{row['method']:<26}{n:>8}{dim:>6}{n_select:>7}{row['seconds']:>10.1f}{speedup:>9}"
+        print(f"{row['method']:<26}{n:>8}{dim:>6}{n_select:>7}{row['seconds']:>10.2f}{speedup:>9}"
               f"{row['radius']:>10.4f}  {row['note']}")
     if args.json is not None:
         summary = {"n": n, "dim": dim, "n_select": n_select, "source": source,
