@@ -16,6 +16,7 @@ from typing import Any, Sequence
 
 import numpy as np
 import torch
+from threadpoolctl import threadpool_limits
 
 from anomaly_core import __version__
 from anomaly_core.backbones import FeatureBackbone
@@ -186,7 +187,8 @@ def build_bank(
         selected, radius_sq = np.arange(len(flat)), 0.0
     else:
         points = coreset_points(features, method, projection_dim, seed)
-        result = greedy_coreset(points, ratio=ratio, method="exact", seed=seed)
+        with threadpool_limits(limits=1, user_api="blas"):  # small products: faster on one thread
+            result = greedy_coreset(points, ratio=ratio, method="exact", seed=seed)
         selected, radius_sq = np.asarray(result.indices), float(result.coverage_radius_sq)
     coreset_seconds = time.perf_counter() - started
     return MemoryBank(

@@ -16,6 +16,7 @@ from typing import Any, Callable
 import numpy as np
 import ray
 from ray.exceptions import RayActorError
+from threadpoolctl import threadpool_limits
 
 from anomaly_core.coreset import Candidates, GreedyShard, coreset_size, greedy_coreset, greedy_select, start_index_for
 from anomaly_core.patchcore import PatchFeatures, coreset_points
@@ -31,6 +32,8 @@ class CoresetHolder:
     """One shard of a category's training patches (original rows + the space greedy runs in)."""
 
     def __init__(self, parts: list[ray.ObjectRef], method: str, projection_dim: int, seed: int) -> None:
+        # The greedy's many small matrix products run ~2x faster (and steadier) on one BLAS thread.
+        threadpool_limits(limits=1, user_api="blas")
         features: list[PatchFeatures] = ray.get(parts)
         self.original = np.concatenate([part.flat() for part in features])
         self.indices = np.concatenate([global_patch_indices(part) for part in features])
