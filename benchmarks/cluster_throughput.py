@@ -21,7 +21,7 @@ import ray  # noqa: E402
 from anomaly_core.config import parse_config  # noqa: E402
 from anomaly_core.coreset import greedy_coreset  # noqa: E402
 from anomaly_core.data import load_split  # noqa: E402
-from cluster.coreset import distributed_coreset  # noqa: E402
+from cluster.coreset import HolderPool, distributed_coreset  # noqa: E402
 from cluster.pipeline import BenchmarkPipeline  # noqa: E402
 from jobs import benchmark  # noqa: E402
 from jobs.cli import load_config  # noqa: E402
@@ -66,9 +66,11 @@ def greedy_overhead() -> list[str]:
     seconds = time.perf_counter() - started
     rows.append(f"| single process | 1 | {len(flat)} | {len(local.indices)} | {local.n_rounds} | {seconds:.2f} | "
                 f"{1000 * seconds / max(local.n_rounds, 1):.1f} |")
-    for holders in (1, 2, 4):
+    for holders in (1, 2):
+        pool = HolderPool(holders)
+        ray.get([actor.__ray_ready__.remote() for actor in pool.actors])  # started, as in a pipeline
         started = time.perf_counter()
-        _, info = distributed_coreset(refs, holders, "exact", 0.1, 128, seed=0)
+        _, info = distributed_coreset(refs, pool, "exact", 0.1, 128, seed=0)
         seconds = time.perf_counter() - started
         rounds = info["coreset"]["rounds"]
         rows.append(f"| sharded (Ray actors) | {info['coreset']['holders']} | {len(flat)} | {int(0.1 * len(flat))} | "

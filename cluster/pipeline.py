@@ -20,7 +20,7 @@ from anomaly_core.config import RunConfig
 from anomaly_core.data import CategorySplit, ImageTransform, Sample
 from anomaly_core.metrics import MetricReport
 from anomaly_core.patchcore import ExtractionSettings, Predictions, coreset_seed, scoring_params, train_list_sha256
-from cluster.coreset import distributed_coreset
+from cluster.coreset import HolderPool, distributed_coreset
 from cluster.evaluator import bank_reference, category_metrics, evaluator_actor
 from cluster.extractor import extractor_actor
 from cluster.sharding import plan_shards
@@ -102,6 +102,7 @@ class BenchmarkPipeline:
         Evaluator = evaluator_actor(LIGHT_CPUS, restarts)
         self.extractors = [Extractor.remote(self.settings, self.plan.extractor_threads) for _ in range(self.plan.n_extractors)]
         self.evaluators = [Evaluator.remote(1) for _ in range(self.plan.n_evaluators)]
+        self.holders = HolderPool(config.cluster.coreset_shards, LIGHT_CPUS)
         # Fails fast (weights file errors, unknown layers) before any data is touched.
         self.description = ray.get(self.extractors[0].describe.remote())
         self.transform = ImageTransform(
@@ -130,14 +131,13 @@ class BenchmarkPipeline:
         seed = coreset_seed(self.config.seed, job.dataset, job.split.category)
         features, info = distributed_coreset(
             train_refs,
-            n_holders=self.config.cluster.coreset_shards,
+            pool=self.holders,
             method=coreset.method,
             ratio=coreset.ratio,
             projection_dim=coreset.projection_dim,
             seed=seed,
             mode=coreset.distributed,
             batch=self.config.cluster.coreset_batch,
-            holder_cpus=LIGHT_CPUS,
         )
         metadata = {
             **{key: value for key, value in self.description.items() if key not in ("device", "pid")},

@@ -29,7 +29,7 @@ from anomaly_core.patchcore import (
     scoring_params,
 )
 from anomaly_core.scoring import NearestNeighbourScorer
-from cluster.coreset import HolderProxy, CoresetHolder
+from cluster.coreset import HolderPool, HolderProxy
 from cluster.pipeline import BenchmarkPipeline, CategoryJob
 from jobs import benchmark
 from jobs import build_bank as build_bank_job
@@ -118,8 +118,8 @@ def test_killed_coreset_holder_is_rebuilt_and_picks_unchanged(ray_cluster, refer
     train = reference["train"]
     parts = [ray.put(train)]
     seed = 7
-    Holder = ray.remote(num_cpus=0, max_restarts=0)(CoresetHolder)
-    proxy = HolderProxy(lambda: Holder.remote(parts, "exact", 128, seed), batch=16)
+    pool = HolderPool(1)
+    proxy = HolderProxy(pool, 0, (parts, "exact", 128, seed), batch=16)
 
     class KillOnce:
         """Kills the holder after its third update, mid-greedy."""
@@ -144,7 +144,7 @@ def test_killed_coreset_holder_is_rebuilt_and_picks_unchanged(ray_cluster, refer
     flat = train.flat()
     expected = greedy_coreset(flat, n_select=120, method="exact", seed=seed).indices
     got = greedy_select([KillOnce()], 120, start_index_for(len(flat), seed), batch=16).indices
-    assert proxy.restarts == 1
+    assert proxy.restarts == 1 and pool.actors[0] is proxy.actor  # the pool keeps the replacement
     assert np.array_equal(got, expected)
 
 
