@@ -93,11 +93,13 @@ def reference(tire_job):
     return {"bank": bank, "predictions": predictions, "report": report, "train": train}
 
 
-@pytest.mark.parametrize("n_extractors,n_holders", [(1, 1), (2, 3)])
-def test_cluster_run_equals_single_process_engine(ray_cluster, tire_job, reference, n_extractors, n_holders):
-    pipeline = BenchmarkPipeline(tire_config(num_extractors=n_extractors, coreset_shards=n_holders))
-    nodes = {stat["node"] for stat in ray.get([a.where.remote() for a in pipeline.extractors])}
-    assert len(nodes) == n_extractors  # one extractor per simulated GPU node
+@pytest.mark.parametrize("n_extractors,gpus,n_holders", [(1, 1, 1), (2, 1, 3), (4, 0.5, 2)])
+def test_cluster_run_equals_single_process_engine(ray_cluster, tire_job, reference, n_extractors, gpus, n_holders):
+    config = tire_config(num_extractors=n_extractors, gpus_per_extractor=gpus, coreset_shards=n_holders)
+    pipeline = BenchmarkPipeline(config)
+    placed = ray.get([actor.where.remote() for actor in pipeline.extractors])
+    assert len({where["node"] for where in placed}) == min(n_extractors, 2)  # spread over both GPU nodes
+    assert all(len(where["gpu_ids"]) == 1 for where in placed)  # each holds (a share of) one GPU
     (result,) = list(pipeline.run([tire_job]))
     assert result.bank.sha256 == reference["bank"].sha256
     assert np.array_equal(result.predictions.scores, reference["predictions"].scores)

@@ -62,3 +62,23 @@ def test_invalid_parameters():
         NearestNeighbourScorer(np.zeros((3, 2), np.float32), ScoringParams(k=5))
     with pytest.raises(ValueError, match="reweight_neighbours"):
         ScoringParams(reweight_neighbours=1)
+
+
+def test_merges_are_independent_of_completion_order():
+    """Shards may finish in any order; merged features and predictions sort by sample index."""
+    from anomaly_core.patchcore import PatchFeatures, Predictions, merge_features, merge_predictions
+
+    rng = np.random.default_rng(0)
+    parts = [PatchFeatures(rng.normal(size=(n, 4, 3)).astype(np.float32), (2, 2), np.arange(lo, lo + n))
+             for lo, n in ((0, 3), (3, 2), (5, 4))]
+    reference = merge_features(parts)
+    for order in ((2, 0, 1), (1, 2, 0)):
+        shuffled = merge_features([parts[i] for i in order])
+        assert np.array_equal(shuffled.embeddings, reference.embeddings)
+        assert np.array_equal(shuffled.sample_indices, np.arange(9))
+    predictions = [Predictions(rng.normal(size=n), rng.normal(size=(n, 2, 2)).astype(np.float32), np.arange(lo, lo + n))
+                   for lo, n in ((0, 3), (3, 2))]
+    a, b = merge_predictions(predictions), merge_predictions(predictions[::-1])
+    assert np.array_equal(a.scores, b.scores) and np.array_equal(a.maps, b.maps)
+    with pytest.raises(ValueError, match="overlap"):
+        merge_features([parts[0], parts[0]])
