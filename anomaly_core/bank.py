@@ -58,7 +58,7 @@ class MemoryBank:
         return features_sha256(self.features)
 
 
-def _atomic_write(path: Path, write) -> None:
+def atomic_write(path: Path, write) -> None:
     """Write through a temporary file in the same folder, so a crash never leaves half a file."""
     path.parent.mkdir(parents=True, exist_ok=True)
     handle, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
@@ -72,7 +72,7 @@ def _atomic_write(path: Path, write) -> None:
 
 
 def write_json(path: Path, payload: Any) -> None:
-    _atomic_write(Path(path), lambda tmp: Path(tmp).write_text(json.dumps(payload, indent=2, sort_keys=True) + "\n"))
+    atomic_write(Path(path), lambda tmp: Path(tmp).write_text(json.dumps(payload, indent=2, sort_keys=True) + "\n"))
 
 
 def save_bank(bank: MemoryBank, directory: Path) -> tuple[Path, Path]:
@@ -82,7 +82,7 @@ def save_bank(bank: MemoryBank, directory: Path) -> tuple[Path, Path]:
     metadata = {**bank.metadata, "format": BANK_FORMAT, "memory_size": int(features.shape[0]),
                 "feature_dim": int(features.shape[1]), "bank_sha256": features_sha256(features)}
     tensors_path, json_path = directory / "bank.safetensors", directory / "bank.json"
-    _atomic_write(tensors_path, lambda tmp: save_file({FEATURES_KEY: features}, tmp, metadata={"format": BANK_FORMAT}))
+    atomic_write(tensors_path, lambda tmp: save_file({FEATURES_KEY: features}, tmp, metadata={"format": BANK_FORMAT}))
     write_json(json_path, metadata)
     bank.metadata = metadata
     return tensors_path, json_path

@@ -11,8 +11,9 @@ from __future__ import annotations
 
 import hashlib
 import time
+from concurrent.futures import Executor, Future
 from dataclasses import dataclass
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import numpy as np
 import torch
@@ -133,16 +134,37 @@ class PatchFeatureExtractor:
         per_image = embeddings.to(dtype).reshape(len(images), grid[0] * grid[1], -1)
         return per_image.cpu().numpy(), grid
 
-    def extract(self, samples: Sequence[Sample], indices: Sequence[int]) -> PatchFeatures:
-        """Patch features for ``samples`` (whose category-list positions are ``indices``)."""
+    def extract(
+        self, samples: Sequence[Sample], indices: Sequence[int], decoder: Executor | None = None
+    ) -> PatchFeatures:
+        """Patch features for ``samples`` (whose category-list positions are ``indices``).
+
+        With a ``decoder`` pool, batch i+1 is decoded while batch i runs on the device (PIL and the
+        resize release the GIL), so decoding does not starve the accelerator.
+        """
         if len(samples) != len(indices) or not samples:
             raise ValueError(f"need equally many samples and indices (> 0), got {len(samples)} and {len(indices)}")
+        started = time.perf_counter()
+        size = self.settings.batch_size
+        batches = [samples[start : start + size] for start in range(0, len(samples), size)]
+        decode = decoder.submit if decoder is not None else _run_now
+        pending = decode(self.load_batch, batches[0])
         chunks, grid = [], None
-        for start in range(0, len(samples), self.settings.batch_size):
-            batch = samples[start : start + self.settings.batch_size]
-            embeddings, grid = self.embed_batch(self.load_batch(batch))
+        for position in range(len(batches)):
+            images = pending.result()
+            if position + 1 < len(batches):
+                pending = decode(self.load_batch, batches[position + 1])
+            embeddings, grid = self.embed_batch(images)
             chunks.append(embeddings)
-        return PatchFeatures(np.concatenate(chunks), grid, np.asarray(indices, dtype=np.int64))
+        seconds = time.perf_counter() - started
+        return PatchFeatures(np.concatenate(chunks), grid, np.asarray(indices, dtype=np.int64), seconds)
+
+
+def _run_now(function: Callable[..., Any], *args: Any) -> Future:
+    """``Executor.submit`` without an executor: run in the caller's thread."""
+    future: Future = Future()
+    future.set_result(function(*args))
+    return future
 
 
 def train_list_sha256(samples: Sequence[Sample], root: str) -> str:

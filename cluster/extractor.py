@@ -12,11 +12,9 @@ from __future__ import annotations
 
 import os
 import resource
-import time
 from concurrent.futures import ThreadPoolExecutor
 from typing import Sequence
 
-import numpy as np
 import ray
 import torch
 
@@ -45,21 +43,10 @@ class Extractor:
         return {"node": ray.get_runtime_context().get_node_id(), "gpu_ids": ray.get_gpu_ids()}
 
     def extract(self, samples: Sequence[Sample], indices: Sequence[int]) -> PatchFeatures:
-        started = time.perf_counter()
-        size = self.extractor.settings.batch_size
-        batches = [samples[start : start + size] for start in range(0, len(samples), size)]
-        pending = self.decoders.submit(self.extractor.load_batch, batches[0])
-        chunks, grid = [], None
-        for position in range(len(batches)):
-            images = pending.result()
-            if position + 1 < len(batches):
-                pending = self.decoders.submit(self.extractor.load_batch, batches[position + 1])
-            embeddings, grid = self.extractor.embed_batch(images)
-            chunks.append(embeddings)
-        seconds = time.perf_counter() - started
+        features = self.extractor.extract(samples, indices, decoder=self.decoders)
         self.images_done += len(samples)
-        self.busy_seconds += seconds
-        return PatchFeatures(np.concatenate(chunks), grid, np.asarray(indices, dtype=np.int64), seconds)
+        self.busy_seconds += features.seconds
+        return features
 
     def stats(self) -> dict:
         """Throughput and peak resident memory (MiB) of this actor, for the run summary."""

@@ -16,7 +16,7 @@ import numpy as np
 import yaml
 from safetensors.numpy import save_file
 
-from anomaly_core.bank import _atomic_write, save_bank, write_json
+from anomaly_core.bank import atomic_write, save_bank, write_json
 from anomaly_core.config import RunConfig
 from anomaly_core.metrics import METRIC_NAMES, MetricReport, mean_metrics
 from cluster.pipeline import CategoryResult
@@ -28,7 +28,7 @@ def run_directory(config: RunConfig, run_name: str | None) -> Path:
 
 
 def write_yaml(path: Path, payload: Any) -> None:
-    _atomic_write(path, lambda tmp: Path(tmp).write_text(yaml.safe_dump(payload, sort_keys=False)))
+    atomic_write(path, lambda tmp: Path(tmp).write_text(yaml.safe_dump(payload, sort_keys=False)))
 
 
 def prediction_records(result: CategoryResult) -> list[dict[str, Any]]:
@@ -58,7 +58,7 @@ def write_category(run_dir: Path, result: CategoryResult, config: RunConfig) -> 
     predictions = folder / "predictions"
     write_json(predictions / "predictions.json", prediction_records(result))
     maps = {"anomaly_maps": np.ascontiguousarray(result.predictions.maps, dtype=np.float16)}
-    _atomic_write(predictions / "anomaly_maps.safetensors", lambda tmp: save_file(maps, tmp))
+    atomic_write(predictions / "anomaly_maps.safetensors", lambda tmp: save_file(maps, tmp))
     return folder
 
 

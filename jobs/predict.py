@@ -27,7 +27,7 @@ import numpy as np
 import torch
 
 from anomaly_core.backbones import WeightsError
-from anomaly_core.bank import BankError, MemoryBank, _atomic_write, check_compatible, load_bank, write_json
+from anomaly_core.bank import BankError, MemoryBank, atomic_write, check_compatible, load_bank, write_json
 from anomaly_core.config import WandbConfig
 from anomaly_core.data import IMAGE_EXTENSIONS, DatasetError, read_rgb
 from anomaly_core.patchcore import ExtractionSettings, PatchFeatureExtractor, PatchFeatures, predict
@@ -113,7 +113,7 @@ def save_npy(path: Path, array: np.ndarray) -> None:
         with open(tmp, "wb") as handle:
             np.save(handle, array)
 
-    _atomic_write(path, write)
+    atomic_write(path, write)
 
 
 def predict_images(

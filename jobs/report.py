@@ -25,7 +25,7 @@ from PIL import Image
 from scipy import ndimage
 from sklearn.metrics import roc_auc_score, roc_curve
 
-from anomaly_core.bank import _atomic_write
+from anomaly_core.bank import atomic_write
 from anomaly_core.data import ImageTransform, load_mask, read_rgb
 from anomaly_core.metrics import METRIC_NAMES, THRESHOLD_NAMES, mean_metrics
 
@@ -90,7 +90,7 @@ def write_csv(path: Path, rows: Sequence[dict[str, Any]]) -> None:
     writer = csv.DictWriter(buffer, fieldnames=list(rows[0]), lineterminator="\n")
     writer.writeheader()
     writer.writerows([{key: "" if value is None else value for key, value in row.items()} for row in rows])
-    _atomic_write(path, lambda tmp: Path(tmp).write_text(buffer.getvalue()))
+    atomic_write(path, lambda tmp: Path(tmp).write_text(buffer.getvalue()))
 
 
 # --- pictures -----------------------------------------------------------------------------------
@@ -115,7 +115,7 @@ def heatmap_overlay(
 
 
 def write_png(path: Path, rgb: np.ndarray) -> None:
-    _atomic_write(path, lambda tmp: Image.fromarray(rgb).save(tmp, format="PNG"))
+    atomic_write(path, lambda tmp: Image.fromarray(rgb).save(tmp, format="PNG"))
 
 
 def ranked_examples(result: CategoryResult, n: int) -> tuple[list[int], list[int]]:
@@ -135,7 +135,7 @@ def ranked_examples(result: CategoryResult, n: int) -> tuple[list[int], list[int
 
 
 def _save(figure: Figure, path: Path) -> Path:
-    _atomic_write(path, lambda tmp: figure.savefig(tmp, format="png", dpi=DPI, bbox_inches="tight"))
+    atomic_write(path, lambda tmp: figure.savefig(tmp, format="png", dpi=DPI, bbox_inches="tight"))
     return path
 
 
@@ -273,7 +273,7 @@ def write_report(
         samples_figure(result, transform, paths[f"samples/{result.job.key}"], examples)
     report = run_dir / "report.md"
     text = _markdown(run_dir, results, metrics, timings, paths, summary or {})
-    _atomic_write(report, lambda tmp: Path(tmp).write_text(text))
+    atomic_write(report, lambda tmp: Path(tmp).write_text(text))
     return report
 
 
