@@ -41,3 +41,15 @@ def test_tire_bank_and_maps_are_shaped_as_patchcore(tire_run):
     labels = np.array([s.label for s in split.test])
     # anomalous images score higher on average than good ones
     assert predictions.scores[labels == 1].mean() > predictions.scores[labels == 0].mean()
+
+
+def test_fp16_option_halves_the_transfer_and_stays_close(tire_root):
+    """cluster.fp16: features travel as float16 (half the object-store traffic), within fp16 rounding."""
+    split = load_split("mvtec", tire_root, "tire")
+    settings = dict(backbone="tf_efficientnet_lite0", layers=("blocks.2", "blocks.4"), weights="package",
+                    resize=128, crop=112, batch_size=2)
+    full = PatchFeatureExtractor(ExtractionSettings(**settings)).extract(split.train[:2], [0, 1])
+    half = PatchFeatureExtractor(ExtractionSettings(**settings, fp16=True)).extract(split.train[:2], [0, 1])
+    assert full.embeddings.dtype == np.float32 and half.embeddings.dtype == np.float16
+    assert half.embeddings.nbytes * 2 == full.embeddings.nbytes
+    np.testing.assert_allclose(half.embeddings.astype(np.float32), full.embeddings, rtol=2e-3, atol=2e-3)
