@@ -76,6 +76,9 @@ class ClusterConfig(_Strict):
     coreset_shards: int = Field(2, ge=1)
     coreset_batch: int = Field(64, ge=1)  # candidates per shard per round trip
     max_restarts: int = Field(3, ge=0)
+    # Categories whose extraction may run ahead of the coreset: enough to keep the extractors busy,
+    # few enough that a full benchmark's features never pile up in the object store.
+    prefetch_categories: int = Field(2, ge=1)
 
     @field_validator("num_extractors", "num_evaluators")
     @classmethod

@@ -43,7 +43,10 @@ class CoresetHolder:
         features: list[PatchFeatures] = ray.get(parts)
         self.original = np.concatenate([part.flat() for part in features])
         self.indices = np.concatenate([global_patch_indices(part) for part in features])
-        self.points = np.concatenate([coreset_points(part, method, projection_dim, seed) for part in features])
+        # Exact greedy runs on the rows themselves: share them instead of holding a second copy.
+        self.points = self.original if method != "approximate" else np.concatenate(
+            [coreset_points(part, method, projection_dim, seed) for part in features]
+        )
         self.shard = GreedyShard(self.points, self.indices)
 
     def unload(self) -> None:

@@ -9,6 +9,7 @@ numbers do not depend on how many actors there are or which finishes first.
 from __future__ import annotations
 
 import time
+from collections import deque
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterator, Sequence
 
@@ -181,11 +182,17 @@ class BenchmarkPipeline:
         return CategoryResult(pending.job, pending.bank, predictions, report, timings)
 
     def run(self, jobs: Sequence[CategoryJob]) -> Iterator[CategoryResult]:
-        """All categories, overlapped: extraction is queued up front, results come as they finish."""
+        """All categories, overlapped: extraction runs ``prefetch_categories`` ahead of the coreset,
+        evaluation and metrics of finished banks run beside both; results come as they finish."""
         started = time.perf_counter()
-        queued = [(job, self._submit(job.split.train), self._submit(job.split.test)) for job in jobs]
+        ahead = self.config.cluster.prefetch_categories
+        queued = deque((job, self._submit(job.split.train), self._submit(job.split.test)) for job in jobs[:ahead])
         pending: list[PendingEvaluation] = []
-        for job, train_refs, test_refs in queued:
+        for position in range(len(jobs)):
+            job, train_refs, test_refs = queued.popleft()
+            if position + ahead < len(jobs):
+                later = jobs[position + ahead]
+                queued.append((later, self._submit(later.split.train), self._submit(later.split.test)))
             pending.append(self.submit_evaluation(job, self.build_bank(job, train_refs), test_refs))
             yield from self._finished(pending, wait=False)
         while pending:
