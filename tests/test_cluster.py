@@ -201,3 +201,18 @@ def test_build_bank_then_evaluate_jobs(ray_cluster, tmp_path, capsys):
     mismatched = common + ["--bank", str(tmp_path / "bank"), "--set", "preprocess.crop=96"]
     assert evaluate_job.main(mismatched) == 2
     assert "crop: bank has 112, inference uses 96" in capsys.readouterr().err
+
+
+def test_categories_stream_through_a_bounded_lookahead(ray_cluster, tire_job, reference):
+    """Two categories with extraction one category ahead: each bank equals the engine's for its seed."""
+    config = tire_config(num_extractors=2, prefetch_categories=1)
+    second = CategoryJob("tire_copy", tire_job.root, tire_job.split)
+    results = {result.job.key: result for result in BenchmarkPipeline(config).run([tire_job, second])}
+    assert sorted(results) == ["tire_copy/tire", "tire_small/tire"]
+    first = results["tire_small/tire"]
+    assert first.bank.sha256 == reference["bank"].sha256
+    assert np.array_equal(first.predictions.scores, reference["predictions"].scores)
+    # the coreset seed derives from (dataset, category), so the copy has its own bank
+    copy_seed = coreset_seed(config.seed, "tire_copy", "tire")
+    expected = build_bank(reference["train"], "approximate", 0.1, 128, copy_seed, {})
+    assert results["tire_copy/tire"].bank.sha256 == expected.sha256 != reference["bank"].sha256
