@@ -45,6 +45,18 @@ class ExtractionSettings:
     batch_size: int = 8
     fp16: bool = False  # half-precision backbone on GPU and half-precision feature transfer
 
+    def declared(self) -> dict[str, Any]:
+        """The compatibility fields known without building the model, for failing fast on a bank."""
+        return {
+            "backbone": self.backbone,
+            "weights": self.weights,
+            "resize": self.resize,
+            "crop": self.crop,
+            "patch_size": self.patch_size,
+            "pretrain_dim": self.pretrain_dim,
+            "feature_dim": self.target_dim,
+        }
+
     @classmethod
     def from_config(cls, config: Any) -> "ExtractionSettings":
         return cls(
@@ -108,19 +120,12 @@ class PatchFeatureExtractor:
 
     def describe(self) -> dict[str, Any]:
         """The bank-compatibility fields (see ``bank.COMPATIBILITY_KEYS``)."""
-        s = self.settings
         return {
-            "backbone": s.backbone,
-            "weights": s.weights,
+            **self.settings.declared(),
             "layers": list(self.backbone.layers),
             "weights_sha256": self.backbone.weights_sha256,
-            "resize": s.resize,
-            "crop": s.crop,
             "mean": list(self.backbone.mean),
             "std": list(self.backbone.std),
-            "patch_size": s.patch_size,
-            "pretrain_dim": s.pretrain_dim,
-            "feature_dim": s.target_dim,
         }
 
     def load_batch(self, samples: Sequence[Sample]) -> torch.Tensor:

@@ -10,7 +10,8 @@ import json
 import sys
 from pathlib import Path
 
-from anomaly_core.bank import BankError, load_bank
+from anomaly_core.bank import BankError, check_compatible, load_bank
+from anomaly_core.patchcore import ExtractionSettings
 from anomaly_core.config import ConfigError
 from anomaly_core.data import DatasetError
 from cluster.pipeline import BenchmarkPipeline
@@ -32,6 +33,9 @@ def main(argv: list[str] | None = None) -> int:
         out = args.out or Path(config.output_dir) / "evaluate"
         with Tracker(config.wandb, "evaluate", out, config.model_dump(mode="json")) as tracker:
             bank = load_bank(tracker.use_bank(args.bank) if is_wandb_ref(args.bank) else Path(args.bank))
+            # Settings mismatches fail here, before any actor starts; weights and normalisation are
+            # checked against the loaded model once the pipeline is up.
+            check_compatible(bank.metadata, ExtractionSettings.from_config(config).declared(), args.bank)
             start_ray()
             pipeline = BenchmarkPipeline(config)
             result = pipeline.collect(pipeline.submit_evaluation(job, bank))
