@@ -1,24 +1,28 @@
-"""Greedy k-center (Gonzalez) coreset selection: exact picks, pruned work, shardable.
+"""Greedy k-center (Gonzalez) coreset selection: exact picks, GEMM-screened work, shardable.
 
 PatchCore subsamples its memory bank by greedy k-center: start from a seeded point, then
-repeatedly add the point farthest from the centres chosen so far. Reference
-implementations recompute every point's distance to each new centre (O(N·D) per step).
-This module makes the *same picks* while touching only points that can get closer:
+repeatedly add the point farthest from the centres chosen so far. Reference implementations
+recompute every point's distance to each new centre (O(N·D) per step, memory-bound). This module
+makes the *same picks* with the work shaped as matrix products:
 
-* every point remembers its nearest centre ("cluster"), every cluster its radius. By the
-  triangle inequality a new centre c can lower a member x of cluster j only if
-  ``||c - c_j|| < 2·||x - c_j||``, so most clusters and most members are skipped;
-* distances are first bounded from below in a fixed orthonormal (PCA) subspace plus the
-  norm of what it misses, which costs p << D per pair (one GEMM for centre pairs), and
-  computed exactly only where no bound rules a pair out;
-* every value that decides a pick comes from one row-wise float32 formula
-  (:func:`sq_dists`, no BLAS), so a point's value never depends on which shard holds it or
-  what it was batched with; every bound carries a safety margin far above float rounding,
-  so pruning can never skip a point whose value would really change.
+* the driver confirms many picks per round (:func:`greedy_select`), so each shard applies a batch
+  of new centres at once; one GEMM per block of points screens every (point, new centre) pair
+  through the expansion ``||x||² - 2x·c + ||c||²`` (BLAS on the CPU, torch on a GPU);
+* the screen is widened by a rigorous bound on its rounding (:func:`expansion_margin`), so it
+  only lets through pairs that *might* lower a point's distance — about 7 per point over a whole
+  run on real PatchCore features — and only those get their exact distance;
+* every value that decides a pick comes from one row-wise float32 formula (:func:`sq_dists`, no
+  BLAS), so a point's value never depends on which shard holds it, what it was batched with, the
+  thread count or the device.
 
-Points live in :class:`GreedyShard` objects. :func:`greedy_select` is the driver: it only
-talks to shards through :class:`ShardLike` (local objects here, actor proxies in the cluster
-layer) and returns bit-identical picks for any number of shards.
+Why not triangle-inequality pruning (an earlier version): real patch features have a high
+intrinsic dimension — at a 10 % coreset the coverage radius is ~80 % of the points' RMS distance to
+their mean, and 16 principal components hold ~55 % of the variance — so a new centre lies within
+reach of nearly every cluster, nothing is pruned, and the bookkeeping costs more than a dense scan.
+
+Points live in :class:`GreedyShard` objects. :func:`greedy_select` is the driver: it only talks to
+shards through :class:`ShardLike` (local objects here, actor proxies in the cluster layer) and
+returns bit-identical picks for any number of shards.
 """
 
 from __future__ import annotations
@@ -27,34 +31,8 @@ from dataclasses import dataclass
 from typing import NamedTuple, Protocol, Sequence
 
 import numpy as np
-import scipy.linalg
 
-_ROW_BLOCK = 4096  # rows per temporary: bounds memory, never changes a value
-_BASIS_SAMPLE = 4096  # rows used to fit the bounding subspace
-_GEMM_BLOCK = 256  # new centres applied together
-_PROJ_ERR = 1e-10  # of ||x - mean||²: float64 error bound of ||x - mean||² - ||z||²
-
-
-def sq_dists(rows: np.ndarray, center: np.ndarray, index: np.ndarray | None = None) -> np.ndarray:
-    """Squared Euclidean distances (float32) from ``rows`` (or ``rows[index]``) to ``center``.
-
-    The single formula behind every value the greedy compares: elementwise difference and
-    square, then numpy's sum over each contiguous row. Unlike a GEMM expansion, a result
-    depends only on its two vectors, so shards and the driver agree to the last bit
-    whatever they batch together.
-    """
-    n = len(rows) if index is None else len(index)
-    out = np.empty(n, np.float32)
-    for lo in range(0, n, _ROW_BLOCK):
-        hi = min(lo + _ROW_BLOCK, n)
-        if index is None:
-            diff = rows[lo:hi] - center
-        else:
-            diff = rows[index[lo:hi]]
-            np.subtract(diff, center, out=diff)
-        np.multiply(diff, diff, out=diff)
-        diff.sum(axis=1, out=out[lo:hi])
-    return out
+from anomaly_core.distances import MatrixDevice, paired_sq_dists, sq_dists
 
 
 class Candidates(NamedTuple):
@@ -88,75 +66,21 @@ class ShardLike(Protocol):
     def top_candidates(self, b: int) -> Candidates: ...
 
 
-def _fit_basis(points: np.ndarray, dim: int) -> tuple[np.ndarray, np.ndarray]:
-    """Mean and top-``dim`` principal directions (float64, orthonormal rows) of a sample.
-
-    Any orthonormal P gives ``||P(x - y)|| <= ||x - y||``; principal directions make that
-    bound tight for the low intrinsic dimension of CNN patch features. They come from a
-    few seeded subspace iterations on the sample's Gram matrix, which is cheap and robust
-    for any D (LAPACK eigensolvers can crawl on the near-singular Gram of such data).
-    """
-    step = max(1, len(points) // _BASIS_SAMPLE)
-    centred = points[::step][:_BASIS_SAMPLE].astype(np.float64)
-    mean = centred.mean(axis=0)
-    centred -= mean
-    gram = centred.T @ centred
-    width = min(gram.shape[0], dim + 16)
-    q = np.random.default_rng(0).standard_normal((gram.shape[0], width))
-    for _ in range(4):
-        q, _ = np.linalg.qr(gram @ q)
-    _, vectors = np.linalg.eigh(q.T @ gram @ q)
-    basis = (q @ vectors[:, ::-1][:, :dim]).T
-    return mean, np.linalg.qr(basis.T)[0].T  # re-orthonormalise to machine precision
-
-
-class _Projected(NamedTuple):
-    """Rows seen through the basis: ``||x - y||² >= ||z_x - z_y||² + (r_x - r_y)²``.
-
-    ``z = P(x - mean)`` (stored float32); ``r`` is the norm of the part P misses,
-    ``sqrt(||x - mean||² - ||z||²)``, known to within ``r_err`` because that subtraction
-    cancels; ``sq_norm = ||x - mean||²`` scales the rounding margins.
-    """
-
-    z: np.ndarray  # float32 [n, p]
-    z_sq: np.ndarray  # float64 [n] ||z||²
-    r: np.ndarray  # float64 [n]
-    r_err: np.ndarray  # float64 [n]
-    sq_norm: np.ndarray  # float64 [n]
-
-
-def _project(rows: np.ndarray, mean: np.ndarray, basis: np.ndarray) -> _Projected:
-    z = np.empty((len(rows), len(basis)), np.float32)
-    z_sq = np.empty(len(rows), np.float64)
-    sq_norm = np.empty(len(rows), np.float64)
-    for lo in range(0, len(rows), _ROW_BLOCK):
-        centred = rows[lo : lo + _ROW_BLOCK].astype(np.float64) - mean
-        exact = centred @ basis.T
-        z[lo : lo + _ROW_BLOCK] = exact
-        z_sq[lo : lo + _ROW_BLOCK] = np.einsum("ij,ij->i", exact, exact)
-        sq_norm[lo : lo + _ROW_BLOCK] = np.einsum("ij,ij->i", centred, centred)
-    # Both terms carry far less than _PROJ_ERR·sq_norm error, and |√a - √b| <= √|a - b|.
-    r = np.sqrt(np.maximum(sq_norm - z_sq, 0.0))
-    return _Projected(z, z_sq, r, np.sqrt(_PROJ_ERR * sq_norm), sq_norm)
-
-
-def _grown(a: np.ndarray, rows: int) -> np.ndarray:
-    out = np.empty((rows, *a.shape[1:]), a.dtype)
-    out[: len(a)] = a
-    return out
-
-
 class GreedyShard:
     """One shard of the points and each point's squared distance to the nearest centre.
 
-    Every shard receives every centre in pick order, so centre (= cluster) ids agree
-    everywhere; members and radii are local. Before a pair (point, new centre) gets its
-    exact distance it must survive three cheap tests: the projected, then exact, distance
-    between the new centre and the point's own centre; the triangle inequality with the
-    point's distance to its centre; the projected lower bound on the pair itself.
+    The points are also kept on ``device`` as the centred, augmented transpose ``[x̃; ||x̃||²; 1]``,
+    so that one product with new centres ``[-2c̃, 1, ||c̃||²(1-κ)]`` gives every screened squared
+    distance already lowered by the centre's share of the rounding bound.
     """
 
-    def __init__(self, points: np.ndarray, global_indices: np.ndarray, bound_dim: int = 64):
+    def __init__(
+        self,
+        points: np.ndarray,
+        global_indices: np.ndarray,
+        device: MatrixDevice | None = None,
+        block: int | None = None,
+    ) -> None:
         points = np.ascontiguousarray(points, dtype=np.float32)
         global_indices = np.asarray(global_indices, dtype=np.int64)
         if points.ndim != 2 or len(points) == 0:
@@ -165,27 +89,25 @@ class GreedyShard:
             raise ValueError("global_indices must hold one index per point")
         if not np.isfinite(points).all():
             raise ValueError("points contain NaN or infinite values")
-        if bound_dim < 1:
-            raise ValueError(f"bound_dim must be >= 1, got {bound_dim}")
         n, dim = points.shape
+        self.device = device or MatrixDevice()
+        # Points per product: a [centres, block] temporary that stays in cache on the CPU.
+        self._block = block or (n if self.device.use_torch else 1024)
         self._x = points
         self._gidx = global_indices
         self._by_gidx = np.argsort(global_indices)
         self._d = np.full(n, np.inf, np.float32)
-        self._assign = np.full(n, -1, np.int64)
         self._picked = np.zeros(n, dtype=bool)
-        self._mean, self._basis = _fit_basis(points, min(bound_dim, dim))
-        self._proj = _project(points, self._mean, self._basis)
-        # A float32 squared distance is within (D + 2)·2^-24 (relative) of the real one; a
-        # 1e-3 tolerance (more for huge D) covers that many times and costs no real pruning.
-        self._tol = np.float32(1.0 + max(1e-3, 8.0 * (dim + 2) * 2.0**-24))
-        # Float32 rounding in projected bounds, relative to ||x - mean||² + ||y - mean||².
-        self._margin = 16.0 * (len(self._basis) + 8) * 2.0**-24
-        self._n_centers = 0
-        self._centers = np.empty((0, dim), np.float32)
-        self._cproj = _Projected(*(np.empty((0, *f.shape[1:]), f.dtype) for f in self._proj))
-        self._reach = np.empty(0, np.float32)  # 4·tol·radius²: cluster j is safe if ||c - c_j||² >= it
-        self._members: list[np.ndarray] = []
+        self._mean = points.mean(axis=0, dtype=np.float64).astype(np.float32)
+        centred = points - self._mean
+        self._sq_norms = np.einsum("ij,ij->i", centred, centred, dtype=np.float64)
+        augmented = np.empty((dim + 2, n), np.float32)
+        augmented[:dim] = centred.T
+        augmented[dim] = self._sq_norms
+        augmented[dim + 1] = 1.0
+        self._columns = self.device.put(augmented)
+        self._kappa = self.device.margin(dim)
+        self._thresholds = None  # per point, on the device: d + κ·||x̃||² (set by the first centre)
 
     def __len__(self) -> int:
         return len(self._x)
@@ -205,129 +127,51 @@ class GreedyShard:
     def add_centers(self, rows: np.ndarray, global_indices: np.ndarray) -> None:
         """Lower each point's distance to the nearest centre by the new centres, exactly.
 
-        A value is a minimum over centres, so a batch is applied at once; only the cluster a
-        point joins on an exact tie depends on the batching, and clusters only steer pruning.
+        A value is a minimum over centres, so a batch is applied at once and the result does
+        not depend on how the centres were batched.
         """
         rows = np.ascontiguousarray(rows, dtype=np.float32)
         local = self._local(np.asarray(global_indices, dtype=np.int64))
         self._picked[local[local >= 0]] = True
-        first, end = self._n_centers, self._n_centers + len(rows)
-        if end > len(self._centers):
-            cap = max(end, 2 * len(self._centers), 64)
-            self._centers = _grown(self._centers, cap)
-            self._cproj = _Projected(*(_grown(f, cap) for f in self._cproj))
-            self._reach = _grown(self._reach, cap)
-        self._centers[first:end] = rows
-        for store, value in zip(self._cproj, _project(rows, self._mean, self._basis)):
-            store[first:end] = value
-        self._members.extend(np.empty(0, np.int64) for _ in range(len(rows)))
-        self._reach[first:end] = 0.0
-        self._n_centers = end
-        if first == 0 and end > 0:  # the first centre reaches every point
+        if self._thresholds is None and len(rows):  # the first centre reaches every point
             self._d[:] = sq_dists(self._x, rows[0])
-            self._assign[:] = 0
-            self._set_clusters(np.zeros(1, np.int64), np.arange(len(self._x)), np.array([len(self._x)]))
-            first = 1
-        for lo in range(first, end, _GEMM_BLOCK):
-            self._add_batch(lo, min(lo + _GEMM_BLOCK, end))
+            self._thresholds = self.device.put(self._threshold(np.arange(len(self._x))))
+            rows = rows[1:]
+        if len(rows) == 0:
+            return
+        centred = rows - self._mean
+        augmented = np.empty((len(rows), rows.shape[1] + 2), np.float32)
+        augmented[:, :-2] = -2.0 * centred
+        augmented[:, -2] = 1.0
+        augmented[:, -1] = np.einsum("ij,ij->i", centred, centred, dtype=np.float64) * (1.0 - self._kappa)
+        augmented = self.device.put(augmented)
+        for lo in range(0, len(self._x), self._block):
+            hi = min(lo + self._block, len(self._x))
+            products = self.device.matmul(augmented, self._columns[:, lo:hi])
+            center, point = self.device.below(products, self._thresholds[lo:hi])
+            if len(point):
+                self._lower(lo + point, rows[center])
 
-    def _add_batch(self, lo: int, hi: int) -> None:
-        """Apply the stored centres ``lo:hi`` to the members of clusters ``0:lo``."""
-        cp = self._cproj
-        # Pairs (new centre, old cluster) the projected centre distance cannot rule out.
-        lower = cp.z_sq[lo:hi, None] + cp.z_sq[None, :lo] - 2.0 * (cp.z[lo:hi] @ cp.z[:lo].T)
-        lower -= self._margin * (cp.sq_norm[lo:hi, None] + cp.sq_norm[None, :lo])
-        ci, cj = np.nonzero(lower < self._reach[None, :lo])
-        cc = np.empty(len(cj), np.float32)
-        for i, part in self._by_center(ci, hi - lo):
-            cc[part] = sq_dists(self._centers, self._centers[lo + i], cj[part])
-        near = cc < self._reach[cj]
-        ci, cj, cc = ci[near], cj[near], cc[near]
-        groups = [self._members[j] for j in cj.tolist()]
-        sizes = [len(g) for g in groups]
-        point = np.concatenate(groups) if groups else np.empty(0, np.int64)
-        center = np.repeat(ci, sizes)  # sorted, like ci
-        # A member x of cluster j can get closer only if ||c - c_j||² < 4·||x - c_j||² ...
-        keep = (4.0 * self._tol) * self._d[point] > np.repeat(cc, sizes)
-        point, center = point[keep], center[keep]
-        # ... and only if its projected lower bound to c is below its current distance.
-        keep = self._lower_bound(point, lo + center) < self._tol * self._d[point]
-        point, center = point[keep], center[keep]
-        dist = np.empty(len(point), np.float32)
-        for i, part in self._by_center(center, hi - lo):
-            dist[part] = sq_dists(self._x, self._centers[lo + i], point[part])
-        keep = dist < self._d[point]
-        point, center, dist = point[keep], center[keep], dist[keep]
-        # Each point joins its nearest new centre (ties: the earlier centre).
-        order = np.lexsort((center, dist, point))
-        point, center, dist = point[order], center[order], dist[order]
-        nearest = np.ones(len(point), dtype=bool)
-        nearest[1:] = point[1:] != point[:-1]
-        point, center, dist = point[nearest], center[nearest], dist[nearest]
-        losers = np.unique(self._assign[point])
-        self._d[point] = dist
-        self._assign[point] = lo + center
-        order = np.argsort(center, kind="stable")
-        self._set_clusters(np.arange(lo, hi), point[order], np.bincount(center, minlength=hi - lo))
-        self._drop_departed(losers)
+    def _threshold(self, points: np.ndarray) -> np.ndarray:
+        """Screened values below which a pair might lower ``d``: ``d + κ·||x̃||²`` (float32, rounded up)."""
+        value = self._d[points].astype(np.float64) + self._kappa * self._sq_norms[points]
+        return np.nextafter(value.astype(np.float32), np.float32(np.inf))
 
-    def _drop_departed(self, clusters: np.ndarray) -> None:
-        """Remove from ``clusters`` the members that now belong to another centre."""
-        groups = [self._members[j] for j in clusters.tolist()]
-        sizes = [len(g) for g in groups]
-        members = np.concatenate(groups) if groups else np.empty(0, np.int64)
-        stay = self._assign[members] == np.repeat(clusters, sizes)
-        counts = np.bincount(np.repeat(np.arange(len(clusters)), sizes)[stay], minlength=len(clusters))
-        self._set_clusters(clusters, members[stay], counts)
-
-    @staticmethod
-    def _by_center(center: np.ndarray, m: int) -> list[tuple[int, slice]]:
-        """(i, slice) for each non-empty run of value i in the sorted array ``center``."""
-        edges = np.searchsorted(center, np.arange(m + 1)).tolist()
-        return [(i, slice(a, b)) for i, (a, b) in enumerate(zip(edges[:-1], edges[1:])) if b > a]
-
-    def _lower_bound(self, point: np.ndarray, center: np.ndarray) -> np.ndarray:
-        """Lower bounds on ||x - c||² for (point, centre) pairs, from the projection alone."""
-        px, cp = self._proj, self._cproj
-        out = np.empty(len(point), np.float64)
-        for lo in range(0, len(point), _ROW_BLOCK):
-            p, c = point[lo : lo + _ROW_BLOCK], center[lo : lo + _ROW_BLOCK]
-            diff = px.z[p]
-            np.subtract(diff, cp.z[c], out=diff)
-            gap = np.abs(px.r[p] - cp.r[c]) - px.r_err[p] - cp.r_err[c]
-            np.maximum(gap, 0.0, out=gap)
-            margin = self._margin * (px.sq_norm[p] + cp.sq_norm[c])
-            out[lo : lo + _ROW_BLOCK] = np.einsum("ij,ij->i", diff, diff) + gap * gap - margin
-        return out
-
-    def _set_clusters(self, ids: np.ndarray, points: np.ndarray, counts: np.ndarray) -> None:
-        """Make ``points`` (grouped by cluster, ``counts`` each) the members of ``ids``."""
-        starts = np.concatenate(([0], np.cumsum(counts)[:-1])).astype(np.int64)
-        for j, a, c in zip(ids.tolist(), starts.tolist(), counts.tolist()):
-            self._members[j] = points[a : a + c]
-        radius = np.zeros(len(ids), np.float32)
-        filled = counts > 0
-        if filled.any():
-            radius[filled] = np.maximum.reduceat(self._d[points], starts[filled])
-        self._reach[ids] = (4.0 * self._tol) * radius
+    def _lower(self, points: np.ndarray, centers: np.ndarray) -> None:
+        """Exact values for screened (point, centre) pairs; keep each point's minimum."""
+        values = paired_sq_dists(self._x[points], centers)
+        before = self._d[points]
+        np.minimum.at(self._d, points, values)
+        changed = np.unique(points[self._d[points] < before])
+        if len(changed):
+            self.device.assign(self._thresholds, changed, self._threshold(changed))
 
     def top_candidates(self, b: int) -> Candidates:
-        """The ``b`` best unpicked points and the order bound for all others.
-
-        Only clusters whose radius reaches the (b+1)-th largest radius can hold the b+1
-        best points, so a round costs O(#centres + their members), not O(N).
-        """
+        """The ``b`` best unpicked points and the order bound for all others."""
         if b < 0:
             raise ValueError(f"b must be >= 0, got {b}")
         q = b + 1
-        t = self._n_centers
-        reach = self._reach[:t]
-        kth = np.partition(reach, t - q)[t - q] if t >= q else 0.0
-        if kth > 0.0:  # then the top-q clusters' farthest members are unpicked (d > 0)
-            pool = np.concatenate([self._members[j] for j in np.flatnonzero(reach >= kth).tolist()])
-        else:
-            pool = np.arange(len(self._x))
-        pool = pool[~self._picked[pool]]
+        pool = np.flatnonzero(~self._picked)
         values = self._d[pool]
         if len(pool) > q:
             cut = np.partition(values, len(pool) - q)[len(pool) - q]

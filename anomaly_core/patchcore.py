@@ -242,14 +242,10 @@ class Predictions:
 
 
 def predict(scorer: NearestNeighbourScorer, features: PatchFeatures, crop: int) -> Predictions:
-    """Image scores and blurred anomaly maps; each image is scored on its own (shard-independent)."""
-    scores, maps = [], []
-    for embeddings in features.embeddings:
-        embeddings = np.ascontiguousarray(embeddings, dtype=np.float32)
-        patch_scores, nearest = scorer.patch_scores(embeddings)
-        scores.append(scorer.image_score(embeddings, patch_scores, nearest))
-        maps.append(anomaly_map(patch_scores, features.grid, crop, scorer.params.blur_sigma))
-    return Predictions(np.asarray(scores, dtype=np.float64), np.stack(maps), features.sample_indices.copy())
+    """Image scores and blurred anomaly maps of every image, searched together (shard-independent)."""
+    scores, patch_scores = scorer.score_images(features.embeddings)
+    maps = [anomaly_map(image, features.grid, crop, scorer.params.blur_sigma) for image in patch_scores]
+    return Predictions(scores.astype(np.float64), np.stack(maps), features.sample_indices.copy())
 
 
 def merge_predictions(parts: Sequence[Predictions]) -> Predictions:

@@ -1,26 +1,22 @@
 """kNN patch scoring against a memory bank, image scores and anomaly maps.
 
-faiss finds the neighbours; the distances that become scores are then recomputed row by row in
-numpy, so a patch's score depends only on the patch and the bank — not on how many other patches
-were searched with it, on BLAS blocking or on thread counts. That keeps predictions bit-identical
-however the test set is sharded across evaluation actors.
+Neighbours come from :class:`ExactKnn`: a matrix-product screen on the scorer's device, then
+row-wise distances, so a patch's score depends only on the patch and the bank — not on how many
+other patches were searched with it, on BLAS blocking, thread counts or the device. That keeps
+predictions bit-identical however the test set is sharded across evaluation actors.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 
-import faiss
 import numpy as np
 import torch
 import torch.nn.functional as F
 from scipy.ndimage import gaussian_filter
 
-
-def row_distances(queries: np.ndarray, rows: np.ndarray) -> np.ndarray:
-    """Euclidean distances between queries [n, D] and rows [n, k, D] (or [n, D]) in a fixed order."""
-    diff = queries[:, None, :] - rows if rows.ndim == 3 else queries - rows
-    return np.sqrt(np.einsum("...d,...d->...", diff, diff, dtype=np.float64))
+from anomaly_core.distances import MatrixDevice, row_distances
+from anomaly_core.knn import ExactKnn
 
 
 @dataclass(frozen=True)
@@ -39,41 +35,39 @@ class ScoringParams:
 
 
 class NearestNeighbourScorer:
-    """Holds a faiss index over one memory bank and scores patch embeddings against it."""
+    """Holds one memory bank (on its device) and scores patch embeddings against it."""
 
-    def __init__(self, bank: np.ndarray, params: ScoringParams) -> None:
+    def __init__(self, bank: np.ndarray, params: ScoringParams, device: MatrixDevice | None = None) -> None:
         if bank.ndim != 2 or len(bank) == 0:
             raise ValueError(f"memory bank must be a non-empty [M, D] array, got shape {bank.shape}")
         if params.k > len(bank):
             raise ValueError(f"scoring.k={params.k} exceeds the memory bank size {len(bank)}")
-        self.bank = np.ascontiguousarray(bank, dtype=np.float32)
+        self.knn = ExactKnn(bank, device)
+        self.bank = self.knn.bank
         self.params = params
-        self.index = faiss.IndexFlatL2(self.bank.shape[1])
-        self.index.add(self.bank)
-
-    def nearest(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
-        """(distances [n, k] float64, bank indices [n, k]) of each query's k nearest bank rows."""
-        queries = np.ascontiguousarray(queries, dtype=np.float32)
-        _, indices = self.index.search(queries, k)
-        return row_distances(queries, self.bank[indices]), indices
 
     def patch_scores(self, embeddings: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """Per-patch anomaly scores (mean distance to the k nearest bank rows) and nearest indices."""
-        distances, indices = self.nearest(embeddings, self.params.k)
+        distances, indices = self.knn.search(embeddings, self.params.k)
         return distances.mean(axis=1), indices[:, 0]
 
-    def image_score(self, embeddings: np.ndarray, scores: np.ndarray, nearest: np.ndarray) -> float:
-        """Max patch score, optionally re-weighted by how isolated its neighbour is (paper eq. 7)."""
-        top = int(np.argmax(scores))
-        score = float(scores[top])
+    def score_images(self, embeddings: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Image scores [n] and patch scores [n, P] of images' patches [n, P, D], in one search."""
+        n, patches, dim = embeddings.shape
+        scores, nearest = self.patch_scores(embeddings.reshape(n * patches, dim))
+        scores, nearest = scores.reshape(n, patches), nearest.reshape(n, patches)
+        top = scores.argmax(axis=1)
+        image_scores = scores[np.arange(n), top]
         b = self.params.reweight_neighbours
-        if b == 0:
-            return score
-        anchor = self.bank[nearest[top]][None]
-        _, support = self.index.search(anchor, min(b, len(self.bank)))
-        distances = row_distances(embeddings[top][None], self.bank[support])[0]
-        weights = np.exp(distances - distances.max())
-        return float((1.0 - weights[0] / weights.sum()) * score)
+        if b:
+            # Paper eq. 7: damp the max by how isolated its nearest bank row m* is among m*'s own b
+            # nearest rows (m* itself first), judged by distances from the anomalous patch.
+            _, support = self.knn.search(self.bank[nearest[np.arange(n), top]], min(b, len(self.bank)))
+            patch = np.ascontiguousarray(embeddings[np.arange(n), top], dtype=np.float32)
+            distances = row_distances(patch, self.bank[support])
+            weights = np.exp(distances - distances.max(axis=1, keepdims=True))
+            image_scores = (1.0 - weights[:, 0] / weights.sum(axis=1)) * image_scores
+        return image_scores, scores
 
 
 def anomaly_map(patch_scores: np.ndarray, grid: tuple[int, int], size: int, sigma: float) -> np.ndarray:

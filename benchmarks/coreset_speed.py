@@ -33,7 +33,8 @@ from threadpoolctl import threadpool_limits
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from anomaly_core.coreset import coverage_radius, greedy_coreset, sq_dists, start_index_for  # noqa: E402
+from anomaly_core.coreset import coverage_radius, greedy_coreset, start_index_for  # noqa: E402
+from anomaly_core.distances import sq_dists  # noqa: E402
 
 DEFAULT_ANOMALIB_PYTHON = "/tmp/anomalib-venv/bin/python"
 

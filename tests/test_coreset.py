@@ -10,10 +10,10 @@ from anomaly_core.coreset import (
     coverage_radius,
     greedy_coreset,
     greedy_select,
-    sq_dists,
     start_index_for,
     two_round_coreset,
 )
+from anomaly_core.distances import MatrixDevice, paired_sq_dists, sq_dists
 
 
 def clustered(n: int, dim: int, seed: int, k: int = 12, intrinsic: int = 6) -> np.ndarray:
@@ -54,12 +54,12 @@ def naive_greedy_f32(x: np.ndarray, n_select: int, start: int) -> list[int]:
     return picks
 
 
-def random_shards(x: np.ndarray, n_shards: int, seed: int) -> list[GreedyShard]:
+def random_shards(x: np.ndarray, n_shards: int, seed: int, **shard_args) -> list[GreedyShard]:
     """Uneven random partition, each shard's global indices in shuffled order."""
     rng = np.random.default_rng(seed)
     order = rng.permutation(len(x))
     cuts = np.sort(rng.choice(np.arange(1, len(x)), size=n_shards - 1, replace=False))
-    return [GreedyShard(x[part], part) for part in np.split(order, cuts)]
+    return [GreedyShard(x[part], part, **shard_args) for part in np.split(order, cuts)]
 
 
 def test_picks_the_farthest_point_each_step_like_naive_float64_greedy():
@@ -210,12 +210,18 @@ def test_tiny_shards_and_float64_input_give_the_same_picks():
 
 
 @pytest.mark.parametrize("offset", [0.0, 500.0])
-def test_every_pruned_value_equals_the_brute_force_minimum(offset: float):
-    # Pruning must never skip a pair that would lower a value: after the run, each shard's
+@pytest.mark.parametrize(
+    "shard_args",
+    [{}, {"block": 37}, {"device": MatrixDevice("cpu", use_torch=True)}],
+    ids=["numpy", "small-blocks", "torch"],
+)
+def test_every_screened_value_equals_the_brute_force_minimum(offset: float, shard_args: dict):
+    # The screen must never skip a pair that would lower a value: after the run, each shard's
     # value for every unpicked point equals the brute-force minimum over all picks, bit for
-    # bit. A large common offset stresses the rounding margins of the projected bounds.
+    # bit. A large common offset stresses the rounding bound of the GEMM expansion; the torch
+    # path is the one a GPU holder takes.
     x = clustered(2500, 96, seed=13) + np.float32(offset)
-    shards = random_shards(x, 3, seed=13)
+    shards = random_shards(x, 3, seed=13, **shard_args)
     result = greedy_select(shards, 250, start_index_for(len(x), seed=2), batch=16)
     brute = np.full(len(x), np.inf, np.float32)
     for pick in result.indices:
@@ -228,6 +234,20 @@ def test_every_pruned_value_equals_the_brute_force_minimum(offset: float):
         seen.extend(everything.indices.tolist())
     assert sorted(seen + result.indices.tolist()) == list(range(len(x)))
     assert result.coverage_radius_sq == float(brute.max())
+    single = greedy_select([GreedyShard(x, np.arange(len(x)))], 250, start_index_for(len(x), seed=2))
+    assert single.indices.tolist() == result.indices.tolist()
+
+
+def test_paired_distances_are_the_sq_dists_formula_bit_for_bit():
+    rng = np.random.default_rng(1)
+    x = (rng.normal(size=(3000, 131)) * 10 + 3).astype(np.float32)
+    centers = x[rng.integers(0, 3000, size=40)]
+    pairs_point = rng.integers(0, 3000, size=5000)
+    pairs_center = rng.integers(0, 40, size=5000)
+    paired = paired_sq_dists(x[pairs_point], centers[pairs_center])
+    for c in range(40):
+        mine = pairs_center == c
+        assert np.array_equal(paired[mine], sq_dists(x, centers[c], pairs_point[mine]))
 
 
 def test_matches_float32_greedy_in_high_dimension():

@@ -33,17 +33,24 @@ def test_scores_do_not_depend_on_batch_composition(data):
 
 def test_image_score_max_and_reweighting(data):
     bank, queries = data
+    images = queries[:48].reshape(4, 12, 16)
     plain = NearestNeighbourScorer(bank, ScoringParams())
-    scores, nearest = plain.patch_scores(queries)
-    assert plain.image_score(queries, scores, nearest) == pytest.approx(scores.max())
+    image_scores, patch_scores = plain.score_images(images)
+    for image, score, patches in zip(images, image_scores, patch_scores):
+        alone, _ = plain.patch_scores(image)
+        assert np.array_equal(patches, alone) and score == alone.max()
     b = 5
     weighted = NearestNeighbourScorer(bank, ScoringParams(reweight_neighbours=b))
-    top = int(np.argmax(scores))
-    anchor = bank[nearest[top]]
-    support = np.argsort(((bank - anchor) ** 2).sum(1), kind="stable")[:b]  # m* itself first
-    distances = np.sqrt(((bank[support] - queries[top]) ** 2).sum(1))
-    expected = (1 - np.exp(distances[0]) / np.exp(distances).sum()) * scores.max()
-    assert weighted.image_score(queries, scores, nearest) == pytest.approx(expected, rel=1e-5)
+    got, _ = weighted.score_images(images)
+    for image, value in zip(images, got):
+        scores, nearest = plain.patch_scores(image)
+        top = int(np.argmax(scores))
+        anchor = bank[nearest[top]]
+        support = np.argsort(((bank - anchor) ** 2).sum(1), kind="stable")[:b]  # m* itself first
+        distances = np.sqrt(((bank[support] - image[top]) ** 2).sum(1))
+        expected = (1 - np.exp(distances[0]) / np.exp(distances).sum()) * scores.max()
+        assert value == pytest.approx(expected, rel=1e-5)
+        assert value < scores.max()
 
 
 def test_anomaly_map_upsamples_and_blurs():

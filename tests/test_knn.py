@@ -1,0 +1,113 @@
+"""Exact kNN: the screened search returns the row-wise formula's top-k, ties by index, on any path."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from anomaly_core.distances import MatrixDevice, expansion_margin, row_distances
+from anomaly_core.knn import ExactKnn
+
+
+def brute_force(bank: np.ndarray, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """Every bank row through the row-wise formula, ordered by (distance, index)."""
+    out_d, out_i = [], []
+    for query in queries:
+        distances = row_distances(np.repeat(query[None], len(bank), 0), bank)
+        order = np.lexsort((np.arange(len(bank)), distances))[:k]
+        out_d.append(distances[order])
+        out_i.append(order)
+    return np.array(out_d), np.array(out_i)
+
+
+def patchcore_like(n: int, dim: int, seed: int, offset: float = 0.0) -> np.ndarray:
+    """Non-negative, correlated features (ReLU of a random map), plus a common offset."""
+    rng = np.random.default_rng(seed)
+    latent = rng.normal(size=(n, 12)) @ rng.normal(size=(12, dim))
+    return (np.maximum(latent, 0) + offset).astype(np.float32)
+
+
+@pytest.mark.parametrize("k", [1, 3])
+@pytest.mark.parametrize("offset", [0.0, 300.0])
+def test_matches_brute_force_on_every_query(k: int, offset: float):
+    bank = patchcore_like(700, 64, seed=1, offset=offset)
+    queries = patchcore_like(300, 64, seed=2, offset=offset)
+    distances, indices = ExactKnn(bank, block_rows=128).search(queries, k)
+    ref_d, ref_i = brute_force(bank, queries, k)
+    assert np.array_equal(indices, ref_i)
+    assert np.array_equal(distances, ref_d)
+
+
+def test_ties_and_duplicates_go_to_the_lower_index():
+    rng = np.random.default_rng(3)
+    base = rng.integers(0, 3, size=(40, 8)).astype(np.float32)
+    bank = np.concatenate([base, base[::-1], base])  # every row three times
+    queries = np.concatenate([base[:20], (base[:20] + base[20:]) / 2])  # exact hits and midpoints
+    for device in (MatrixDevice(), MatrixDevice("cpu", use_torch=True)):
+        knn = ExactKnn(bank, device)
+        distances, indices = knn.search(queries, 2)
+        ref_d, ref_i = brute_force(bank, queries, 2)
+        assert np.array_equal(indices, ref_i) and np.array_equal(distances, ref_d)
+        assert knn.unproven_queries > 0  # ties cannot be proven by the screen alone: that path ran
+    assert np.all(indices[:20, 0] < 40)  # exact duplicates: the first copy wins
+
+
+def test_result_does_not_depend_on_query_batching():
+    bank = patchcore_like(500, 48, seed=4)
+    queries = patchcore_like(257, 48, seed=5)
+    together = ExactKnn(bank).search(queries, 2)
+    blocked = ExactKnn(bank, block_rows=7).search(queries, 2)
+    alone = [ExactKnn(bank).search(queries[i : i + 1], 2) for i in range(0, 257, 32)]
+    assert np.array_equal(together[0], blocked[0]) and np.array_equal(together[1], blocked[1])
+    for position, (d, i) in zip(range(0, 257, 32), alone):
+        assert np.array_equal(d[0], together[0][position]) and np.array_equal(i[0], together[1][position])
+
+
+def test_torch_path_gives_the_numpy_path_bit_for_bit():
+    """The path a GPU takes (torch products and top-k), run on the CPU here."""
+    bank = patchcore_like(600, 96, seed=6, offset=50.0)
+    queries = patchcore_like(200, 96, seed=7, offset=50.0)
+    on_numpy = ExactKnn(bank).search(queries, 3)
+    on_torch = ExactKnn(bank, MatrixDevice("cpu", use_torch=True), block_rows=64).search(queries, 3)
+    assert np.array_equal(on_numpy[0], on_torch[0]) and np.array_equal(on_numpy[1], on_torch[1])
+
+
+def test_k_equal_to_the_bank_size_and_single_row_banks():
+    bank = patchcore_like(5, 16, seed=8)
+    queries = patchcore_like(9, 16, seed=9)
+    distances, indices = ExactKnn(bank).search(queries, 5)
+    assert np.array_equal(indices, brute_force(bank, queries, 5)[1])
+    assert np.all(np.diff(distances, axis=1) >= 0)
+    one = ExactKnn(bank[:1]).search(queries, 1)
+    assert np.array_equal(one[1], np.zeros((9, 1), np.int64))
+
+
+def test_the_margin_bounds_the_real_rounding_of_the_product():
+    """The screen's error must stay below the bound it assumes (checked on hard, offset data)."""
+    bank = patchcore_like(400, 1024, seed=10, offset=20.0)
+    queries = patchcore_like(100, 1024, seed=11, offset=20.0)
+    knn = ExactKnn(bank)
+    products, sq_norms, bound = knn._screen(queries)
+    exact = row_distances(queries, np.repeat(bank[None], len(queries), 0)) ** 2
+    error = np.abs(products.astype(np.float64) + sq_norms[:, None] - exact)
+    assert np.all(error <= bound[:, None])
+    assert bound.max() / exact.min() < 1e-2  # and tight enough to prove most queries at once
+    assert expansion_margin(1024) < 3e-4
+
+
+def test_invalid_input_is_refused():
+    bank = patchcore_like(10, 4, seed=0)
+    with pytest.raises(ValueError, match="non-empty"):
+        ExactKnn(bank[:0])
+    bad = bank.copy()
+    bad[3, 1] = np.nan
+    with pytest.raises(ValueError, match="NaN"):
+        ExactKnn(bad)
+    with pytest.raises(ValueError, match="NaN"):
+        ExactKnn(bank).search(bad, 1)
+    with pytest.raises(ValueError, match=r"queries must be \[n, 4\]"):
+        ExactKnn(bank).search(bank[:, :3], 1)
+    with pytest.raises(ValueError, match="k must be"):
+        ExactKnn(bank).search(bank, 11)
+    with pytest.raises(ValueError, match="CPU only"):
+        MatrixDevice("cuda", use_torch=False)
