@@ -74,13 +74,16 @@ class ClusterConfig(_Strict):
     batch_size: int = Field(8, ge=1)
     fp16: bool = False
     coreset_shards: int = Field(2, ge=1)
-    coreset_batch: int = Field(64, ge=1)  # candidates per shard per round trip
+    coreset_batch: int = Field(128, ge=1)  # candidates per shard per round trip
+    # BLAS/torch threads of a coreset holder / an evaluator; auto = see cluster/resources.py (README "Resources").
+    coreset_threads: int | Literal["auto"] = "auto"
+    eval_threads: int | Literal["auto"] = "auto"
     max_restarts: int = Field(3, ge=0)
     # Categories whose extraction may run ahead of the coreset: enough to keep the extractors busy,
     # few enough that a full benchmark's features never pile up in the object store.
     prefetch_categories: int = Field(2, ge=1)
 
-    @field_validator("num_extractors", "num_evaluators")
+    @field_validator("num_extractors", "num_evaluators", "coreset_threads", "eval_threads")
     @classmethod
     def _positive(cls, value: int | str) -> int | str:
         if isinstance(value, int) and value < 1:

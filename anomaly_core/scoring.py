@@ -9,6 +9,7 @@ predictions bit-identical however the test set is sharded across evaluation acto
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Sequence
 
 import numpy as np
 import torch
@@ -16,6 +17,7 @@ import torch.nn.functional as F
 from scipy.ndimage import gaussian_filter
 
 from anomaly_core.distances import MatrixDevice, row_distances
+from anomaly_core.features import PatchFeatures
 from anomaly_core.knn import ExactKnn
 
 
@@ -46,15 +48,15 @@ class NearestNeighbourScorer:
         self.bank = self.knn.bank
         self.params = params
 
-    def patch_scores(self, embeddings: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    def patch_scores(self, embeddings: np.ndarray, threads: int | None = None) -> tuple[np.ndarray, np.ndarray]:
         """Per-patch anomaly scores (mean distance to the k nearest bank rows) and nearest indices."""
-        distances, indices = self.knn.search(embeddings, self.params.k)
+        distances, indices = self.knn.search(embeddings, self.params.k, threads)
         return distances.mean(axis=1), indices[:, 0]
 
-    def score_images(self, embeddings: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    def score_images(self, embeddings: np.ndarray, threads: int | None = None) -> tuple[np.ndarray, np.ndarray]:
         """Image scores [n] and patch scores [n, P] of images' patches [n, P, D], in one search."""
         n, patches, dim = embeddings.shape
-        scores, nearest = self.patch_scores(embeddings.reshape(n * patches, dim))
+        scores, nearest = self.patch_scores(embeddings.reshape(n * patches, dim), threads)
         scores, nearest = scores.reshape(n, patches), nearest.reshape(n, patches)
         top = scores.argmax(axis=1)
         image_scores = scores[np.arange(n), top]
@@ -75,3 +77,30 @@ def anomaly_map(patch_scores: np.ndarray, grid: tuple[int, int], size: int, sigm
     scores = torch.from_numpy(np.ascontiguousarray(patch_scores, dtype=np.float32)).reshape(1, 1, *grid)
     upsampled = F.interpolate(scores, size=(size, size), mode="bilinear", align_corners=False)[0, 0].numpy()
     return gaussian_filter(upsampled, sigma=sigma).astype(np.float32) if sigma > 0 else upsampled
+
+
+@dataclass
+class Predictions:
+    """Scores of a set of test images, keyed like ``PatchFeatures``."""
+
+    scores: np.ndarray  # [n] float64 image scores
+    maps: np.ndarray  # [n, crop, crop] float32 anomaly maps
+    sample_indices: np.ndarray  # [n] int64
+
+
+def predict(scorer: NearestNeighbourScorer, features: PatchFeatures, crop: int, threads: int | None = None) -> Predictions:
+    """Image scores and blurred anomaly maps of every image, searched together (shard-independent)."""
+    scores, patch_scores = scorer.score_images(features.embeddings, threads)
+    maps = [anomaly_map(image, features.grid, crop, scorer.params.blur_sigma) for image in patch_scores]
+    return Predictions(scores.astype(np.float64), np.stack(maps), features.sample_indices.copy())
+
+
+def merge_predictions(parts: Sequence[Predictions]) -> Predictions:
+    """Concatenate prediction shards sorted by sample index."""
+    indices = np.concatenate([part.sample_indices for part in parts])
+    order = np.argsort(indices, kind="stable")
+    return Predictions(
+        np.concatenate([part.scores for part in parts])[order],
+        np.concatenate([part.maps for part in parts])[order],
+        indices[order],
+    )

@@ -11,9 +11,9 @@ import sys
 from pathlib import Path
 
 from anomaly_core.bank import BankError, check_compatible, load_bank
-from anomaly_core.patchcore import ExtractionSettings
 from anomaly_core.config import ConfigError
 from anomaly_core.data import DatasetError
+from anomaly_core.extraction import ExtractionSettings
 from cluster.pipeline import BenchmarkPipeline
 from jobs.benchmark import single_job
 from jobs.cli import category_parser, config_from_args

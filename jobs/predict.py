@@ -30,8 +30,9 @@ from anomaly_core.backbones import WeightsError
 from anomaly_core.bank import BankError, MemoryBank, atomic_write, check_compatible, load_bank, write_json
 from anomaly_core.config import WandbConfig
 from anomaly_core.data import IMAGE_EXTENSIONS, DatasetError, read_rgb
-from anomaly_core.patchcore import ExtractionSettings, PatchFeatureExtractor, PatchFeatures, predict
-from anomaly_core.scoring import NearestNeighbourScorer, ScoringParams
+from anomaly_core.extraction import ExtractionSettings, PatchFeatureExtractor
+from anomaly_core.features import PatchFeatures
+from anomaly_core.scoring import NearestNeighbourScorer, ScoringParams, predict
 from jobs.report import display_image, heatmap_overlay, write_png
 from jobs.tracking import Tracker, TrackingError, is_wandb_ref, parse_wandb_ref
 

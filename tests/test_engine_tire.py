@@ -9,8 +9,9 @@ import numpy as np
 import pytest
 
 from anomaly_core.data import load_split
-from anomaly_core.patchcore import ExtractionSettings, PatchFeatureExtractor, build_bank, evaluate, predict
-from anomaly_core.scoring import NearestNeighbourScorer, ScoringParams
+from anomaly_core.extraction import ExtractionSettings, PatchFeatureExtractor
+from anomaly_core.patchcore import build_bank, evaluate
+from anomaly_core.scoring import NearestNeighbourScorer, ScoringParams, predict
 
 
 @pytest.fixture(scope="module")

@@ -56,7 +56,7 @@ def test_result_does_not_depend_on_query_batching():
     bank = patchcore_like(500, 48, seed=4)
     queries = patchcore_like(257, 48, seed=5)
     together = ExactKnn(bank).search(queries, 2)
-    blocked = ExactKnn(bank, block_rows=7).search(queries, 2)
+    blocked = ExactKnn(bank, block_rows=7).search(queries, 2, threads=3)
     alone = [ExactKnn(bank).search(queries[i : i + 1], 2) for i in range(0, 257, 32)]
     assert np.array_equal(together[0], blocked[0]) and np.array_equal(together[1], blocked[1])
     for position, (d, i) in zip(range(0, 257, 32), alone):
@@ -82,17 +82,48 @@ def test_k_equal_to_the_bank_size_and_single_row_banks():
     assert np.array_equal(one[1], np.zeros((9, 1), np.int64))
 
 
-def test_the_margin_bounds_the_real_rounding_of_the_product():
-    """The screen's error must stay below the bound it assumes (checked on hard, offset data)."""
+@pytest.mark.parametrize("projection_dim", [0, 256])
+def test_the_screens_bound_the_exact_distances(projection_dim: int):
+    """Full screen: within the bound on both sides. Projected: never above the distance + bound."""
     bank = patchcore_like(400, 1024, seed=10, offset=20.0)
     queries = patchcore_like(100, 1024, seed=11, offset=20.0)
-    knn = ExactKnn(bank)
-    products, sq_norms, bound = knn._screen(queries)
+    knn = ExactKnn(bank, projection_dim=projection_dim)
+    assert knn.screen == ("full" if projection_dim == 0 else "projected-256")
+    products, sq_norms, bound = knn._screened(queries, knn._screen)
+    screened = products.astype(np.float64) + sq_norms[:, None]
     exact = row_distances(queries, np.repeat(bank[None], len(queries), 0)) ** 2
-    error = np.abs(products.astype(np.float64) + sq_norms[:, None] - exact)
-    assert np.all(error <= bound[:, None])
-    assert bound.max() / exact.min() < 1e-2  # and tight enough to prove most queries at once
+    assert np.all(screened - bound[:, None] <= exact)
+    if projection_dim == 0:
+        assert np.all(exact <= screened + bound[:, None])
+        assert bound.max() / exact.min() < 1e-2  # tight enough to prove most queries at once
+    else:
+        assert np.median(screened / exact) > 0.5  # a useful lower bound on this low-rank data
     assert expansion_margin(1024) < 3e-4
+
+
+def test_projected_screen_is_exact_and_prunes_on_low_rank_data():
+    bank = patchcore_like(3000, 768, seed=12)
+    queries = np.concatenate([patchcore_like(300, 768, seed=13), bank[:20]])  # and exact hits
+    knn = ExactKnn(bank, block_rows=100)
+    assert knn.screen == "projected-192"
+    distances, indices = knn.search(queries, 2, threads=2)
+    ref_d, ref_i = brute_force(bank, queries, 2)
+    assert np.array_equal(indices, ref_i) and np.array_equal(distances, ref_d)
+    assert knn.survivors < len(queries) * len(bank) / 10  # most bank rows never get the exact formula
+    on_torch = ExactKnn(bank, MatrixDevice("cpu", use_torch=True), projection_dim=192).search(queries, 2)
+    assert np.array_equal(on_torch[1], indices) and np.array_equal(on_torch[0], distances)
+
+
+def test_a_bank_that_does_not_compress_falls_back_to_the_full_screen():
+    rng = np.random.default_rng(14)
+    bank = rng.normal(size=(1500, 512)).astype(np.float32)  # isotropic: no principal subspace helps
+    queries = rng.normal(size=(64, 512)).astype(np.float32)
+    knn = ExactKnn(bank, block_rows=16)
+    assert knn.screen == "projected-128"
+    distances, indices = knn.search(queries, 1, threads=2)  # blocks switch screens concurrently
+    assert knn.screen == "full"
+    ref_d, ref_i = brute_force(bank, queries, 1)
+    assert np.array_equal(indices, ref_i) and np.array_equal(distances, ref_d)
 
 
 def test_invalid_input_is_refused():
@@ -109,5 +140,7 @@ def test_invalid_input_is_refused():
         ExactKnn(bank).search(bank[:, :3], 1)
     with pytest.raises(ValueError, match="k must be"):
         ExactKnn(bank).search(bank, 11)
+    with pytest.raises(ValueError, match="projection_dim"):
+        ExactKnn(bank, projection_dim=4)
     with pytest.raises(ValueError, match="CPU only"):
         MatrixDevice("cuda", use_torch=False)

@@ -10,8 +10,9 @@ from PIL import Image
 
 from anomaly_core.bank import load_bank, save_bank, write_json
 from anomaly_core.data import load_split
-from anomaly_core.patchcore import ExtractionSettings, PatchFeatureExtractor, build_bank, predict
-from anomaly_core.scoring import NearestNeighbourScorer, ScoringParams
+from anomaly_core.extraction import ExtractionSettings, PatchFeatureExtractor
+from anomaly_core.patchcore import build_bank
+from anomaly_core.scoring import NearestNeighbourScorer, ScoringParams, predict
 from jobs.predict import main
 
 SETTINGS = ExtractionSettings("tf_efficientnet_lite0", ("blocks.2", "blocks.4"), "package", pretrain_dim=256,

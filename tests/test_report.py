@@ -17,7 +17,7 @@ from PIL import Image
 from anomaly_core.bank import MemoryBank
 from anomaly_core.data import ImageTransform, load_mask, load_split
 from anomaly_core.metrics import METRIC_NAMES, compute_metrics, mean_metrics
-from anomaly_core.patchcore import Predictions
+from anomaly_core.scoring import Predictions
 from cluster.pipeline import CategoryJob, CategoryResult
 from jobs.report import metric_rows, ranked_examples, write_report
 

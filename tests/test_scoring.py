@@ -73,7 +73,8 @@ def test_invalid_parameters():
 
 def test_merges_are_independent_of_completion_order():
     """Shards may finish in any order; merged features and predictions sort by sample index."""
-    from anomaly_core.patchcore import PatchFeatures, Predictions, merge_features, merge_predictions
+    from anomaly_core.features import PatchFeatures, merge_features
+    from anomaly_core.scoring import Predictions, merge_predictions
 
     rng = np.random.default_rng(0)
     parts = [PatchFeatures(rng.normal(size=(n, 4, 3)).astype(np.float32), (2, 2), np.arange(lo, lo + n))

@@ -1,0 +1,133 @@
+"""Images -> patch features: a frozen backbone, its patch embedder and the image transform that belong to it.
+
+Batches are always formed from the category's sorted sample list in fixed chunks of ``batch_size``;
+the cluster's shard planner hands out whole chunks, so an image is always processed with the same
+neighbours in its batch, whatever the number of actors.
+"""
+
+from __future__ import annotations
+
+import time
+from concurrent.futures import Executor, Future
+from dataclasses import dataclass
+from typing import Any, Callable, Sequence
+
+import numpy as np
+import torch
+
+from anomaly_core.backbones import FeatureBackbone
+from anomaly_core.data import ImageTransform, Sample, read_rgb
+from anomaly_core.features import PatchFeatures
+from anomaly_core.patch_features import PatchEmbedder
+
+
+@dataclass(frozen=True)
+class ExtractionSettings:
+    """Everything that determines a patch embedding; recorded in every bank."""
+
+    backbone: str
+    layers: tuple[str, ...]
+    weights: str
+    resize: int = 256
+    crop: int = 224
+    patch_size: int = 3
+    pretrain_dim: int = 1024
+    target_dim: int = 1024
+    batch_size: int = 8
+    fp16: bool = False  # half-precision backbone on GPU and half-precision feature transfer
+
+    def declared(self) -> dict[str, Any]:
+        """The compatibility fields known without building the model, for failing fast on a bank."""
+        return {
+            "backbone": self.backbone,
+            "weights": self.weights,
+            "resize": self.resize,
+            "crop": self.crop,
+            "patch_size": self.patch_size,
+            "pretrain_dim": self.pretrain_dim,
+            "feature_dim": self.target_dim,
+        }
+
+    @classmethod
+    def from_config(cls, config: Any) -> "ExtractionSettings":
+        return cls(
+            backbone=config.backbone.name,
+            layers=tuple(config.backbone.layers),
+            weights=config.backbone.weights,
+            resize=config.preprocess.resize,
+            crop=config.preprocess.crop,
+            patch_size=config.embedding.patch_size,
+            pretrain_dim=config.embedding.pretrain_dim,
+            target_dim=config.embedding.target_dim,
+            batch_size=config.cluster.batch_size,
+            fp16=config.cluster.fp16,
+        )
+
+
+class PatchFeatureExtractor:
+    """A frozen backbone plus the patch embedder and the image transform that belong to it."""
+
+    def __init__(self, settings: ExtractionSettings, device: str = "cpu") -> None:
+        self.settings = settings
+        self.device = torch.device(device)
+        self.backbone = FeatureBackbone(settings.backbone, settings.layers, settings.weights).to(self.device)
+        self.half = settings.fp16 and self.device.type == "cuda"
+        if self.half:
+            self.backbone.half()
+        self.embedder = PatchEmbedder(settings.patch_size, settings.pretrain_dim, settings.target_dim)
+        self.transform = ImageTransform(
+            resize=settings.resize, crop=settings.crop, mean=self.backbone.mean, std=self.backbone.std
+        )
+
+    def describe(self) -> dict[str, Any]:
+        """The bank-compatibility fields (see ``bank.COMPATIBILITY_KEYS``)."""
+        return {
+            **self.settings.declared(),
+            "layers": list(self.backbone.layers),
+            "weights_sha256": self.backbone.weights_sha256,
+            "mean": list(self.backbone.mean),
+            "std": list(self.backbone.std),
+        }
+
+    def load_batch(self, samples: Sequence[Sample]) -> torch.Tensor:
+        """Decode and transform images (CPU work the cluster layer can overlap with the device)."""
+        return torch.stack([self.transform.image(read_rgb(sample.image_path)) for sample in samples])
+
+    def embed_batch(self, images: torch.Tensor) -> tuple[np.ndarray, tuple[int, int]]:
+        images = images.to(self.device, dtype=torch.float16 if self.half else torch.float32)
+        embeddings, grid = self.embedder(self.backbone(images))
+        dtype = torch.float16 if self.settings.fp16 else torch.float32
+        per_image = embeddings.to(dtype).reshape(len(images), grid[0] * grid[1], -1)
+        return per_image.cpu().numpy(), grid
+
+    def extract(
+        self, samples: Sequence[Sample], indices: Sequence[int], decoder: Executor | None = None
+    ) -> PatchFeatures:
+        """Patch features for ``samples`` (whose category-list positions are ``indices``).
+
+        With a ``decoder`` pool, batch i+1 is decoded while batch i runs on the device (PIL and the
+        resize release the GIL), so decoding does not starve the accelerator.
+        """
+        if len(samples) != len(indices) or not samples:
+            raise ValueError(f"need equally many samples and indices (> 0), got {len(samples)} and {len(indices)}")
+        started = time.perf_counter()
+        size = self.settings.batch_size
+        batches = [samples[start : start + size] for start in range(0, len(samples), size)]
+        decode = decoder.submit if decoder is not None else _run_now
+        pending = decode(self.load_batch, batches[0])
+        chunks, grid = [], None
+        for position in range(len(batches)):
+            images = pending.result()
+            if position + 1 < len(batches):
+                pending = decode(self.load_batch, batches[position + 1])
+            embeddings, grid = self.embed_batch(images)
+            chunks.append(embeddings)
+        seconds = time.perf_counter() - started
+        return PatchFeatures(np.concatenate(chunks), grid, np.asarray(indices, dtype=np.int64), seconds)
+
+
+def _run_now(function: Callable[..., Any], *args: Any) -> Future:
+    """``Executor.submit`` without an executor: run in the caller's thread."""
+    future: Future = Future()
+    future.set_result(function(*args))
+    return future

@@ -1,0 +1,59 @@
+"""Patch features of a set of images, keyed by sample index, and the points the coreset runs on.
+
+Kept apart from the backbone code (numpy only), so the processes that merely hold or move features —
+coreset holders, evaluators — start without importing timm.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Sequence
+
+import numpy as np
+
+from anomaly_core.coreset import random_projection
+
+
+@dataclass
+class PatchFeatures:
+    """Patch embeddings of a set of images, keyed by their index in the category's sample list."""
+
+    embeddings: np.ndarray  # [n_images, h * w, D]
+    grid: tuple[int, int]
+    sample_indices: np.ndarray  # [n_images] int64
+    seconds: float = 0.0  # time spent producing them (for throughput reports)
+
+    def flat(self) -> np.ndarray:
+        """[n_images * h * w, D] float32 in sample-index order (the order the coreset sees)."""
+        return np.ascontiguousarray(self.embeddings.reshape(-1, self.embeddings.shape[-1]), dtype=np.float32)
+
+
+def merge_features(parts: Sequence[PatchFeatures]) -> PatchFeatures:
+    """Concatenate shards sorted by sample index: the result is independent of completion order."""
+    if not parts:
+        raise ValueError("no feature shards to merge")
+    grids = {part.grid for part in parts}
+    if len(grids) != 1:
+        raise ValueError(f"feature shards disagree on the patch grid: {sorted(grids)}")
+    indices = np.concatenate([part.sample_indices for part in parts])
+    order = np.argsort(indices, kind="stable")
+    if len(np.unique(indices)) != len(indices):
+        raise ValueError("feature shards overlap: a sample index appears twice")
+    embeddings = np.concatenate([part.embeddings for part in parts])[order]
+    seconds = sum(part.seconds for part in parts)
+    return PatchFeatures(embeddings=embeddings, grid=parts[0].grid, sample_indices=indices[order], seconds=seconds)
+
+
+def coreset_points(features: PatchFeatures, method: str, projection_dim: int, seed: int) -> np.ndarray:
+    """The points greedy runs on: the patches, or (approximate) their seeded random projection.
+
+    The projection is applied image by image so that every matrix product has the same shape
+    wherever an image lives: a coreset holder with a few images and a single process with all of
+    them get bit-identical points (BLAS blocking can otherwise change last bits with the shape).
+    """
+    if method != "approximate":
+        return features.flat()
+    return np.concatenate([
+        random_projection(np.ascontiguousarray(image, dtype=np.float32), projection_dim, seed)
+        for image in features.embeddings
+    ])
