@@ -11,15 +11,17 @@ of (points, centres), so the restarted holder is indistinguishable from the lost
 from __future__ import annotations
 
 import time
-from typing import Any
+from typing import Any, Sequence
 
 import numpy as np
 import ray
 from ray.exceptions import RayActorError
-from threadpoolctl import threadpool_limits
+from threadpoolctl import ThreadpoolController
 
 from anomaly_core.coreset import Candidates, GreedyShard, coreset_size, greedy_coreset, greedy_select, start_index_for
-from anomaly_core.patchcore import PatchFeatures, coreset_points
+from anomaly_core.features import PatchFeatures, coreset_points
+from cluster.devices import math_device, pinned
+from cluster.resources import Placement
 
 
 def global_patch_indices(part: PatchFeatures) -> np.ndarray:
@@ -32,30 +34,34 @@ class CoresetHolder:
     """One shard of a category's training patches (original rows + the space greedy runs in).
 
     Long-lived: one actor serves category after category (``load`` replaces its shard), so the
-    process start-up is paid once per run, while the extractors are still busy.
+    process start-up is paid once per run, while the extractors are still busy. Its screening
+    products run on its GPU share if it has one, else on the CPU with the planned thread count.
     """
 
     def __init__(self) -> None:
-        # The greedy's many small matrix products run ~2x faster (and steadier) on one BLAS thread.
-        threadpool_limits(limits=1, user_api="blas")
+        self.device = math_device()
+        self.blas = ThreadpoolController()
 
-    def load(self, parts: list[ray.ObjectRef], method: str, projection_dim: int, seed: int) -> None:
+    def load(self, parts: list[ray.ObjectRef], method: str, projection_dim: int, seed: int, threads: int) -> None:
+        self.blas.limit(limits=threads, user_api="blas")
         features: list[PatchFeatures] = ray.get(parts)
+        self.grid = features[0].grid
         self.original = np.concatenate([part.flat() for part in features])
         self.indices = np.concatenate([global_patch_indices(part) for part in features])
         # Exact greedy runs on the rows themselves: share them instead of holding a second copy.
         self.points = self.original if method != "approximate" else np.concatenate(
             [coreset_points(part, method, projection_dim, seed) for part in features]
         )
-        self.shard = GreedyShard(self.points, self.indices)
+        self.shard = GreedyShard(self.points, self.indices, self.device)
 
     def unload(self) -> None:
         """Free the finished category's shard."""
-        for name in ("original", "indices", "points", "shard"):
+        for name in ("original", "indices", "points", "shard", "grid"):
             self.__dict__.pop(name, None)
 
-    def size(self) -> int:
-        return len(self.indices)
+    def describe(self) -> tuple[int, list[int]]:
+        """Points held, and the patch grid of the images they came from."""
+        return len(self.indices), list(self.grid)
 
     def fetch_rows(self, global_indices: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         return self.shard.fetch_rows(global_indices)
@@ -78,15 +84,22 @@ class CoresetHolder:
 
 
 class HolderPool:
-    """The run's coreset holder actors, started with the pipeline so their start-up overlaps extraction."""
+    """The run's coreset holder actors, started with the pipeline so their start-up overlaps extraction.
 
-    def __init__(self, size: int, num_cpus: float = 0.0) -> None:
-        self.remote_class = ray.remote(num_cpus=num_cpus, max_restarts=0, scheduling_strategy="SPREAD")(CoresetHolder)
-        self.actors = [self.remote_class.remote() for _ in range(size)]
+    Each sits where the resource plan put it (``None``: anywhere, with no reservation).
+    """
+
+    def __init__(self, placements: Sequence[Placement | None]) -> None:
+        self.placements = list(placements)
+        self.remote_class = ray.remote(max_restarts=0)(CoresetHolder)
+        self.actors = [self._start(slot) for slot in range(len(self.placements))]
+
+    def _start(self, slot: int) -> Any:
+        return self.remote_class.options(**pinned(self.placements[slot])).remote()
 
     def replace(self, slot: int) -> Any:
         """A fresh actor in place of a dead one (later categories use it too)."""
-        self.actors[slot] = self.remote_class.remote()
+        self.actors[slot] = self._start(slot)
         return self.actors[slot]
 
 
@@ -151,17 +164,20 @@ def distributed_coreset(
     seed: int,
     mode: str = "sharded",
     batch: int = 64,
+    threads: Sequence[int] | None = None,
 ) -> tuple[np.ndarray, dict[str, Any]]:
-    """Select a category's bank from extractor outputs ``refs``; returns (bank rows, info)."""
+    """Select a category's bank from extractor outputs ``refs``; returns (bank rows, info).
+
+    ``threads[slot]`` is the thread count holder ``slot`` uses for this category (default 1).
+    """
     started = time.perf_counter()
-    head: PatchFeatures = ray.get(refs[0])
-    grid = list(head.grid)
+    threads = list(threads) if threads is not None else [1] * len(pool.actors)
     proxies = [
-        HolderProxy(pool, slot, (group, method, projection_dim, seed), batch)
+        HolderProxy(pool, slot, (group, method, projection_dim, seed, threads[slot]), batch)
         for slot, group in enumerate(_assign_parts(refs, len(pool.actors)))
     ]
-    sizes = [proxy._call("size") for proxy in proxies]
-    n_points = int(sum(sizes))
+    described = [proxy._call("describe") for proxy in proxies]
+    n_points, grid = int(sum(size for size, _ in described)), described[0][1]
     if method == "none":
         chosen = np.arange(n_points, dtype=np.int64)
         info = {"coverage_radius": 0.0, "rounds": 0}

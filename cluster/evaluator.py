@@ -1,8 +1,15 @@
-"""Evaluation actors: hold one faiss index per category's bank and score that category's test shards.
+"""Evaluation actors: hold a category's bank on their math device, score its test shards, then its metrics.
 
 The bank travels as an object reference inside a list (so Ray does not resolve it for every call) and
-is cached by key: a restarted actor simply rebuilds the index from the same object on its next call,
-which is why ``score`` is safe to retry.
+is cached by key: a restarted actor simply rebuilds its scorer from the same object on its next call,
+which is why ``score`` is safe to retry; ``finish`` takes the shards' predictions as object references,
+so it is safe to retry too. Each call gets its thread count from the resource plan (more once no
+extraction is queued); scores do not depend on it.
+
+Metrics run here rather than as Ray tasks: the actor has its imports (torchvision, scikit-learn: ~9 s
+of CPU) from the start of the run, where a task would pay them in a fresh worker when the first
+category's metrics are due (Ray ships a task's function by value, so a warm-up task does not warm the
+worker that later runs it).
 """
 
 from __future__ import annotations
@@ -12,45 +19,59 @@ import time
 import numpy as np
 import ray
 import torch
+from threadpoolctl import ThreadpoolController
 
 from anomaly_core.data import ImageTransform, Sample
+from anomaly_core.features import PatchFeatures
 from anomaly_core.metrics import MetricReport
-from anomaly_core.patchcore import PatchFeatures, Predictions, evaluate, merge_predictions, predict
-from anomaly_core.scoring import NearestNeighbourScorer, ScoringParams
+from anomaly_core.patchcore import evaluate
+from anomaly_core.scoring import NearestNeighbourScorer, Predictions, ScoringParams, merge_predictions, predict
+from cluster.devices import math_device
 
 
 class Evaluator:
-    def __init__(self, threads: int) -> None:
-        torch.set_num_threads(max(1, threads))
+    def __init__(self) -> None:
+        self.device = math_device()
+        self.blas = ThreadpoolController()
         self.scorers: dict[str, NearestNeighbourScorer] = {}
+        self.busy_seconds = 0.0
+        self.images_done = 0
 
     def score(
-        self, key: str, bank: list[ray.ObjectRef], params: ScoringParams, features: PatchFeatures, crop: int
+        self, key: str, bank: list[ray.ObjectRef], params: ScoringParams, features: PatchFeatures, crop: int,
+        threads: int,
     ) -> Predictions:
-        if key not in self.scorers:
-            self.scorers[key] = NearestNeighbourScorer(ray.get(bank[0]), params)
-        return predict(self.scorers[key], features, crop)
+        started = time.perf_counter()
+        torch.set_num_threads(threads)  # the maps' interpolation
+        with self.blas.limit(limits=threads, user_api="blas"):
+            if key not in self.scorers:
+                self.scorers[key] = NearestNeighbourScorer(ray.get(bank[0]), params, self.device)
+        predictions = predict(self.scorers[key], features, crop, threads)
+        self.busy_seconds += time.perf_counter() - started
+        self.images_done += len(predictions.scores)
+        return predictions
 
-    def release(self, key: str) -> None:
-        """Free a finished category's index (the actor serves many categories over a run)."""
+    def finish(
+        self, key: str, samples: list[Sample], transform: ImageTransform, fpr_limit: float, *parts: Predictions
+    ) -> tuple[Predictions, MetricReport, float]:
+        """Free the category's scorer, merge its prediction shards and compute its metrics from the full maps."""
         self.scorers.pop(key, None)
+        started = time.perf_counter()
+        predictions = merge_predictions(parts)
+        report = evaluate(samples, predictions, transform, fpr_limit)
+        return predictions, report, time.perf_counter() - started
+
+    def stats(self) -> dict:
+        return {
+            "device": self.device.device,
+            "images": self.images_done,
+            "busy_s": round(self.busy_seconds, 3),
+            "images_per_s": round(self.images_done / self.busy_seconds, 3) if self.busy_seconds else None,
+        }
 
 
-def evaluator_actor(num_cpus: float, max_restarts: int):
-    return ray.remote(
-        num_cpus=num_cpus, max_restarts=max_restarts, max_task_retries=max_restarts, scheduling_strategy="SPREAD"
-    )(Evaluator)
-
-
-@ray.remote
-def category_metrics(
-    samples: list[Sample], transform: ImageTransform, fpr_limit: float, *parts: Predictions
-) -> tuple[Predictions, MetricReport, float]:
-    """Merge a category's prediction shards and compute its metrics from the full maps."""
-    started = time.perf_counter()
-    predictions = merge_predictions(parts)
-    report = evaluate(samples, predictions, transform, fpr_limit)
-    return predictions, report, time.perf_counter() - started
+def evaluator_actor(max_restarts: int):
+    return ray.remote(max_restarts=max_restarts, max_task_retries=max_restarts)(Evaluator)
 
 
 def bank_reference(features: np.ndarray) -> list[ray.ObjectRef]:

@@ -19,7 +19,8 @@ import ray
 import torch
 
 from anomaly_core.data import Sample
-from anomaly_core.patchcore import ExtractionSettings, PatchFeatureExtractor, PatchFeatures
+from anomaly_core.extraction import ExtractionSettings, PatchFeatureExtractor
+from anomaly_core.features import PatchFeatures
 
 
 class Extractor:
@@ -60,8 +61,8 @@ class Extractor:
         }
 
 
-def extractor_actor(num_cpus: float, num_gpus: float, max_restarts: int):
-    """The remote class with its resources; restarts and retries make a killed actor cost a shard, not the run."""
-    return ray.remote(
-        num_cpus=num_cpus, num_gpus=num_gpus, max_restarts=max_restarts, max_task_retries=max_restarts
-    )(Extractor)
+def extractor_actor(max_restarts: int):
+    """The remote class; restarts and retries make a killed actor cost a shard, not the run.
+
+    Resources and node come per actor from the plan (``cluster.devices.pinned``)."""
+    return ray.remote(max_restarts=max_restarts, max_task_retries=max_restarts)(Extractor)

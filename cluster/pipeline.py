@@ -1,13 +1,15 @@
 """The benchmark pipeline across categories: extraction, sharded coreset and evaluation, overlapped.
 
-Extraction work for every category is queued on the extractor actors up front, so while the driver
-runs one category's coreset the actors already embed the next categories, and evaluation actors and
-metric tasks of finished banks run beside both. Results are keyed by sample index everywhere, so the
+Extraction work runs a bounded number of categories ahead on the extractor actors, so while the
+driver runs one category's coreset the actors already embed the next categories, and evaluation
+actors score finished banks and compute their metrics beside both. Who runs where, with how many
+threads, is the resource plan's (``cluster.resources``). Results are keyed by sample index everywhere, so the
 numbers do not depend on how many actors there are or which finishes first.
 """
 
 from __future__ import annotations
 
+import logging
 import time
 from collections import deque
 from dataclasses import dataclass, field
@@ -19,42 +21,18 @@ from anomaly_core import __version__
 from anomaly_core.bank import MemoryBank, check_compatible
 from anomaly_core.config import RunConfig
 from anomaly_core.data import CategorySplit, ImageTransform, Sample
+from anomaly_core.extraction import ExtractionSettings
 from anomaly_core.metrics import MetricReport
-from anomaly_core.patchcore import ExtractionSettings, Predictions, coreset_seed, scoring_params, train_list_sha256
+from anomaly_core.patchcore import coreset_seed, scoring_params, train_list_sha256
+from anomaly_core.scoring import Predictions
 from cluster.coreset import HolderPool, distributed_coreset
-from cluster.evaluator import bank_reference, category_metrics, evaluator_actor
+from cluster.devices import pinned
+from cluster.evaluator import bank_reference, evaluator_actor
 from cluster.extractor import extractor_actor
+from cluster.resources import alive_nodes, plan_resources
 from cluster.sharding import plan_shards
 
-# Coreset holders, evaluators and metric tasks reserve no logical CPU, so they are scheduled beside
-# the extractors even on a small machine (they mostly wait on the driver); SPREAD places them across
-# nodes, which spreads the memory of the coreset shards.
-LIGHT_CPUS = 0.0
-
-
-@dataclass(frozen=True)
-class ClusterPlan:
-    n_extractors: int
-    extractor_cpus: float
-    extractor_gpus: float
-    extractor_threads: int
-    n_evaluators: int
-
-
-def plan_cluster(cluster: Any, resources: dict[str, float]) -> ClusterPlan:
-    """Size the actor pools from the config and what the cluster offers."""
-    cpus, gpus = resources.get("CPU", 1.0), resources.get("GPU", 0.0)
-    use_gpu = cluster.gpus_per_extractor > 0 and gpus > 0
-    if cluster.num_extractors == "auto":
-        n = int(gpus // cluster.gpus_per_extractor) if use_gpu else int(cpus // max(cluster.cpus_per_actor, 2.0))
-    else:
-        n = cluster.num_extractors
-    n = max(1, n)
-    # Fixed by the config, never by the actor count: CPU conv kernels round differently with
-    # different thread counts, and banks must be bit-identical for 1 or N extractors.
-    threads = max(1, int(cluster.cpus_per_actor))
-    n_eval = cluster.num_evaluators if cluster.num_evaluators != "auto" else max(1, min(4, n))
-    return ClusterPlan(n, cluster.cpus_per_actor, cluster.gpus_per_extractor if use_gpu else 0.0, threads, n_eval)
+log = logging.getLogger("cluster.pipeline")
 
 
 @dataclass
@@ -86,7 +64,8 @@ class PendingEvaluation:
     job: CategoryJob
     bank: MemoryBank
     metrics_ref: ray.ObjectRef
-    evaluator: Any
+    slot: int  # the evaluator's position in the plan
+    threads: int
     submitted: float
 
 
@@ -96,14 +75,17 @@ class BenchmarkPipeline:
     def __init__(self, config: RunConfig, on_event: Callable[[str, dict], None] | None = None) -> None:
         self.config = config
         self.settings = ExtractionSettings.from_config(config)
-        self.plan = plan_cluster(config.cluster, ray.cluster_resources())
+        self.plan = plan_resources(config.cluster, alive_nodes(ray.nodes()))
+        for warning in self.plan.warnings:
+            log.warning("resource plan: %s", warning)
         self.on_event = on_event or (lambda kind, info: None)
         restarts = config.cluster.max_restarts
-        Extractor = extractor_actor(self.plan.extractor_cpus, self.plan.extractor_gpus, restarts)
-        Evaluator = evaluator_actor(LIGHT_CPUS, restarts)
-        self.extractors = [Extractor.remote(self.settings, self.plan.extractor_threads) for _ in range(self.plan.n_extractors)]
-        self.evaluators = [Evaluator.remote(1) for _ in range(self.plan.n_evaluators)]
-        self.holders = HolderPool(config.cluster.coreset_shards, LIGHT_CPUS)
+        Extractor, Evaluator = extractor_actor(restarts), evaluator_actor(restarts)
+        self.extractors = [
+            Extractor.options(**pinned(p)).remote(self.settings, self.plan.extractor_threads) for p in self.plan.extractors
+        ]
+        self.evaluators = [Evaluator.options(**pinned(p)).remote() for p in self.plan.evaluators]
+        self.holders = HolderPool(self.plan.holders)
         # Fails fast (weights file errors, unknown layers) before any data is touched.
         self.description = ray.get(self.extractors[0].describe.remote())
         self.transform = ImageTransform(
@@ -112,24 +94,72 @@ class BenchmarkPipeline:
         )
         self._next_extractor = 0
         self._next_evaluator = 0
+        self._extracting: list[tuple[int, ray.ObjectRef]] = []  # (extractor slot, shard) not known done
+        self._evaluating: list[PendingEvaluation] = []
 
     def _submit(self, samples: Sequence[Sample]) -> list[ray.ObjectRef]:
         """Queue a sample list's shards on the extractors, round robin; returns one ref per shard."""
         n_shards = max(len(self.extractors), 1) * 2
         refs = []
         for shard in plan_shards(len(samples), self.settings.batch_size, n_shards):
-            actor = self.extractors[self._next_extractor % len(self.extractors)]
+            slot = self._next_extractor % len(self.extractors)
             self._next_extractor += 1
-            refs.append(actor.extract.remote([samples[i] for i in shard], list(shard)))
+            refs.append(self.extractors[slot].extract.remote([samples[i] for i in shard], list(shard)))
+            self._extracting.append((slot, refs[-1]))
         return refs
 
-    def build_bank(self, job: CategoryJob, train_refs: list[ray.ObjectRef] | None = None) -> MemoryBank:
-        """Extract the training images (unless already queued) and select the bank with the sharded coreset."""
+    def _extracting_nodes(self) -> set[str]:
+        """Nodes whose extractors still have shards queued or running."""
+        if self._extracting:
+            refs = [ref for _, ref in self._extracting]
+            done, _ = ray.wait(refs, num_returns=len(refs), timeout=0, fetch_local=False)
+            finished = set(done)
+            self._extracting = [(slot, ref) for slot, ref in self._extracting if ref not in finished]
+        return {self.plan.extractors[slot].node_id for slot, _ in self._extracting}
+
+    def _active_evaluators(self) -> list[int]:
+        """Slots of evaluators with a category still being scored."""
+        refs = [entry.metrics_ref for entry in self._evaluating]
+        done, _ = ray.wait(refs, num_returns=len(refs), timeout=0, fetch_local=False) if refs else ([], [])
+        return [entry.slot for entry in self._evaluating if entry.metrics_ref not in set(done)]
+
+    def _holder_threads(self) -> list[int]:
+        """Threads per holder for the coreset about to run (README "Resources")."""
+        extracting, busy = self._extracting_nodes(), self._active_evaluators()
+        threads = []
+        for p in self.plan.holders:
+            active = sum(h.node_id == p.node_id for h in self.plan.holders) + sum(
+                self.plan.evaluators[slot].node_id == p.node_id for slot in busy)
+            threads.append(self.plan.math_threads(p, p.node_id in extracting, active))
+        return threads
+
+    def _evaluator_threads(self, slot: int, coreset_follows: bool) -> int:
+        """Threads for evaluator ``slot``'s new category: fewer while a coreset or extraction shares its node."""
+        p = self.plan.evaluators[slot]
+        busy = self._active_evaluators() + [slot]
+        active = sum(self.plan.evaluators[s].node_id == p.node_id for s in set(busy))
+        if coreset_follows:
+            active += sum(h.node_id == p.node_id for h in self.plan.holders)
+        return self.plan.math_threads(p, p.node_id in self._extracting_nodes(), active)
+
+    def build_bank(
+        self, job: CategoryJob, train_refs: list[ray.ObjectRef] | None = None,
+        test_refs: list[ray.ObjectRef] | None = None,
+    ) -> MemoryBank:
+        """Extract the training images (unless already queued) and select the bank with the sharded coreset.
+
+        ``test_refs``: the category's queued test extraction. Where the extractors hold every core of
+        a holder's node, the coreset waits for it: running beside it would only slow both (on the
+        2-core development machine the pair took 33 s overlapped against ~23 s one after the other).
+        """
         train_refs = train_refs if train_refs is not None else self._submit(job.split.train)
         extract_s = sum(part.seconds for part in ray.get(train_refs))
         self.on_event("extracted", {"key": job.key, "images": len(job.split.train), "seconds": extract_s})
+        if test_refs and any(holder.cpus < 1 for holder in self.plan.holders):
+            ray.wait(test_refs, num_returns=len(test_refs), fetch_local=False)
         coreset = self.config.coreset
         seed = coreset_seed(self.config.seed, job.dataset, job.split.category)
+        threads = self._holder_threads()
         features, info = distributed_coreset(
             train_refs,
             pool=self.holders,
@@ -139,6 +169,7 @@ class BenchmarkPipeline:
             seed=seed,
             mode=coreset.distributed,
             batch=self.config.cluster.coreset_batch,
+            threads=threads,
         )
         metadata = {
             **{key: value for key, value in self.description.items() if key not in ("device", "pid")},
@@ -152,32 +183,41 @@ class BenchmarkPipeline:
             "n_patches": info["n_patches"],
             "grid": info["grid"],
             "package_version": __version__,
-            "timings": {"extract_train_s": round(extract_s, 4), "coreset_s": round(info["seconds"], 4)},
+            "timings": {"extract_train_s": round(extract_s, 4), "coreset_s": round(info["seconds"], 4),
+                        "coreset_threads": threads},
         }
         self.on_event("bank", {"key": job.key, "memory_size": len(features), "seconds": info["seconds"]})
         return MemoryBank(features=features, metadata=metadata)
 
     def submit_evaluation(
-        self, job: CategoryJob, bank: MemoryBank, test_refs: list[ray.ObjectRef] | None = None
+        self, job: CategoryJob, bank: MemoryBank, test_refs: list[ray.ObjectRef] | None = None,
+        coreset_follows: bool = False,
     ) -> "PendingEvaluation":
-        """Score the test shards on one evaluator and queue the metrics task; returns without waiting."""
+        """Score the test shards on one evaluator and queue its metrics call; returns without waiting.
+
+        ``coreset_follows``: another category's coreset will share the nodes meanwhile (fewer threads).
+        """
         check_compatible(bank.metadata, self.description, f"for {job.key}")
         test_refs = test_refs if test_refs is not None else self._submit(job.split.test)
-        evaluator = self.evaluators[self._next_evaluator % len(self.evaluators)]
+        slot = self._next_evaluator % len(self.evaluators)
         self._next_evaluator += 1
+        threads = self._evaluator_threads(slot, coreset_follows)
         bank_ref = bank_reference(bank.features)
         params, crop = scoring_params(self.config), self.settings.crop
-        prediction_refs = [evaluator.score.remote(job.key, bank_ref, params, ref, crop) for ref in test_refs]
-        metrics_ref = category_metrics.options(num_cpus=LIGHT_CPUS).remote(
-            list(job.split.test), self.transform, self.config.metrics.pro_fpr_limit, *prediction_refs
+        evaluator = self.evaluators[slot]
+        prediction_refs = [evaluator.score.remote(job.key, bank_ref, params, ref, crop, threads) for ref in test_refs]
+        metrics_ref = evaluator.finish.remote(
+            job.key, list(job.split.test), self.transform, self.config.metrics.pro_fpr_limit, *prediction_refs
         )
-        return PendingEvaluation(job, bank, metrics_ref, evaluator, time.perf_counter())
+        pending = PendingEvaluation(job, bank, metrics_ref, slot, threads, time.perf_counter())
+        self._evaluating.append(pending)
+        return pending
 
     def collect(self, pending: "PendingEvaluation") -> CategoryResult:
         predictions, report, metrics_s = ray.get(pending.metrics_ref)
-        pending.evaluator.release.remote(pending.job.key)
-        timings = {**pending.bank.metadata.get("timings", {}),
-                   "evaluate_s": round(time.perf_counter() - pending.submitted, 4), "metrics_s": round(metrics_s, 4)}
+        self._evaluating.remove(pending)
+        timings = {**pending.bank.metadata.get("timings", {}), "evaluate_s": round(time.perf_counter() - pending.submitted, 4),
+                   "metrics_s": round(metrics_s, 4), "eval_threads": pending.threads}
         self.on_event("evaluated", {"key": pending.job.key, "images": len(pending.job.split.test), "report": report})
         return CategoryResult(pending.job, pending.bank, predictions, report, timings)
 
@@ -193,7 +233,9 @@ class BenchmarkPipeline:
             if position + ahead < len(jobs):
                 later = jobs[position + ahead]
                 queued.append((later, self._submit(later.split.train), self._submit(later.split.test)))
-            pending.append(self.submit_evaluation(job, self.build_bank(job, train_refs), test_refs))
+            bank = self.build_bank(job, train_refs, test_refs)
+            follows = position + 1 < len(jobs)
+            pending.append(self.submit_evaluation(job, bank, test_refs, coreset_follows=follows))
             yield from self._finished(pending, wait=False)
         while pending:
             yield from self._finished(pending, wait=True)
@@ -207,5 +249,8 @@ class BenchmarkPipeline:
             pending.remove(entry)
         return [self.collect(entry) for entry in done]
 
-    def actor_stats(self) -> list[dict]:
-        return ray.get([actor.stats.remote() for actor in self.extractors])
+    def actor_stats(self) -> dict[str, list[dict]]:
+        return {
+            "extractors": ray.get([actor.stats.remote() for actor in self.extractors]),
+            "evaluators": ray.get([actor.stats.remote() for actor in self.evaluators]),
+        }

@@ -91,7 +91,7 @@ def run(config: RunConfig, run_name: str | None = None, only: set[str] | None = 
         stats = pipeline.actor_stats()
         peak_rss_mb = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)  # ru_maxrss is KiB on Linux
         extra = {
-            "cluster": {"plan": pipeline.plan.__dict__, "extractors": stats, "resources": ray.cluster_resources(),
+            "cluster": {"plan": pipeline.plan.summary(), **stats, "resources": ray.cluster_resources(),
                         "driver_peak_rss_mb": peak_rss_mb},
         }
         payload = summary(config, results, seconds, extra)

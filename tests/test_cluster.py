@@ -19,16 +19,9 @@ from anomaly_core.bank import load_bank
 from anomaly_core.config import parse_config
 from anomaly_core.coreset import greedy_coreset
 from anomaly_core.data import CategorySplit, load_split
-from anomaly_core.patchcore import (
-    ExtractionSettings,
-    PatchFeatureExtractor,
-    build_bank,
-    coreset_seed,
-    evaluate,
-    predict,
-    scoring_params,
-)
-from anomaly_core.scoring import NearestNeighbourScorer
+from anomaly_core.extraction import ExtractionSettings, PatchFeatureExtractor
+from anomaly_core.patchcore import build_bank, coreset_seed, evaluate, scoring_params
+from anomaly_core.scoring import NearestNeighbourScorer, predict
 from cluster.coreset import HolderPool, HolderProxy
 from cluster.pipeline import BenchmarkPipeline, CategoryJob
 from jobs import benchmark
@@ -120,8 +113,8 @@ def test_killed_coreset_holder_is_rebuilt_and_picks_unchanged(ray_cluster, refer
     train = reference["train"]
     parts = [ray.put(train)]
     seed = 7
-    pool = HolderPool(1)
-    proxy = HolderProxy(pool, 0, (parts, "exact", 128, seed), batch=16)
+    pool = HolderPool([None])
+    proxy = HolderProxy(pool, 0, (parts, "exact", 128, seed, 1), batch=16)
 
     class KillOnce:
         """Kills the holder after its third update, mid-greedy."""
