@@ -1,0 +1,139 @@
+"""The engine's stages on one device, timed: extraction, coreset, scoring, metrics — no Ray needed.
+
+    python benchmarks/device_check.py --device cuda            # on a GPU machine (benchmarks/gpu_check.sh)
+    python benchmarks/device_check.py --device cpu --threads 2  # the same code path on the CPU
+
+On the tire-shaped category (``benchmarks/shaped_category.py``, demo settings) it prints, per stage,
+seconds and images/s, the backbone's pure-forward limit (batches already on the device, no decoding),
+the coreset's and the search's matrix-product rate, and the metrics; ``--expect image_auroc=0.9008
+pixel_auroc=0.9865`` fails the run if a metric differs by more than 0.005 from a CPU run's. With
+``--json`` the numbers are also written to a file.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+sys.path.insert(0, str(REPO / "benchmarks"))
+
+from anomaly_core.coreset import GreedyShard, coreset_size, greedy_select, start_index_for  # noqa: E402
+from anomaly_core.data import load_split  # noqa: E402
+from anomaly_core.distances import MatrixDevice  # noqa: E402
+from anomaly_core.extraction import ExtractionSettings, PatchFeatureExtractor  # noqa: E402
+from anomaly_core.features import coreset_points  # noqa: E402
+from anomaly_core.patchcore import coreset_seed, evaluate  # noqa: E402
+from anomaly_core.scoring import NearestNeighbourScorer, ScoringParams, predict  # noqa: E402
+from shaped_category import make_shaped_category  # noqa: E402
+
+
+def synchronize(device: str) -> None:
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+
+
+def pure_forward(extractor: PatchFeatureExtractor, batch: int, repeats: int) -> float:
+    """Images/s of backbone + patch embedding on batches already on the device (no decode, no copy back)."""
+    images = torch.randn(batch, 3, extractor.settings.crop, extractor.settings.crop, device=extractor.device)
+    if extractor.half:
+        images = images.half()
+    with torch.inference_mode():
+        for _ in range(2):
+            extractor.embedder(extractor.backbone(images))
+        synchronize(str(extractor.device))
+        started = time.perf_counter()
+        for _ in range(repeats):
+            extractor.embedder(extractor.backbone(images))
+        synchronize(str(extractor.device))
+    return batch * repeats / (time.perf_counter() - started)
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--threads", type=int, default=os.cpu_count(), help="CPU threads (torch, BLAS)")
+    parser.add_argument("--batch-size", type=int, default=32)
+    parser.add_argument("--fp16", action="store_true", help="half-precision backbone (CUDA)")
+    parser.add_argument("--n-train", type=int, default=239)
+    parser.add_argument("--n-test", type=int, default=112)
+    parser.add_argument("--work", type=Path, default=Path("/tmp/anomaly-bench-device"))
+    parser.add_argument("--expect", nargs="*", default=[], metavar="METRIC=VALUE")
+    parser.add_argument("--json", type=Path)
+    args = parser.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    root = make_shaped_category(REPO / "data" / "tire_small", args.work, "tire", args.n_train, args.n_test)
+    split = load_split("mvtec", root, "tire")
+    settings = ExtractionSettings("tf_efficientnet_lite0", ("blocks.2", "blocks.4"), "package",
+                                  batch_size=args.batch_size, fp16=args.fp16)
+    extractor = PatchFeatureExtractor(settings, device=args.device)
+    math = MatrixDevice(args.device if args.device.startswith("cuda") else "cpu")
+    out: dict = {"device": args.device, "name": torch.cuda.get_device_name() if args.device.startswith("cuda")
+                 else platform.processor(), "threads": args.threads, "batch_size": args.batch_size, "fp16": args.fp16}
+
+    out["pure_forward_images_per_s"] = pure_forward(extractor, args.batch_size, 10)
+    with torch.inference_mode():
+        started = time.perf_counter()
+        train = extractor.extract(split.train, range(len(split.train)))
+        test = extractor.extract(split.test, range(len(split.test)))
+        extract_s = time.perf_counter() - started
+    images = len(split.train) + len(split.test)
+    out["extract"] = {"seconds": extract_s, "images_per_s": images / extract_s}
+
+    seed = coreset_seed(0, "bench", "tire")
+    started = time.perf_counter()
+    points = coreset_points(train, "approximate", 128, seed)
+    shard = GreedyShard(points, np.arange(len(points)), math)
+    n_select = coreset_size(len(points), None, 0.1)
+    result = greedy_select([shard], n_select, start_index_for(len(points), seed), batch=128)
+    synchronize(args.device)
+    coreset_s = time.perf_counter() - started
+    flops = 2.0 * len(points) * n_select * (points.shape[1] + 2)
+    out["coreset"] = {"seconds": coreset_s, "points": len(points), "picks": n_select, "rounds": result.n_rounds,
+                      "screen_tflops": flops / coreset_s / 1e12}
+    bank = train.flat()[result.indices]
+
+    started = time.perf_counter()
+    scorer = NearestNeighbourScorer(bank, ScoringParams(), math)
+    predictions = predict(scorer, test, settings.crop, None if args.device.startswith("cuda") else args.threads)
+    synchronize(args.device)
+    scoring_s = time.perf_counter() - started
+    out["scoring"] = {"seconds": scoring_s, "images_per_s": len(split.test) / scoring_s, "screen": scorer.knn.screen,
+                      "unproven_queries": scorer.knn.unproven_queries}
+
+    started = time.perf_counter()
+    report = evaluate(split.test, predictions, extractor.transform, 0.3)
+    out["metrics_s"] = time.perf_counter() - started
+    out["metrics"] = {name: report.values.get(name) for name in ("image_auroc", "pixel_auroc", "aupro")}
+    out["total_s"] = extract_s + coreset_s + scoring_s + out["metrics_s"]
+
+    print(f"device {out['device']} ({out['name']}), {images} images ({len(split.train)} train / {len(split.test)} test)")
+    print(f"extraction  {extract_s:7.2f} s  {images / extract_s:8.1f} img/s   pure forward limit "
+          f"{out['pure_forward_images_per_s']:.1f} img/s (batch {args.batch_size})")
+    print(f"coreset     {coreset_s:7.2f} s  {len(points)} -> {n_select} picks, {result.n_rounds} rounds, "
+          f"screen {out['coreset']['screen_tflops']:.2f} TFLOP/s")
+    print(f"scoring     {scoring_s:7.2f} s  {len(split.test) / scoring_s:8.1f} img/s ({scorer.knn.screen} screen)")
+    print(f"metrics     {out['metrics_s']:7.2f} s  " + ", ".join(f"{k}={v:.4f}" for k, v in out["metrics"].items()))
+    print(f"total       {out['total_s']:7.2f} s")
+    if args.json:
+        args.json.write_text(json.dumps(out, indent=1))
+    failed = []
+    for item in args.expect:
+        name, value = item.split("=")
+        if abs(out["metrics"][name] - float(value)) > 0.005:
+            failed.append(f"{name}: {out['metrics'][name]:.4f} vs expected {float(value):.4f}")
+    if failed:
+        sys.exit("metrics differ from the CPU run by more than 0.005: " + "; ".join(failed))
+
+
+if __name__ == "__main__":
+    main()
