@@ -234,26 +234,26 @@ def greedy_select(shards: Sequence[ShardLike], n_select: int, start_index: int, 
             bounds = [s.top_candidates(0).bound for s in shards]
             return GreedyResult(np.array(picks, np.int64), n_rounds, max(0.0, *bounds))
         tops = [s.top_candidates(batch) for s in shards]
-        values = np.concatenate([c.values for c in tops])
         indices = np.concatenate([c.indices for c in tops])
-        rows = np.concatenate([c.rows for c in tops])
-        if len(values) == 0:
+        if len(indices) == 0:
             raise ValueError(f"n_select={n_select} exceeds the number of points")
-        fences = [(c.bound, c.bound_index) for c in tops]
+        # In global-index order, argmax's first maximum is the tie-break greedy wants.
+        order = np.argsort(indices)
+        indices = indices[order]
+        values = np.concatenate([c.values for c in tops])[order]
+        rows = np.concatenate([c.rows for c in tops])[order]
+        # Only the strongest fence binds: the largest bound, then the smallest index at that bound.
+        fence, fence_index = max(((c.bound, c.bound_index) for c in tops), key=lambda f: (f[0], -f[1]))
         confirmed: list[int] = []
-        open_ = np.ones(len(values), dtype=bool)
-        while len(picks) < n_select and open_.any():
-            live = np.flatnonzero(open_)
-            best = values[live].max()
-            tied = live[values[live] == best]
-            i = int(tied[np.argmin(indices[tied])])
-            v, g = float(best), int(indices[i])
-            if not all(v > bound or (v == bound and g < bound_index) for bound, bound_index in fences):
-                break
+        while len(picks) < n_select:
+            i = int(np.argmax(values))
+            v, g = float(values[i]), int(indices[i])
+            if v == -np.inf or not (v > fence or (v == fence and g < fence_index)):
+                break  # every candidate is picked, or the next pick could be a point not seen
             picks.append(g)
             confirmed.append(i)
-            open_[i] = False
             np.minimum(values, sq_dists(rows, rows[i]), out=values)
+            values[i] = -np.inf  # distances are >= 0, so -inf marks the picked
         new_idx, new_rows = indices[confirmed], rows[confirmed]
 
 

@@ -165,17 +165,22 @@ def distributed_coreset(
     mode: str = "sharded",
     batch: int = 64,
     threads: Sequence[int] | None = None,
+    after: Sequence[ray.ObjectRef] = (),
 ) -> tuple[np.ndarray, dict[str, Any]]:
     """Select a category's bank from extractor outputs ``refs``; returns (bank rows, info).
 
-    ``threads[slot]`` is the thread count holder ``slot`` uses for this category (default 1).
+    ``threads[slot]`` is the thread count holder ``slot`` uses for this category (default 1). The
+    greedy waits for the objects ``after`` (holders load their shards meanwhile); ``seconds`` counts
+    from then.
     """
-    started = time.perf_counter()
     threads = list(threads) if threads is not None else [1] * len(pool.actors)
     proxies = [
         HolderProxy(pool, slot, (group, method, projection_dim, seed, threads[slot]), batch)
         for slot, group in enumerate(_assign_parts(refs, len(pool.actors)))
     ]
+    if after:
+        ray.wait(list(after), num_returns=len(after), fetch_local=False)
+    started = time.perf_counter()
     described = [proxy._call("describe") for proxy in proxies]
     n_points, grid = int(sum(size for size, _ in described)), described[0][1]
     if method == "none":

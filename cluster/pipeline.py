@@ -155,8 +155,7 @@ class BenchmarkPipeline:
         train_refs = train_refs if train_refs is not None else self._submit(job.split.train)
         extract_s = sum(part.seconds for part in ray.get(train_refs))
         self.on_event("extracted", {"key": job.key, "images": len(job.split.train), "seconds": extract_s})
-        if test_refs and any(holder.cpus < 1 for holder in self.plan.holders):
-            ray.wait(test_refs, num_returns=len(test_refs), fetch_local=False)
+        saturated = any(holder.cpus < 1 for holder in self.plan.holders)
         coreset = self.config.coreset
         seed = coreset_seed(self.config.seed, job.dataset, job.split.category)
         threads = self._holder_threads()
@@ -170,6 +169,7 @@ class BenchmarkPipeline:
             mode=coreset.distributed,
             batch=self.config.cluster.coreset_batch,
             threads=threads,
+            after=test_refs if test_refs and saturated else (),
         )
         metadata = {
             **{key: value for key, value in self.description.items() if key not in ("device", "pid")},
