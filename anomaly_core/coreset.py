@@ -27,10 +27,12 @@ returns bit-identical picks for any number of shards.
 
 from __future__ import annotations
 
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import NamedTuple, Protocol, Sequence
 
 import numpy as np
+from threadpoolctl import ThreadpoolController
 
 from anomaly_core.distances import MatrixDevice, paired_sq_dists, sq_dists
 
@@ -80,7 +82,10 @@ class GreedyShard:
         global_indices: np.ndarray,
         device: MatrixDevice | None = None,
         block: int | None = None,
+        threads: int | None = None,
     ) -> None:
+        """``threads`` (CPU): blocks of points are screened by that many threads at once, each with a
+        one-thread BLAS (small products parallelise better so); None: the process's BLAS setting."""
         points = np.ascontiguousarray(points, dtype=np.float32)
         global_indices = np.asarray(global_indices, dtype=np.int64)
         if points.ndim != 2 or len(points) == 0:
@@ -91,8 +96,13 @@ class GreedyShard:
             raise ValueError("points contain NaN or infinite values")
         n, dim = points.shape
         self.device = device or MatrixDevice()
-        # Points per product: a [centres, block] temporary that stays in cache on the CPU.
-        self._block = block or (n if self.device.use_torch else 1024)
+        # Points per product on the CPU: a [centres, block] temporary of ~1 MB that stays in cache
+        # (fewer centres, longer blocks); on a GPU the whole shard at once.
+        self._block = block
+        self._pool = None
+        if threads and threads > 1 and not self.device.use_torch:  # reused every round
+            self._pool = ThreadPoolExecutor(threads, thread_name_prefix="greedy-shard")
+            self._blas = ThreadpoolController()
         self._x = points
         self._gidx = global_indices
         self._by_gidx = np.argsort(global_indices)
@@ -102,7 +112,8 @@ class GreedyShard:
         centred = points - self._mean
         self._sq_norms = np.einsum("ij,ij->i", centred, centred, dtype=np.float64)
         augmented = np.empty((dim + 2, n), np.float32)
-        augmented[:dim] = centred.T
+        for lo in range(0, n, 4096):  # transposed in slabs that stay in cache
+            augmented[:dim, lo : lo + 4096] = centred[lo : lo + 4096].T
         augmented[dim] = self._sq_norms
         augmented[dim + 1] = 1.0
         self._columns = self.device.put(augmented)
@@ -145,12 +156,22 @@ class GreedyShard:
         augmented[:, -2] = 1.0
         augmented[:, -1] = np.einsum("ij,ij->i", centred, centred, dtype=np.float64) * (1.0 - self._kappa)
         augmented = self.device.put(augmented)
-        for lo in range(0, len(self._x), self._block):
-            hi = min(lo + self._block, len(self._x))
+        step = self._block or (len(self._x) if self.device.use_torch else max(1024, 2**18 // len(rows)))
+
+        def screen(lo: int) -> None:  # blocks touch disjoint points, so threads never share a value
+            hi = min(lo + step, len(self._x))
             products = self.device.matmul(augmented, self._columns[:, lo:hi])
             center, point = self.device.below(products, self._thresholds[lo:hi])
             if len(point):
                 self._lower(lo + point, rows[center])
+
+        starts = range(0, len(self._x), step)
+        if self._pool is None or len(starts) == 1:
+            for lo in starts:
+                screen(lo)
+        else:
+            with self._blas.limit(limits=1, user_api="blas"):
+                list(self._pool.map(screen, starts))
 
     def _threshold(self, points: np.ndarray) -> np.ndarray:
         """Screened values below which a pair might lower ``d``: ``d + κ·||x̃||²`` (float32, rounded up)."""
@@ -205,7 +226,7 @@ def start_index_for(n: int, seed: int) -> int:
     return int(np.random.default_rng(seed).integers(n))
 
 
-def greedy_select(shards: Sequence[ShardLike], n_select: int, start_index: int, batch: int = 64) -> GreedyResult:
+def greedy_select(shards: Sequence[ShardLike], n_select: int, start_index: int, batch: int = 128) -> GreedyResult:
     """Exact greedy k-center over sharded points, independent of the sharding.
 
     Greedy picks the unpicked point farthest from the picks so far (ties: the smaller
@@ -302,6 +323,8 @@ def greedy_coreset(
     projection_dim: int = 128,
     seed: int = 0,
     n_shards: int = 1,
+    threads: int | None = None,
+    batch: int = 128,
 ) -> GreedyResult:
     """Greedy k-center coreset of ``features`` [N, D] in one process.
 
@@ -309,7 +332,8 @@ def greedy_coreset(
     the features themselves; ``approximate`` runs the same greedy on a seeded Gaussian
     random projection to ``projection_dim`` dims (indices still refer to rows of
     ``features``; ``coverage_radius_sq`` is then in the projected space). ``n_shards``
-    splits the points into contiguous shards, which never changes the picks.
+    splits the points into contiguous shards, which never changes the picks; nor do ``threads``
+    (see :class:`GreedyShard`) or ``batch`` (candidates per shard per round).
     """
     features = _validated(features)
     size = coreset_size(len(features), n_select, ratio)
@@ -318,9 +342,10 @@ def greedy_coreset(
     elif method != "exact":
         raise ValueError(f"method must be 'exact' or 'approximate', got {method!r}")
     shards = [
-        GreedyShard(features[lo:hi], np.arange(lo, hi)) for lo, hi in _contiguous_bounds(len(features), n_shards)
+        GreedyShard(features[lo:hi], np.arange(lo, hi), threads=threads)
+        for lo, hi in _contiguous_bounds(len(features), n_shards)
     ]
-    return greedy_select(shards, size, start_index_for(len(features), seed))
+    return greedy_select(shards, size, start_index_for(len(features), seed), batch)
 
 
 def two_round_coreset(features: np.ndarray, n_select: int, n_shards: int, seed: int = 0) -> np.ndarray:

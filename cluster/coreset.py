@@ -52,7 +52,7 @@ class CoresetHolder:
         self.points = self.original if method != "approximate" else np.concatenate(
             [coreset_points(part, method, projection_dim, seed) for part in features]
         )
-        self.shard = GreedyShard(self.points, self.indices, self.device)
+        self.shard = GreedyShard(self.points, self.indices, self.device, threads=threads)
 
     def unload(self) -> None:
         """Free the finished category's shard."""

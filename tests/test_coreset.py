@@ -212,8 +212,8 @@ def test_tiny_shards_and_float64_input_give_the_same_picks():
 @pytest.mark.parametrize("offset", [0.0, 500.0])
 @pytest.mark.parametrize(
     "shard_args",
-    [{}, {"block": 37}, {"device": MatrixDevice("cpu", use_torch=True)}],
-    ids=["numpy", "small-blocks", "torch"],
+    [{}, {"block": 37}, {"block": 100, "threads": 3}, {"device": MatrixDevice("cpu", use_torch=True)}],
+    ids=["numpy", "small-blocks", "threads", "torch"],
 )
 def test_every_screened_value_equals_the_brute_force_minimum(offset: float, shard_args: dict):
     # The screen must never skip a pair that would lower a value: after the run, each shard's
