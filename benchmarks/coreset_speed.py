@@ -121,18 +121,21 @@ def run_anomalib(python: str, features: np.ndarray, ratio: float, seed: int) -> 
     with tempfile.TemporaryDirectory() as tmp:
         feats, out = Path(tmp, "features.npy"), Path(tmp, "indices.npy")
         np.save(feats, features)
+        command = [python, "-c", _ANOMALIB_CHILD, str(feats), str(ratio), str(seed), str(out)]
         env = dict(os.environ, TQDM_DISABLE="1")
-        proc = subprocess.run(
-            [python, "-c", _ANOMALIB_CHILD, str(feats), str(ratio), str(seed), str(out)],
-            capture_output=True,
-            text=True,
-            env=env,
-            check=False,
-        )
+        proc = subprocess.run(command, capture_output=True, text=True, env=env, check=False)
+        note = ""
+        if proc.returncode == -9:
+            # Killed for memory: when each step's temporary (N x ~255 floats) is just under glibc's
+            # 32 MB dynamic mmap limit, its heap can grow ~18 MB a step (seen at N = 31,360). A fixed
+            # mmap threshold returns every temporary at once, at the cost of page faults per step.
+            env["MALLOC_MMAP_THRESHOLD_"] = "131072"
+            proc = subprocess.run(command, capture_output=True, text=True, env=env, check=False)
+            note = ", rerun with MALLOC_MMAP_THRESHOLD_=131072 after running out of memory"
         if proc.returncode != 0:
-            raise RuntimeError(f"anomalib baseline failed:\n{proc.stderr[-3000:]}")
+            raise RuntimeError(f"anomalib baseline failed ({proc.returncode}):\n{proc.stderr[-3000:]}")
         info = json.loads(proc.stdout.strip().splitlines()[-1])
-        return info["seconds"], np.load(out), info
+        return info["seconds"], np.load(out), {**info, "note": note}
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -149,7 +152,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--skip-numpy", action="store_true", help="skip the plain O(N·D)-per-step greedy")
     parser.add_argument(
         "--blas-threads", type=int, default=os.cpu_count(),
-        help="BLAS threads for our runs (anomalib's torch uses every core)",
+        help="threads for our runs (anomalib's torch uses every core)",
     )
     parser.add_argument("--json", type=Path, help="also write the results here")
     args = parser.parse_args(argv)
@@ -170,7 +173,7 @@ def main(argv: list[str] | None = None) -> None:
     rows: list[dict] = []
     with threadpool_limits(limits=args.blas_threads, user_api="blas"):
         start = time.perf_counter()
-        ours = greedy_coreset(features, ratio=args.ratio, method="exact", seed=args.seed)
+        ours = greedy_coreset(features, ratio=args.ratio, method="exact", seed=args.seed, threads=args.blas_threads)
         seconds = time.perf_counter() - start
     rows.append({"method": "ours exact", "seconds": seconds, "indices": ours.indices,
                  "note": f"{ours.n_rounds} rounds"})
@@ -178,7 +181,8 @@ def main(argv: list[str] | None = None) -> None:
     if dim > 128:
         with threadpool_limits(limits=args.blas_threads, user_api="blas"):
             start = time.perf_counter()
-            approx = greedy_coreset(features, ratio=args.ratio, method="approximate", projection_dim=128, seed=args.seed)
+            approx = greedy_coreset(features, ratio=args.ratio, method="approximate", projection_dim=128, seed=args.seed,
+                                    threads=args.blas_threads)
             seconds = time.perf_counter() - start
         rows.append({"method": "ours approximate (128-d)", "seconds": seconds, "indices": approx.indices,
                      "note": f"{approx.n_rounds} rounds, projection included"})
@@ -188,7 +192,7 @@ def main(argv: list[str] | None = None) -> None:
         seconds, indices, info = run_anomalib(args.anomalib_python, features, args.ratio, args.seed)
         rows.append(
             {"method": "anomalib KCenterGreedy", "seconds": seconds, "indices": indices,
-             "note": f"SRP to {info['projected_dim']} dims, torch {info['torch']}, {info['threads']} threads"}
+             "note": f"SRP to {info['projected_dim']} dims, torch {info['torch']}, {info['threads']} threads{info['note']}"}
         )
         print(f"anomalib: {seconds:.1f}s", flush=True)
     elif not args.skip_anomalib:
