@@ -2,8 +2,10 @@
 
     python benchmarks/scaling.py [--actors 1 2 4] [--nodes 4] [--n-train 239] [--n-test 112]
 
-A ``ray.cluster_utils.Cluster`` with ``--nodes`` worker nodes of one CPU each (plus a head that runs
-only the driver) holds the actors, one per node, as the resource plan places them. For each actor
+A ``ray.cluster_utils.Cluster`` with ``--nodes`` worker nodes of ``--cpus-per-node`` CPUs (default 4
+x 1, plus a head that runs only the driver) holds the actors where the resource plan places them: one
+per node by default, so features, banks and test shards cross nodes through Ray's object transfer as
+on a real cluster (on one machine that transfer costs the same cores the actors compute on). For each actor
 count it times, on the tire-shaped category of ``benchmarks/shaped_category.py`` (demo settings):
 
 * extraction: n extractors embed the training images (one torch thread each, as ``cpus_per_actor: 1``);
@@ -68,9 +70,9 @@ def measure(n: int, job: CategoryJob) -> dict:
     ray.get([a.__ray_ready__.remote() for a in pipeline.extractors + pipeline.evaluators + pipeline.holders.actors])
     started = time.perf_counter()
     train_refs = pipeline._submit(job.split.train)
-    train = ray.get(train_refs)
+    ray.wait(train_refs, num_returns=len(train_refs), fetch_local=False)  # not copied to the driver yet
     extract_s = time.perf_counter() - started
-    features = merge_features(train)
+    features = merge_features(ray.get(train_refs))
     test_refs = pipeline._submit(job.split.test)
     ray.get(test_refs)
     bank = pipeline.build_bank(job, train_refs)
@@ -97,6 +99,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--actors", type=int, nargs="+", default=[1, 2, 4])
     parser.add_argument("--nodes", type=int, default=4)
+    parser.add_argument("--cpus-per-node", type=int, default=1)
     parser.add_argument("--n-train", type=int, default=239)
     parser.add_argument("--n-test", type=int, default=112)
     parser.add_argument("--work", type=Path, default=Path("/tmp/anomaly-bench-scaling"))
@@ -107,7 +110,7 @@ def main() -> None:
     cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 0, "node_ip_address": "127.0.0.1",
                                                             "include_dashboard": False})
     for _ in range(args.nodes):
-        cluster.add_node(num_cpus=1, node_ip_address="127.0.0.1")
+        cluster.add_node(num_cpus=args.cpus_per_node, node_ip_address="127.0.0.1")
     ray.init(address=cluster.address)
     try:
         results = {n: measure(n, job) for n in args.actors}
@@ -117,7 +120,7 @@ def main() -> None:
     base = results[args.actors[0]]
     identical = {key: len({r[key] for r in results.values()}) == 1 for key in ("features", "bank", "scores")}
     print(f"Machine: {os.cpu_count()} CPUs, {platform.platform()}, Ray {ray.__version__}; simulated cluster: "
-          f"{args.nodes} nodes x 1 CPU; category {len(split.train)} train / {len(split.test)} test images\n")
+          f"{args.nodes} nodes x {args.cpus_per_node} CPU; category {len(split.train)} train / {len(split.test)} test images\n")
     print("| actors | extraction s | speed-up | eff. | coreset s | speed-up | eff. | scoring s | speed-up | eff. |")
     print("|---|---|---|---|---|---|---|---|---|---|")
     for n, r in results.items():

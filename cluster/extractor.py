@@ -43,11 +43,14 @@ class Extractor:
         """The node and GPUs this actor was placed on (placement checks, summary)."""
         return {"node": ray.get_runtime_context().get_node_id(), "gpu_ids": ray.get_gpu_ids()}
 
-    def extract(self, samples: Sequence[Sample], indices: Sequence[int]) -> PatchFeatures:
+    @ray.method(num_returns=2)
+    def extract(self, samples: Sequence[Sample], indices: Sequence[int]) -> tuple[PatchFeatures, float]:
+        """The shard's features, and (a separate object, so the driver can read it without fetching
+        the features) the seconds they took."""
         features = self.extractor.extract(samples, indices, decoder=self.decoders)
         self.images_done += len(samples)
         self.busy_seconds += features.seconds
-        return features
+        return features, features.seconds
 
     def stats(self) -> dict:
         """Throughput and peak resident memory (MiB) of this actor, for the run summary."""
