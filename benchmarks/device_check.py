@@ -77,8 +77,11 @@ def main(argv: list[str] | None = None) -> None:
                                   batch_size=args.batch_size, fp16=args.fp16)
     extractor = PatchFeatureExtractor(settings, device=args.device)
     math = MatrixDevice(args.device if args.device.startswith("cuda") else "cpu")
+    cpu = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
+                if line.startswith("model name")), platform.machine()) if Path("/proc/cpuinfo").exists() else platform.machine()
     out: dict = {"device": args.device, "name": torch.cuda.get_device_name() if args.device.startswith("cuda")
-                 else platform.processor(), "threads": args.threads, "batch_size": args.batch_size, "fp16": args.fp16}
+                 else f"{os.cpu_count()} x {cpu}", "threads": args.threads, "batch_size": args.batch_size,
+                 "fp16": args.fp16}
 
     out["pure_forward_images_per_s"] = pure_forward(extractor, args.batch_size, 10)
     with torch.inference_mode():
