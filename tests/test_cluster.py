@@ -177,6 +177,25 @@ def test_benchmark_job_writes_outputs(ray_cluster, tmp_path, capsys):
     assert metrics["image_auroc"] > 0.65 and metrics["pixel_auroc"] > 0.93
     assert summary["timings"]["images_per_s"] > 0
     assert "tire_small" in capsys.readouterr().out
+    # The resource plan and the threads each stage used are part of the record.
+    plan = summary["cluster"]["plan"]
+    assert sorted(a["role"] for a in plan["actors"]) == ["evaluator"] * 2 + ["extractor"] * 2 + ["holder"] * 2
+    for node in plan["nodes"]:
+        placed = [a for a in plan["actors"] if a["node_id"] == node["node_id"]]
+        assert sum(a["cpus"] for a in placed) <= node["cpus"] + 1e-9
+        assert sum(a["gpus"] for a in placed) <= node["gpus"] + 1e-9
+    assert len(category["timings"]["coreset_threads"]) == 2 and category["timings"]["eval_threads"] >= 1
+    assert sum(e["images"] for e in summary["cluster"]["evaluators"]) == 28
+
+
+def test_infeasible_plan_fails_before_any_work(ray_cluster, tmp_path, capsys):
+    config_path = tmp_path / "tire.yaml"
+    config_path.write_text(json.dumps(tire_config(num_extractors=5).model_dump(mode="json")))
+    code = benchmark.main(["--config", str(config_path), "--set", f"output_dir={tmp_path}", "--run-name", "r"])
+    assert code == 2
+    err = capsys.readouterr().err
+    assert "cluster.num_extractors=5 cannot be placed" in err and "room for 2" in err
+    assert not (tmp_path / "r" / "summary.json").exists()
 
 
 def test_build_bank_then_evaluate_jobs(ray_cluster, tmp_path, capsys):
