@@ -27,6 +27,7 @@ import argparse
 import json
 import os
 import platform
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -141,6 +142,7 @@ def run_ours(root: Path, category: str, work: Path, code: Path, name: str, overr
             config["cluster"].pop(key, None)
     path = work / f"{name}.yaml"
     path.write_text(yaml.safe_dump(config))
+    shutil.rmtree(work / "outputs" / name, ignore_errors=True)  # this harness's own earlier run (runs never reuse a folder)
     env = {**os.environ, "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0", "PYTHONPATH": str(code)}
     env.pop("RAY_ADDRESS", None)
     command = [sys.executable, "-m", "jobs.benchmark", "--config", str(path), "--run-name", name, "--wandb", "off",

@@ -39,6 +39,7 @@ timeout 120 "$PY" benchmarks/device_check.py --device cuda --batch-size 64 --fp1
 
 if "$PY" -c "import ray" 2>/dev/null; then
   GPU_SET="cluster.gpus_per_extractor=0.5 cluster.batch_size=32 cluster.cpus_per_actor=4"
+  rm -rf "$OUT/outputs/gpu-demo"  # a rerun on the same machine: runs never reuse a folder
   timeout 150 "$PY" -m jobs.benchmark --config configs/demo.yaml --wandb off --run-name gpu-demo \
     --set output_dir="$OUT/outputs" $(for kv in $GPU_SET; do printf -- '--set %s ' "$kv"; done) || status=1
   timeout 200 "$PY" benchmarks/end_to_end.py --skip-anomalib --work "$OUT/e2e" --json "$OUT/e2e.json" \
