@@ -33,7 +33,10 @@ COMPATIBILITY_KEYS = (
     "patch_size",
     "pretrain_dim",
     "feature_dim",
+    "fp16",
 )
+# What a bank that predates a key recorded implicitly (fp16 was always off before it was recorded).
+IMPLICIT_METADATA = {"fp16": False}
 
 
 class BankError(ValueError):
@@ -58,17 +61,47 @@ class MemoryBank:
         return features_sha256(self.features)
 
 
+def _umask() -> int:
+    """The process umask, read without changing it where Linux allows (setting it races other threads)."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
+    except OSError:
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def _fsync(path: Path, flags: int) -> None:
+    descriptor = os.open(path, flags)
+    try:
+        os.fsync(descriptor)
+    finally:
+        os.close(descriptor)
+
+
 def atomic_write(path: Path, write) -> None:
-    """Write through a temporary file in the same folder, so a crash never leaves half a file."""
+    """Write through a temporary file in the same folder, so a crash never leaves half a file.
+
+    ``mkstemp`` creates the file with mode 0600; it gets the mode a plain ``open`` would give (0666
+    less the umask), so teammates and a W&B sync user on shared storage can read the outputs. The
+    data is fsynced before the rename and the folder after it: a node that crashes right after a
+    write leaves the old file or the new one, never an empty one that a later run would trust.
+    """
     path.parent.mkdir(parents=True, exist_ok=True)
     handle, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     os.close(handle)
     try:
         write(temporary)
+        os.chmod(temporary, 0o666 & ~_umask())
+        _fsync(Path(temporary), os.O_RDONLY)
         os.replace(temporary, path)
     except BaseException:
         Path(temporary).unlink(missing_ok=True)
         raise
+    _fsync(path.parent, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
 
 
 def write_json(path: Path, payload: Any) -> None:
@@ -98,17 +131,43 @@ def load_bank(path: Path) -> MemoryBank:
             raise BankError(f"memory bank file not found: {required}")
     try:
         metadata = json.loads(json_path.read_text())
-    except json.JSONDecodeError as error:
+    except (json.JSONDecodeError, UnicodeDecodeError) as error:
         raise BankError(f"bank metadata {json_path} is not valid JSON: {error}") from error
-    try:
-        features = load_file(str(tensors_path))[FEATURES_KEY]
-    except Exception as error:  # safetensors raises its own error types for corrupt headers
-        raise BankError(f"cannot read memory bank {tensors_path}: {error}") from error
+    if not isinstance(metadata, dict):
+        raise BankError(f"bank metadata {json_path} must be a JSON object, got a {type(metadata).__name__}")
     if metadata.get("format") != BANK_FORMAT:
         raise BankError(f"{json_path}: format {metadata.get('format')!r} is not {BANK_FORMAT!r}")
-    if features_sha256(features) != metadata.get("bank_sha256"):
-        raise BankError(f"{tensors_path} does not match the bank_sha256 recorded in {json_path}")
+    try:
+        tensors = load_file(str(tensors_path))
+    except Exception as error:  # safetensors raises its own error types for corrupt headers
+        raise BankError(f"cannot read memory bank {tensors_path}: {error}") from error
+    features = tensors.get(FEATURES_KEY)
+    if features is None or features.ndim != 2 or features.dtype != np.float32:
+        found = "no" if features is None else f"a {features.dtype} {list(features.shape)}"
+        raise BankError(f"{tensors_path} must hold a float32 [M, D] tensor {FEATURES_KEY!r}; it holds {found} one")
+    check_features(features, metadata, tensors_path, json_path)
     return MemoryBank(features=features, metadata=metadata)
+
+
+def check_features(features: np.ndarray, metadata: dict[str, Any], tensors_path: Path, json_path: Path) -> None:
+    """The recorded digest and shape must describe the tensor, and every value must be finite.
+
+    The digest catches a truncated or bit-flipped file; the shape and finiteness checks catch a bank
+    whose ``bank.json`` was edited (or rewritten with a fresh digest) to disagree with it: a NaN row
+    would shift every score without an error, a wrong ``feature_dim`` would fail deep in the search.
+    """
+    if features_sha256(features) != metadata.get("bank_sha256"):
+        raise BankError(f"{tensors_path} does not match the bank_sha256 recorded in {json_path} "
+                        f"(the file is damaged, or not the bank this bank.json describes)")
+    if len(features) == 0:
+        raise BankError(f"{tensors_path} holds an empty memory bank (0 rows)")
+    for key, actual in (("memory_size", features.shape[0]), ("feature_dim", features.shape[1])):
+        if metadata.get(key) != actual:
+            raise BankError(f"{json_path}: {key} is {metadata.get(key)!r} but {tensors_path} holds {actual}")
+    bad = ~np.isfinite(features).all(axis=1)
+    if bad.any():
+        raise BankError(f"{tensors_path}: {int(bad.sum())} of {len(features)} bank rows hold NaN or infinite "
+                        f"values (first: row {int(np.flatnonzero(bad)[0])})")
 
 
 def check_compatible(metadata: dict[str, Any], expected: dict[str, Any], source: str) -> None:
@@ -117,7 +176,7 @@ def check_compatible(metadata: dict[str, Any], expected: dict[str, Any], source:
     for key in COMPATIBILITY_KEYS:
         if key not in expected:
             continue
-        recorded, wanted = metadata.get(key), expected[key]
+        recorded, wanted = metadata.get(key, IMPLICIT_METADATA.get(key)), expected[key]
         if _normalise(recorded) != _normalise(wanted):
             mismatches.append(f"{key}: bank has {recorded!r}, inference uses {wanted!r}")
     if mismatches:

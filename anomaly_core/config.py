@@ -62,6 +62,14 @@ class ScoringConfig(_Strict):
     blur_sigma: float = Field(4.0, ge=0.0)
 
 
+class ThresholdConfig(_Strict):
+    # Where bank.json's deployment thresholds come from: F1-optimal on the labelled test set (optimistic),
+    # or a quantile of the scores of good training images held out of the bank (anomaly_core/thresholds.py).
+    source: Literal["test_f1", "validation"] = "test_f1"
+    validation_split: float = Field(0.1, gt=0.0, lt=1.0)  # fraction of the good training images held out
+    quantile: float = Field(0.99, gt=0.0, le=1.0)
+
+
 class MetricsConfig(_Strict):
     pro_fpr_limit: float = Field(0.3, gt=0.0, le=1.0)
 
@@ -82,6 +90,8 @@ class ClusterConfig(_Strict):
     # Categories whose extraction may run ahead of the coreset: enough to keep the extractors busy,
     # few enough that a full benchmark's features never pile up in the object store.
     prefetch_categories: int = Field(2, ge=1)
+    # Seconds without a finished stage after which the run logs what it waits for (0 = never).
+    stall_warning_s: float = Field(600.0, ge=0.0)
 
     @field_validator("num_extractors", "num_evaluators", "coreset_threads", "eval_threads")
     @classmethod
@@ -117,6 +127,7 @@ class RunConfig(_Strict):
     coreset: CoresetConfig = CoresetConfig()
     scoring: ScoringConfig = ScoringConfig()
     metrics: MetricsConfig = MetricsConfig()
+    thresholds: ThresholdConfig = ThresholdConfig()
     cluster: ClusterConfig = ClusterConfig()
     wandb: WandbConfig = WandbConfig()
 

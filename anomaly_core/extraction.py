@@ -37,7 +37,11 @@ class ExtractionSettings:
     fp16: bool = False  # half-precision backbone on GPU and half-precision feature transfer
 
     def declared(self) -> dict[str, Any]:
-        """The compatibility fields known without building the model, for failing fast on a bank."""
+        """The compatibility fields known without building the model, for failing fast on a bank.
+
+        ``batch_size`` is recorded, not compared: batch composition can change the last bits of a
+        feature, so a bank's record says which it was built with (``jobs.predict`` reuses it).
+        """
         return {
             "backbone": self.backbone,
             "weights": self.weights,
@@ -46,6 +50,8 @@ class ExtractionSettings:
             "patch_size": self.patch_size,
             "pretrain_dim": self.pretrain_dim,
             "feature_dim": self.target_dim,
+            "fp16": self.fp16,
+            "batch_size": self.batch_size,
         }
 
     @classmethod

@@ -57,3 +57,10 @@ def coreset_points(features: PatchFeatures, method: str, projection_dim: int, se
         random_projection(np.ascontiguousarray(image, dtype=np.float32), projection_dim, seed)
         for image in features.embeddings
     ])
+
+
+def coverage_radius_space(method: str, projection_dim: int) -> str:
+    """Where a coreset's recorded coverage radius was measured (it is only comparable within one space)."""
+    if method == "approximate":
+        return f"random projection to {projection_dim} dims (not comparable with feature-space distances)"
+    return "feature space"

@@ -16,8 +16,8 @@ import numpy as np
 from anomaly_core import __version__
 from anomaly_core.bank import MemoryBank
 from anomaly_core.coreset import greedy_coreset
-from anomaly_core.data import ImageTransform, Sample, read_mask
-from anomaly_core.features import PatchFeatures, coreset_points
+from anomaly_core.data import ImageTransform, Sample, load_mask
+from anomaly_core.features import PatchFeatures, coreset_points, coverage_radius_space
 from anomaly_core.metrics import MetricReport, compute_metrics
 from anomaly_core.scoring import Predictions, ScoringParams
 from anomaly_core.seeding import derive_seed
@@ -58,7 +58,8 @@ def build_bank(
         metadata={
             **metadata,
             "coreset": {"method": method, "ratio": ratio, "projection_dim": projection_dim, "seed": seed,
-                        "coverage_radius": float(np.sqrt(radius_sq))},
+                        "coverage_radius": float(np.sqrt(radius_sq)),
+                        "coverage_radius_space": coverage_radius_space(method, projection_dim)},
             "n_patches": int(len(flat)),
             "grid": list(features.grid),
             "package_version": __version__,
@@ -72,12 +73,8 @@ def ground_truth(samples: Sequence[Sample], transform: ImageTransform) -> tuple[
     labels = np.asarray([sample.label for sample in samples], dtype=np.int64)
     if any(sample.label == 1 and sample.mask_path is None for sample in samples):
         return labels, None
-    crop = transform.crop
-    masks = np.zeros((len(samples), crop, crop), dtype=bool)
-    for row, sample in enumerate(samples):
-        if sample.mask_path is not None:
-            masks[row] = transform.mask(read_mask(sample.mask_path)).numpy()
-    return labels, masks
+    # load_mask refuses a mask whose size differs from its image's: resized, it would be misaligned.
+    return labels, np.stack([load_mask(sample, transform).numpy() for sample in samples])
 
 
 def evaluate(

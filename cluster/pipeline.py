@@ -22,9 +22,11 @@ from anomaly_core.bank import MemoryBank, check_compatible
 from anomaly_core.config import RunConfig
 from anomaly_core.data import CategorySplit, ImageTransform, Sample
 from anomaly_core.extraction import ExtractionSettings
+from anomaly_core.features import coverage_radius_space
 from anomaly_core.metrics import MetricReport
 from anomaly_core.patchcore import coreset_seed, scoring_params, train_list_sha256
-from anomaly_core.scoring import Predictions
+from anomaly_core.scoring import Predictions, merge_predictions
+from anomaly_core.thresholds import validation_thresholds
 from cluster.coreset import HolderPool, distributed_coreset
 from cluster.devices import pinned
 from cluster.evaluator import bank_reference, evaluator_actor
@@ -40,6 +42,7 @@ class CategoryJob:
     dataset: str
     root: str
     split: CategorySplit
+    validation: tuple[Sample, ...] = ()  # good training images held out of the bank for thresholds
 
     @property
     def key(self) -> str:
@@ -53,6 +56,7 @@ class CategoryResult:
     predictions: Predictions
     report: MetricReport
     timings: dict[str, float] = field(default_factory=dict)
+    thresholds: dict[str, Any] | None = None  # from the validation images; None: the test set's F1-optimal
 
     @property
     def test_samples(self) -> tuple[Sample, ...]:
@@ -67,6 +71,7 @@ class PendingEvaluation:
     slot: int  # the evaluator's position in the plan
     threads: int
     submitted: float
+    validation_refs: list[ray.ObjectRef] = field(default_factory=list)  # predictions of held-out images
 
 
 class BenchmarkPipeline:
@@ -97,6 +102,7 @@ class BenchmarkPipeline:
         self._extracting: list[tuple[int, ray.ObjectRef]] = []  # (extractor slot, shard) not known done
         self._seconds: dict[ray.ObjectRef, ray.ObjectRef] = {}  # features -> its extraction seconds
         self._evaluating: list[PendingEvaluation] = []
+        self.stage = "the actors to start"  # what the driver blocks on now (see waiting_for)
 
     def _submit(self, samples: Sequence[Sample]) -> list[ray.ObjectRef]:
         """Queue a sample list's shards on the extractors, round robin; returns one ref per shard."""
@@ -156,12 +162,14 @@ class BenchmarkPipeline:
         2-core development machine the pair took 33 s overlapped against ~23 s one after the other).
         """
         train_refs = train_refs if train_refs is not None else self._submit(job.split.train)
+        self.stage = f"extraction of {job.key} ({len(job.split.train)} train images, {len(self.extractors)} extractors)"
         extract_s = sum(ray.get([self._seconds.pop(ref) for ref in train_refs]))
         self.on_event("extracted", {"key": job.key, "images": len(job.split.train), "seconds": extract_s})
         saturated = any(holder.cpus < 1 for holder in self.plan.holders)
         coreset = self.config.coreset
         seed = coreset_seed(self.config.seed, job.dataset, job.split.category)
         threads = self._holder_threads()
+        self.stage = f"the coreset of {job.key} ({len(self.plan.holders)} holders)"
         features, info = distributed_coreset(
             train_refs,
             pool=self.holders,
@@ -181,7 +189,8 @@ class BenchmarkPipeline:
             "n_train_images": len(job.split.train),
             "train_list_sha256": train_list_sha256(job.split.train, job.root),
             "coreset": {"method": coreset.method, "ratio": coreset.ratio, "projection_dim": coreset.projection_dim,
-                        "seed": seed, "distributed": coreset.distributed, **info["coreset"]},
+                        "seed": seed, "distributed": coreset.distributed, **info["coreset"],
+                        "coverage_radius_space": coverage_radius_space(coreset.method, coreset.projection_dim)},
             "scoring": self.config.scoring.model_dump(),
             "n_patches": info["n_patches"],
             "grid": info["grid"],
@@ -194,15 +203,18 @@ class BenchmarkPipeline:
 
     def submit_evaluation(
         self, job: CategoryJob, bank: MemoryBank, test_refs: list[ray.ObjectRef] | None = None,
-        coreset_follows: bool = False,
+        coreset_follows: bool = False, validation_refs: list[ray.ObjectRef] | None = None,
     ) -> "PendingEvaluation":
-        """Score the test shards on one evaluator and queue its metrics call; returns without waiting.
+        """Score the test shards (and held-out validation images) on one evaluator and queue its metrics
+        call; returns without waiting.
 
         ``coreset_follows``: another category's coreset will share the nodes meanwhile (fewer threads).
         """
         check_compatible(bank.metadata, self.description, f"for {job.key}")
         test_refs = test_refs if test_refs is not None else self._submit(job.split.test)
-        for ref in test_refs:
+        if validation_refs is None:
+            validation_refs = self._submit(job.validation) if job.validation else []
+        for ref in (*test_refs, *validation_refs):
             self._seconds.pop(ref, None)  # the extractors' stats report test extraction time
         slot = self._next_evaluator % len(self.evaluators)
         self._next_evaluator += 1
@@ -214,7 +226,8 @@ class BenchmarkPipeline:
         metrics_ref = evaluator.finish.remote(
             job.key, list(job.split.test), self.transform, self.config.metrics.pro_fpr_limit, *prediction_refs
         )
-        pending = PendingEvaluation(job, bank, metrics_ref, slot, threads, time.perf_counter())
+        validation = [evaluator.score.remote(job.key, bank_ref, params, ref, crop, threads) for ref in validation_refs]
+        pending = PendingEvaluation(job, bank, metrics_ref, slot, threads, time.perf_counter(), validation)
         self._evaluating.append(pending)
         return pending
 
@@ -223,31 +236,46 @@ class BenchmarkPipeline:
         self._evaluating.remove(pending)
         timings = {**pending.bank.metadata.get("timings", {}), "evaluate_s": round(time.perf_counter() - pending.submitted, 4),
                    "metrics_s": round(metrics_s, 4), "eval_threads": pending.threads}
+        thresholds = None
+        if pending.validation_refs:
+            held_out = merge_predictions(ray.get(pending.validation_refs))
+            thresholds = validation_thresholds(held_out, self.config.thresholds.quantile)
+            thresholds["validation_scores"] = [float(score) for score in held_out.scores]
         self.on_event("evaluated", {"key": pending.job.key, "images": len(pending.job.split.test), "report": report})
-        return CategoryResult(pending.job, pending.bank, predictions, report, timings)
+        return CategoryResult(pending.job, pending.bank, predictions, report, timings, thresholds)
 
     def run(self, jobs: Sequence[CategoryJob]) -> Iterator[CategoryResult]:
         """All categories, overlapped: extraction runs ``prefetch_categories`` ahead of the coreset,
         evaluation and metrics of finished banks run beside both; results come as they finish."""
         started = time.perf_counter()
         ahead = self.config.cluster.prefetch_categories
-        queued = deque((job, self._submit(job.split.train), self._submit(job.split.test)) for job in jobs[:ahead])
+        queued = deque(self._queue(job) for job in jobs[:ahead])
         pending: list[PendingEvaluation] = []
         for position in range(len(jobs)):
-            job, train_refs, test_refs = queued.popleft()
+            job, train_refs, test_refs, validation_refs = queued.popleft()
             if position + ahead < len(jobs):
-                later = jobs[position + ahead]
-                queued.append((later, self._submit(later.split.train), self._submit(later.split.test)))
+                queued.append(self._queue(jobs[position + ahead]))
             bank = self.build_bank(job, train_refs, test_refs)
             follows = position + 1 < len(jobs)
-            pending.append(self.submit_evaluation(job, bank, test_refs, coreset_follows=follows))
+            pending.append(self.submit_evaluation(job, bank, test_refs, follows, validation_refs))
             yield from self._finished(pending, wait=False)
         while pending:
             yield from self._finished(pending, wait=True)
         self.on_event("done", {"seconds": time.perf_counter() - started})
 
+    def waiting_for(self) -> str:
+        """What the run waits for, and what the cluster has free (for a stalled run's log line)."""
+        free = {key: round(value, 2) for key, value in ray.available_resources().items() if "CPU" in key or "GPU" in key}
+        return f"{self.stage}; free in the cluster now: {free or 'nothing'}"
+
+    def _queue(self, job: CategoryJob) -> tuple[CategoryJob, list, list, list]:
+        """Queue a category's train, test and validation extraction (in that order)."""
+        return job, self._submit(job.split.train), self._submit(job.split.test), self._submit(job.validation)
+
     def _finished(self, pending: list["PendingEvaluation"], wait: bool) -> list[CategoryResult]:
         refs = [entry.metrics_ref for entry in pending]
+        if wait:
+            self.stage = "the evaluation of " + ", ".join(entry.job.key for entry in pending)
         ready, _ = ray.wait(refs, num_returns=1 if wait else len(refs), timeout=None if wait else 0)
         done = [entry for entry in pending if entry.metrics_ref in ready]
         for entry in done:

@@ -1,6 +1,7 @@
 """Full benchmark: every category of every configured dataset, on Ray, with outputs and a summary.
 
     python -m jobs.benchmark --config configs/demo.yaml [--set key=value ...] [--categories a,b] [--wandb MODE]
+    python -m jobs.benchmark --resume outputs/<run>     # continue a run whose driver died
 
 Without RAY_ADDRESS it starts an embedded local Ray on 127.0.0.1; under ``ray job submit`` (or with
 RAY_ADDRESS set) it joins that cluster.
@@ -13,19 +14,25 @@ import logging
 import resource
 import sys
 import time
+from dataclasses import replace
 from pathlib import Path
+from typing import Sequence
 
 import ray
 
-from anomaly_core.config import ConfigError, RunConfig
-from anomaly_core.data import DatasetError, list_categories, load_split
 from anomaly_core.bank import write_json
+from anomaly_core.config import ConfigError, RunConfig
+from anomaly_core.data import ImageTransform, list_categories, load_split
+from anomaly_core.thresholds import hold_out
 from cluster.pipeline import BenchmarkPipeline, CategoryJob, CategoryResult
-from jobs.cli import add_config_arguments, config_from_args
-from jobs.outputs import format_table, run_directory, summary, write_category
+from jobs.cli import add_config_arguments, check_writable, config_from_args, config_overrides, load_config
+from jobs.errors import run_job
+from jobs.outputs import format_table, run_directory, summary, write_category, write_yaml
+from jobs.preflight import preflight
 from jobs.progress import Progress
 from jobs.ray_runtime import start_ray
 from jobs.report import figure_paths, write_report
+from jobs.resume import RUN_CONFIG, finished_category, recorded_config, resume_config
 from jobs.tracking import Tracker
 
 log = logging.getLogger("jobs.benchmark")
@@ -49,13 +56,26 @@ def category_jobs(config: RunConfig, only: set[str] | None) -> list[CategoryJob]
         if only:
             wanted = [category for category in wanted if category in only or f"{dataset.name}/{category}" in only]
         root = str(Path(dataset.root).resolve())
-        jobs += [CategoryJob(dataset.name, root, load_split(dataset.format, dataset.root, category)) for category in wanted]
+        jobs += [with_validation(config, CategoryJob(dataset.name, root, load_split(dataset.format, dataset.root, category)))
+                 for category in wanted]
     unknown = sorted((only or set()) - known)
     if unknown:
         raise ConfigError(f"categories {unknown} not found in the configured datasets (have {sorted(known)})")
     if not jobs:
         raise ConfigError("no categories selected")
     return jobs
+
+
+def with_validation(config: RunConfig, job: CategoryJob) -> CategoryJob:
+    """With ``thresholds.source: validation``, a seeded part of the good training images leaves the bank."""
+    if config.thresholds.source != "validation":
+        return job
+    try:
+        train, validation = hold_out(job.split.train, config.thresholds.validation_split, config.seed, job.dataset,
+                                     job.split.category)
+    except ValueError as error:
+        raise ConfigError(f"thresholds.source=validation: {error}") from None
+    return CategoryJob(job.dataset, job.root, replace(job.split, train=train), validation)
 
 
 def single_job(config: RunConfig, dataset: str | None, category: str) -> CategoryJob:
@@ -69,37 +89,78 @@ def single_job(config: RunConfig, dataset: str | None, category: str) -> Categor
     return jobs[0]
 
 
-def run(config: RunConfig, run_name: str | None = None, only: set[str] | None = None) -> Path:
+def resolved(config: RunConfig, jobs: Sequence[CategoryJob]) -> RunConfig:
+    """``config`` with each dataset's categories spelled out: what the run really covers (recorded for --resume)."""
+    datasets = [dataset.model_copy(update={"categories": [job.split.category for job in jobs if job.dataset == dataset.name]})
+                for dataset in config.datasets]
+    return config.model_copy(update={"datasets": [dataset for dataset in datasets if dataset.categories]})
+
+
+def claim_run_folder(run_dir: Path) -> None:
+    """A new run gets a folder of its own: a finished (or failed) run is never modified in place."""
+    if run_dir.exists() and (not run_dir.is_dir() or any(run_dir.iterdir())):
+        raise ConfigError(f"run folder {run_dir} already exists; continue that run with --resume {run_dir}, "
+                          f"or choose another --run-name")
+    check_writable(run_dir, "output_dir")
+
+
+def image_transform(metadata: dict) -> ImageTransform:
+    """The transform a bank was built with (for the report's and W&B's pictures of a kept category)."""
+    return ImageTransform(resize=metadata["resize"], crop=metadata["crop"], mean=tuple(metadata["mean"]),
+                          std=tuple(metadata["std"]))
+
+
+def run(config: RunConfig, run_name: str | None = None, only: set[str] | None = None,
+        resume: Path | None = None) -> Path:
+    """Benchmark every selected category; with ``resume`` (a run folder) keep its finished categories."""
     jobs = category_jobs(config, only)
-    how = start_ray()
-    log.info("Ray: %s; resources %s", how, ray.cluster_resources())
-    run_dir = run_directory(config, run_name)
+    config = resolved(config, jobs)
+    run_dir = resume if resume is not None else run_directory(config, run_name)
+    if resume is None:
+        claim_run_folder(run_dir)
+    else:
+        check_writable(run_dir, "--resume")
+    preflight(config, jobs, need_test=True)
+    if resume is None:
+        write_yaml(run_dir / RUN_CONFIG, config.model_dump(mode="json"))
+    kept = {job.key: result for job in jobs if resume is not None and (result := finished_category(run_dir, job))}
+    todo = [job for job in jobs if job.key not in kept]
+    if resume is not None:
+        log.info("resuming %s: %d categories kept (%s), %d to compute", run_dir, len(kept), ", ".join(kept) or "none",
+                 len(todo))
     started = time.perf_counter()
     results: list[CategoryResult] = []
     tracker = Tracker(config.wandb, "benchmark", run_dir, config.model_dump(mode="json"))
-    with tracker, Progress(jobs) as progress:
-        pipeline = BenchmarkPipeline(config, on_event=progress)
-        for result in pipeline.run(jobs):
-            folder = write_category(run_dir, result, config)
-            tracker.log_category(result, pipeline.transform)
-            tracker.log_bank(result.job, folder)
-            log.info("%s done: %s -> %s", result.job.key, _headline(result), folder)
+    cluster: dict = {}
+    with tracker, Progress(todo, stall_s=config.cluster.stall_warning_s) as progress:
+        for result in kept.values():
+            tracker.log_category(result, image_transform(result.bank.metadata))
             results.append(result)
+        transform = image_transform(next(iter(kept.values())).bank.metadata) if kept else None
+        if todo:
+            log.info("Ray: %s; resources %s", start_ray(), ray.cluster_resources())
+            pipeline = BenchmarkPipeline(config, on_event=progress)
+            progress.waiting = pipeline.waiting_for
+            transform = pipeline.transform
+            for result in pipeline.run(todo):
+                folder = write_category(run_dir, result, config)
+                tracker.log_category(result, transform)
+                tracker.log_bank(result.job, folder)
+                log.info("%s done: %s -> %s", result.job.key, _headline(result), folder)
+                results.append(result)
+            peak_rss_mb = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)  # KiB on Linux
+            cluster = {"plan": pipeline.plan.summary(), **pipeline.actor_stats(), "resources": ray.cluster_resources(),
+                       "driver_peak_rss_mb": peak_rss_mb}
         seconds = time.perf_counter() - started
         order = {job.key: position for position, job in enumerate(jobs)}
         results.sort(key=lambda result: order[result.job.key])
-        stats = pipeline.actor_stats()
-        peak_rss_mb = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)  # ru_maxrss is KiB on Linux
-        extra = {
-            "cluster": {"plan": pipeline.plan.summary(), **stats, "resources": ray.cluster_resources(),
-                        "driver_peak_rss_mb": peak_rss_mb},
-        }
+        extra = {"cluster": cluster, "resumed": sorted(kept)} if resume is not None else {"cluster": cluster}
         payload = summary(config, results, seconds, extra)
         write_json(run_dir / "summary.json", payload)
-        report = write_report(run_dir, results, pipeline.transform, payload)
+        report = write_report(run_dir, results, transform, payload)
         tracker.log_run(results, payload, figure_paths(run_dir, results))
     print(format_table(results))
-    print(f"\n{len(results)} categories in {seconds:.1f} s -> {run_dir} (report: {report})")
+    print(f"\n{len(results)} categories in {seconds:.1f} s -> {run_dir.resolve()} (report: {report.resolve()})")
     return run_dir
 
 
@@ -112,19 +173,28 @@ def _headline(result: CategoryResult) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m jobs.benchmark", description=__doc__.split("\n")[0])
-    add_config_arguments(parser)
+    add_config_arguments(parser, required=False)
     parser.add_argument("--run-name", help="output folder name under output_dir (default: <name>-<UTC time>)")
     parser.add_argument("--categories", help="comma-separated subset, e.g. bottle,cable or mvtec_ad/bottle")
+    parser.add_argument("--resume", type=Path, metavar="RUN_DIR",
+                        help="continue the run in RUN_DIR with its recorded config: finished categories are kept")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
-    try:
+    return run_job(lambda: _run_from_args(args), args.debug)
+
+
+def _run_from_args(args: argparse.Namespace) -> Path:
+    if args.resume is None:
+        if args.config is None:
+            raise ConfigError("--config is required (or --resume RUN_DIR to continue a run)")
         config = config_from_args(args)
-        only = set(args.categories.split(",")) if args.categories else None
-        run(config, args.run_name, only)
-    except (ConfigError, DatasetError) as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 2
-    return 0
+        return run(config, args.run_name, set(args.categories.split(",")) if args.categories else None)
+    if args.run_name or args.categories:
+        raise ConfigError("--resume continues a run as it was started: --run-name and --categories cannot change it")
+    recorded = recorded_config(args.resume)
+    requested = load_config(args.config or args.resume / RUN_CONFIG, config_overrides(args))
+    return run(resume_config(recorded, resolved(requested, category_jobs(requested, None)), args.resume),
+               resume=args.resume)
 
 
 if __name__ == "__main__":

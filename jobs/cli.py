@@ -4,7 +4,11 @@ from __future__ import annotations
 
 import argparse
 import copy
+import json
 import logging
+import os
+import tempfile
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -14,8 +18,8 @@ from anomaly_core.backbones import PACKAGE_WEIGHTS, RANDOM_INIT
 from anomaly_core.config import ConfigError, RunConfig, parse_config
 
 
-def add_config_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--config", required=True, type=Path, help="YAML run configuration (see configs/)")
+def add_config_arguments(parser: argparse.ArgumentParser, required: bool = True) -> None:
+    parser.add_argument("--config", required=required, type=Path, help="YAML run configuration (see configs/)")
     parser.add_argument(
         "--set",
         dest="overrides",
@@ -27,13 +31,17 @@ def add_config_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--wandb", choices=("auto", "online", "offline", "off"),
                         help="W&B tracking mode, overriding wandb.mode of the config")
+    parser.add_argument("--debug", action="store_true", help="print the traceback of an error as well")
+
+
+def config_overrides(args: argparse.Namespace) -> list[str]:
+    """``--set`` assignments, with ``--wandb`` as one more (quoted: in YAML a bare off reads as false)."""
+    return list(args.overrides) + ([f'wandb.mode="{args.wandb}"'] if args.wandb else [])
 
 
 def config_from_args(args: argparse.Namespace) -> RunConfig:
     """The validated config of a job's command line (--config, --set ..., --wandb)."""
-    # Quoted: --set values are YAML, where a bare off reads as false.
-    overrides = list(args.overrides) + ([f'wandb.mode="{args.wandb}"'] if args.wandb else [])
-    return load_config(args.config, overrides)
+    return load_config(args.config, config_overrides(args))
 
 
 def category_parser(prog: str, doc: str) -> argparse.ArgumentParser:
@@ -110,6 +118,46 @@ def check_paths(config: RunConfig, source: str) -> None:
         raise ConfigError(f"{source}: backbone.weights: weights file not found: {weights}")
 
 
+def check_writable(folder: Path, key: str) -> None:
+    """Create ``folder`` and prove a file can be written there; ``key`` names the setting it came from."""
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=folder, prefix=".write-check-"):
+            pass
+    except OSError as error:
+        raise ConfigError(f"{key}: cannot write to {folder}: {error.strerror or error}") from None
+    if not os.access(folder, os.W_OK | os.X_OK):
+        raise ConfigError(f"{key}: folder {folder} is not writable")
+
+
+# Where a relative output_dir goes when the job runs in a Jobs API working_dir (a copy deleted with the session).
+OUTPUT_ROOT_VARIABLE = "ANOMALY_BENCH_OUTPUT"
+DEFAULT_OUTPUT_ROOT = "~/anomaly-bench"
+
+
+def submitted_working_dir(environ: Mapping[str, str]) -> str | None:
+    """The ``working_dir`` of a job submitted through Ray's Jobs API, whose cwd is a temporary copy of it."""
+    try:
+        job = json.loads(environ.get("RAY_JOB_CONFIG_JSON_ENV_VAR") or "{}")
+    except ValueError:
+        return None
+    runtime_env = job.get("runtime_env") if isinstance(job, dict) else None
+    return (runtime_env or {}).get("working_dir") or None
+
+
+def durable_output_dir(config: RunConfig, environ: Mapping[str, str]) -> RunConfig:
+    """A relative ``output_dir`` of a submitted job resolves under $ANOMALY_BENCH_OUTPUT (default
+    ~/anomaly-bench) on the driver's node: in the job's working directory it would vanish with the
+    Ray session, taking a whole benchmark's banks and report with it."""
+    if Path(config.output_dir).is_absolute() or not submitted_working_dir(environ):
+        return config
+    target = Path(environ.get(OUTPUT_ROOT_VARIABLE) or DEFAULT_OUTPUT_ROOT).expanduser().resolve() / config.output_dir
+    logging.getLogger("jobs").warning(
+        "output_dir %r is relative and this job runs in a temporary copy of its working_dir: writing to %s instead "
+        "(set %s, or an absolute output_dir, to choose)", config.output_dir, target, OUTPUT_ROOT_VARIABLE)
+    return config.model_copy(update={"output_dir": str(target)})
+
+
 def load_config(path: Path, overrides: list[str]) -> RunConfig:
     raw = read_yaml(path)
     if raw is None:
@@ -120,4 +168,4 @@ def load_config(path: Path, overrides: list[str]) -> RunConfig:
         raw = apply_override(raw, assignment)
     config = parse_config(raw, str(path))
     check_paths(config, str(path))
-    return config
+    return durable_output_dir(config, os.environ)

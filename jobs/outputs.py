@@ -31,9 +31,17 @@ def write_yaml(path: Path, payload: Any) -> None:
     atomic_write(path, lambda tmp: Path(tmp).write_text(yaml.safe_dump(payload, sort_keys=False)))
 
 
+def deployment_thresholds(result: CategoryResult) -> dict[str, Any]:
+    """The thresholds bank.json carries for jobs.predict: the validation quantiles, else the test set's F1-optimal."""
+    if result.thresholds is not None:
+        return result.thresholds
+    values = result.report.values
+    return {"image": values.get("image_threshold"), "pixel": values.get("pixel_threshold"), "source": THRESHOLD_SOURCE}
+
+
 def prediction_records(result: CategoryResult) -> list[dict[str, Any]]:
-    """anomalib-style per-image records: pred_score, pred_label (at the F1-optimal image threshold)."""
-    threshold = result.report.values.get("image_threshold")
+    """anomalib-style per-image records: pred_score, pred_label (at the deployment image threshold)."""
+    threshold = deployment_thresholds(result)["image"]
     records = []
     for sample, score in zip(result.test_samples, result.predictions.scores):
         records.append({
@@ -47,18 +55,30 @@ def prediction_records(result: CategoryResult) -> list[dict[str, Any]]:
     return records
 
 
+# Where the thresholds written into bank.json come from; jobs.predict shows it with every prediction.
+THRESHOLD_SOURCE = ("F1-optimal on this evaluation's labelled test set: optimistic as a deployment threshold, "
+                    "since it was tuned on the images it is judged on")
+
+
 def write_category(run_dir: Path, result: CategoryResult, config: RunConfig) -> Path:
+    """Bank, predictions and config of one category; ``metrics.json`` last, as the mark of a finished category.
+
+    ``--resume`` keeps a category only when its ``metrics.json`` exists and names the bank beside it.
+    """
     folder = run_dir / result.job.dataset / result.job.split.category
-    values = result.report.values
-    # F1-optimal thresholds of this evaluation travel with the bank, so jobs.predict can label images.
-    result.bank.metadata["thresholds"] = {"image": values.get("image_threshold"), "pixel": values.get("pixel_threshold")}
+    # The thresholds travel with the bank, together with the scoring that produced the scores they
+    # apply to: jobs.predict scores with the bank's recorded scoring, so thresholds from one scoring
+    # must never meet scores of another.
+    result.bank.metadata["thresholds"] = deployment_thresholds(result)
+    result.bank.metadata["scoring"] = config.scoring.model_dump()
     save_bank(result.bank, folder)
-    write_json(folder / "metrics.json", {**result.report.to_dict(), "timings": result.timings})
     write_yaml(folder / "config.yaml", config.model_dump(mode="json"))
     predictions = folder / "predictions"
     write_json(predictions / "predictions.json", prediction_records(result))
     maps = {"anomaly_maps": np.ascontiguousarray(result.predictions.maps, dtype=np.float16)}
     atomic_write(predictions / "anomaly_maps.safetensors", lambda tmp: save_file(maps, tmp))
+    write_json(folder / "metrics.json", {**result.report.to_dict(), "timings": result.timings,
+                                         "bank_sha256": result.bank.sha256})
     return folder
 
 
@@ -88,6 +108,7 @@ def summary(config: RunConfig, results: list[CategoryResult], run_seconds: float
         "timings": {"total_s": round(run_seconds, 3), "images_per_s": round(total_images / max(run_seconds, 1e-9), 3),
                     **extra.get("timings", {})},
         "cluster": extra.get("cluster", {}),
+        **({"resumed": extra["resumed"]} if "resumed" in extra else {}),
         "machine": {"platform": platform.platform(), "python": platform.python_version()},
         "config": config.model_dump(mode="json"),
     }

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import math
 import sys
 from datetime import datetime, timezone
 from pathlib import Path
@@ -26,13 +27,14 @@ from typing import Any, Sequence
 import numpy as np
 import torch
 
-from anomaly_core.backbones import WeightsError
 from anomaly_core.bank import BankError, MemoryBank, atomic_write, check_compatible, load_bank, write_json
 from anomaly_core.config import WandbConfig
-from anomaly_core.data import IMAGE_EXTENSIONS, DatasetError, read_rgb
+from anomaly_core.data import IMAGE_EXTENSIONS, image_size, read_rgb
 from anomaly_core.extraction import ExtractionSettings, PatchFeatureExtractor
 from anomaly_core.features import PatchFeatures
 from anomaly_core.scoring import NearestNeighbourScorer, ScoringParams, predict
+from jobs.cli import check_writable
+from jobs.errors import run_job
 from jobs.report import display_image, heatmap_overlay, write_png
 from jobs.tracking import Tracker, TrackingError, is_wandb_ref, parse_wandb_ref
 
@@ -72,6 +74,8 @@ def rebuild_extractor(metadata: dict[str, Any], weights: str | None, source: str
             patch_size=metadata["patch_size"],
             pretrain_dim=metadata["pretrain_dim"],
             target_dim=metadata["feature_dim"],
+            batch_size=metadata.get("batch_size", ExtractionSettings.batch_size),
+            fp16=metadata.get("fp16", False),
         )
     except KeyError as missing:
         raise BankError(f"{source}: bank metadata lacks {missing}, so its extractor cannot be rebuilt") from None
@@ -85,17 +89,36 @@ def thresholds(metadata: dict[str, Any], override: float | None, source: str) ->
 
     Image scores and map values share a unit (distance to the nearest bank patch), so a single
     ``--threshold`` serves both; a bank without a pixel threshold (no masks at evaluation) uses its
-    image threshold for the masks.
+    image threshold for the masks. Recorded thresholds must be finite numbers: a NaN labels nothing
+    anomalous, and a string would fail half-way through writing the outputs.
     """
     if override is not None:
         return {"image": override, "pixel": override, "source": "--threshold"}
     recorded = metadata.get("thresholds") or {}
-    if recorded.get("image") is None:
+    if not isinstance(recorded, dict) or recorded.get("image") is None:
         raise PredictError(f"{source} records no image threshold (its evaluation had no anomalous images, or it "
                            f"predates thresholds in bank.json); pass --threshold X")
+    for key in ("image", "pixel"):
+        value = recorded.get(key)
+        if value is not None and not (isinstance(value, (int, float)) and not isinstance(value, bool)
+                                      and math.isfinite(value)):
+            raise BankError(f"{source}: bank.json thresholds.{key} is {value!r}, not a finite number; pass --threshold X")
     pixel = recorded.get("pixel")
-    return {"image": recorded["image"], "pixel": pixel if pixel is not None else recorded["image"],
-            "source": "bank.json" if pixel is not None else "bank.json (image threshold used for masks)"}
+    origin = "bank.json" + ("" if pixel is not None else " (image threshold used for masks)")
+    if recorded.get("source"):
+        origin += f": {recorded['source']}"
+    return {"image": recorded["image"], "pixel": pixel if pixel is not None else recorded["image"], "source": origin}
+
+
+def finite_float(text: str) -> float:
+    """argparse type of ``--threshold``: a finite number (NaN or inf would label every image alike)."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+    if not math.isfinite(value):
+        raise argparse.ArgumentTypeError(f"{text!r} is not a finite number")
+    return value
 
 
 def check_grid(metadata: dict[str, Any], grid: tuple[int, int], source: str) -> None:
@@ -157,6 +180,9 @@ def predict_images(
 def run(args: argparse.Namespace) -> Path:
     out_dir = Path(args.out or Path("outputs") / f"predict-{datetime.now(timezone.utc):%Y%m%d-%H%M%S}")
     root, images = input_images(args.input)
+    for path in images:
+        image_size(path)  # an unreadable file fails here, before any output is written
+    check_writable(out_dir, "--out")
     if is_wandb_ref(args.bank):
         # The predict run joins the bank's project, so the bank's lineage shows it there.
         entity, project, _ = parse_wandb_ref(args.bank)
@@ -189,18 +215,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--input", required=True, type=Path, help="an image, or a folder of images (searched recursively)")
     parser.add_argument("--out", type=Path, help="output folder (default: outputs/predict-<UTC time>)")
     parser.add_argument("--weights", help="backbone weights (path or 'package'), overriding the bank's record")
-    parser.add_argument("--threshold", type=float, help="anomaly threshold for scores and maps (default: the bank's)")
+    parser.add_argument("--threshold", type=finite_float, help="anomaly threshold for scores and maps (default: the bank's)")
     parser.add_argument("--wandb", choices=("auto", "online", "offline", "off"),
                         help="W&B tracking of this prediction (default: auto for a wandb: bank, else off)")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="torch device")
+    parser.add_argument("--debug", action="store_true", help="print the traceback of an error as well")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
-    try:
-        run(args)
-    except (PredictError, BankError, WeightsError, DatasetError, TrackingError) as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 2
-    return 0
+    return run_job(lambda: run(args), args.debug, (PredictError, TrackingError))
 
 
 if __name__ == "__main__":

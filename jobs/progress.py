@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import logging
 import sys
+import threading
 import time
 from contextlib import ExitStack
 from dataclasses import dataclass
@@ -65,6 +66,7 @@ class Progress:
         tty: bool | None = None,
         interval_s: float = 10.0,
         clock: Callable[[], float] = time.monotonic,
+        stall_s: float = 0.0,
     ) -> None:
         self.stages = {
             "extracted": Stage("extract", sum(len(job.split.train) for job in jobs), "img"),
@@ -75,6 +77,13 @@ class Progress:
         self.clock = clock
         self.started = clock()
         self.last_line = float("-inf")
+        self.last_event = self.started
+        # What the run waits for, asked only when it stalls; the pipeline sets it once it exists.
+        self.waiting: Callable[[], str] = lambda: "the cluster to start"
+        self.stall_s = stall_s
+        self._stop = threading.Event()
+        if stall_s > 0:
+            threading.Thread(target=self._watch, name="stall-watch", daemon=True).start()
         self.bars: dict[str, tqdm] = {}
         self.terminal = ExitStack()
         if (sys.stderr.isatty() if tty is None else tty):
@@ -84,7 +93,18 @@ class Progress:
             # Log records written while the bars are up would tear them; route them through tqdm.
             self.terminal.enter_context(logging_redirect_tqdm())
 
+    def _watch(self) -> None:
+        """Say what the run waits for when no stage has finished for ``stall_s`` (then every ``stall_s``)."""
+        warned_at = self.last_event
+        while not self._stop.wait(min(self.stall_s / 4, 30.0)):
+            now = self.clock()
+            quiet_since = max(self.last_event, warned_at)
+            if now - quiet_since >= self.stall_s:
+                warned_at = now
+                log.warning("no progress for %s: waiting for %s", format_seconds(now - self.last_event), self.waiting())
+
     def __call__(self, kind: str, info: dict[str, Any]) -> None:
+        self.last_event = self.clock()
         if kind == "done":
             self._finished(info.get("seconds", self.clock() - self.started))
             return
@@ -111,6 +131,7 @@ class Progress:
 
     def close(self) -> None:
         """Close the bars (idempotent), so later output does not land inside them; later events are logged."""
+        self._stop.set()
         for bar in self.bars.values():
             bar.close()
         self.bars.clear()

@@ -66,11 +66,14 @@ def api_key_configured(environ: dict[str, str] | None = None) -> bool:
 
 
 def resolve_mode(mode: str, environ: dict[str, str] | None = None) -> str:
-    """``auto`` becomes ``online`` when credentials are configured, else ``offline``."""
+    """``auto`` follows W&B's own ``WANDB_MODE`` (offline, disabled) where a node sets it; otherwise it
+    becomes ``online`` when credentials are configured, else ``offline``."""
     if mode not in ("auto", "online", "offline", "off"):
         raise ValueError(f"W&B mode must be auto, online, offline or off; got {mode!r}")
     if mode == "auto":
-        return "online" if api_key_configured(environ) else "offline"
+        environ = os.environ if environ is None else environ
+        forced = {"offline": "offline", "dryrun": "offline", "disabled": "off"}.get(environ.get("WANDB_MODE", ""))
+        return forced or ("online" if api_key_configured(environ) else "offline")
     return mode
 
 

@@ -8,6 +8,13 @@ sees no CUDA here, so the extractors run on CPU). Images are 128 -> 112 to keep 
 from __future__ import annotations
 
 import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -16,7 +23,7 @@ import torch
 from ray.cluster_utils import Cluster
 
 from anomaly_core.bank import load_bank
-from anomaly_core.config import parse_config
+from anomaly_core.config import ThresholdConfig, parse_config
 from anomaly_core.coreset import greedy_coreset
 from anomaly_core.data import CategorySplit, load_split
 from anomaly_core.extraction import ExtractionSettings, PatchFeatureExtractor
@@ -27,8 +34,9 @@ from cluster.pipeline import BenchmarkPipeline, CategoryJob
 from jobs import benchmark
 from jobs import build_bank as build_bank_job
 from jobs import evaluate as evaluate_job
+from jobs.outputs import write_category
 
-from .conftest import TIRE_ROOT
+from .conftest import REPO, TIRE_ROOT
 
 
 def tire_config(**cluster):
@@ -70,6 +78,13 @@ def tire_job():
 
 
 @pytest.fixture(scope="module")
+def pipeline(ray_cluster):
+    """One pipeline (2 extractors) shared by the fault tests, which come last in this module: its actors
+    hold the cluster's GPUs until the module ends, so no later test could place its own extractors."""
+    return BenchmarkPipeline(tire_config(num_extractors=2))
+
+
+@pytest.fixture(scope="module")
 def reference(tire_job):
     """The single-process engine, no Ray: the numbers every cluster run must reproduce bit for bit."""
     config = tire_config()
@@ -99,14 +114,6 @@ def test_cluster_run_equals_single_process_engine(ray_cluster, tire_job, referen
     assert np.array_equal(result.predictions.maps, reference["predictions"].maps)
     assert result.report.values == reference["report"].values
     assert result.report.values["pixel_auroc"] > 0.9
-
-
-def test_killed_extractor_is_replaced_and_result_unchanged(ray_cluster, tire_job, reference):
-    pipeline = BenchmarkPipeline(tire_config(num_extractors=2))
-    refs = pipeline._submit(tire_job.split.train)
-    ray.kill(pipeline.extractors[0], no_restart=False)  # dies with its shards queued or running
-    bank = pipeline.build_bank(tire_job, refs)
-    assert bank.sha256 == reference["bank"].sha256
 
 
 def test_killed_coreset_holder_is_rebuilt_and_picks_unchanged(ray_cluster, reference):
@@ -144,7 +151,7 @@ def test_killed_coreset_holder_is_rebuilt_and_picks_unchanged(ray_cluster, refer
 
 
 def test_two_round_mode_reports_radius(ray_cluster, tire_job):
-    pipeline = BenchmarkPipeline(tire_config(num_extractors=2, coreset_shards=2).model_copy(
+    pipeline = BenchmarkPipeline(tire_config(num_extractors=1, coreset_shards=2).model_copy(
         update={"coreset": tire_config().coreset.model_copy(update={"distributed": "two_round"})}))
     bank = pipeline.build_bank(tire_job)
     info = bank.metadata["coreset"]
@@ -199,20 +206,51 @@ def test_infeasible_plan_fails_before_any_work(ray_cluster, tmp_path, capsys):
 
 
 def test_build_bank_then_evaluate_jobs(ray_cluster, tmp_path, capsys):
-    """jobs.build_bank writes a bank that jobs.evaluate scores; a bank built at another size is refused."""
+    """jobs.build_bank writes a bank that jobs.evaluate scores; a bank built at another size is refused.
+
+    Evaluated with another scoring than it was built with, the bank written beside the metrics records
+    that scoring: the thresholds it carries are on that scoring's scale, and jobs.predict scores with it.
+    """
     config_path = tmp_path / "tire.yaml"
-    config_path.write_text(json.dumps(tire_config(num_extractors=2).model_dump(mode="json")))  # JSON is YAML
+    config_path.write_text(json.dumps(tire_config(num_extractors=1).model_dump(mode="json")))  # JSON is YAML
     common = ["--config", str(config_path), "--category", "tire", "--set", f"output_dir={tmp_path}"]
     assert build_bank_job.main(common + ["--out", str(tmp_path / "bank")]) == 0
     bank = load_bank(tmp_path / "bank")
-    assert bank.metadata["category"] == "tire" and bank.metadata["scoring"]["k"] == 1
-    assert evaluate_job.main(common + ["--bank", str(tmp_path / "bank"), "--out", str(tmp_path / "eval")]) == 0
-    metrics = json.loads((tmp_path / "eval" / "tire_small" / "tire" / "metrics.json").read_text())["values"]
+    assert bank.metadata["category"] == "tire" and bank.metadata["scoring"]["reweight_neighbours"] == 0
+    reweighted = common + ["--bank", str(tmp_path / "bank"), "--out", str(tmp_path / "eval"),
+                           "--set", "scoring.reweight_neighbours=3"]
+    assert evaluate_job.main(reweighted) == 0
+    folder = tmp_path / "eval" / "tire_small" / "tire"
+    metrics = json.loads((folder / "metrics.json").read_text())["values"]
     assert metrics["image_auroc"] > 0.65 and metrics["pixel_auroc"] > 0.93
+    recorded = json.loads((folder / "bank.json").read_text())
+    assert recorded["scoring"]["reweight_neighbours"] == 3 and recorded["bank_sha256"] == bank.sha256
+    assert recorded["thresholds"]["image"] == metrics["image_threshold"]
+    assert "F1-optimal on this evaluation's labelled test set" in recorded["thresholds"]["source"]
     capsys.readouterr()
     mismatched = common + ["--bank", str(tmp_path / "bank"), "--set", "preprocess.crop=96"]
     assert evaluate_job.main(mismatched) == 2
     assert "crop: bank has 112, inference uses 96" in capsys.readouterr().err
+
+
+def test_truncated_image_found_by_an_actor_is_one_clear_error(ray_cluster, tmp_path, capsys):
+    """A file whose header reads but whose pixels do not passes preflight; the extractor's error is unwrapped."""
+    root = tmp_path / "data"
+    split = load_split("mvtec", TIRE_ROOT, "tire")
+    for sample in (*split.train[:4], *split.test[:2]):
+        for source in filter(None, (sample.image_path, sample.mask_path)):
+            target = root / Path(source).relative_to(TIRE_ROOT)
+            target.parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy(source, target)
+    broken = root / Path(split.train[2].image_path).relative_to(TIRE_ROOT)
+    broken.write_bytes(broken.read_bytes()[:2000])
+    config = tire_config(num_extractors=1).model_dump(mode="json")
+    config["datasets"][0]["root"] = str(root)
+    config_path = tmp_path / "broken.yaml"
+    config_path.write_text(json.dumps(config))
+    assert benchmark.main(["--config", str(config_path), "--set", f"output_dir={tmp_path}/out"]) == 2
+    error = capsys.readouterr().err
+    assert error.startswith(f"error: cannot read image file {broken}") and "Traceback" not in error
 
 
 def test_categories_stream_through_a_bounded_lookahead(ray_cluster, tire_job, reference):
@@ -228,3 +266,103 @@ def test_categories_stream_through_a_bounded_lookahead(ray_cluster, tire_job, re
     copy_seed = coreset_seed(config.seed, "tire_copy", "tire")
     expected = build_bank(reference["train"], "approximate", 0.1, 128, copy_seed, {})
     assert results["tire_copy/tire"].bank.sha256 == expected.sha256 != reference["bank"].sha256
+
+
+def test_driver_killed_then_resumed_equals_the_undisturbed_run(ray_cluster, reference, tire_job, tmp_path):
+    """SIGKILL the driver after its first category; --resume keeps that one and computes the other.
+
+    Both datasets hold the ``tire_job`` slice; the undisturbed numbers are the single-process
+    engine's (the cluster equals them, tested above), so no second full run is needed.
+    """
+    root = tmp_path / "slice"
+    for sample in (*tire_job.split.train, *tire_job.split.test):
+        for source in filter(None, (sample.image_path, sample.mask_path)):
+            target = root / Path(source).relative_to(TIRE_ROOT)
+            target.parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy(source, target)
+    config = tire_config(num_extractors=1, prefetch_categories=1).model_dump(mode="json")
+    config["datasets"] = [{"name": name, "format": "mvtec", "root": str(root)} for name in ("tire_small", "tire_copy")]
+    config["output_dir"] = str(tmp_path)
+    config_path = tmp_path / "two.yaml"
+    config_path.write_text(json.dumps(config))
+    run_dir = tmp_path / "killed"
+    driver = subprocess.Popen([sys.executable, "-m", "jobs.benchmark", "--config", str(config_path), "--run-name",
+                               "killed"], cwd=REPO, env={**os.environ, "RAY_ADDRESS": ray_cluster.address},
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    first = run_dir / "tire_small" / "tire" / "metrics.json"
+    deadline = time.monotonic() + 300
+    while not first.exists() and driver.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.05)
+    driver.send_signal(signal.SIGKILL)
+    driver.wait()
+    assert first.exists() and not (run_dir / "tire_copy" / "tire" / "metrics.json").exists()
+    kept_bank = run_dir / "tire_small" / "tire" / "bank.safetensors"
+    kept_mtime = kept_bank.stat().st_mtime_ns
+
+    assert benchmark.main(["--resume", str(run_dir), "--set", "scoring.k=3"]) == 2  # never two configs in one run
+    assert benchmark.main(["--resume", str(run_dir)]) == 0
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert summary["resumed"] == ["tire_small/tire"] and kept_bank.stat().st_mtime_ns == kept_mtime
+    kept, computed = summary["categories"]
+    assert kept["bank_sha256"] == reference["bank"].sha256 and kept["metrics"] == reference["report"].values
+    copy_bank = build_bank(reference["train"], "approximate", 0.1, 128, coreset_seed(0, "tire_copy", "tire"), {})
+    assert computed["bank_sha256"] == copy_bank.sha256
+
+
+def test_killed_extractor_is_replaced_and_result_unchanged(pipeline, tire_job, reference):
+    refs = pipeline._submit(tire_job.split.train)
+    ray.kill(pipeline.extractors[0], no_restart=False)  # dies with its shards queued or running
+    bank = pipeline.build_bank(tire_job, refs)
+    assert bank.sha256 == reference["bank"].sha256
+
+
+def test_killed_evaluator_is_replaced_and_scores_unchanged(pipeline, tire_job, reference):
+    pending = pipeline.submit_evaluation(tire_job, reference["bank"])
+    ray.kill(pipeline.evaluators[pending.slot], no_restart=False)  # dies with its scoring queued or running
+    result = pipeline.collect(pending)
+    assert np.array_equal(result.predictions.scores, reference["predictions"].scores)
+    assert result.report.values == reference["report"].values
+
+
+def test_validation_thresholds_come_from_held_out_good_images(pipeline, tire_job, tmp_path):
+    """thresholds.source=validation: a seeded quarter of the good training images leaves the bank and
+    sets bank.json's thresholds (a quantile of their scores); the test labels set nothing."""
+    config = tire_config(num_extractors=2).model_copy(update={
+        "thresholds": ThresholdConfig(source="validation", validation_split=0.25), "output_dir": str(tmp_path)})
+    job = benchmark.with_validation(config, tire_job)
+    assert len(job.split.train) == 9 and len(job.validation) == 3
+    assert not set(job.validation) & set(job.split.train) and set(job.validation) <= set(tire_job.split.train)
+    (result,) = pipeline.run([job])
+    assert result.bank.metadata["n_train_images"] == 9
+    settings = ExtractionSettings.from_config(config)
+    torch.set_num_threads(1)
+    extractor = PatchFeatureExtractor(settings)
+    held_out = predict(NearestNeighbourScorer(result.bank.features, scoring_params(config)),
+                       extractor.extract(job.validation, range(3)), settings.crop)
+    assert result.thresholds["validation_scores"] == [float(score) for score in held_out.scores]
+    assert result.thresholds["image"] == float(np.quantile(held_out.scores, 0.99)) > 0
+    assert result.thresholds["pixel"] == float(np.quantile(held_out.maps, 0.99))
+    assert result.thresholds["image"] != result.report.values["image_threshold"]
+    folder = write_category(tmp_path, result, config)
+    recorded = json.loads((folder / "bank.json").read_text())["thresholds"]
+    assert recorded["image"] == result.thresholds["image"] and "no test image or label was used" in recorded["source"]
+    labels = [record["pred_label"] for record in json.loads((folder / "predictions" / "predictions.json").read_text())]
+    assert labels == [int(score >= result.thresholds["image"]) for score in result.predictions.scores]
+
+
+def test_worker_node_lost_mid_benchmark_and_replaced(ray_cluster, pipeline, tire_job, reference):
+    """A worker node (an extractor, holders, an evaluator and features on it) leaves after extraction and a
+    fresh node joins: actors restart there, lost features are rebuilt from lineage, numbers unchanged.
+
+    Last in this module: it leaves the cluster with a replaced node.
+    """
+    refs = pipeline._submit(tire_job.split.train)
+    ray.wait(refs, num_returns=len(refs), fetch_local=False)
+    victim = next(node for node in ray_cluster.worker_nodes
+                  if node.node_id == pipeline.plan.extractors[1].node_id)
+    ray_cluster.remove_node(victim, allow_graceful=False)  # a crash, not a drain
+    ray_cluster.add_node(num_cpus=1, num_gpus=1, node_ip_address="127.0.0.1")
+    bank = pipeline.build_bank(tire_job, refs)
+    assert bank.sha256 == reference["bank"].sha256
+    result = pipeline.collect(pipeline.submit_evaluation(tire_job, bank))
+    assert np.array_equal(result.predictions.scores, reference["predictions"].scores)

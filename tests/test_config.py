@@ -1,10 +1,11 @@
 """Config files: every bundled config validates; bad keys, types and paths give one clear error each."""
 
+import json
 from pathlib import Path
 
 import pytest
 
-from anomaly_core.config import ConfigError
+from anomaly_core.config import ConfigError, parse_config
 from jobs.cli import apply_override, load_config, read_yaml
 
 from .conftest import REPO
@@ -72,3 +73,17 @@ def test_unknown_category_is_named_with_what_exists():
     listed = load_config(REPO / "configs" / "demo.yaml", ["datasets.0.categories=[tyre]"])
     with pytest.raises(ConfigError, match=r"datasets.0.categories: \['tyre'\] not found"):
         category_jobs(listed, None)
+
+
+def test_submitted_jobs_write_relative_outputs_somewhere_durable(tmp_path):
+    """In a Jobs API working_dir copy a relative output_dir would vanish with the session: it moves under
+    $ANOMALY_BENCH_OUTPUT (default ~/anomaly-bench); absolute ones and local runs stay as they are."""
+    from jobs.cli import durable_output_dir
+
+    config = parse_config({"datasets": [{"name": "d", "format": "synthetic", "root": "x"}], "output_dir": "outputs"}, "t")
+    submitted = {"RAY_JOB_CONFIG_JSON_ENV_VAR": json.dumps({"runtime_env": {"working_dir": "gcs://_ray_pkg_1.zip"}})}
+    assert durable_output_dir(config, {}).output_dir == "outputs"
+    assert durable_output_dir(config, {**submitted, "ANOMALY_BENCH_OUTPUT": str(tmp_path)}).output_dir == str(tmp_path / "outputs")
+    assert durable_output_dir(config, submitted).output_dir == str(Path("~/anomaly-bench/outputs").expanduser().resolve())
+    absolute = config.model_copy(update={"output_dir": str(tmp_path / "abs")})
+    assert durable_output_dir(absolute, submitted).output_dir == str(tmp_path / "abs")

@@ -134,3 +134,40 @@ def test_wandb_bank_reference_needs_online_tracking(split, tmp_path, capsys):
     assert main(["--bank", "wandb:me/proj/bank-mvtec-tire:latest", "--input", split.test[0].image_path,
                  "--out", str(tmp_path / "out"), "--wandb", "off"]) == 2
     assert "needs an online W&B run" in capsys.readouterr().err
+
+
+def test_nan_or_text_thresholds_are_refused(bank_dir, split, tmp_path, capsys):
+    image = split.test[0].image_path
+    with pytest.raises(SystemExit) as exited:
+        main(["--bank", str(bank_dir), "--input", image, "--threshold", "nan"])
+    assert exited.value.code == 2 and "'nan' is not a finite number" in capsys.readouterr().err
+    texty = _edit_metadata(bank_dir, tmp_path / "texty", thresholds={"image": "high", "pixel": 1.0})
+    out = tmp_path / "out"
+    assert main(["--bank", str(texty), "--input", image, "--out", str(out)]) == 2
+    assert "thresholds.image is 'high', not a finite number" in capsys.readouterr().err
+    assert not out.exists() or not any(out.rglob("*.*"))
+
+
+def test_unreadable_input_or_output_fails_before_any_output(bank_dir, inputs, tmp_path, capsys):
+    fake = inputs / "zz notes.png"
+    fake.write_text("not an image")
+    out = tmp_path / "out"
+    assert main(["--bank", str(bank_dir), "--input", str(inputs), "--out", str(out)]) == 2
+    error = capsys.readouterr().err
+    assert f"cannot read image file {fake}" in error and "Traceback" not in error
+    assert not out.exists() or not any(out.rglob("*.*"))
+    fake.unlink()
+    blocker = tmp_path / "file"
+    blocker.write_text("x")
+    assert main(["--bank", str(bank_dir), "--input", str(inputs), "--out", str(blocker / "out")]) == 2
+    assert "--out: cannot write to" in capsys.readouterr().err
+
+
+def test_names_with_spaces_and_non_ascii(bank_dir, split, tmp_path):
+    folder = tmp_path / "eingang ü"
+    folder.mkdir()
+    (folder / "bild 1 é.png").write_bytes(open(split.test[0].image_path, "rb").read())
+    out = tmp_path / "aus gabe"
+    assert main(["--bank", str(bank_dir), "--input", str(folder), "--out", str(out)]) == 0
+    record = json.loads((out / "predictions.json").read_text())["predictions"][0]
+    assert record["image_path"] == str(folder / "bild 1 é.png") and (out / record["overlay"]).is_file()

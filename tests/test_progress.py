@@ -1,6 +1,7 @@
 """Progress: periodic log lines with rate and ETA when not a TTY, tqdm bars on a terminal."""
 
 import logging
+import time
 from types import SimpleNamespace
 
 from anomaly_core.metrics import MetricReport
@@ -45,3 +46,16 @@ def test_format_seconds():
     assert format_seconds(None) == "?"
     assert format_seconds(75) == "1m15s"
     assert format_seconds(3725) == "1h02m05s"
+
+
+def test_a_stalled_run_says_what_it_waits_for(caplog):
+    progress = Progress(_jobs(), tty=False, stall_s=0.2)
+    progress.waiting = lambda: "extraction of d/a (10 train images, 2 extractors); free in the cluster now: {'CPU': 0.0}"
+    with caplog.at_level(logging.WARNING, logger="jobs.progress"):
+        deadline = time.monotonic() + 5
+        while not caplog.records and time.monotonic() < deadline:
+            time.sleep(0.05)
+        progress.close()
+    (record, *_) = caplog.records
+    assert record.getMessage().startswith("no progress for 0m00s: waiting for extraction of d/a")
+    assert "free in the cluster now: {'CPU': 0.0}" in record.getMessage()

@@ -262,6 +262,9 @@ def test_auto_mode_goes_online_only_with_local_credentials(tmp_path):
     assert api_key_configured({"NETRC": str(netrc)})
     assert not api_key_configured({"NETRC": str(netrc), "WANDB_BASE_URL": "https://wandb.example.com"})
     assert resolve_mode("offline", {"WANDB_API_KEY": FAKE_KEY}) == "offline"
+    # W&B's own switch, where a cluster node sets it, wins over credentials in auto mode
+    assert resolve_mode("auto", {"WANDB_API_KEY": FAKE_KEY, "WANDB_MODE": "offline"}) == "offline"
+    assert resolve_mode("auto", {"WANDB_API_KEY": FAKE_KEY, "WANDB_MODE": "disabled"}) == "off"
     with pytest.raises(ValueError, match="auto, online, offline or off"):
         resolve_mode("disabled")
 

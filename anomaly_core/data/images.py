@@ -15,6 +15,7 @@ from PIL import Image
 
 from .sample import DatasetError
 
+MAX_MASK_LEVELS = 8
 _WIDE_GRAY = ("I", "I;16", "I;16B", "I;16L", "I;16N")
 
 
@@ -54,8 +55,24 @@ def image_size(path: str | Path) -> tuple[int, int]:
 
 
 def read_mask(path: str | Path) -> np.ndarray:
-    """``bool [H, W]``: a pixel is anomalous when any of its channels is > 0 (alpha ignored)."""
+    """``bool [H, W]``: a pixel is anomalous when any of its channels is > 0 (alpha ignored).
+
+    Masks are 0 for normal pixels and one value (or, in class-coded masks, a few values) for
+    anomalous ones. A grey gradient (a soft or resampled mask, or a photo saved as a mask) has no
+    single meaning of "anomalous", and reading it as ``> 0`` would silently inflate the defect area,
+    so a mask with more than ``MAX_MASK_LEVELS`` non-zero levels is refused.
+    """
     with _opened(path) as im:
         if im.mode in ("1", "L", "F", *_WIDE_GRAY):
-            return np.asarray(im) > 0
-        return (np.asarray(im.convert("RGB")) > 0).any(axis=2)
+            values = np.asarray(im)
+        else:
+            values = np.asarray(im.convert("RGB")).max(axis=2)
+    levels = np.unique(values)
+    levels = levels[levels > 0]
+    if len(levels) > MAX_MASK_LEVELS:
+        raise DatasetError(
+            f"mask {path} is not binary: it holds {len(levels)} non-zero levels ({levels.min()}..{levels.max()}); "
+            f"a mask must be 0 for normal pixels and one value (at most {MAX_MASK_LEVELS}) for anomalous ones; "
+            f"binarise it (e.g. anomalous where >= 128) rather than let every faint pixel count as a defect"
+        )
+    return values > 0

@@ -14,6 +14,7 @@ from .sample import (
     CategorySplit,
     DatasetError,
     Sample,
+    check_orphan_masks,
     dataset_root,
     find_mask,
     list_images,
@@ -67,6 +68,7 @@ class TreeLayout:
                     expected = mask_dir / f"{path.stem}{self.mask_suffixes[0]}.png"
                     raise DatasetError(f"missing mask for anomalous image {path}: expected {expected}")
                 test.append(Sample(str(path), 1, str(mask) if mask else None, category, defect, "test"))
+            check_orphan_masks(masks, [path.stem for path in images], self.mask_suffixes, cat / self.test_images.format(defect=defect))
         return make_split(self.fmt, base, category, train, test)
 
 

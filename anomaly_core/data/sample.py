@@ -58,15 +58,17 @@ def subdirs(directory: Path) -> list[str]:
 def list_images(directory: Path) -> list[Path]:
     """Sorted image files directly in ``directory``.
 
-    Hidden files (e.g. macOS ``._x.png`` resource forks) and non-image files are skipped.
+    Hidden files (e.g. macOS ``._x.png`` resource forks) and non-image files are skipped; a
+    symlink with an image name that leads nowhere is an error.
     """
     if not directory.is_dir():
         raise DatasetError(f"missing image directory: {directory}")
-    return sorted(
-        p
-        for p in directory.iterdir()
-        if p.is_file() and not p.name.startswith(".") and p.suffix.lower() in IMAGE_EXTENSIONS
-    )
+    images = [p for p in directory.iterdir() if not p.name.startswith(".") and p.suffix.lower() in IMAGE_EXTENSIONS]
+    for path in images:
+        # A dangling or looping symlink is not a file; skipping it would silently shrink the split.
+        if path.is_symlink() and not path.is_file():
+            raise DatasetError(f"image link {path} points to nothing readable (broken or looping symbolic link)")
+    return sorted(p for p in images if p.is_file())
 
 
 def masks_by_stem(mask_dir: Path) -> dict[str, list[Path]]:
@@ -91,6 +93,15 @@ def find_mask(masks: dict[str, list[Path]], stem: str, suffixes: tuple[str, ...]
         if found:
             return found[0]
     return None
+
+
+def check_orphan_masks(masks: dict[str, list[Path]], stems: list[str], suffixes: tuple[str, ...], image_dir: Path) -> None:
+    """A mask whose image is missing means an incomplete copy of the data: the test set would shrink silently."""
+    used = {stem + suffix for stem in stems for suffix in suffixes}
+    for stem, paths in sorted(masks.items()):
+        if stem not in used:
+            image = next((stem[: -len(suffix)] for suffix in suffixes if suffix and stem.endswith(suffix)), stem)
+            raise DatasetError(f"mask {paths[0]} has no image (expected {image_dir / image}.<png|jpg|...>)")
 
 
 def make_split(fmt: str, root: Path, category: str, train: list[Sample], test: list[Sample]) -> CategorySplit:

@@ -1,0 +1,59 @@
+"""Everything a run can check before its first actor starts, so a bad input costs seconds, not a run.
+
+* the model: backbone name, layers and weights are built once on the driver's CPU (the actors would
+  otherwise die one by one, each with a remote traceback), and one blank image gives the patch grid;
+* the data: every category's files (``anomaly_core.data.checks``: headers, sizes, masks), and test
+  images where the job scores them;
+* the numbers that depend on both: ``scoring.k`` against the bank each category will get;
+* the output folder: created and written to now, not after the whole pipeline has run.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Sequence
+
+import torch
+
+from anomaly_core.backbones import WeightsError
+from anomaly_core.config import ConfigError, RunConfig
+from anomaly_core.coreset import coreset_size
+from anomaly_core.data.checks import check_split
+from anomaly_core.extraction import ExtractionSettings, PatchFeatureExtractor
+from cluster.pipeline import CategoryJob
+
+log = logging.getLogger("jobs.preflight")
+
+
+def check_model(config: RunConfig) -> tuple[int, int]:
+    """Build the configured extractor on the CPU; returns its patch grid. Errors name the config key."""
+    settings = ExtractionSettings.from_config(config)
+    try:
+        extractor = PatchFeatureExtractor(settings, device="cpu")
+    except WeightsError as error:
+        raise ConfigError(f"backbone ({settings.backbone}, layers {list(settings.layers)}, weights "
+                          f"{settings.weights}): {error}") from None
+    _, grid = extractor.embed_batch(torch.zeros(1, 3, settings.crop, settings.crop))
+    return grid
+
+
+def check_jobs(config: RunConfig, jobs: Sequence[CategoryJob], need_test: bool, grid: tuple[int, int]) -> None:
+    """Every category's files, and ``scoring.k`` against the bank size it will get."""
+    for job in jobs:
+        check_split(job.split, job.root, need_test)
+        patches = len(job.split.train) * grid[0] * grid[1]
+        bank = patches if config.coreset.method == "none" else coreset_size(patches, None, config.coreset.ratio)
+        if config.scoring.k > bank:
+            raise ConfigError(
+                f"scoring.k={config.scoring.k} exceeds the memory bank of {job.key}: {bank} patches "
+                f"({len(job.split.train)} train images x {grid[0] * grid[1]} patches, coreset.ratio {config.coreset.ratio})"
+            )
+
+
+def preflight(config: RunConfig, jobs: Sequence[CategoryJob], need_test: bool) -> tuple[int, int]:
+    """Model, data and ``k`` checks of a job; returns the patch grid."""
+    grid = check_model(config)
+    check_jobs(config, jobs, need_test, grid)
+    log.info("preflight: %d categories, %d images checked; patch grid %dx%d", len(jobs),
+             sum(len(job.split.train) + len(job.split.test) for job in jobs), *grid)
+    return grid

@@ -1,0 +1,96 @@
+"""``--resume RUN_DIR``: a run whose driver died continues; its finished categories are kept, verified.
+
+A category counts as finished when its ``metrics.json`` (written last) exists, names the bank beside
+it by sha256, and that bank loads and matches its own recorded digest; its predictions are read back
+for the run's report. Anything else is recomputed from scratch. The run's resolved configuration is
+recorded at its start (``run_config.yaml``), so a resume needs no ``--config``, and one given anyway
+must equal it: numbers of two configurations never mix in one summary.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import yaml
+from safetensors.numpy import load_file
+
+from anomaly_core.bank import BankError, load_bank
+from anomaly_core.config import ConfigError, RunConfig, parse_config
+from anomaly_core.metrics import MetricReport
+from anomaly_core.scoring import Predictions
+from cluster.pipeline import CategoryJob, CategoryResult
+
+log = logging.getLogger("jobs.resume")
+
+RUN_CONFIG = "run_config.yaml"
+# Keys a resume may change: they decide where results are reported, never what they are.
+RESUMABLE_CHANGES = ("wandb.mode",)
+
+
+def recorded_config(run_dir: Path) -> RunConfig:
+    path = run_dir / RUN_CONFIG
+    if not path.is_file():
+        raise ConfigError(f"--resume {run_dir}: no {RUN_CONFIG} there; it is not a run folder of jobs.benchmark")
+    try:
+        raw = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as error:
+        raise ConfigError(f"{path}: not valid YAML: {error}") from None
+    return parse_config(raw, str(path))
+
+
+def differences(recorded: Any, requested: Any, prefix: str = "") -> list[str]:
+    """Dotted keys whose values differ between two plain config dumps, with both values."""
+    if isinstance(recorded, dict) and isinstance(requested, dict):
+        found = []
+        for key in sorted(set(recorded) | set(requested)):
+            found += differences(recorded.get(key), requested.get(key), f"{prefix}{key}.")
+        return found
+    if recorded != requested:
+        return [f"{prefix.rstrip('.')}: run has {recorded!r}, now {requested!r}"]
+    return []
+
+
+def resume_config(recorded: RunConfig, requested: RunConfig, run_dir: Path) -> RunConfig:
+    """``requested`` when it differs from the run's ``recorded`` config in resumable keys only."""
+    changed = [line for line in differences(recorded.model_dump(mode="json"), requested.model_dump(mode="json"))
+               if line.split(":")[0] not in RESUMABLE_CHANGES]
+    if changed:
+        raise ConfigError(f"--resume {run_dir}: the configuration differs from the run's ({RUN_CONFIG}):\n  "
+                          + "\n  ".join(changed) + "\nresume without --config, or start a new run")
+    return requested
+
+
+def finished_category(run_dir: Path, job: CategoryJob) -> CategoryResult | None:
+    """The category's recorded result, if it is complete and consistent; else None (recompute it)."""
+    folder = run_dir / job.dataset / job.split.category
+    metrics_path = folder / "metrics.json"
+    if not metrics_path.is_file():
+        return None
+    try:
+        record = json.loads(metrics_path.read_text())
+        bank = load_bank(folder)
+        if record.get("bank_sha256") != bank.sha256:
+            raise BankError(f"{metrics_path} names bank {record.get('bank_sha256')}, the folder holds {bank.sha256}")
+        predictions = _predictions(folder / "predictions", job)
+        report = MetricReport(record["values"], record["notes"])
+        timings = record["timings"]
+    except (BankError, OSError, ValueError, KeyError, TypeError) as error:
+        log.warning("%s: the recorded result cannot be used (%s); computing it again", job.key, error)
+        return None
+    return CategoryResult(job, bank, predictions, report, timings)
+
+
+def _predictions(folder: Path, job: CategoryJob) -> Predictions:
+    records = json.loads((folder / "predictions.json").read_text())
+    paths = [record["image_path"] for record in records]
+    if paths != [sample.image_path for sample in job.split.test]:
+        raise ValueError(f"{folder / 'predictions.json'} lists other test images than the dataset now holds")
+    maps = load_file(str(folder / "anomaly_maps.safetensors"))["anomaly_maps"].astype(np.float32)
+    if len(maps) != len(records):
+        raise ValueError(f"{folder / 'anomaly_maps.safetensors'} holds {len(maps)} maps for {len(records)} images")
+    scores = np.asarray([record["pred_score"] for record in records], dtype=np.float64)
+    return Predictions(scores, maps, np.arange(len(records), dtype=np.int64))
