@@ -223,10 +223,11 @@ class BenchmarkPipeline:
         params, crop = scoring_params(self.config), self.settings.crop
         evaluator = self.evaluators[slot]
         prediction_refs = [evaluator.score.remote(job.key, bank_ref, params, ref, crop, threads) for ref in test_refs]
+        # Before finish, which frees the category's scorer on the evaluator.
+        validation = [evaluator.score.remote(job.key, bank_ref, params, ref, crop, threads) for ref in validation_refs]
         metrics_ref = evaluator.finish.remote(
             job.key, list(job.split.test), self.transform, self.config.metrics.pro_fpr_limit, *prediction_refs
         )
-        validation = [evaluator.score.remote(job.key, bank_ref, params, ref, crop, threads) for ref in validation_refs]
         pending = PendingEvaluation(job, bank, metrics_ref, slot, threads, time.perf_counter(), validation)
         self._evaluating.append(pending)
         return pending

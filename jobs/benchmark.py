@@ -27,7 +27,7 @@ from anomaly_core.thresholds import hold_out
 from cluster.pipeline import BenchmarkPipeline, CategoryJob, CategoryResult
 from jobs.cli import add_config_arguments, check_writable, config_from_args, config_overrides, load_config
 from jobs.errors import run_job
-from jobs.outputs import format_table, run_directory, summary, write_category, write_yaml
+from jobs.outputs import format_table, released, run_directory, summary, write_category, write_yaml
 from jobs.preflight import preflight
 from jobs.progress import Progress
 from jobs.ray_runtime import start_ray
@@ -135,7 +135,7 @@ def run(config: RunConfig, run_name: str | None = None, only: set[str] | None = 
     with tracker, Progress(todo, stall_s=config.cluster.stall_warning_s) as progress:
         for result in kept.values():
             tracker.log_category(result, image_transform(result.bank.metadata))
-            results.append(result)
+            results.append(released(result))
         transform = image_transform(next(iter(kept.values())).bank.metadata) if kept else None
         if todo:
             log.info("Ray: %s; resources %s", start_ray(), ray.cluster_resources())
@@ -147,7 +147,7 @@ def run(config: RunConfig, run_name: str | None = None, only: set[str] | None = 
                 tracker.log_category(result, transform)
                 tracker.log_bank(result.job, folder)
                 log.info("%s done: %s -> %s", result.job.key, _headline(result), folder)
-                results.append(result)
+                results.append(released(result))
             peak_rss_mb = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)  # KiB on Linux
             cluster = {"plan": pipeline.plan.summary(), **pipeline.actor_stats(), "resources": ray.cluster_resources(),
                        "driver_peak_rss_mb": peak_rss_mb}

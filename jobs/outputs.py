@@ -8,6 +8,7 @@ Every file is written atomically, so an interrupted run never leaves a half-writ
 from __future__ import annotations
 
 import platform
+from dataclasses import replace
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
@@ -16,10 +17,11 @@ import numpy as np
 import yaml
 from safetensors.numpy import save_file
 
-from anomaly_core.bank import atomic_write, save_bank, write_json
+from anomaly_core.bank import MemoryBank, atomic_write, save_bank, write_json
 from anomaly_core.config import RunConfig
 from anomaly_core.metrics import METRIC_NAMES, MetricReport, mean_metrics
 from cluster.pipeline import CategoryResult
+from jobs.report import bank_rows_and_sha256
 
 
 def run_directory(config: RunConfig, run_name: str | None) -> Path:
@@ -82,6 +84,15 @@ def write_category(run_dir: Path, result: CategoryResult, config: RunConfig) -> 
     return folder
 
 
+def released(result: CategoryResult) -> CategoryResult:
+    """The result without its bank's rows (they are on disk): a run holds every category's result for
+    its summary and report, and banks (~100 MB each at full size) would grow the driver per category."""
+    rows, digest = bank_rows_and_sha256(result)
+    metadata = {**result.bank.metadata, "memory_size": rows, "bank_sha256": digest}
+    empty = np.empty((0, result.bank.features.shape[1]), np.float32)
+    return replace(result, bank=MemoryBank(empty, metadata))
+
+
 def summary(config: RunConfig, results: list[CategoryResult], run_seconds: float, extra: dict[str, Any]) -> dict[str, Any]:
     categories = []
     for result in results:
@@ -95,8 +106,8 @@ def summary(config: RunConfig, results: list[CategoryResult], run_seconds: float
             "n_train": len(result.job.split.train),
             "n_test": len(result.test_samples),
             "images": images,
-            "memory_size": int(result.bank.features.shape[0]),
-            "bank_sha256": result.bank.sha256,
+            "memory_size": bank_rows_and_sha256(result)[0],
+            "bank_sha256": bank_rows_and_sha256(result)[1],
         })
     mean = mean_metrics([result.report for result in results]) if results else MetricReport({}, {})
     total_images = sum(entry["images"] for entry in categories)

@@ -41,6 +41,14 @@ DPI = 110
 # --- tables -------------------------------------------------------------------------------------
 
 
+def bank_rows_and_sha256(result: CategoryResult) -> tuple[int, str]:
+    """The bank's size and digest, from its saved record once ``released`` has dropped its rows."""
+    bank = result.bank
+    if len(bank.features) == 0 and "bank_sha256" in bank.metadata:
+        return int(bank.metadata["memory_size"]), str(bank.metadata["bank_sha256"])
+    return int(bank.features.shape[0]), bank.sha256
+
+
 def metric_rows(results: Sequence[CategoryResult]) -> list[dict[str, Any]]:
     """One row per category and a last ``mean`` row (thresholds and sizes are per category only)."""
     rows = []
@@ -50,7 +58,7 @@ def metric_rows(results: Sequence[CategoryResult]) -> list[dict[str, Any]]:
             "dataset": result.job.dataset,
             "category": result.job.split.category,
             **{name: values.get(name) for name in (*METRIC_NAMES, *THRESHOLD_NAMES)},
-            "memory_size": int(result.bank.features.shape[0]),
+            "memory_size": bank_rows_and_sha256(result)[0],
             "n_train": len(result.job.split.train),
             "n_test": len(result.test_samples),
         })
