@@ -67,6 +67,7 @@ class Evaluator:
             "images": self.images_done,
             "busy_s": round(self.busy_seconds, 3),
             "images_per_s": round(self.images_done / self.busy_seconds, 3) if self.busy_seconds else None,
+            "banks_held": len(self.scorers),  # 0 between categories: finish frees each category's scorer
         }
 
 

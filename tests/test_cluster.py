@@ -348,6 +348,8 @@ def test_validation_thresholds_come_from_held_out_good_images(pipeline, tire_job
     assert recorded["image"] == result.thresholds["image"] and "no test image or label was used" in recorded["source"]
     labels = [record["pred_label"] for record in json.loads((folder / "predictions" / "predictions.json").read_text())]
     assert labels == [int(score >= result.thresholds["image"]) for score in result.predictions.scores]
+    # the held-out images are scored before finish frees the category's bank on the evaluator
+    assert [stats["banks_held"] for stats in pipeline.actor_stats()["evaluators"]] == [0, 0]
 
 
 def test_worker_node_lost_mid_benchmark_and_replaced(ray_cluster, pipeline, tire_job, reference):
