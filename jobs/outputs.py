@@ -80,7 +80,7 @@ def write_category(run_dir: Path, result: CategoryResult, config: RunConfig) -> 
     maps = {"anomaly_maps": np.ascontiguousarray(result.predictions.maps, dtype=np.float16)}
     atomic_write(predictions / "anomaly_maps.safetensors", lambda tmp: save_file(maps, tmp))
     write_json(folder / "metrics.json", {**result.report.to_dict(), "timings": result.timings,
-                                         "bank_sha256": result.bank.sha256})
+                                         "bank_sha256": result.bank.metadata["bank_sha256"]})
     return folder
 
 
@@ -97,6 +97,7 @@ def summary(config: RunConfig, results: list[CategoryResult], run_seconds: float
     categories = []
     for result in results:
         images = len(result.job.split.train) + len(result.test_samples)
+        rows, digest = bank_rows_and_sha256(result)
         categories.append({
             "dataset": result.job.dataset,
             "category": result.job.split.category,
@@ -106,8 +107,8 @@ def summary(config: RunConfig, results: list[CategoryResult], run_seconds: float
             "n_train": len(result.job.split.train),
             "n_test": len(result.test_samples),
             "images": images,
-            "memory_size": bank_rows_and_sha256(result)[0],
-            "bank_sha256": bank_rows_and_sha256(result)[1],
+            "memory_size": rows,
+            "bank_sha256": digest,
         })
     mean = mean_metrics([result.report for result in results]) if results else MetricReport({}, {})
     total_images = sum(entry["images"] for entry in categories)

@@ -40,7 +40,7 @@ def check_model(config: RunConfig) -> tuple[int, int]:
 def check_jobs(config: RunConfig, jobs: Sequence[CategoryJob], need_test: bool, grid: tuple[int, int]) -> None:
     """Every category's files, and ``scoring.k`` against the bank size it will get."""
     for job in jobs:
-        check_split(job.split, job.root, need_test)
+        check_split(job.split, job.root, need_test, extra=job.validation)  # held-out images are read too
         patches = len(job.split.train) * grid[0] * grid[1]
         bank = patches if config.coreset.method == "none" else coreset_size(patches, None, config.coreset.ratio)
         if config.scoring.k > bank:

@@ -8,21 +8,24 @@ header is intact is caught when it is decoded, with the same kind of error namin
 
 from __future__ import annotations
 
+from typing import Sequence
+
 from .images import image_size, read_mask
-from .sample import CategorySplit, DatasetError
+from .transforms import mask_size_problem
+from .sample import CategorySplit, DatasetError, Sample
 
 MIN_IMAGE_SIDE = 32  # px; below this a resize to the backbone's input invents the image
 SHOWN_PROBLEMS = 10
 
 
-def check_split(split: CategorySplit, root: str, need_test: bool) -> None:
-    """Raise one DatasetError listing every unusable file of ``split`` (the first ten by name)."""
+def check_split(split: CategorySplit, root: str, need_test: bool, extra: Sequence[Sample] = ()) -> None:
+    """Raise one DatasetError listing every unusable file of ``split`` and ``extra`` (the first ten by name)."""
     where = f"category {split.category!r} under {root}"
     if need_test and not split.test:
         raise DatasetError(f"{where}: no test images (is the test/ folder missing or empty?); a benchmark or "
                            f"evaluation needs them — use jobs.build_bank to build a bank from train images alone")
     problems = []
-    for sample in (*split.train, *split.test):
+    for sample in (*split.train, *split.test, *extra):
         try:
             height, width = image_size(sample.image_path)
         except DatasetError as error:
@@ -32,16 +35,11 @@ def check_split(split: CategorySplit, root: str, need_test: bool) -> None:
             problems.append(f"image {sample.image_path} is {height}x{width} px, smaller than {MIN_IMAGE_SIDE} px")
         if sample.mask_path is not None:
             try:
-                mask_size = image_size(sample.mask_path)
-            except DatasetError as error:
-                problems.append(str(error))
-                continue
-            if mask_size != (height, width):
-                problems.append(f"mask {sample.mask_path} is {mask_size[0]}x{mask_size[1]} (HxW) but its image "
-                                f"{sample.image_path} is {height}x{width}")
-                continue
-            try:
-                read_mask(sample.mask_path)  # masks are few and small: decoded now, so a bad one costs no run
+                problem = mask_size_problem(sample, image_size(sample.mask_path), (height, width))
+                if problem:
+                    problems.append(problem)
+                else:
+                    read_mask(sample.mask_path)  # masks are few and small: decoded now, so a bad one costs no run
             except DatasetError as error:
                 problems.append(str(error))
     if problems:

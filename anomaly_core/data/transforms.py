@@ -73,10 +73,15 @@ def load_mask(sample: Sample, transform: ImageTransform) -> torch.Tensor | None:
     if sample.mask_path is None:
         return None if sample.label == 1 else torch.zeros(transform.crop, transform.crop, dtype=torch.bool)
     mask = read_mask(sample.mask_path)
-    size = image_size(sample.image_path)
-    if mask.shape != size:
-        raise DatasetError(
-            f"mask {sample.mask_path} is {mask.shape[0]}x{mask.shape[1]} (HxW) but its image "
-            f"{sample.image_path} is {size[0]}x{size[1]}"
-        )
+    problem = mask_size_problem(sample, mask.shape, image_size(sample.image_path))
+    if problem:
+        raise DatasetError(problem)
     return transform.mask(mask)
+
+
+def mask_size_problem(sample: Sample, mask_shape: tuple[int, ...], size: tuple[int, int]) -> str | None:
+    """Why a mask cannot be aligned with its image (None if it can): sizes must be equal."""
+    if tuple(mask_shape) == tuple(size):
+        return None
+    return (f"mask {sample.mask_path} is {mask_shape[0]}x{mask_shape[1]} (HxW) but its image "
+            f"{sample.image_path} is {size[0]}x{size[1]}")
