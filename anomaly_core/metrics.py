@@ -14,10 +14,13 @@ split's millions of pixels are sorted once, not three times.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Sequence
+from typing import TYPE_CHECKING, Mapping, Sequence
 
 import numpy as np
 from scipy import ndimage
+
+if TYPE_CHECKING:  # annotations only: importing the data package would pull in torch
+    from anomaly_core.data import Sample
 
 METRIC_NAMES: tuple[str, ...] = (
     "image_auroc",
@@ -107,6 +110,41 @@ def compute_metrics(
     return MetricReport(values=values, notes=notes)
 
 
+def group_indices(samples: Sequence[Sample], groups: Mapping[str, Sequence[str]]) -> dict[str, list[int]]:
+    """Per group (name -> defect types, e.g. ``data.metric_groups(fmt)``), the sorted indices of the ``samples``
+    it is scored on: every normal image plus the anomalies of its defect types.
+
+    Sharing the normal images is how MVTec LOCO scores structural and logical anomalies apart.
+    """
+    normal = [index for index, sample in enumerate(samples) if sample.label == 0]
+    return {
+        name: sorted(normal + [i for i, s in enumerate(samples) if s.label == 1 and s.defect_type in types])
+        for name, types in groups.items()
+    }
+
+
+def group_metrics(
+    groups: Mapping[str, Sequence[int]],
+    labels: np.ndarray,
+    scores: np.ndarray,
+    masks: np.ndarray | None = None,
+    maps: np.ndarray | None = None,
+    fpr_limit: float = 0.3,
+) -> dict[str, MetricReport]:
+    """``compute_metrics`` of each group's index subset (``group_indices``) of one category's test arrays."""
+    reports = {}
+    for name, indices in groups.items():
+        take = np.asarray(indices, dtype=np.int64)
+        reports[name] = compute_metrics(
+            np.asarray(labels)[take],
+            np.asarray(scores)[take],
+            None if masks is None else np.asarray(masks)[take],
+            None if maps is None else np.asarray(maps)[take],
+            fpr_limit,
+        )
+    return reports
+
+
 def mean_metrics(reports: Sequence[MetricReport]) -> MetricReport:
     """Per-metric mean over the categories where the metric is defined.
 
@@ -118,7 +156,8 @@ def mean_metrics(reports: Sequence[MetricReport]) -> MetricReport:
         raise ValueError("reports is empty: nothing to average")
     values: dict[str, float | None] = {}
     notes: dict[str, str] = {}
-    for name in METRIC_NAMES:
+    grouped = sorted({name for r in reports for name in r.values if "/" in name})  # e.g. logical/image_auroc
+    for name in [*METRIC_NAMES, *grouped]:
         defined = [r.values[name] for r in reports if r.values.get(name) is not None]
         skipped = len(reports) - len(defined)
         values[name] = float(np.mean(defined)) if defined else None

@@ -19,18 +19,22 @@ class PatchEmbedder:
     patch_size: int = 3
     pretrain_dim: int = 1024
     target_dim: int = 1024
+    stride: int = 1  # between neighbourhood centres, as patchcore-inspection's PatchMaker
 
     def __post_init__(self) -> None:
         if self.patch_size < 1 or self.patch_size % 2 == 0:
             raise ValueError(f"patch_size must be a positive odd number, got {self.patch_size}")
+        if self.stride < 1:
+            raise ValueError(f"patch stride must be >= 1, got {self.stride}")
         if self.pretrain_dim < 1 or self.target_dim < 1:
             raise ValueError(f"pretrain_dim and target_dim must be positive, got {self.pretrain_dim}, {self.target_dim}")
 
     def _neighbourhoods(self, feature_map: torch.Tensor) -> torch.Tensor:
-        """[B, C, H, W] -> [B, H, W, C, p, p]: every position with its p x p neighbourhood."""
+        """[B, C, H, W] -> [B, H', W', C, p, p]: every ``stride``-th position with its p x p neighbourhood."""
         batch, channels, height, width = feature_map.shape
         pad = self.patch_size // 2
-        unfolded = F.unfold(feature_map, kernel_size=self.patch_size, padding=pad, stride=1)
+        unfolded = F.unfold(feature_map, kernel_size=self.patch_size, padding=pad, stride=self.stride)
+        height, width = ((side + 2 * pad - self.patch_size) // self.stride + 1 for side in (height, width))
         unfolded = unfolded.reshape(batch, channels, self.patch_size, self.patch_size, height, width)
         return unfolded.permute(0, 4, 5, 1, 2, 3)
 
@@ -48,10 +52,12 @@ class PatchEmbedder:
     @torch.inference_mode()
     def __call__(self, feature_maps: list[torch.Tensor]) -> tuple[torch.Tensor, tuple[int, int]]:
         """Feature maps of one batch -> ([B * H * W, target_dim] float32 embeddings, (H, W) grid)."""
-        grid = tuple(feature_maps[0].shape[-2:])
+        reference = self._neighbourhoods(feature_maps[0].float())
+        grid = tuple(reference.shape[1:3])
         per_layer = []
-        for feature_map in feature_maps:
-            patches = self._resize_neighbourhoods(self._neighbourhoods(feature_map.float()), grid)
+        for position, feature_map in enumerate(feature_maps):
+            patches = reference if position == 0 else self._neighbourhoods(feature_map.float())
+            patches = self._resize_neighbourhoods(patches, grid)
             flat = patches.reshape(-1, 1, patches[0, 0, 0].numel())
             per_layer.append(F.adaptive_avg_pool1d(flat, self.pretrain_dim).squeeze(1))
         stacked = torch.stack(per_layer, dim=1).reshape(per_layer[0].shape[0], 1, -1)

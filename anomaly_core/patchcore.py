@@ -9,7 +9,8 @@ from __future__ import annotations
 
 import hashlib
 import time
-from typing import Any, Sequence
+from collections.abc import Mapping, Sequence
+from typing import Any
 
 import numpy as np
 
@@ -18,7 +19,7 @@ from anomaly_core.bank import MemoryBank
 from anomaly_core.coreset import greedy_coreset
 from anomaly_core.data import ImageTransform, Sample, load_mask
 from anomaly_core.features import PatchFeatures, coreset_points, coverage_radius_space
-from anomaly_core.metrics import MetricReport, compute_metrics
+from anomaly_core.metrics import METRIC_NAMES, MetricReport, compute_metrics, group_indices, group_metrics
 from anomaly_core.scoring import Predictions, ScoringParams
 from anomaly_core.seeding import derive_seed
 
@@ -33,6 +34,11 @@ def train_list_sha256(samples: Sequence[Sample], root: str) -> str:
 
 def coreset_seed(seed: int, dataset: str, category: str) -> int:
     return derive_seed(seed, dataset, category, "coreset")
+
+
+def augment_base_seed(seed: int, dataset: str, category: str) -> int:
+    """The base of every augmented copy's seed in a category (``augment.augment_seed`` adds image and copy)."""
+    return derive_seed(seed, dataset, category, "augment")
 
 
 def build_bank(
@@ -78,16 +84,25 @@ def ground_truth(samples: Sequence[Sample], transform: ImageTransform) -> tuple[
 
 
 def evaluate(
-    samples: Sequence[Sample], predictions: Predictions, transform: ImageTransform, fpr_limit: float
+    samples: Sequence[Sample], predictions: Predictions, transform: ImageTransform, fpr_limit: float,
+    groups: Mapping[str, Sequence[str]] | None = None,
 ) -> MetricReport:
-    """Metrics of one category from its full set of predictions (in sample-index order)."""
+    """Metrics of one category from its full set of predictions (in sample-index order).
+
+    ``groups`` (``data.metric_groups``: MVTec LOCO's structural and logical anomalies) adds each
+    group's metrics as ``<group>/<metric>``, scored on all normal images plus the group's anomalies.
+    """
     if not np.array_equal(predictions.sample_indices, np.arange(len(samples))):
         raise ValueError("predictions must cover every test sample exactly once, in index order")
     labels, masks = ground_truth(samples, transform)
-    return compute_metrics(labels, predictions.scores, masks, predictions.maps if masks is not None else None, fpr_limit)
+    maps = predictions.maps if masks is not None else None
+    report = compute_metrics(labels, predictions.scores, masks, maps, fpr_limit)
+    subsets = group_metrics(group_indices(samples, groups or {}), labels, predictions.scores, masks, maps, fpr_limit)
+    for group, sub in subsets.items():
+        report.values.update({f"{group}/{name}": sub.values.get(name) for name in METRIC_NAMES})
+        report.notes.update({f"{group}/{name}": note for name, note in sub.notes.items() if name in METRIC_NAMES})
+    return report
 
 
 def scoring_params(config: Any) -> ScoringParams:
-    return ScoringParams(
-        k=config.scoring.k, reweight_neighbours=config.scoring.reweight_neighbours, blur_sigma=config.scoring.blur_sigma
-    )
+    return ScoringParams(**config.scoring.model_dump())

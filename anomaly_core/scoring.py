@@ -26,6 +26,13 @@ class ScoringParams:
     k: int = 1  # neighbours averaged into a patch score (PatchCore: 1)
     reweight_neighbours: int = 0  # b of the paper's eq. 7; 0 = image score is the plain max
     blur_sigma: float = 4.0
+    # euclidean: PatchCore's L2 distance. cosine: AnomalyDINO's 1 - cos(q, m), computed as ||q̂ - m̂||² / 2
+    # on unit-length rows, so the same exact kNN serves both.
+    distance: str = "euclidean"
+    # max: PatchCore's image score. mean_top_percent: mean of the top ``top_percent`` % patch scores
+    # (AnomalyDINO: 1 %), at least one patch.
+    image_score: str = "max"
+    top_percent: float = 1.0
 
     def __post_init__(self) -> None:
         if self.k < 1:
@@ -34,6 +41,21 @@ class ScoringParams:
             raise ValueError(f"scoring.reweight_neighbours must be 0 or >= 2, got {self.reweight_neighbours}")
         if self.blur_sigma < 0:
             raise ValueError(f"scoring.blur_sigma must be >= 0, got {self.blur_sigma}")
+        if self.distance not in ("euclidean", "cosine"):
+            raise ValueError(f"scoring.distance must be euclidean or cosine, got {self.distance!r}")
+        if self.image_score not in ("max", "mean_top_percent"):
+            raise ValueError(f"scoring.image_score must be max or mean_top_percent, got {self.image_score!r}")
+        if not 0 < self.top_percent <= 100:
+            raise ValueError(f"scoring.top_percent must be in (0, 100], got {self.top_percent}")
+        if self.reweight_neighbours and self.image_score != "max":
+            raise ValueError("scoring.reweight_neighbours re-weights the max patch score: it needs image_score=max")
+
+
+def unit_rows(rows: np.ndarray) -> np.ndarray:
+    """Rows scaled to unit length, each from its own values only (shard-independent); zero rows stay zero."""
+    rows = np.asarray(rows, dtype=np.float32)
+    norms = np.sqrt(np.einsum("ij,ij->i", rows.astype(np.float64), rows.astype(np.float64)))
+    return np.ascontiguousarray(rows / np.maximum(norms, 1e-12)[:, None].astype(np.float32), dtype=np.float32)
 
 
 class NearestNeighbourScorer:
@@ -44,13 +66,18 @@ class NearestNeighbourScorer:
             raise ValueError(f"memory bank must be a non-empty [M, D] array, got shape {bank.shape}")
         if params.k > len(bank):
             raise ValueError(f"scoring.k={params.k} exceeds the memory bank size {len(bank)}")
-        self.knn = ExactKnn(bank, device)
+        self.cosine = params.distance == "cosine"
+        self.knn = ExactKnn(unit_rows(bank) if self.cosine else bank, device)
         self.bank = self.knn.bank
         self.params = params
 
     def patch_scores(self, embeddings: np.ndarray, threads: int | None = None) -> tuple[np.ndarray, np.ndarray]:
         """Per-patch anomaly scores (mean distance to the k nearest bank rows) and nearest indices."""
+        if self.cosine:
+            embeddings = unit_rows(embeddings)
         distances, indices = self.knn.search(embeddings, self.params.k, threads)
+        if self.cosine:
+            distances = distances.astype(np.float64) ** 2 / 2  # 1 - cos for unit rows
         return distances.mean(axis=1), indices[:, 0]
 
     def score_images(self, embeddings: np.ndarray, threads: int | None = None) -> tuple[np.ndarray, np.ndarray]:
@@ -58,6 +85,9 @@ class NearestNeighbourScorer:
         n, patches, dim = embeddings.shape
         scores, nearest = self.patch_scores(embeddings.reshape(n * patches, dim), threads)
         scores, nearest = scores.reshape(n, patches), nearest.reshape(n, patches)
+        if self.params.image_score == "mean_top_percent":
+            count = max(1, int(patches * self.params.top_percent / 100))
+            return np.sort(scores, axis=1)[:, patches - count:].mean(axis=1), scores
         top = scores.argmax(axis=1)
         image_scores = scores[np.arange(n), top]
         b = self.params.reweight_neighbours
@@ -66,6 +96,7 @@ class NearestNeighbourScorer:
             # nearest rows (m* itself first), judged by distances from the anomalous patch.
             _, support = self.knn.search(self.bank[nearest[np.arange(n), top]], min(b, len(self.bank)))
             patch = np.ascontiguousarray(embeddings[np.arange(n), top], dtype=np.float32)
+            patch = unit_rows(patch) if self.cosine else patch
             distances = row_distances(patch, self.bank[support])
             weights = np.exp(distances - distances.max(axis=1, keepdims=True))
             image_scores = (1.0 - weights[:, 0] / weights.sum(axis=1)) * image_scores

@@ -36,6 +36,7 @@ def validation_thresholds(predictions: Predictions, quantile: float) -> dict[str
     return {
         "image": float(np.quantile(predictions.scores, quantile)),
         "pixel": float(np.quantile(predictions.maps, quantile)),
-        "source": f"quantile {quantile} of the scores of {n} good training images held out of the bank "
-                  f"(thresholds.source: validation); no test image or label was used",
+        "source": f"quantile {quantile} of the scores of {n} held-out good images (the dataset's validation "
+                  f"images, else training images kept out of the bank; thresholds.source: validation); "
+                  f"no test image or label was used",
     }

@@ -61,12 +61,19 @@ class MemorySampler:
     def _run(self) -> None:
         me = psutil.Process()
         while not self._stop.wait(self.every):
-            rss = {}
+            rss, roles, private = {}, {}, {}
             for process in psutil.process_iter(["name", "cmdline"]):
                 try:
                     line = " ".join(process.info["cmdline"] or [])
                     if process.pid == me.pid or "ray::" in line or "raylet" in line or "gcs_server" in line:
-                        rss[process.pid] = process.memory_info().rss / 2**20
+                        memory = process.memory_info()
+                        rss[process.pid] = memory.rss / 2**20
+                        role = _role(line, process.pid == me.pid)
+                        roles[role] = max(roles.get(role, 0.0), rss[process.pid])
+                        # RSS counts the object store's shared pages a process has touched, which grows as
+                        # the store's arena is reused at new offsets without any leak; anonymous memory
+                        # (RSS minus shared pages) is what a process really holds.
+                        private[role] = max(private.get(role, 0.0), (memory.rss - memory.shared) / 2**20)
                 except psutil.Error:
                     continue
             try:
@@ -74,13 +81,32 @@ class MemorySampler:
             except Exception:  # noqa: BLE001 - the cluster may be starting or stopping
                 store = None
             self.trace.append({"t": time.monotonic(), "object_store_mib": store, "driver_rss_mib": rss.get(me.pid, 0.0),
-                               "max_process_rss_mib": max(rss.values(), default=0.0), "sum_rss_mib": sum(rss.values())})
+                               "max_process_rss_mib": max(rss.values(), default=0.0), "sum_rss_mib": sum(rss.values()),
+                               "role_rss_mib": roles, "role_private_mib": private})
 
     def stop(self) -> dict[str, float]:
         self._stop.set()
         self._thread.join()
         keys = ("object_store_mib", "driver_rss_mib", "max_process_rss_mib", "sum_rss_mib")
         return {key: max((row[key] or 0.0) for row in self.trace) for key in keys}
+
+
+def _role(cmdline: str, driver: bool) -> str:
+    """``driver``, an actor class (``ray::Evaluator.score`` -> Evaluator), or the Ray daemon's name."""
+    if driver:
+        return "driver"
+    if "ray::" in cmdline:
+        return cmdline.split("ray::", 1)[1].split()[0].split(".")[0] or "ray worker"
+    return "raylet" if "raylet" in cmdline else "gcs_server"
+
+
+def role_quarters(trace: list[dict], key: str) -> dict[str, list[float]]:
+    """Peak memory (MiB, ``key`` of the trace) of each process role in each quarter of the run: growth
+    shows as a rising row."""
+    quarters = [trace[i * len(trace) // 4:(i + 1) * len(trace) // 4] for i in range(4)]
+    roles = sorted({role for row in trace for role in row[key]})
+    return {role: [round(max((row[key].get(role, 0.0) for row in part), default=0.0), 1) for part in quarters]
+            for role in roles}
 
 
 def make_config(root: Path, n_categories: int, output_dir: Path) -> dict:
@@ -127,6 +153,10 @@ def main() -> None:
                                  for entry in summary["categories"]],
               "trace": sampler.trace}
     print(f"{result['categories']} categories, {images} images in {seconds:.0f} s; peaks (MiB): {result['peaks_mib']}")
+    for key, what in (("role_rss_mib", "RSS"), ("role_private_mib", "private (RSS - shared)")):
+        result[f"quarters_{key}"] = role_quarters(sampler.trace, key)
+        for role, peaks in result[f"quarters_{key}"].items():
+            print(f"  {role:<20} peak {what} per quarter of the run (MiB): {peaks}")
     if args.json:
         args.json.write_text(json.dumps(result, indent=1))
 

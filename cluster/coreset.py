@@ -103,6 +103,9 @@ class HolderPool:
         return self.actors[slot]
 
 
+REBUILDS = 3  # replacements of a dead holder per call before the run gives up
+
+
 class HolderProxy:
     """``ShardLike`` view of a holder actor: pipelined calls, rebuilt and replayed if the actor dies."""
 
@@ -116,11 +119,15 @@ class HolderProxy:
         self.restarts = 0
 
     def _call(self, method: str, *args: Any) -> Any:
-        try:
-            return ray.get(getattr(self.actor, method).remote(*args))
-        except RayActorError:
-            self._rebuild()
-            return ray.get(getattr(self.actor, method).remote(*args))
+        """The call on the holder, rebuilt up to ``REBUILDS`` times: a holder restarted right after its node
+        crashed may be placed on that node again before Ray has declared it dead, and die with it."""
+        for attempt in range(REBUILDS + 1):
+            try:
+                return ray.get(getattr(self.actor, method).remote(*args))
+            except RayActorError:
+                if attempt == REBUILDS:
+                    raise
+                self._rebuild()
 
     def _rebuild(self) -> None:
         self.restarts += 1

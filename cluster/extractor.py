@@ -18,6 +18,7 @@ from typing import Sequence
 import ray
 import torch
 
+from anomaly_core.augment import Augmentation
 from anomaly_core.data import Sample
 from anomaly_core.extraction import ExtractionSettings, PatchFeatureExtractor
 from anomaly_core.features import PatchFeatures
@@ -44,10 +45,15 @@ class Extractor:
         return {"node": ray.get_runtime_context().get_node_id(), "gpu_ids": ray.get_gpu_ids()}
 
     @ray.method(num_returns=2)
-    def extract(self, samples: Sequence[Sample], indices: Sequence[int]) -> tuple[PatchFeatures, float]:
-        """The shard's features, and (a separate object, so the driver can read it without fetching
-        the features) the seconds they took."""
-        features = self.extractor.extract(samples, indices, decoder=self.decoders)
+    def extract(
+        self, samples: Sequence[Sample], indices: Sequence[int], augmentation: Augmentation | None = None,
+        seeds: Sequence[int] | None = None,
+    ) -> tuple[PatchFeatures, float]:
+        """The shard's features (of augmented copies when ``augmentation`` and per-image ``seeds`` are
+        given), and (a separate object, so the driver can read it without fetching the features) the
+        seconds they took."""
+        features = self.extractor.extract(samples, indices, decoder=self.decoders, augmentation=augmentation,
+                                          seeds=seeds)
         self.images_done += len(samples)
         self.busy_seconds += features.seconds
         return features, features.seconds
@@ -67,5 +73,8 @@ class Extractor:
 def extractor_actor(max_restarts: int):
     """The remote class; restarts and retries make a killed actor cost a shard, not the run.
 
+    Tasks are retried for as long as the actor can be restarted (``max_task_retries=-1``; exceptions
+    raised by the task itself are never retried): while a crashed node is not yet declared dead, calls
+    fail fast as "temporarily unavailable", and a fixed retry count ran out within seconds.
     Resources and node come per actor from the plan (``cluster.devices.pinned``)."""
-    return ray.remote(max_restarts=max_restarts, max_task_retries=max_restarts)(Extractor)
+    return ray.remote(max_restarts=max_restarts, max_task_retries=-1)(Extractor)

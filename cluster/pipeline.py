@@ -18,15 +18,18 @@ from typing import Any, Callable, Iterator, Sequence
 import ray
 
 from anomaly_core import __version__
+from anomaly_core.augment import Augmentation, augment_seed
 from anomaly_core.bank import MemoryBank, check_compatible
 from anomaly_core.config import RunConfig
-from anomaly_core.data import CategorySplit, ImageTransform, Sample
+from anomaly_core.data import CategorySplit, ImageTransform, Sample, metric_groups
 from anomaly_core.extraction import ExtractionSettings
+from anomaly_core.feature_cache import FeatureCache, cache_fields, cache_key
 from anomaly_core.features import coverage_radius_space
 from anomaly_core.metrics import MetricReport
-from anomaly_core.patchcore import coreset_seed, scoring_params, train_list_sha256
+from anomaly_core.patchcore import augment_base_seed, coreset_seed, scoring_params, train_list_sha256
 from anomaly_core.scoring import Predictions, merge_predictions
 from anomaly_core.thresholds import validation_thresholds
+from cluster.cache_writer import write_entry
 from cluster.coreset import HolderPool, distributed_coreset
 from cluster.devices import pinned
 from cluster.evaluator import bank_reference, evaluator_actor
@@ -80,6 +83,7 @@ class BenchmarkPipeline:
     def __init__(self, config: RunConfig, on_event: Callable[[str, dict], None] | None = None) -> None:
         self.config = config
         self.settings = ExtractionSettings.from_config(config)
+        self.augmentation = Augmentation(**config.augment.model_dump())
         self.plan = plan_resources(config.cluster, alive_nodes(ray.nodes()))
         for warning in self.plan.warnings:
             log.warning("resource plan: %s", warning)
@@ -103,19 +107,66 @@ class BenchmarkPipeline:
         self._seconds: dict[ray.ObjectRef, ray.ObjectRef] = {}  # features -> its extraction seconds
         self._evaluating: list[PendingEvaluation] = []
         self.stage = "the actors to start"  # what the driver blocks on now (see waiting_for)
+        cache = config.feature_cache
+        self.cache = FeatureCache(cache.dir) if cache.enabled else None
+        self.cache_stats = {"hits": 0, "misses": 0, "failed_writes": 0}
+        self._cache_writes: list[ray.ObjectRef] = []
 
-    def _submit(self, samples: Sequence[Sample]) -> list[ray.ObjectRef]:
-        """Queue a sample list's shards on the extractors, round robin; returns one ref per shard."""
+    def _submit(self, samples: Sequence[Sample], copy: int = 0, seed: int = 0) -> list[ray.ObjectRef]:
+        """Queue a sample list's shards on the extractors, round robin; returns one ref per shard.
+
+        ``copy`` >= 1: the list's augmented copy number ``copy`` (training images only), keyed
+        ``copy * len(samples) + index`` and seeded per (``seed``, index, copy), so neither depends on sharding.
+        """
         n_shards = max(len(self.extractors), 1) * 2
         refs = []
         for shard in plan_shards(len(samples), self.settings.batch_size, n_shards):
             slot = self._next_extractor % len(self.extractors)
             self._next_extractor += 1
-            features, seconds = self.extractors[slot].extract.remote([samples[i] for i in shard], list(shard))
+            batch, indices = [samples[i] for i in shard], [copy * len(samples) + i for i in shard]
+            augment = (self.augmentation, [augment_seed(seed, i, copy) for i in shard]) if copy else (None, None)
+            features, seconds = self.extractors[slot].extract.remote(batch, indices, *augment)
             refs.append(features)
             self._seconds[features] = seconds
             self._extracting.append((slot, features))
         return refs
+
+    def _extract(self, job: CategoryJob, split: str, samples: Sequence[Sample]) -> list[ray.ObjectRef]:
+        """A split's shards from the extractors: the training images with their augmented copies."""
+        refs = self._submit(samples)
+        if split == "train" and self.augmentation.enabled:
+            seed = augment_base_seed(self.config.seed, job.dataset, job.split.category)
+            for copy in range(1, self.augmentation.copies + 1):
+                refs += self._submit(samples, copy, seed)
+        return refs
+
+    def _features(self, job: CategoryJob, split: str, samples: Sequence[Sample]) -> list[ray.ObjectRef]:
+        """A split's feature shards: from the feature cache when it holds them, else queued on the
+        extractors (and, with the cache on, written to it once extracted)."""
+        if self.cache is None or not samples:
+            return self._extract(job, split, samples)
+        augmented = self.augmentation.to_dict() if split == "train" and self.augmentation.enabled else None
+        fields = cache_fields(self.description, job.dataset, job.split.category, split, samples, augmented)
+        key = cache_key(fields)
+        if key in self.cache:
+            self.cache_stats["hits"] += 1
+            log.info("feature cache hit: %s %s (%d images) from %s", job.key, split, len(samples), self.cache.path(key))
+            refs = [ray.put(part) for part in self.cache.load(key)]
+            self._seconds.update({ref: ray.put(0.0) for ref in refs})
+            return refs
+        self.cache_stats["misses"] += 1
+        log.info("feature cache miss: %s %s (%d images): extracting", job.key, split, len(samples))
+        refs = self._extract(job, split, samples)
+        self._cache_writes.append(write_entry(str(self.cache.folder), key, fields, refs))
+        return refs
+
+    def finish_cache_writes(self) -> None:
+        """Wait for queued cache writes (a finished run leaves complete entries); failures are logged."""
+        for problem in ray.get(self._cache_writes):
+            if problem is not None:
+                self.cache_stats["failed_writes"] += 1
+                log.warning("feature cache: an entry could not be written (%s); the run is unaffected", problem)
+        self._cache_writes = []
 
     def _extracting_nodes(self) -> set[str]:
         """Nodes whose extractors still have shards queued or running."""
@@ -161,7 +212,7 @@ class BenchmarkPipeline:
         a holder's node, the coreset waits for it: running beside it would only slow both (on the
         2-core development machine the pair took 33 s overlapped against ~23 s one after the other).
         """
-        train_refs = train_refs if train_refs is not None else self._submit(job.split.train)
+        train_refs = train_refs if train_refs is not None else self._features(job, "train", job.split.train)
         self.stage = f"extraction of {job.key} ({len(job.split.train)} train images, {len(self.extractors)} extractors)"
         extract_s = sum(ray.get([self._seconds.pop(ref) for ref in train_refs]))
         self.on_event("extracted", {"key": job.key, "images": len(job.split.train), "seconds": extract_s})
@@ -187,6 +238,7 @@ class BenchmarkPipeline:
             "dataset": job.dataset,
             "category": job.split.category,
             "n_train_images": len(job.split.train),
+            **({"augment": self.augmentation.to_dict()} if self.augmentation.enabled else {}),
             "train_list_sha256": train_list_sha256(job.split.train, job.root),
             "coreset": {"method": coreset.method, "ratio": coreset.ratio, "projection_dim": coreset.projection_dim,
                         "seed": seed, "distributed": coreset.distributed, **info["coreset"],
@@ -211,9 +263,9 @@ class BenchmarkPipeline:
         ``coreset_follows``: another category's coreset will share the nodes meanwhile (fewer threads).
         """
         check_compatible(bank.metadata, self.description, f"for {job.key}")
-        test_refs = test_refs if test_refs is not None else self._submit(job.split.test)
+        test_refs = test_refs if test_refs is not None else self._features(job, "test", job.split.test)
         if validation_refs is None:
-            validation_refs = self._submit(job.validation) if job.validation else []
+            validation_refs = self._features(job, "validation", job.validation)
         for ref in (*test_refs, *validation_refs):
             self._seconds.pop(ref, None)  # the extractors' stats report test extraction time
         slot = self._next_evaluator % len(self.evaluators)
@@ -226,7 +278,8 @@ class BenchmarkPipeline:
         # Before finish, which frees the category's scorer on the evaluator.
         validation = [evaluator.score.remote(job.key, bank_ref, params, ref, crop, threads) for ref in validation_refs]
         metrics_ref = evaluator.finish.remote(
-            job.key, list(job.split.test), self.transform, self.config.metrics.pro_fpr_limit, *prediction_refs
+            job.key, list(job.split.test), self.transform, self.config.metrics.pro_fpr_limit,
+            metric_groups(job.split.dataset), *prediction_refs,
         )
         pending = PendingEvaluation(job, bank, metrics_ref, slot, threads, time.perf_counter(), validation)
         self._evaluating.append(pending)
@@ -262,6 +315,7 @@ class BenchmarkPipeline:
             yield from self._finished(pending, wait=False)
         while pending:
             yield from self._finished(pending, wait=True)
+        self.finish_cache_writes()
         self.on_event("done", {"seconds": time.perf_counter() - started})
 
     def waiting_for(self) -> str:
@@ -271,7 +325,8 @@ class BenchmarkPipeline:
 
     def _queue(self, job: CategoryJob) -> tuple[CategoryJob, list, list, list]:
         """Queue a category's train, test and validation extraction (in that order)."""
-        return job, self._submit(job.split.train), self._submit(job.split.test), self._submit(job.validation)
+        return (job, self._features(job, "train", job.split.train), self._features(job, "test", job.split.test),
+                self._features(job, "validation", job.validation))
 
     def _finished(self, pending: list["PendingEvaluation"], wait: bool) -> list[CategoryResult]:
         refs = [entry.metrics_ref for entry in pending]

@@ -22,7 +22,7 @@ import ray
 
 from anomaly_core.bank import write_json
 from anomaly_core.config import ConfigError, RunConfig
-from anomaly_core.data import ImageTransform, list_categories, load_split
+from anomaly_core.data import ImageTransform, list_categories, load_split, load_validation
 from anomaly_core.thresholds import hold_out
 from cluster.pipeline import BenchmarkPipeline, CategoryJob, CategoryResult
 from jobs.cli import add_config_arguments, check_writable, config_from_args, config_overrides, load_config
@@ -31,7 +31,7 @@ from jobs.outputs import format_table, released, run_directory, summary, write_c
 from jobs.preflight import preflight
 from jobs.progress import Progress
 from jobs.ray_runtime import start_ray
-from jobs.report import figure_paths, write_report
+from jobs.report import figure_paths, write_category_figure, write_report
 from jobs.resume import RUN_CONFIG, finished_category, recorded_config, resume_config
 from jobs.tracking import Tracker
 
@@ -67,9 +67,13 @@ def category_jobs(config: RunConfig, only: set[str] | None) -> list[CategoryJob]
 
 
 def with_validation(config: RunConfig, job: CategoryJob) -> CategoryJob:
-    """With ``thresholds.source: validation``, a seeded part of the good training images leaves the bank."""
+    """With ``thresholds.source: validation``, the dataset's own validation images (MVTec LOCO's
+    ``validation/good``), else a seeded part of the good training images that then leaves the bank."""
     if config.thresholds.source != "validation":
         return job
+    provided = load_validation(job.split.dataset, job.root, job.split.category)
+    if provided:
+        return CategoryJob(job.dataset, job.root, job.split, provided)
     try:
         train, validation = hold_out(job.split.train, config.thresholds.validation_split, config.seed, job.dataset,
                                      job.split.category)
@@ -134,31 +138,34 @@ def run(config: RunConfig, run_name: str | None = None, only: set[str] | None = 
     cluster: dict = {}
     with tracker, Progress(todo, stall_s=config.cluster.stall_warning_s) as progress:
         for result in kept.values():
-            tracker.log_category(result, image_transform(result.bank.metadata))
+            kept_transform = image_transform(result.bank.metadata)
+            tracker.log_category(result, kept_transform)
+            if not figure_paths(run_dir, [result])[f"samples/{result.job.key}"].is_file():
+                write_category_figure(run_dir, result, kept_transform)
             results.append(released(result))
-        transform = image_transform(next(iter(kept.values())).bank.metadata) if kept else None
         if todo:
             log.info("Ray: %s; resources %s", start_ray(), ray.cluster_resources())
             pipeline = BenchmarkPipeline(config, on_event=progress)
             progress.waiting = pipeline.waiting_for
-            transform = pipeline.transform
             for result in pipeline.run(todo):
+                write_category_figure(run_dir, result, pipeline.transform)
                 folder = write_category(run_dir, result, config)
-                tracker.log_category(result, transform)
+                tracker.log_category(result, pipeline.transform)
                 tracker.log_bank(result.job, folder)
                 log.info("%s done: %s -> %s", result.job.key, _headline(result), folder)
                 results.append(released(result))
             peak_rss_mb = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)  # KiB on Linux
             cluster = {"plan": pipeline.plan.summary(), **pipeline.actor_stats(), "resources": ray.cluster_resources(),
-                       "driver_peak_rss_mb": peak_rss_mb}
+                       "driver_peak_rss_mb": peak_rss_mb, "feature_cache": pipeline.cache_stats}
         seconds = time.perf_counter() - started
         order = {job.key: position for position, job in enumerate(jobs)}
         results.sort(key=lambda result: order[result.job.key])
         extra = {"cluster": cluster, "resumed": sorted(kept)} if resume is not None else {"cluster": cluster}
         payload = summary(config, results, seconds, extra)
         write_json(run_dir / "summary.json", payload)
-        report = write_report(run_dir, results, transform, payload)
+        report = write_report(run_dir, results, payload)
         tracker.log_run(results, payload, figure_paths(run_dir, results))
+        tracker.log_run_folder(run_dir)
     print(format_table(results))
     print(f"\n{len(results)} categories in {seconds:.1f} s -> {run_dir.resolve()} (report: {report.resolve()})")
     return run_dir
@@ -192,7 +199,7 @@ def _run_from_args(args: argparse.Namespace) -> Path:
     if args.run_name or args.categories:
         raise ConfigError("--resume continues a run as it was started: --run-name and --categories cannot change it")
     recorded = recorded_config(args.resume)
-    requested = load_config(args.config or args.resume / RUN_CONFIG, config_overrides(args))
+    requested = load_config(args.config or args.resume / RUN_CONFIG, config_overrides(args), args.paths)
     return run(resume_config(recorded, resolved(requested, category_jobs(requested, None)), args.resume),
                resume=args.resume)
 

@@ -34,7 +34,9 @@ def build(args: argparse.Namespace) -> Path:
     preflight(config, [job], need_test=False)
     start_ray()
     with Tracker(config.wandb, "build_bank", out, config.model_dump(mode="json")) as tracker:
-        bank = BenchmarkPipeline(config).build_bank(job)
+        pipeline = BenchmarkPipeline(config)
+        bank = pipeline.build_bank(job)
+        pipeline.finish_cache_writes()
         tensors, _ = save_bank(bank, out)
         tracker.log_bank(job, out)
     print(f"{job.key}: {len(bank.features)} x {bank.features.shape[1]} bank -> {tensors} (sha256 {bank.sha256[:12]})")

@@ -16,6 +16,7 @@ import yaml
 
 from anomaly_core.backbones import PACKAGE_WEIGHTS, RANDOM_INIT
 from anomaly_core.config import ConfigError, RunConfig, parse_config
+from jobs.site_paths import paths_file, read_site_paths
 
 
 def add_config_arguments(parser: argparse.ArgumentParser, required: bool = True) -> None:
@@ -31,6 +32,9 @@ def add_config_arguments(parser: argparse.ArgumentParser, required: bool = True)
     )
     parser.add_argument("--wandb", choices=("auto", "online", "offline", "off"),
                         help="W&B tracking mode, overriding wandb.mode of the config")
+    parser.add_argument("--paths", type=Path, metavar="FILE",
+                        help="this site's dataset roots and backbones folder (default: $ANOMALY_BENCH_PATHS, "
+                        "else paths.yaml beside the config file; see configs/paths.yaml)")
     parser.add_argument("--debug", action="store_true", help="print the traceback of an error as well")
 
 
@@ -40,8 +44,8 @@ def config_overrides(args: argparse.Namespace) -> list[str]:
 
 
 def config_from_args(args: argparse.Namespace) -> RunConfig:
-    """The validated config of a job's command line (--config, --set ..., --wandb)."""
-    return load_config(args.config, config_overrides(args))
+    """The validated config of a job's command line (--config, --paths, --set ..., --wandb)."""
+    return load_config(args.config, config_overrides(args), args.paths)
 
 
 def category_parser(prog: str, doc: str) -> argparse.ArgumentParser:
@@ -158,14 +162,17 @@ def durable_output_dir(config: RunConfig, environ: Mapping[str, str]) -> RunConf
     return config.model_copy(update={"output_dir": str(target)})
 
 
-def load_config(path: Path, overrides: list[str]) -> RunConfig:
+def load_config(path: Path, overrides: list[str], paths: Path | None = None) -> RunConfig:
+    """Config file < the site's paths file (``jobs.site_paths``) < ``--set``; validated, paths checked."""
     raw = read_yaml(path)
     if raw is None:
         raw = {}
     if not isinstance(raw, dict):
         raise ConfigError(f"{path}: top level must be a mapping")
+    site = read_site_paths(paths_file(paths, path, os.environ))
+    raw = site.apply_roots(raw)
     for assignment in overrides:
         raw = apply_override(raw, assignment)
-    config = parse_config(raw, str(path))
+    config = site.resolve_weights(parse_config(raw, str(path)))
     check_paths(config, str(path))
     return durable_output_dir(config, os.environ)

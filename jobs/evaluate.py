@@ -55,6 +55,7 @@ def evaluate(args: argparse.Namespace) -> Path:
         start_ray()
         pipeline = BenchmarkPipeline(config)
         result = pipeline.collect(pipeline.submit_evaluation(job, bank))
+        pipeline.finish_cache_writes()
         folder = write_category(out, result, config)
         tracker.log_category(result, pipeline.transform)
     print(format_table([result]))

@@ -85,12 +85,14 @@ def write_category(run_dir: Path, result: CategoryResult, config: RunConfig) -> 
 
 
 def released(result: CategoryResult) -> CategoryResult:
-    """The result without its bank's rows (they are on disk): a run holds every category's result for
-    its summary and report, and banks (~100 MB each at full size) would grow the driver per category."""
+    """The result without its bank's rows and anomaly maps (both are on disk, its figure is drawn): a
+    run holds every category's result for its summary and report, and banks (~100 MB each at full
+    size) and maps (n_test x crop² floats) would grow the driver with every category. Scores stay."""
     rows, digest = bank_rows_and_sha256(result)
     metadata = {**result.bank.metadata, "memory_size": rows, "bank_sha256": digest}
     empty = np.empty((0, result.bank.features.shape[1]), np.float32)
-    return replace(result, bank=MemoryBank(empty, metadata))
+    predictions = replace(result.predictions, maps=result.predictions.maps[:0].copy())
+    return replace(result, bank=MemoryBank(empty, metadata), predictions=predictions)
 
 
 def summary(config: RunConfig, results: list[CategoryResult], run_seconds: float, extra: dict[str, Any]) -> dict[str, Any]:
@@ -108,6 +110,8 @@ def summary(config: RunConfig, results: list[CategoryResult], run_seconds: float
             "n_test": len(result.test_samples),
             "images": images,
             "memory_size": rows,
+            "n_patches": result.bank.metadata.get("n_patches"),  # before the coreset
+            "feature_dim": int(result.bank.features.shape[1]),
             "bank_sha256": digest,
         })
     mean = mean_metrics([result.report for result in results]) if results else MetricReport({}, {})

@@ -72,6 +72,7 @@ def rebuild_extractor(metadata: dict[str, Any], weights: str | None, source: str
             resize=metadata["resize"],
             crop=metadata["crop"],
             patch_size=metadata["patch_size"],
+            patch_stride=metadata.get("patch_stride", 1),
             pretrain_dim=metadata["pretrain_dim"],
             target_dim=metadata["feature_dim"],
             batch_size=metadata.get("batch_size", ExtractionSettings.batch_size),

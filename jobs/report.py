@@ -68,6 +68,18 @@ def metric_rows(results: Sequence[CategoryResult]) -> list[dict[str, Any]]:
     return rows
 
 
+def group_rows(results: Sequence[CategoryResult]) -> list[dict[str, Any]]:
+    """One row per category and metric group (``<group>/<metric>`` values, e.g. MVTec LOCO's logical and
+    structural anomalies); empty when no dataset reports groups."""
+    rows = []
+    for result in results:
+        values = result.report.values
+        for group in sorted({name.split("/", 1)[0] for name in values if "/" in name}):
+            rows.append({"dataset": result.job.dataset, "category": result.job.split.category, "group": group,
+                         **{name: values.get(f"{group}/{name}") for name in METRIC_NAMES}})
+    return rows
+
+
 def timing_rows(results: Sequence[CategoryResult]) -> list[dict[str, Any]]:
     """Stage seconds per category, train-extraction throughput, and a last ``mean`` row."""
     rows = []
@@ -260,14 +272,18 @@ def figure_paths(run_dir: Path, results: Sequence[CategoryResult]) -> dict[str, 
     return paths
 
 
-def write_report(
-    run_dir: Path,
-    results: Sequence[CategoryResult],
-    transform: ImageTransform,
-    summary: dict[str, Any] | None = None,
-    examples: int = 2,
-) -> Path:
-    """Write report.md, metrics.csv, timings.csv and the figures into ``run_dir``; returns report.md."""
+def write_category_figure(run_dir: Path, result: CategoryResult, transform: ImageTransform, examples: int = 2) -> Path:
+    """The category's worst/best images, drawn when it finishes: its anomaly maps need not outlive it
+    (a run of hundreds of categories would otherwise hold every category's maps for the report)."""
+    return samples_figure(result, transform, figure_paths(run_dir, [result])[f"samples/{result.job.key}"], examples)
+
+
+def write_report(run_dir: Path, results: Sequence[CategoryResult], summary: dict[str, Any] | None = None) -> Path:
+    """Write report.md, metrics.csv, timings.csv and the run's figures into ``run_dir``; returns report.md.
+
+    Needs each category's scores, not its maps: the per-category figures are already drawn
+    (``write_category_figure``) and only linked here.
+    """
     if not results:
         raise ValueError("no category results to report")
     run_dir = Path(run_dir)
@@ -275,10 +291,12 @@ def write_report(
     write_csv(run_dir / "metrics.csv", metrics)
     write_csv(run_dir / "timings.csv", timings)
     paths = figure_paths(run_dir, results)
+    missing = [str(paths[f"samples/{result.job.key}"]) for result in results
+               if not paths[f"samples/{result.job.key}"].is_file()]
+    if missing:
+        raise FileNotFoundError(f"category figures not drawn: {missing}")
     auroc_figure(results, paths["auroc"])
     roc_figure(results, paths["roc"])
-    for result in results:
-        samples_figure(result, transform, paths[f"samples/{result.job.key}"], examples)
     report = run_dir / "report.md"
     text = _markdown(run_dir, results, metrics, timings, paths, summary or {})
     atomic_write(report, lambda tmp: Path(tmp).write_text(text))
@@ -311,6 +329,10 @@ def _markdown(
     ]
     if undefined:
         lines += ["Undefined values (n/a):", "", *undefined, ""]
+    groups = group_rows(results)
+    if groups:
+        lines += ["### Metric groups", "", "Each group is scored on all normal test images plus its own anomalies.", "",
+                  *_table(["dataset", "category", "group", *METRIC_NAMES], groups), ""]
     lines += ["## Timings (seconds)", "",
               "extract_train_s is actor time embedding the train images; evaluate_s runs from the bank's "
               "submission to its scored test set (test extraction included).", "",

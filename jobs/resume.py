@@ -27,8 +27,9 @@ from cluster.pipeline import CategoryJob, CategoryResult
 log = logging.getLogger("jobs.resume")
 
 RUN_CONFIG = "run_config.yaml"
-# Keys a resume may change: they decide where results are reported, never what they are.
-RESUMABLE_CHANGES = ("wandb.mode",)
+# Keys a resume may change: they decide where results are reported or whether features are
+# cached, never what the results are (the cache key covers everything features depend on).
+RESUMABLE_CHANGES = ("wandb.mode", "feature_cache.enabled", "feature_cache.dir")
 
 
 def recorded_config(run_dir: Path) -> RunConfig:

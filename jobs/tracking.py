@@ -10,7 +10,9 @@ stage timings, ROC and PR curves (W&B's own area-under-curve chart, drawn from t
 needs no pandas), and the worst and best scored test images as heat-map overlays with the ground-truth
 and predicted masks; at the end a results table with a mean row, bar charts over it, throughput per
 extractor actor, peak memory and the report's figures. Each category's memory bank is an artifact of
-type ``memory-bank``, so a later job can ``use_bank`` it by name and W&B records the lineage.
+type ``memory-bank``, so a later job can ``use_bank`` it by name and W&B records the lineage; the
+finished run folder's results (summary, report, CSVs, figures, per-category JSON) are one
+``benchmark-results`` artifact, so a run on a cluster without shared storage keeps them.
 """
 
 from __future__ import annotations
@@ -39,6 +41,11 @@ if TYPE_CHECKING:
 log = logging.getLogger("jobs.tracking")
 
 BANK_ARTIFACT_TYPE = "memory-bank"
+RUN_FOLDER_ARTIFACT_TYPE = "benchmark-results"
+# What of a run folder travels as its results artifact: everything but the banks (each is its own
+# artifact already), the anomaly maps (large; re-creatable from the bank) and W&B's own files.
+RUN_FOLDER_FILES = ("summary.json", "report.md", "metrics.csv", "timings.csv", "run_config.yaml", "figures/**/*.png",
+                    "*/*/metrics.json", "*/*/config.yaml", "*/*/predictions/predictions.json")
 WANDB_REF_PREFIX = "wandb:"
 DEFAULT_HOST = "https://api.wandb.ai"
 INIT_TIMEOUT_S = 30.0
@@ -179,8 +186,8 @@ class Tracker:
         """Metrics, timings, ROC/PR curves and example overlays of one finished category."""
         key = result.job.key
         values = result.report.values
-        summary = {f"{key}/{name}": values[name] for name in (*METRIC_NAMES, *THRESHOLD_NAMES)
-                   if values.get(name) is not None}
+        summary = {f"{key}/{name}": value for name, value in values.items()  # incl. <group>/<metric>
+                   if value is not None and (name in (*METRIC_NAMES, *THRESHOLD_NAMES) or "/" in name)}
         summary.update({f"{key}/time/{name}": seconds for name, seconds in result.timings.items()})
         summary[f"{key}/memory_size"] = int(result.bank.features.shape[0])
         self.run.summary.update(summary)
@@ -265,6 +272,21 @@ class Tracker:
         if cluster.get("driver_peak_rss_mb") is not None:
             totals["memory/driver_peak_rss_mb"] = cluster["driver_peak_rss_mb"]
         self.run.summary.update(totals)
+
+    @_guarded
+    def log_run_folder(self, run_dir: Path) -> None:
+        """The finished run folder's results as a ``benchmark-results`` artifact, so they outlive the
+        cluster's disks (``wandb.log_run_folder``); paths inside it are the folder's own."""
+        import wandb
+
+        if not self.settings.log_run_folder:
+            return
+        run_dir = Path(run_dir)
+        artifact = wandb.Artifact(artifact_name("results", run_dir.name), type=RUN_FOLDER_ARTIFACT_TYPE,
+                                  metadata=json.loads((run_dir / "summary.json").read_text())["mean"])
+        for path in sorted({path for pattern in RUN_FOLDER_FILES for path in run_dir.glob(pattern)}):
+            artifact.add_file(str(path), name=path.relative_to(run_dir).as_posix(), policy="immutable")
+        self.run.log_artifact(artifact, aliases=["latest"])
 
     @_guarded
     def log_predictions(self, records: Sequence[dict[str, Any]], out_dir: Path) -> None:

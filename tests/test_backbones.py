@@ -98,3 +98,17 @@ def test_unknown_layer_and_backbone_errors():
         FeatureBackbone("vgg", (), "random")
     with pytest.raises(WeightsError, match="no installable weights package"):
         FeatureBackbone("resnet18", (), "package")
+
+
+@pytest.mark.parametrize("name", ["resnet18", "vit_small_patch14_dinov2"])
+def test_random_init_is_the_same_network_in_every_process(name):
+    """Untrained backbones (tests of architectures without shipped weights) are built from a fixed seed, so
+    every actor embeds alike; the caller's RNG is left as it was."""
+    torch.manual_seed(1)
+    first = FeatureBackbone(name, (), "random", 112).state_dict()
+    after = torch.rand(1)
+    torch.manual_seed(2)
+    second = FeatureBackbone(name, (), "random", 112).state_dict()
+    assert all(torch.equal(first[key], second[key]) for key in first)
+    torch.manual_seed(1)
+    assert torch.equal(torch.rand(1), after)  # construction drew nothing from the global generator

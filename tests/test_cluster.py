@@ -20,14 +20,17 @@ import numpy as np
 import pytest
 import ray
 import torch
+import yaml
 from ray.cluster_utils import Cluster
 
+from anomaly_core.augment import Augmentation, augment_seed
 from anomaly_core.bank import load_bank
-from anomaly_core.config import ThresholdConfig, parse_config
+from anomaly_core.config import AugmentConfig, FeatureCacheConfig, ThresholdConfig, parse_config
 from anomaly_core.coreset import greedy_coreset
 from anomaly_core.data import CategorySplit, load_split
 from anomaly_core.extraction import ExtractionSettings, PatchFeatureExtractor
-from anomaly_core.patchcore import build_bank, coreset_seed, evaluate, scoring_params
+from anomaly_core.features import merge_features
+from anomaly_core.patchcore import augment_base_seed, build_bank, coreset_seed, evaluate, scoring_params
 from anomaly_core.scoring import NearestNeighbourScorer, predict
 from cluster.coreset import HolderPool, HolderProxy
 from cluster.pipeline import BenchmarkPipeline, CategoryJob
@@ -174,6 +177,8 @@ def test_benchmark_job_writes_outputs(ray_cluster, tmp_path, capsys):
     assert category["bank_sha256"] == bank_meta["bank_sha256"] == load_bank(folder).sha256
     assert category["metrics"] == metrics and summary["mean"]["metrics"]["aupro"] == metrics["aupro"]
     assert (category["n_train"], category["n_test"]) == (34, 28)
+    assert (category["n_patches"], category["feature_dim"]) == (34 * 14 * 14, 1024)  # the per-object summary
+    assert summary["cluster"]["feature_cache"] == {"hits": 0, "misses": 0, "failed_writes": 0}  # off by default
     assert bank_meta["crop"] == 112 and bank_meta["weights"] == "package"
     assert bank_meta["memory_size"] == int(0.1 * bank_meta["n_patches"]) == int(0.1 * 34 * 14 * 14)
     assert bank_meta["thresholds"]["image"] == metrics["image_threshold"]
@@ -309,6 +314,70 @@ def test_driver_killed_then_resumed_equals_the_undisturbed_run(ray_cluster, refe
     assert computed["bank_sha256"] == copy_bank.sha256
 
 
+def test_anomalydino_vit_bank_on_the_cluster_equals_the_single_process_engine(ray_cluster, tire_job):
+    """configs/anomalydino.yaml's method (DINOv2 ViT-S/14 tokens, cosine kNN, mean of the top 1 %) on the real
+    architecture with random weights: 2 extractors give the engine's numbers bit for bit."""
+    raw = yaml.safe_load((REPO / "configs" / "anomalydino.yaml").read_text())
+    raw.update(datasets=[{"name": "tire_small", "format": "mvtec", "root": str(TIRE_ROOT)}],
+               preprocess={"resize": 112, "crop": 112}, wandb={"mode": "off"},
+               cluster={"batch_size": 4, "gpus_per_extractor": 1, "cpus_per_actor": 0.5, "num_extractors": 2})
+    raw["backbone"]["weights"] = "random"
+    config = parse_config(raw, "anomalydino-test")
+    (result,) = BenchmarkPipeline(config).run([tire_job])
+    torch.set_num_threads(1)
+    settings = ExtractionSettings.from_config(config)
+    extractor = PatchFeatureExtractor(settings)
+    split = tire_job.split
+    train = extractor.extract(split.train, range(len(split.train)))
+    assert train.grid == (8, 8) and train.embeddings.shape[-1] == 384  # raw ViT-S tokens, 112 / 14 = 8
+    bank = build_bank(train, "none", 0.1, 128, coreset_seed(0, "tire_small", "tire"), extractor.describe())
+    assert result.bank.sha256 == bank.sha256 and len(bank.features) == 12 * 64  # the full bank
+    params = scoring_params(config)
+    assert (params.distance, params.image_score, params.top_percent) == ("cosine", "mean_top_percent", 1.0)
+    predictions = predict(NearestNeighbourScorer(bank.features, params), extractor.extract(split.test, range(len(split.test))),
+                          settings.crop)
+    assert np.array_equal(result.predictions.scores, predictions.scores)
+    assert np.array_equal(result.predictions.maps, predictions.maps)
+    assert result.report.values == evaluate(split.test, predictions, extractor.transform, 0.3).values
+
+
+def test_augmented_bank_on_the_cluster_equals_the_engine_and_is_recorded(ray_cluster, tire_job, reference):
+    """augment: one seeded copy of each training image (rotation, brightness, blur, flip) joins the bank; the
+    cluster's bank equals the single-process engine's bit for bit, differs from the plain one, and says so."""
+    augment = {"copies": 1, "rotation_degrees": 5.0, "brightness": 0.1, "blur_sigma": 1.0, "hflip": True}
+    config = tire_config(num_extractors=2).model_copy(update={"augment": AugmentConfig(**augment)})
+    (result,) = BenchmarkPipeline(config).run([tire_job])
+    assert result.bank.metadata["augment"] == {**augment, "contrast": 0.0}
+    torch.set_num_threads(1)
+    extractor = PatchFeatureExtractor(ExtractionSettings.from_config(config))
+    train, n = tire_job.split.train, len(tire_job.split.train)
+    base = augment_base_seed(0, "tire_small", "tire")
+    copies = extractor.extract(train, [n + i for i in range(n)], augmentation=Augmentation(**augment),
+                               seeds=[augment_seed(base, i, 1) for i in range(n)])
+    assert not np.array_equal(copies.embeddings, reference["train"].embeddings)
+    features = merge_features([reference["train"], copies])
+    bank = build_bank(features, "approximate", 0.1, 128, coreset_seed(0, "tire_small", "tire"), {})
+    assert result.bank.sha256 == bank.sha256 != reference["bank"].sha256
+    assert len(result.bank.features) == len(bank.features) > len(reference["bank"].features)
+
+
+def test_feature_cache_skips_extraction_with_identical_results(ray_cluster, tire_job, reference, tmp_path):
+    """With the cache on, a category's second run reads train and test features from disk (no extractor
+    work) and gives the same bank and scores. (That any keyed setting misses: tests/test_feature_cache.py.)"""
+    cached = FeatureCacheConfig(enabled=True, dir=str(tmp_path / "cache"))
+    pipeline = BenchmarkPipeline(tire_config(num_extractors=1).model_copy(update={"feature_cache": cached}))
+    extracted = lambda: sum(stats["images"] for stats in pipeline.actor_stats()["extractors"])  # noqa: E731
+    (result,) = pipeline.run([tire_job])
+    assert pipeline.cache_stats == {"hits": 0, "misses": 2, "failed_writes": 0} and extracted() == 22  # train, test
+    assert len(list((tmp_path / "cache").glob("*/*.safetensors"))) == 2
+    (again,) = pipeline.run([tire_job])
+    assert pipeline.cache_stats["hits"] == 2 and pipeline.cache_stats["misses"] == 2 and extracted() == 22
+    assert again.bank.metadata["timings"]["extract_train_s"] == 0.0  # read, not extracted
+    assert again.bank.sha256 == result.bank.sha256 == reference["bank"].sha256
+    assert np.array_equal(again.predictions.scores, reference["predictions"].scores)
+    assert again.report.values == reference["report"].values
+
+
 def test_killed_extractor_is_replaced_and_result_unchanged(pipeline, tire_job, reference):
     refs = pipeline._submit(tire_job.split.train)
     ray.kill(pipeline.extractors[0], no_restart=False)  # dies with its shards queued or running
@@ -352,19 +421,24 @@ def test_validation_thresholds_come_from_held_out_good_images(pipeline, tire_job
     assert [stats["banks_held"] for stats in pipeline.actor_stats()["evaluators"]] == [0, 0]
 
 
-def test_worker_node_lost_mid_benchmark_and_replaced(ray_cluster, pipeline, tire_job, reference):
-    """A worker node (an extractor, holders, an evaluator and features on it) leaves after extraction and a
-    fresh node joins: actors restart there, lost features are rebuilt from lineage, numbers unchanged.
+def test_worker_node_lost_mid_shard_and_replaced(ray_cluster, pipeline, tire_job, reference):
+    """A worker node crashes while its extractor is mid-shard (with finished features, holders and an
+    evaluator on it too) and a fresh node joins: actors restart there, the running shard is retried,
+    lost features are rebuilt from lineage, and bank and scores are unchanged.
 
     Last in this module: it leaves the cluster with a replaced node.
     """
-    refs = pipeline._submit(tire_job.split.train)
-    ray.wait(refs, num_returns=len(refs), fetch_local=False)
-    victim = next(node for node in ray_cluster.worker_nodes
-                  if node.node_id == pipeline.plan.extractors[1].node_id)
+    train_refs, test_refs = pipeline._submit(tire_job.split.train), pipeline._submit(tire_job.split.test)
+    ray.wait(train_refs, num_returns=1, fetch_local=False)  # some features exist, most shards still queued or running
+    unfinished = [slot for slot, ref in pipeline._extracting
+                  if not ray.wait([ref], timeout=0, fetch_local=False)[0]]
+    assert unfinished, "every shard finished before the crash: the test would not cover a mid-shard loss"
+    victim_id = pipeline.plan.extractors[unfinished[-1]].node_id
+    victim = next(node for node in ray_cluster.worker_nodes if node.node_id == victim_id)
     ray_cluster.remove_node(victim, allow_graceful=False)  # a crash, not a drain
     ray_cluster.add_node(num_cpus=1, num_gpus=1, node_ip_address="127.0.0.1")
-    bank = pipeline.build_bank(tire_job, refs)
+    bank = pipeline.build_bank(tire_job, train_refs, test_refs)
     assert bank.sha256 == reference["bank"].sha256
-    result = pipeline.collect(pipeline.submit_evaluation(tire_job, bank))
+    result = pipeline.collect(pipeline.submit_evaluation(tire_job, bank, test_refs))
     assert np.array_equal(result.predictions.scores, reference["predictions"].scores)
+    assert np.array_equal(result.predictions.maps, reference["predictions"].maps)

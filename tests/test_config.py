@@ -10,7 +10,8 @@ from jobs.cli import apply_override, load_config, read_yaml
 
 from .conftest import REPO
 
-CONFIGS = sorted((REPO / "configs").glob("*.yaml"))
+CONFIGS = sorted(path for path in (REPO / "configs").glob("*.yaml") if path.name != "paths.yaml")
+PATCHCORE_REFERENCE = ("autovi", "btad", "demo", "mvtec3d", "mvtec_ad", "mvtec_loco", "visa")  # the paper's settings
 
 
 @pytest.mark.parametrize("path", CONFIGS, ids=lambda p: p.stem)
@@ -18,9 +19,10 @@ def test_bundled_configs_validate(path):
     from anomaly_core.config import parse_config
 
     config = parse_config(read_yaml(path), str(path))
-    assert config.coreset.ratio == 0.1 and config.scoring.k == 1
-    assert (config.preprocess.resize, config.preprocess.crop) == (256, 224)
-    assert config.embedding.target_dim == 1024
+    if path.stem in PATCHCORE_REFERENCE:
+        assert config.coreset.ratio == 0.1 and config.scoring.k == 1
+        assert (config.preprocess.resize, config.preprocess.crop) == (256, 224)
+        assert config.embedding.target_dim == 1024
 
 
 def test_reference_defaults_in_dataset_configs():

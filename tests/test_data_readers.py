@@ -82,7 +82,7 @@ def mvtec_root(tmp_path: Path) -> Path:
 
 
 def test_registry_lists_all_formats() -> None:
-    assert set(DATASET_FORMATS) == {"mvtec", "mvtec3d", "visa", "btad", "folder", "synthetic"}
+    assert set(DATASET_FORMATS) == {"mvtec", "mvtec3d", "mvtec_loco", "autovi", "visa", "btad", "folder", "synthetic"}
 
 
 def test_mvtec_exact_samples(mvtec_root: Path) -> None:

@@ -7,14 +7,14 @@ import torch.nn.functional as F
 from anomaly_core.patch_features import PatchEmbedder
 
 
-def reference_embed(features, patchsize=3, pretrain_dim=1024, target_dim=1024):
-    """patchcore-inspection src/patchcore/patchcore.py::_embed + common.Preprocessing/Aggregator."""
+def reference_embed(features, patchsize=3, pretrain_dim=1024, target_dim=1024, stride=1):
+    """patchcore-inspection src/patchcore/patchcore.py::_embed + common.Preprocessing/Aggregator + PatchMaker."""
     padding = int((patchsize - 1) / 2)
-    unfolder = torch.nn.Unfold(kernel_size=patchsize, stride=1, padding=padding, dilation=1)
+    unfolder = torch.nn.Unfold(kernel_size=patchsize, stride=stride, padding=padding, dilation=1)
     patched, shapes = [], []
     for x in features:
         unfolded = unfolder(x)
-        shapes.append(x.shape[-2:])
+        shapes.append([int((side + 2 * padding - 1 * (patchsize - 1) - 1) / stride + 1) for side in x.shape[-2:]])
         unfolded = unfolded.reshape(*x.shape[:2], patchsize, patchsize, -1).permute(0, 4, 1, 2, 3)
         patched.append(unfolded)
     ref = shapes[0]
@@ -40,6 +40,17 @@ def test_matches_patchcore_inspection(dims):
     assert grid == (8, 8)
     assert ours.shape == (2 * 64, dims[1])
     torch.testing.assert_close(ours, reference_embed(maps, 3, *dims), rtol=0, atol=1e-6)
+
+
+@pytest.mark.parametrize("stride", [2, 3])
+def test_patch_stride_matches_patchcore_inspection(stride):
+    """--patchstride: every stride-th neighbourhood, deeper layers resized onto the first layer's strided grid."""
+    torch.manual_seed(0)
+    maps = [torch.randn(2, 24, 9, 9), torch.randn(2, 40, 5, 5)]
+    ours, grid = PatchEmbedder(3, 256, 128, stride=stride)(maps)
+    side = (9 + 2 - 3) // stride + 1
+    assert grid == (side, side) and ours.shape == (2 * side * side, 128)
+    torch.testing.assert_close(ours, reference_embed(maps, 3, 256, 128, stride), rtol=0, atol=1e-6)
 
 
 def test_embedding_is_local():

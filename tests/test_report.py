@@ -19,7 +19,8 @@ from anomaly_core.data import ImageTransform, load_mask, load_split
 from anomaly_core.metrics import METRIC_NAMES, compute_metrics, mean_metrics
 from anomaly_core.scoring import Predictions
 from cluster.pipeline import CategoryJob, CategoryResult
-from jobs.report import metric_rows, ranked_examples, write_report
+from jobs.outputs import released
+from jobs.report import metric_rows, ranked_examples, write_category_figure, write_report
 
 TRANSFORM = ImageTransform(resize=128, crop=112, mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5))
 # (dataset, category, how well the fake maps separate anomalies: higher is better)
@@ -56,7 +57,10 @@ def results(tire_root):
 def report_dir(results, tmp_path_factory):
     run_dir = tmp_path_factory.mktemp("run")
     summary = {"run": "fake-run", "created": "2026-01-01T00:00:00+00:00", "timings": {"total_s": 12.5, "images_per_s": 4.2}}
-    write_report(run_dir, results, TRANSFORM, summary)
+    for result in results:
+        write_category_figure(run_dir, result, TRANSFORM)
+    # as jobs.benchmark does: the report is written from released results (scores, no maps, no bank rows)
+    write_report(run_dir, [released(result) for result in results], summary)
     return run_dir
 
 
@@ -135,4 +139,19 @@ def test_mean_row_comes_last_and_leaves_per_category_fields_empty(results):
 
 def test_empty_results_are_refused(tmp_path):
     with pytest.raises(ValueError, match="no category results"):
-        write_report(tmp_path, [], TRANSFORM)
+        write_report(tmp_path, [])
+
+
+def test_report_needs_each_category_figure_drawn_first(results, tmp_path):
+    write_category_figure(tmp_path, results[0], TRANSFORM)
+    with pytest.raises(FileNotFoundError, match="visa__tire.png"):
+        write_report(tmp_path, [released(result) for result in results])
+
+
+def test_released_result_keeps_scores_but_neither_maps_nor_bank_rows(results):
+    result = results[0]
+    light = released(result)
+    assert light.predictions.maps.shape == (0, *result.predictions.maps.shape[1:])
+    assert np.array_equal(light.predictions.scores, result.predictions.scores)
+    assert len(light.bank.features) == 0 and light.bank.metadata["memory_size"] == len(result.bank.features)
+    assert metric_rows([light]) == metric_rows([result])

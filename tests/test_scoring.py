@@ -90,3 +90,39 @@ def test_merges_are_independent_of_completion_order():
     assert np.array_equal(a.scores, b.scores) and np.array_equal(a.maps, b.maps)
     with pytest.raises(ValueError, match="overlap"):
         merge_features([parts[0], parts[0]])
+
+
+def test_cosine_distance_is_one_minus_cosine_similarity(data):
+    """AnomalyDINO's patch score: 1 - cos to the nearest bank row, whatever the rows' lengths."""
+    bank, queries = data
+    bank = bank * np.random.default_rng(1).uniform(0.1, 10, size=(len(bank), 1)).astype(np.float32)
+    cosine = (queries.astype(np.float64) @ bank.T.astype(np.float64)) / np.outer(
+        np.linalg.norm(queries.astype(np.float64), axis=1), np.linalg.norm(bank.astype(np.float64), axis=1))
+    scorer = NearestNeighbourScorer(bank, ScoringParams(distance="cosine", k=2))
+    scores, nearest = scorer.patch_scores(queries)
+    np.testing.assert_allclose(scores, np.sort(1 - cosine, 1)[:, :2].mean(1), atol=1e-6)
+    np.testing.assert_array_equal(nearest, (1 - cosine).argmin(1))
+    scaled, _ = scorer.patch_scores(queries * 7.5)  # the length of a query does not matter
+    np.testing.assert_allclose(scaled, scores, atol=1e-6)
+    alone = np.concatenate([scorer.patch_scores(queries[i : i + 1])[0] for i in range(len(queries))])
+    assert np.array_equal(scores, alone)  # still batch-independent
+
+
+def test_image_score_mean_of_top_percent(data):
+    bank, queries = data
+    images = queries[:48].reshape(2, 24, 16)
+    scorer = NearestNeighbourScorer(bank, ScoringParams(image_score="mean_top_percent", top_percent=10))
+    image_scores, patch_scores = scorer.score_images(images)
+    for score, patches in zip(image_scores, patch_scores):
+        assert score == pytest.approx(np.sort(patches)[-2:].mean(), rel=1e-12)  # 10 % of 24 patches: 2
+    one, _ = NearestNeighbourScorer(bank, ScoringParams(image_score="mean_top_percent", top_percent=1)).score_images(images)
+    np.testing.assert_array_equal(one, patch_scores.max(axis=1))  # 1 % of 24 rounds down to the one top patch
+
+
+def test_scoring_options_are_checked():
+    with pytest.raises(ValueError, match="distance must be euclidean or cosine"):
+        ScoringParams(distance="manhattan")
+    with pytest.raises(ValueError, match="needs image_score=max"):
+        ScoringParams(reweight_neighbours=3, image_score="mean_top_percent")
+    with pytest.raises(ValueError, match="top_percent"):
+        ScoringParams(image_score="mean_top_percent", top_percent=0)

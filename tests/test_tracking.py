@@ -22,11 +22,12 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from anomaly_core.bank import save_bank
+from anomaly_core.bank import save_bank, write_json
 from anomaly_core.config import WandbConfig
 from anomaly_core.metrics import METRIC_NAMES, mean_metrics
-from jobs.report import figure_paths, write_report
-from jobs.tracking import BANK_ARTIFACT_TYPE, Tracker, TrackingError, api_key_configured, artifact_name, resolve_mode
+from jobs.report import figure_paths, write_category_figure, write_report
+from jobs.tracking import (BANK_ARTIFACT_TYPE, RUN_FOLDER_ARTIFACT_TYPE, Tracker, TrackingError, api_key_configured,
+                           artifact_name, resolve_mode)
 from tests.test_report import TRANSFORM, fake_results
 
 REPO = Path(__file__).resolve().parent.parent
@@ -107,8 +108,13 @@ def _track_benchmark(tracker: Tracker, results, run_dir: Path) -> dict:
         save_bank(result.bank, folder)
         tracker.log_category(result, TRANSFORM)
         tracker.log_bank(result.job, folder)
-    write_report(run_dir, results, TRANSFORM, summary)
+        write_category_figure(run_dir, result, TRANSFORM)
+        write_json(folder / "metrics.json", result.report.to_dict())
+    summary["mean"] = {"metrics": mean_metrics([result.report for result in results]).values}
+    write_json(run_dir / "summary.json", summary)
+    write_report(run_dir, results, summary)
     tracker.log_run(results, summary, figure_paths(run_dir, results))
+    tracker.log_run_folder(run_dir)
     return summary
 
 
@@ -179,6 +185,18 @@ def test_offline_run_holds_metrics_table_images_and_bank_artifacts(wandb_env, re
             data = (folder / name).read_bytes()
             assert entry.size == len(data)
             assert entry.digest == base64.b64encode(hashlib.md5(data).digest()).decode()
+
+    [folder_artifact] = [artifact for artifact in recorded["artifacts"] if artifact.type == RUN_FOLDER_ARTIFACT_TYPE]
+    assert folder_artifact.name == "results-bench-1" and list(folder_artifact.aliases) == ["latest"]
+    assert json.loads(folder_artifact.metadata) == json.loads((run_dir / "summary.json").read_text())["mean"]
+    contents = {entry.path: entry for entry in folder_artifact.manifest.contents}
+    expected = {"summary.json", "report.md", "metrics.csv", "timings.csv", "figures/auroc.png", "figures/roc.png",
+                *(f"figures/samples/{r.job.dataset}__{r.job.split.category}.png" for r in results),
+                *(f"{r.job.dataset}/{r.job.split.category}/metrics.json" for r in results)}
+    assert set(contents) == expected  # no bank (own artifact), no W&B files
+    for name, entry in contents.items():
+        data = (run_dir / name).read_bytes()
+        assert entry.digest == base64.b64encode(hashlib.md5(data).digest()).decode()
 
 
 def test_mode_off_imports_nothing_and_creates_nothing(tmp_path, tmp_path_factory):

@@ -1,6 +1,7 @@
 """Dataset readers, image/mask decoding, transforms and the synthetic dataset generator.
 
-Every format module exposes ``list_categories(root)`` and ``load_split(root, category)``;
+Every format module exposes ``list_categories(root)`` and ``load_split(root, category)``, and may
+define ``METRIC_GROUPS`` (defect types reported apart) and ``load_validation(root, category)``;
 ``DATASET_FORMATS`` maps a format name to its module, imported on first use so that
 ``python -m anomaly_core.data.synthetic`` does not find its own module already imported.
 """
@@ -16,7 +17,8 @@ from .sample import IMAGE_EXTENSIONS, CategorySplit, DatasetError, Sample
 from .transforms import IMAGENET_MEAN, IMAGENET_STD, ImageTransform, load_image, load_mask
 
 DATASET_FORMATS: dict[str, str] = {
-    name: f"{__name__}.{name}" for name in ("mvtec", "mvtec3d", "visa", "btad", "folder", "synthetic")
+    name: f"{__name__}.{name}"
+    for name in ("mvtec", "mvtec3d", "mvtec_loco", "autovi", "visa", "btad", "folder", "synthetic")
 }
 
 
@@ -34,6 +36,18 @@ def list_categories(fmt: str, root: str | Path) -> list[str]:
 def load_split(fmt: str, root: str | Path, category: str) -> CategorySplit:
     """Train and test samples of one category, each sorted by path relative to ``root``."""
     return _reader(fmt).load_split(root, category)
+
+
+def load_validation(fmt: str, root: str | Path, category: str) -> tuple[Sample, ...]:
+    """The format's own held-out normal images (MVTec LOCO's ``validation/good``); () for formats without any."""
+    reader = _reader(fmt)
+    return reader.load_validation(root, category) if hasattr(reader, "load_validation") else ()
+
+
+def metric_groups(fmt: str) -> dict[str, tuple[str, ...]]:
+    """Groups of defect types the format reports on their own, e.g. MVTec LOCO's structural and logical
+    anomalies; {} for most formats. ``metrics.group_indices`` turns them into test-set index subsets."""
+    return dict(getattr(_reader(fmt), "METRIC_GROUPS", {}))
 
 
 def __getattr__(name: str) -> object:
@@ -58,6 +72,8 @@ __all__ = [
     "load_image",
     "load_mask",
     "load_split",
+    "load_validation",
+    "metric_groups",
     "read_mask",
     "read_rgb",
 ]

@@ -35,7 +35,7 @@ def check_split(split: CategorySplit, root: str, need_test: bool, extra: Sequenc
             problems.append(f"image {sample.image_path} is {height}x{width} px, smaller than {MIN_IMAGE_SIDE} px")
         if sample.mask_path is not None:
             try:
-                problem = mask_size_problem(sample, image_size(sample.mask_path), (height, width))
+                problem = mask_size_problem(sample, (height, width))
                 if problem:
                     problems.append(problem)
                 else:

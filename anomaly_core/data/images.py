@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from .sample import DatasetError
+from .sample import DatasetError, mask_files
 
 MAX_MASK_LEVELS = 8
 _WIDE_GRAY = ("I", "I;16", "I;16B", "I;16L", "I;16N")
@@ -61,7 +61,22 @@ def read_mask(path: str | Path) -> np.ndarray:
     anomalous ones. A grey gradient (a soft or resampled mask, or a photo saved as a mask) has no
     single meaning of "anomalous", and reading it as ``> 0`` would silently inflate the defect area,
     so a mask with more than ``MAX_MASK_LEVELS`` non-zero levels is refused.
+
+    A mask folder (MVTec LOCO, AutoVI: one file per defect region, each its own constant value) is
+    the union of its files, each read and checked as above; they must all have one size.
     """
+    files = mask_files(path)
+    union = _read_mask_file(files[0])
+    for file in files[1:]:
+        mask = _read_mask_file(file)
+        if mask.shape != union.shape:
+            raise DatasetError(f"mask {file} is {mask.shape[0]}x{mask.shape[1]} (HxW) but {files[0]} in the same "
+                               f"mask folder is {union.shape[0]}x{union.shape[1]}")
+        union |= mask
+    return union
+
+
+def _read_mask_file(path: Path) -> np.ndarray:
     with _opened(path) as im:
         if im.mode in ("1", "L", "F", *_WIDE_GRAY):
             values = np.asarray(im)

@@ -1,8 +1,8 @@
 """MVTec AD reader, and the per-category tree walker the MVTec-like formats share.
 
-MVTec AD, MVTec 3D-AD, BTAD and the plain folder format differ only in where the normal
-images, the test images and the masks sit inside ``<root>/<category>/``, so each is a
-``TreeLayout`` value rather than its own directory walker.
+MVTec AD, MVTec 3D-AD, MVTec LOCO AD, AutoVI, BTAD and the plain folder format differ only in where
+the normal images, the test images and the masks sit inside ``<root>/<category>/`` (and whether a mask
+is a file or a folder of files), so each is a ``TreeLayout`` value rather than its own directory walker.
 """
 
 from __future__ import annotations
@@ -35,6 +35,7 @@ class TreeLayout:
     mask_dir: str = "ground_truth/{defect}"
     mask_suffixes: tuple[str, ...] = ("_mask",)  # mask file stem = image stem + suffix
     masks_required: bool = True
+    mask_folders: bool = False  # a mask is a folder (named like a mask file's stem) of files to unite
 
     def list_categories(self, root: str | Path) -> list[str]:
         """Subdirectories of the root that hold a ``train/`` directory, sorted."""
@@ -61,11 +62,12 @@ class TreeLayout:
                 test += [Sample(str(p), 0, None, category, "good", "test") for p in images]
                 continue
             mask_dir = cat / self.mask_dir.format(defect=defect)
-            masks = masks_by_stem(mask_dir)
+            masks = masks_by_stem(mask_dir, self.mask_folders)
             for path in images:
                 mask = find_mask(masks, path.stem, self.mask_suffixes)
                 if mask is None and self.masks_required:
-                    expected = mask_dir / f"{path.stem}{self.mask_suffixes[0]}.png"
+                    name = f"{path.stem}{self.mask_suffixes[0]}"
+                    expected = f"a folder {mask_dir / name} of masks" if self.mask_folders else mask_dir / f"{name}.png"
                     raise DatasetError(f"missing mask for anomalous image {path}: expected {expected}")
                 test.append(Sample(str(path), 1, str(mask) if mask else None, category, defect, "test"))
             check_orphan_masks(masks, [path.stem for path in images], self.mask_suffixes, cat / self.test_images.format(defect=defect))

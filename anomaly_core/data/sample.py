@@ -26,7 +26,7 @@ class Sample:
     mask_path: str | None  # None for normal images (and unmasked anomalies of the folder format)
     category: str
     defect_type: str  # "good" for normal images
-    split: str  # "train" | "test"
+    split: str  # "train" | "test" | "validation" (a format's own held-out normal images: MVTec LOCO)
 
 
 @dataclass(frozen=True)
@@ -71,13 +71,38 @@ def list_images(directory: Path) -> list[Path]:
     return sorted(p for p in images if p.is_file())
 
 
-def masks_by_stem(mask_dir: Path) -> dict[str, list[Path]]:
-    """Image files of ``mask_dir`` grouped by stem (listed once per directory, not per image)."""
+def masks_by_stem(mask_dir: Path, folders: bool = False) -> dict[str, list[Path]]:
+    """Image files of ``mask_dir`` grouped by stem (listed once per directory, not per image).
+
+    With ``folders``, its subdirectories by name instead: layouts with one mask folder per image (MVTec LOCO,
+    AutoVI). An empty one is an error here, before any work, as its image would have no ground truth.
+    """
     found: dict[str, list[Path]] = {}
-    if mask_dir.is_dir():
-        for path in list_images(mask_dir):
-            found.setdefault(path.stem, []).append(path)
+    if not mask_dir.is_dir():
+        return found
+    if folders:
+        for name in subdirs(mask_dir):
+            mask_files(mask_dir / name)  # raises for a folder without a mask image
+            found[name] = [mask_dir / name]
+        return found
+    for path in list_images(mask_dir):
+        found.setdefault(path.stem, []).append(path)
     return found
+
+
+def mask_files(mask_path: str | Path) -> list[Path]:
+    """The files of one image's mask: the file itself, or the sorted images of a mask folder.
+
+    MVTec LOCO and AutoVI store one file per defect region in a folder per image; the image's mask
+    is their union.
+    """
+    path = Path(mask_path)
+    if not path.is_dir():
+        return [path]
+    files = list_images(path)
+    if not files:
+        raise DatasetError(f"mask folder {path} holds no mask images")
+    return files
 
 
 def find_mask(masks: dict[str, list[Path]], stem: str, suffixes: tuple[str, ...]) -> Path | None:

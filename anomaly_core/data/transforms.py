@@ -17,7 +17,7 @@ from PIL import Image
 from torchvision.transforms import InterpolationMode
 
 from .images import image_size, read_mask, read_rgb
-from .sample import DatasetError, Sample
+from .sample import DatasetError, Sample, mask_files
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -68,20 +68,24 @@ def load_mask(sample: Sample, transform: ImageTransform) -> torch.Tensor | None:
     """The sample's mask at crop size: all False for a normal image, None for an unmasked anomaly.
 
     A mask whose size differs from its image would be silently misaligned after resizing, so
-    it is rejected (the image size comes from the file header, without decoding it).
+    it is rejected (sizes come from the file headers, before anything is decoded).
     """
     if sample.mask_path is None:
         return None if sample.label == 1 else torch.zeros(transform.crop, transform.crop, dtype=torch.bool)
-    mask = read_mask(sample.mask_path)
-    problem = mask_size_problem(sample, mask.shape, image_size(sample.image_path))
+    problem = mask_size_problem(sample, image_size(sample.image_path))
     if problem:
         raise DatasetError(problem)
-    return transform.mask(mask)
+    return transform.mask(read_mask(sample.mask_path))
 
 
-def mask_size_problem(sample: Sample, mask_shape: tuple[int, ...], size: tuple[int, int]) -> str | None:
-    """Why a mask cannot be aligned with its image (None if it can): sizes must be equal."""
-    if tuple(mask_shape) == tuple(size):
-        return None
-    return (f"mask {sample.mask_path} is {mask_shape[0]}x{mask_shape[1]} (HxW) but its image "
-            f"{sample.image_path} is {size[0]}x{size[1]}")
+def mask_size_problem(sample: Sample, size: tuple[int, int]) -> str | None:
+    """Why the sample's mask cannot be aligned with its image of ``size`` (None if it can).
+
+    Every mask file (the one file, or each file of a mask folder) must have the image's size; the
+    problem names the first file that has not. Headers only: nothing is decoded.
+    """
+    for path in mask_files(sample.mask_path):
+        height, width = image_size(path)
+        if (height, width) != tuple(size):
+            return f"mask {path} is {height}x{width} (HxW) but its image {sample.image_path} is {size[0]}x{size[1]}"
+    return None
