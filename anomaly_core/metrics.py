@@ -110,6 +110,19 @@ def compute_metrics(
     return MetricReport(values=values, notes=notes)
 
 
+GROUP_SEPARATOR = "/"  # a metric group's values sit beside the category's as <group>/<metric>
+
+
+def grouped_name(group: str, metric: str) -> str:
+    """The key of ``group``'s ``metric`` in a report's values, e.g. ``logical/image_auroc``."""
+    return f"{group}{GROUP_SEPARATOR}{metric}"
+
+
+def grouped_names(values: Mapping[str, object]) -> list[str]:
+    """The metric-group keys among ``values``, sorted (none for most datasets)."""
+    return sorted(name for name in values if GROUP_SEPARATOR in name)
+
+
 def group_indices(samples: Sequence[Sample], groups: Mapping[str, Sequence[str]]) -> dict[str, list[int]]:
     """Per group (name -> defect types, e.g. ``data.metric_groups(fmt)``), the sorted indices of the ``samples``
     it is scored on: every normal image plus the anomalies of its defect types.
@@ -156,7 +169,7 @@ def mean_metrics(reports: Sequence[MetricReport]) -> MetricReport:
         raise ValueError("reports is empty: nothing to average")
     values: dict[str, float | None] = {}
     notes: dict[str, str] = {}
-    grouped = sorted({name for r in reports for name in r.values if "/" in name})  # e.g. logical/image_auroc
+    grouped = sorted({name for r in reports for name in grouped_names(r.values)})
     for name in [*METRIC_NAMES, *grouped]:
         defined = [r.values[name] for r in reports if r.values.get(name) is not None]
         skipped = len(reports) - len(defined)

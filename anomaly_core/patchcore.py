@@ -19,7 +19,14 @@ from anomaly_core.bank import MemoryBank
 from anomaly_core.coreset import greedy_coreset
 from anomaly_core.data import ImageTransform, Sample, load_mask
 from anomaly_core.features import PatchFeatures, coreset_points, coverage_radius_space
-from anomaly_core.metrics import METRIC_NAMES, MetricReport, compute_metrics, group_indices, group_metrics
+from anomaly_core.metrics import (
+    METRIC_NAMES,
+    MetricReport,
+    compute_metrics,
+    group_indices,
+    group_metrics,
+    grouped_name,
+)
 from anomaly_core.scoring import Predictions, ScoringParams
 from anomaly_core.seeding import derive_seed
 
@@ -99,8 +106,8 @@ def evaluate(
     report = compute_metrics(labels, predictions.scores, masks, maps, fpr_limit)
     subsets = group_metrics(group_indices(samples, groups or {}), labels, predictions.scores, masks, maps, fpr_limit)
     for group, sub in subsets.items():
-        report.values.update({f"{group}/{name}": sub.values.get(name) for name in METRIC_NAMES})
-        report.notes.update({f"{group}/{name}": note for name, note in sub.notes.items() if name in METRIC_NAMES})
+        report.values.update({grouped_name(group, name): sub.values.get(name) for name in METRIC_NAMES})
+        report.notes.update({grouped_name(group, name): note for name, note in sub.notes.items() if name in METRIC_NAMES})
     return report
 
 

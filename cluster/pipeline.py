@@ -104,7 +104,7 @@ class BenchmarkPipeline:
         self._next_extractor = 0
         self._next_evaluator = 0
         self._extracting: list[tuple[int, ray.ObjectRef]] = []  # (extractor slot, shard) not known done
-        self._seconds: dict[ray.ObjectRef, ray.ObjectRef] = {}  # features -> its extraction seconds
+        self._seconds: dict[ray.ObjectRef, ray.ObjectRef] = {}  # extracted features -> their extraction seconds
         self._evaluating: list[PendingEvaluation] = []
         self.stage = "the actors to start"  # what the driver blocks on now (see waiting_for)
         cache = config.feature_cache
@@ -151,9 +151,7 @@ class BenchmarkPipeline:
         if key in self.cache:
             self.cache_stats["hits"] += 1
             log.info("feature cache hit: %s %s (%d images) from %s", job.key, split, len(samples), self.cache.path(key))
-            refs = [ray.put(part) for part in self.cache.load(key)]
-            self._seconds.update({ref: ray.put(0.0) for ref in refs})
-            return refs
+            return [ray.put(part) for part in self.cache.load(key)]
         self.cache_stats["misses"] += 1
         log.info("feature cache miss: %s %s (%d images): extracting", job.key, split, len(samples))
         refs = self._extract(job, split, samples)
@@ -214,7 +212,8 @@ class BenchmarkPipeline:
         """
         train_refs = train_refs if train_refs is not None else self._features(job, "train", job.split.train)
         self.stage = f"extraction of {job.key} ({len(job.split.train)} train images, {len(self.extractors)} extractors)"
-        extract_s = sum(ray.get([self._seconds.pop(ref) for ref in train_refs]))
+        # Extraction time of the shards the extractors make (cached shards took none); waits for them.
+        extract_s = sum(ray.get([self._seconds.pop(ref) for ref in train_refs if ref in self._seconds]))
         self.on_event("extracted", {"key": job.key, "images": len(job.split.train), "seconds": extract_s})
         saturated = any(holder.cpus < 1 for holder in self.plan.holders)
         coreset = self.config.coreset

@@ -27,7 +27,14 @@ from sklearn.metrics import roc_auc_score, roc_curve
 
 from anomaly_core.bank import atomic_write
 from anomaly_core.data import ImageTransform, load_mask, read_rgb
-from anomaly_core.metrics import METRIC_NAMES, THRESHOLD_NAMES, mean_metrics
+from anomaly_core.metrics import (
+    GROUP_SEPARATOR,
+    METRIC_NAMES,
+    THRESHOLD_NAMES,
+    grouped_name,
+    grouped_names,
+    mean_metrics,
+)
 
 if TYPE_CHECKING:  # the pipeline module imports ray, which predict and the report do not need
     from cluster.pipeline import CategoryResult
@@ -74,9 +81,9 @@ def group_rows(results: Sequence[CategoryResult]) -> list[dict[str, Any]]:
     rows = []
     for result in results:
         values = result.report.values
-        for group in sorted({name.split("/", 1)[0] for name in values if "/" in name}):
+        for group in sorted({name.split(GROUP_SEPARATOR, 1)[0] for name in grouped_names(values)}):
             rows.append({"dataset": result.job.dataset, "category": result.job.split.category, "group": group,
-                         **{name: values.get(f"{group}/{name}") for name in METRIC_NAMES}})
+                         **{name: values.get(grouped_name(group, name)) for name in METRIC_NAMES}})
     return rows
 
 

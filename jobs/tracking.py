@@ -32,7 +32,7 @@ from sklearn.metrics import precision_recall_curve, roc_curve
 
 from anomaly_core.config import WandbConfig
 from anomaly_core.data import ImageTransform, load_mask, read_rgb
-from anomaly_core.metrics import METRIC_NAMES, THRESHOLD_NAMES
+from anomaly_core.metrics import METRIC_NAMES, THRESHOLD_NAMES, grouped_names
 from jobs.report import TIMING_KEYS, display_image, heatmap_overlay, metric_rows, ranked_examples, timing_rows
 
 if TYPE_CHECKING:
@@ -186,8 +186,8 @@ class Tracker:
         """Metrics, timings, ROC/PR curves and example overlays of one finished category."""
         key = result.job.key
         values = result.report.values
-        summary = {f"{key}/{name}": value for name, value in values.items()  # incl. <group>/<metric>
-                   if value is not None and (name in (*METRIC_NAMES, *THRESHOLD_NAMES) or "/" in name)}
+        names = (*METRIC_NAMES, *THRESHOLD_NAMES, *grouped_names(values))
+        summary = {f"{key}/{name}": values[name] for name in names if values.get(name) is not None}
         summary.update({f"{key}/time/{name}": seconds for name, seconds in result.timings.items()})
         summary[f"{key}/memory_size"] = int(result.bank.features.shape[0])
         self.run.summary.update(summary)
