@@ -158,6 +158,9 @@ class RunConfig(_Strict):
     seed: int = 0
     datasets: list[DatasetConfig] = Field(min_length=1)
     backbone: BackboneConfig = BackboneConfig()
+    # Several backbones, one bank each, scores normalised per member and averaged (anomaly_core/ensemble.py);
+    # replaces ``backbone``. Empty: a single-backbone run.
+    ensemble: list[BackboneConfig] = Field(default_factory=list)
     preprocess: PreprocessConfig = PreprocessConfig()
     embedding: EmbeddingConfig = EmbeddingConfig()
     coreset: CoresetConfig = CoresetConfig()
@@ -175,6 +178,18 @@ class RunConfig(_Strict):
         if len(set(names)) != len(names):
             raise ValueError(f"dataset names must be unique, got {names}")
         return self
+
+    @model_validator(mode="after")
+    def _ensemble_replaces_backbone(self) -> "RunConfig":
+        if len(self.ensemble) == 1:
+            raise ValueError("ensemble: needs at least two backbones (for one, set backbone instead)")
+        if self.ensemble and self.backbone != BackboneConfig():  # a recorded config carries the default one
+            raise ValueError("set either backbone or ensemble, not both: an ensemble lists its members' backbones")
+        return self
+
+    def members(self) -> list["RunConfig"]:
+        """An ensemble's members as single-backbone configs (the run itself when it is not an ensemble)."""
+        return [self.model_copy(update={"backbone": backbone, "ensemble": []}) for backbone in self.ensemble] or [self]
 
 
 def parse_config(raw: Any, source: str) -> RunConfig:

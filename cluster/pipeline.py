@@ -60,6 +60,7 @@ class CategoryResult:
     report: MetricReport
     timings: dict[str, float] = field(default_factory=dict)
     thresholds: dict[str, Any] | None = None  # from the validation images; None: the test set's F1-optimal
+    held_out: Predictions | None = None  # of the validation images (an ensemble member's normalisation)
 
     @property
     def test_samples(self) -> tuple[Sample, ...]:
@@ -289,13 +290,13 @@ class BenchmarkPipeline:
         self._evaluating.remove(pending)
         timings = {**pending.bank.metadata.get("timings", {}), "evaluate_s": round(time.perf_counter() - pending.submitted, 4),
                    "metrics_s": round(metrics_s, 4), "eval_threads": pending.threads}
-        thresholds = None
+        thresholds, held_out = None, None
         if pending.validation_refs:
             held_out = merge_predictions(ray.get(pending.validation_refs))
             thresholds = validation_thresholds(held_out, self.config.thresholds.quantile)
             thresholds["validation_scores"] = [float(score) for score in held_out.scores]
         self.on_event("evaluated", {"key": pending.job.key, "images": len(pending.job.split.test), "report": report})
-        return CategoryResult(pending.job, pending.bank, predictions, report, timings, thresholds)
+        return CategoryResult(pending.job, pending.bank, predictions, report, timings, thresholds, held_out)
 
     def run(self, jobs: Sequence[CategoryJob]) -> Iterator[CategoryResult]:
         """All categories, overlapped: extraction runs ``prefetch_categories`` ahead of the coreset,
@@ -336,6 +337,12 @@ class BenchmarkPipeline:
         for entry in done:
             pending.remove(entry)
         return [self.collect(entry) for entry in done]
+
+    def close(self) -> None:
+        """Stop the run's actors now, so a next pipeline (an ensemble's next member) gets their resources
+        at once rather than when Ray gets round to collecting the handles."""
+        for actor in (*self.extractors, *self.evaluators, *self.holders.actors):
+            ray.kill(actor)
 
     def actor_stats(self) -> dict[str, list[dict]]:
         return {

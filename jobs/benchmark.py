@@ -16,14 +16,16 @@ import sys
 import time
 from dataclasses import replace
 from pathlib import Path
-from typing import Sequence
+from typing import Any, Iterator, Sequence
 
 import ray
 
 from anomaly_core.bank import write_json
 from anomaly_core.config import ConfigError, RunConfig
 from anomaly_core.data import ImageTransform, list_categories, load_split, load_validation
+from anomaly_core.ensemble import member_labels
 from anomaly_core.thresholds import hold_out
+from cluster.ensemble import MemberRun, ensemble_result
 from cluster.pipeline import BenchmarkPipeline, CategoryJob, CategoryResult
 from jobs.cli import add_config_arguments, check_writable, config_from_args, config_overrides, load_config
 from jobs.errors import run_job
@@ -67,9 +69,9 @@ def category_jobs(config: RunConfig, only: set[str] | None) -> list[CategoryJob]
 
 
 def with_validation(config: RunConfig, job: CategoryJob) -> CategoryJob:
-    """With ``thresholds.source: validation``, the dataset's own validation images (MVTec LOCO's
+    """With ``thresholds.source: validation`` or an ensemble, the dataset's own validation images (MVTec LOCO's
     ``validation/good``), else a seeded part of the good training images that then leaves the bank."""
-    if config.thresholds.source != "validation":
+    if config.thresholds.source != "validation" and not config.ensemble:  # an ensemble normalises on them
         return job
     provided = load_validation(job.split.dataset, job.root, job.split.category)
     if provided:
@@ -135,8 +137,9 @@ def run(config: RunConfig, run_name: str | None = None, only: set[str] | None = 
     started = time.perf_counter()
     results: list[CategoryResult] = []
     tracker = Tracker(config.wandb, "benchmark", run_dir, config.model_dump(mode="json"))
-    cluster: dict = {}
-    with tracker, Progress(todo, stall_s=config.cluster.stall_warning_s) as progress:
+    cluster: dict[str, Any] = {}
+    passes = len(config.members())  # an ensemble's categories pass through one pipeline per member
+    with tracker, Progress(todo, stall_s=config.cluster.stall_warning_s, passes=passes) as progress:
         for result in kept.values():
             kept_transform = image_transform(result.bank.metadata)
             tracker.log_category(result, kept_transform)
@@ -145,18 +148,26 @@ def run(config: RunConfig, run_name: str | None = None, only: set[str] | None = 
             results.append(released(result))
         if todo:
             log.info("Ray: %s; resources %s", start_ray(), ray.cluster_resources())
-            pipeline = BenchmarkPipeline(config, on_event=progress)
-            progress.waiting = pipeline.waiting_for
-            for result in pipeline.run(todo):
-                write_category_figure(run_dir, result, pipeline.transform)
+            if config.ensemble:
+                computed = run_ensemble(config, run_dir, todo, tracker, progress, cluster)
+            else:
+                pipeline = BenchmarkPipeline(config, on_event=progress)
+                progress.waiting = pipeline.waiting_for
+                computed = pipeline.run(todo)
+            for result in computed:
+                transform = image_transform(result.bank.metadata)
+                write_category_figure(run_dir, result, transform)
                 folder = write_category(run_dir, result, config)
-                tracker.log_category(result, pipeline.transform)
-                tracker.log_bank(result.job, folder)
+                tracker.log_category(result, transform)
+                if not config.ensemble:  # an ensemble's members logged their banks as they finished
+                    tracker.log_bank(result.job, folder)
                 log.info("%s done: %s -> %s", result.job.key, _headline(result), folder)
                 results.append(released(result))
+            if not config.ensemble:
+                cluster.update({"plan": pipeline.plan.summary(), **pipeline.actor_stats(),
+                                "feature_cache": pipeline.cache_stats})
             peak_rss_mb = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)  # KiB on Linux
-            cluster = {"plan": pipeline.plan.summary(), **pipeline.actor_stats(), "resources": ray.cluster_resources(),
-                       "driver_peak_rss_mb": peak_rss_mb, "feature_cache": pipeline.cache_stats}
+            cluster.update({"resources": ray.cluster_resources(), "driver_peak_rss_mb": peak_rss_mb})
         seconds = time.perf_counter() - started
         order = {job.key: position for position, job in enumerate(jobs)}
         results.sort(key=lambda result: order[result.job.key])
@@ -169,6 +180,32 @@ def run(config: RunConfig, run_name: str | None = None, only: set[str] | None = 
     print(format_table(results))
     print(f"\n{len(results)} categories in {seconds:.1f} s -> {run_dir.resolve()} (report: {report.resolve()})")
     return run_dir
+
+
+def run_ensemble(config: RunConfig, run_dir: Path, todo: Sequence[CategoryJob], tracker: Tracker, progress: Progress,
+                 cluster: dict) -> Iterator[CategoryResult]:
+    """Each member's pipeline over the categories it has not finished (results written as they come, banks
+    logged), then each category's ensemble; ``cluster`` gets each member's actor statistics."""
+    labels = member_labels([backbone.name for backbone in config.ensemble])
+    cluster["members"] = {}
+    for label, member in zip(labels, config.members()):
+        remaining = [job for job in todo if finished_category(run_dir, job, label) is None]
+        log.info("ensemble member %s (%s): %d categories to compute", label, member.backbone.name, len(remaining))
+        if not remaining:
+            continue
+        run = MemberRun(member, label, progress)
+        for result in run.run(remaining):
+            folder = write_category(run_dir, result, member, member=label)
+            tracker.log_bank(result.job, folder, member=label)
+            log.info("%s member %s done: %s", result.job.key, label, _headline(result))
+        cluster["members"][label] = run.stats
+    progress("done", {})
+    for job in todo:
+        members = [finished_category(run_dir, job, label) for label in labels]
+        lost = [label for label, member in zip(labels, members) if member is None]
+        if lost:
+            raise RuntimeError(f"{job.key}: the results of ensemble members {lost} are missing or unreadable")
+        yield ensemble_result(job, labels, members, config)
 
 
 def _headline(result: CategoryResult) -> str:

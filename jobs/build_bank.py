@@ -12,7 +12,7 @@ from pathlib import Path
 from anomaly_core.bank import save_bank
 from cluster.pipeline import BenchmarkPipeline
 from jobs.benchmark import single_job
-from jobs.cli import category_parser, check_writable, config_from_args
+from jobs.cli import category_parser, check_writable, config_from_args, single_backbone
 from jobs.errors import run_job
 from jobs.preflight import preflight
 from jobs.ray_runtime import start_ray
@@ -27,7 +27,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def build(args: argparse.Namespace) -> Path:
-    config = config_from_args(args)
+    config = single_backbone(config_from_args(args), "jobs.build_bank")
     job = single_job(config, args.dataset, args.category)
     out = args.out or Path(config.output_dir) / "banks" / job.dataset / job.split.category
     check_writable(out, "--out" if args.out else "output_dir")

@@ -117,9 +117,19 @@ def check_paths(config: RunConfig, source: str) -> None:
                 f"{source}: datasets.{position}.root: dataset folder not found: {dataset.root} "
                 f"(dataset {dataset.name!r})"
             )
-    weights = config.backbone.weights
-    if weights not in (RANDOM_INIT, PACKAGE_WEIGHTS) and not Path(weights).expanduser().is_file():
-        raise ConfigError(f"{source}: backbone.weights: weights file not found: {weights}")
+    keys = [f"ensemble.{i}" for i in range(len(config.ensemble))] or ["backbone"]
+    for key, backbone in zip(keys, config.ensemble or [config.backbone]):
+        weights = backbone.weights
+        if weights not in (RANDOM_INIT, PACKAGE_WEIGHTS) and not Path(weights).expanduser().is_file():
+            raise ConfigError(f"{source}: {key}.weights: weights file not found: {weights}")
+
+
+def single_backbone(config: RunConfig, job: str) -> RunConfig:
+    """``config`` for a job that works with one bank (build_bank, evaluate, predict): ensembles are refused."""
+    if config.ensemble:
+        raise ConfigError(f"{job} works with one backbone's bank; an ensemble config runs with jobs.benchmark "
+                          f"(to build or score one member, set backbone to it instead of ensemble)")
+    return config
 
 
 def check_writable(folder: Path, key: str) -> None:

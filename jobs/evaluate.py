@@ -17,7 +17,7 @@ from anomaly_core.extraction import ExtractionSettings
 from anomaly_core.patchcore import train_list_sha256
 from cluster.pipeline import BenchmarkPipeline
 from jobs.benchmark import single_job
-from jobs.cli import category_parser, check_writable, config_from_args
+from jobs.cli import category_parser, check_writable, config_from_args, single_backbone
 from jobs.errors import run_job
 from jobs.preflight import preflight
 from jobs.outputs import format_table, write_category
@@ -34,7 +34,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def evaluate(args: argparse.Namespace) -> Path:
-    config = config_from_args(args)
+    config = single_backbone(config_from_args(args), "jobs.evaluate")
     job = single_job(config, args.dataset, args.category)
     out = args.out or Path(config.output_dir) / "evaluate"
     check_writable(out, "--out" if args.out else "output_dir")

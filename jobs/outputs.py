@@ -20,7 +20,8 @@ from safetensors.numpy import save_file
 from anomaly_core.bank import MemoryBank, atomic_write, save_bank, write_json
 from anomaly_core.config import RunConfig
 from anomaly_core.metrics import METRIC_NAMES, MetricReport, mean_metrics
-from cluster.pipeline import CategoryResult
+from cluster.ensemble import ENSEMBLE_KEY
+from cluster.pipeline import CategoryJob, CategoryResult
 from jobs.report import bank_rows_and_sha256
 
 
@@ -62,26 +63,48 @@ THRESHOLD_SOURCE = ("F1-optimal on this evaluation's labelled test set: optimist
                     "since it was tuned on the images it is judged on")
 
 
-def write_category(run_dir: Path, result: CategoryResult, config: RunConfig) -> Path:
+MEMBERS = "members"  # an ensemble category's folder holds each member's results under members/<label>/
+ENSEMBLE_RECORD = "ensemble.json"  # what an ensemble category has in place of bank.json
+
+
+def category_folder(run_dir: Path, job: CategoryJob, member: str | None = None) -> Path:
+    folder = Path(run_dir) / job.dataset / job.split.category
+    return folder / MEMBERS / member if member else folder
+
+
+def write_category(run_dir: Path, result: CategoryResult, config: RunConfig, member: str | None = None) -> Path:
     """Bank, predictions and config of one category; ``metrics.json`` last, as the mark of a finished category.
 
     ``--resume`` keeps a category only when its ``metrics.json`` exists and names the bank beside it.
+    An ensemble ``member``'s results go to ``members/<label>/`` with full-precision maps and the
+    predictions of its held-out images, the inputs of the ensemble's normalisation (``--resume`` keeps
+    finished members). An ensemble's own category folder has ``ensemble.json`` in place of a bank.
     """
-    folder = run_dir / result.job.dataset / result.job.split.category
+    folder = category_folder(run_dir, result.job, member)
     # The thresholds travel with the bank, together with the scoring that produced the scores they
     # apply to: jobs.predict scores with the bank's recorded scoring, so thresholds from one scoring
     # must never meet scores of another.
     result.bank.metadata["thresholds"] = deployment_thresholds(result)
     result.bank.metadata["scoring"] = config.scoring.model_dump()
-    save_bank(result.bank, folder)
+    if ENSEMBLE_KEY in result.bank.metadata:
+        write_json(folder / ENSEMBLE_RECORD, result.bank.metadata)
+    else:
+        save_bank(result.bank, folder)
     write_yaml(folder / "config.yaml", config.model_dump(mode="json"))
     predictions = folder / "predictions"
     write_json(predictions / "predictions.json", prediction_records(result))
-    maps = {"anomaly_maps": np.ascontiguousarray(result.predictions.maps, dtype=np.float16)}
+    maps_dtype = np.float32 if member else np.float16
+    maps = {"anomaly_maps": np.ascontiguousarray(result.predictions.maps, dtype=maps_dtype)}
     atomic_write(predictions / "anomaly_maps.safetensors", lambda tmp: save_file(maps, tmp))
+    if member and result.held_out is not None:
+        held_out = {"scores": result.held_out.scores, "maps": np.ascontiguousarray(result.held_out.maps, np.float32)}
+        atomic_write(predictions / HELD_OUT_FILE, lambda tmp: save_file(held_out, tmp))
     write_json(folder / "metrics.json", {**result.report.to_dict(), "timings": result.timings,
                                          "bank_sha256": result.bank.metadata["bank_sha256"]})
     return folder
+
+
+HELD_OUT_FILE = "held_out.safetensors"
 
 
 def released(result: CategoryResult) -> CategoryResult:
@@ -92,7 +115,7 @@ def released(result: CategoryResult) -> CategoryResult:
     metadata = {**result.bank.metadata, "memory_size": rows, "bank_sha256": digest}
     empty = np.empty((0, result.bank.features.shape[1]), np.float32)
     predictions = replace(result.predictions, maps=result.predictions.maps[:0].copy())
-    return replace(result, bank=MemoryBank(empty, metadata), predictions=predictions)
+    return replace(result, bank=MemoryBank(empty, metadata), predictions=predictions, held_out=None)
 
 
 def summary(config: RunConfig, results: list[CategoryResult], run_seconds: float, extra: dict[str, Any]) -> dict[str, Any]:
@@ -111,8 +134,9 @@ def summary(config: RunConfig, results: list[CategoryResult], run_seconds: float
             "images": images,
             "memory_size": rows,
             "n_patches": result.bank.metadata.get("n_patches"),  # before the coreset
-            "feature_dim": int(result.bank.features.shape[1]),
+            "feature_dim": int(result.bank.features.shape[1]),  # an ensemble's: its members' added up
             "bank_sha256": digest,
+            **({"members": result.bank.metadata[ENSEMBLE_KEY]} if ENSEMBLE_KEY in result.bank.metadata else {}),
         })
     mean = mean_metrics([result.report for result in results]) if results else MetricReport({}, {})
     total_images = sum(entry["images"] for entry in categories)

@@ -25,35 +25,44 @@ from cluster.pipeline import CategoryJob
 log = logging.getLogger("jobs.preflight")
 
 
-def check_model(config: RunConfig) -> tuple[int, int]:
-    """Build the configured extractor on the CPU; returns its patch grid. Errors name the config key."""
+def check_model(config: RunConfig, key: str = "backbone") -> tuple[int, int]:
+    """Build the configured extractor on the CPU; returns its patch grid. Errors name the config ``key``."""
     settings = ExtractionSettings.from_config(config)
     try:
         extractor = PatchFeatureExtractor(settings, device="cpu")
     except WeightsError as error:
-        raise ConfigError(f"backbone ({settings.backbone}, layers {list(settings.layers)}, weights "
+        raise ConfigError(f"{key} ({settings.backbone}, layers {list(settings.layers)}, weights "
                           f"{settings.weights}): {error}") from None
     _, grid = extractor.embed_batch(torch.zeros(1, 3, settings.crop, settings.crop))
     return grid
 
 
-def check_jobs(config: RunConfig, jobs: Sequence[CategoryJob], need_test: bool, grid: tuple[int, int]) -> None:
-    """Every category's files, and ``scoring.k`` against the bank size it will get."""
+def check_jobs(config: RunConfig, jobs: Sequence[CategoryJob], need_test: bool) -> None:
+    """Every category's files (held-out images too)."""
     for job in jobs:
-        check_split(job.split, job.root, need_test, extra=job.validation)  # held-out images are read too
+        check_split(job.split, job.root, need_test, extra=job.validation)
+
+
+def check_k(config: RunConfig, jobs: Sequence[CategoryJob], grid: tuple[int, int], key: str) -> None:
+    """``scoring.k`` against the bank size each category will get from the backbone at ``key``."""
+    for job in jobs:
         patches = len(job.split.train) * grid[0] * grid[1]
         bank = patches if config.coreset.method == "none" else coreset_size(patches, None, config.coreset.ratio)
         if config.scoring.k > bank:
             raise ConfigError(
-                f"scoring.k={config.scoring.k} exceeds the memory bank of {job.key}: {bank} patches "
+                f"scoring.k={config.scoring.k} exceeds the memory bank of {job.key} ({key}): {bank} patches "
                 f"({len(job.split.train)} train images x {grid[0] * grid[1]} patches, coreset.ratio {config.coreset.ratio})"
             )
 
 
 def preflight(config: RunConfig, jobs: Sequence[CategoryJob], need_test: bool) -> tuple[int, int]:
-    """Model, data and ``k`` checks of a job; returns the patch grid."""
-    grid = check_model(config)
-    check_jobs(config, jobs, need_test, grid)
-    log.info("preflight: %d categories, %d images checked; patch grid %dx%d", len(jobs),
-             sum(len(job.split.train) + len(job.split.test) for job in jobs), *grid)
-    return grid
+    """Model (each ensemble member's), data and ``k`` checks of a job; returns the (first) model's patch grid."""
+    keys = [f"ensemble.{i}" for i in range(len(config.ensemble))] or ["backbone"]
+    grids = [check_model(member, key) for member, key in zip(config.members(), keys)]
+    check_jobs(config, jobs, need_test)
+    for grid, key in zip(grids, keys):
+        check_k(config, jobs, grid, key)
+    log.info("preflight: %d categories, %d images checked; patch grid %s", len(jobs),
+             sum(len(job.split.train) + len(job.split.test) for job in jobs),
+             ", ".join(f"{h}x{w}" for h, w in grids))
+    return grids[0]

@@ -67,11 +67,13 @@ class Progress:
         interval_s: float = 10.0,
         clock: Callable[[], float] = time.monotonic,
         stall_s: float = 0.0,
+        passes: int = 1,
     ) -> None:
+        # passes: how often each category goes through the stages (an ensemble: once per member).
         self.stages = {
-            "extracted": Stage("extract", sum(len(job.split.train) for job in jobs), "img"),
-            "bank": Stage("coreset", len(jobs), "categories"),
-            "evaluated": Stage("evaluate", sum(len(job.split.test) for job in jobs), "img"),
+            "extracted": Stage("extract", passes * sum(len(job.split.train) for job in jobs), "img"),
+            "bank": Stage("coreset", passes * len(jobs), "categories"),
+            "evaluated": Stage("evaluate", passes * sum(len(job.split.test) for job in jobs), "img"),
         }
         self.interval_s = interval_s
         self.clock = clock

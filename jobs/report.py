@@ -338,7 +338,7 @@ def _markdown(
         lines += ["Undefined values (n/a):", "", *undefined, ""]
     groups = group_rows(results)
     if groups:
-        lines += ["### Metric groups", "", "Each group is scored on all normal test images plus its own anomalies.", "",
+        lines += ["### Metric groups", "", "Each group is scored on all normal test images plus its own anomalies; an ensemble member (named by its backbone) on the whole test set.", "",
                   *_table(["dataset", "category", "group", *METRIC_NAMES], groups), ""]
     lines += ["## Timings (seconds)", "",
               "extract_train_s is actor time embedding the train images; evaluate_s runs from the bank's "

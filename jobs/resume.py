@@ -18,11 +18,13 @@ import numpy as np
 import yaml
 from safetensors.numpy import load_file
 
-from anomaly_core.bank import BankError, load_bank
+from anomaly_core.bank import BankError, MemoryBank, load_bank
 from anomaly_core.config import ConfigError, RunConfig, parse_config
 from anomaly_core.metrics import MetricReport
 from anomaly_core.scoring import Predictions
+from cluster.ensemble import ENSEMBLE_KEY
 from cluster.pipeline import CategoryJob, CategoryResult
+from jobs.outputs import ENSEMBLE_RECORD, HELD_OUT_FILE, MEMBERS, category_folder
 
 log = logging.getLogger("jobs.resume")
 
@@ -65,24 +67,39 @@ def resume_config(recorded: RunConfig, requested: RunConfig, run_dir: Path) -> R
     return requested
 
 
-def finished_category(run_dir: Path, job: CategoryJob) -> CategoryResult | None:
-    """The category's recorded result, if it is complete and consistent; else None (recompute it)."""
-    folder = run_dir / job.dataset / job.split.category
+def finished_category(run_dir: Path, job: CategoryJob, member: str | None = None) -> CategoryResult | None:
+    """The category's recorded result (or its ensemble ``member``'s, with its held-out predictions), if it is
+    complete and consistent; else None (recompute it)."""
+    folder = category_folder(run_dir, job, member)
     metrics_path = folder / "metrics.json"
     if not metrics_path.is_file():
         return None
     try:
         record = json.loads(metrics_path.read_text())
-        bank = load_bank(folder)
-        if record.get("bank_sha256") != bank.sha256:
-            raise BankError(f"{metrics_path} names bank {record.get('bank_sha256')}, the folder holds {bank.sha256}")
+        bank = _ensemble_record(folder, job) if (folder / ENSEMBLE_RECORD).is_file() else load_bank(folder)
+        if record.get("bank_sha256") != bank.metadata["bank_sha256"]:
+            raise BankError(f"{metrics_path} names bank {record.get('bank_sha256')}, the folder holds "
+                            f"{bank.metadata['bank_sha256']}")
         predictions = _predictions(folder / "predictions", job)
+        held_out = _held_out(folder / "predictions") if member else None
         report = MetricReport(record["values"], record["notes"])
         timings = record["timings"]
     except (BankError, OSError, ValueError, KeyError, TypeError) as error:
-        log.warning("%s: the recorded result cannot be used (%s); computing it again", job.key, error)
+        where = f"{job.key} member {member}" if member else job.key
+        log.warning("%s: the recorded result cannot be used (%s); computing it again", where, error)
         return None
-    return CategoryResult(job, bank, predictions, report, timings)
+    return CategoryResult(job, bank, predictions, report, timings, held_out=held_out)
+
+
+def _ensemble_record(folder: Path, job: CategoryJob) -> MemoryBank:
+    """An ensemble category's record, as a bank without rows; each member's bank must still be the one it names."""
+    metadata = json.loads((folder / ENSEMBLE_RECORD).read_text())
+    for entry in metadata[ENSEMBLE_KEY]:
+        member = load_bank(folder / MEMBERS / entry["label"])
+        if member.sha256 != entry["bank_sha256"]:
+            raise BankError(f"{folder / ENSEMBLE_RECORD} names member bank {entry['bank_sha256']} for "
+                            f"{entry['label']}, its folder holds {member.sha256}")
+    return MemoryBank(np.empty((0, sum(entry["feature_dim"] for entry in metadata[ENSEMBLE_KEY])), np.float32), metadata)
 
 
 def _predictions(folder: Path, job: CategoryJob) -> Predictions:
@@ -95,3 +112,11 @@ def _predictions(folder: Path, job: CategoryJob) -> Predictions:
         raise ValueError(f"{folder / 'anomaly_maps.safetensors'} holds {len(maps)} maps for {len(records)} images")
     scores = np.asarray([record["pred_score"] for record in records], dtype=np.float64)
     return Predictions(scores, maps, np.arange(len(records), dtype=np.int64))
+
+
+def _held_out(folder: Path) -> Predictions:
+    tensors = load_file(str(folder / HELD_OUT_FILE))
+    scores, maps = tensors["scores"], tensors["maps"]
+    if len(scores) != len(maps):
+        raise ValueError(f"{folder / HELD_OUT_FILE} holds {len(scores)} scores for {len(maps)} maps")
+    return Predictions(scores, maps, np.arange(len(scores), dtype=np.int64))

@@ -18,7 +18,7 @@ from typing import Any
 
 import yaml
 
-from anomaly_core.config import ConfigError, RunConfig
+from anomaly_core.config import BackboneConfig, ConfigError, RunConfig
 from anomaly_core.weight_files import SEARCH, find_weights
 
 PATHS_FILE = "paths.yaml"
@@ -41,17 +41,24 @@ class SitePaths:
         return {**raw, "datasets": updated}
 
     def resolve_weights(self, config: RunConfig) -> RunConfig:
-        """``backbone.weights: search`` becomes the one matching file in the backbones folder."""
-        if config.backbone.weights != SEARCH:
-            return config
+        """``weights: search`` (of the backbone or of an ensemble member) becomes the one matching file in
+        the backbones folder."""
+        if config.ensemble:
+            members = [self._searched(member, f"ensemble.{i}.weights") for i, member in enumerate(config.ensemble)]
+            return config.model_copy(update={"ensemble": members})
+        return config.model_copy(update={"backbone": self._searched(config.backbone, "backbone.weights")})
+
+    def _searched(self, backbone: BackboneConfig, key: str) -> BackboneConfig:
+        if backbone.weights != SEARCH:
+            return backbone
         if self.backbones is None:
-            raise ConfigError(f"backbone.weights={SEARCH} needs a backbones folder: set `backbones:` in "
+            raise ConfigError(f"{key}={SEARCH} needs a backbones folder: set `backbones:` in "
                               f"{self.source or 'configs/' + PATHS_FILE}")
         try:
-            found = find_weights(config.backbone.name, self.backbones)
+            found = find_weights(backbone.name, self.backbones)
         except ValueError as error:
-            raise ConfigError(f"backbone.weights={SEARCH} ({self.source}): {error}") from None
-        return config.model_copy(update={"backbone": config.backbone.model_copy(update={"weights": str(found)})})
+            raise ConfigError(f"{key}={SEARCH} ({self.source}): {error}") from None
+        return backbone.model_copy(update={"weights": str(found)})
 
 
 def paths_file(explicit: Path | None, config_path: Path | None, environ: Mapping[str, str]) -> Path | None:

@@ -33,7 +33,15 @@ from sklearn.metrics import precision_recall_curve, roc_curve
 from anomaly_core.config import WandbConfig
 from anomaly_core.data import ImageTransform, load_mask, read_rgb
 from anomaly_core.metrics import METRIC_NAMES, THRESHOLD_NAMES, grouped_names
-from jobs.report import TIMING_KEYS, display_image, heatmap_overlay, metric_rows, ranked_examples, timing_rows
+from jobs.report import (
+    TIMING_KEYS,
+    bank_rows_and_sha256,
+    display_image,
+    heatmap_overlay,
+    metric_rows,
+    ranked_examples,
+    timing_rows,
+)
 
 if TYPE_CHECKING:
     from cluster.pipeline import CategoryJob, CategoryResult
@@ -189,7 +197,7 @@ class Tracker:
         names = (*METRIC_NAMES, *THRESHOLD_NAMES, *grouped_names(values))
         summary = {f"{key}/{name}": values[name] for name in names if values.get(name) is not None}
         summary.update({f"{key}/time/{name}": seconds for name, seconds in result.timings.items()})
-        summary[f"{key}/memory_size"] = int(result.bank.features.shape[0])
+        summary[f"{key}/memory_size"] = bank_rows_and_sha256(result)[0]
         self.run.summary.update(summary)
         labels = np.asarray([sample.label for sample in result.test_samples])
         logged: dict[str, Any] = {}
@@ -227,14 +235,16 @@ class Tracker:
         return images
 
     @_guarded
-    def log_bank(self, job: "CategoryJob", folder: Path) -> None:
-        """The category's bank.safetensors + bank.json as a ``memory-bank`` artifact."""
+    def log_bank(self, job: "CategoryJob", folder: Path, member: str | None = None) -> None:
+        """The category's bank.safetensors + bank.json as a ``memory-bank`` artifact (an ensemble ``member``'s:
+        one artifact per member)."""
         import wandb
 
         folder = Path(folder)
         metadata = json.loads((folder / "bank.json").read_text())
         dataset, category = job.dataset, job.split.category
-        artifact = wandb.Artifact(artifact_name("bank", dataset, category), type=BANK_ARTIFACT_TYPE, metadata=metadata)
+        name = artifact_name("bank", dataset, category, *([member] if member else []))
+        artifact = wandb.Artifact(name, type=BANK_ARTIFACT_TYPE, metadata=metadata)
         for name in ("bank.safetensors", "bank.json"):
             # The files are written atomically and never changed afterwards: no staging copy needed.
             artifact.add_file(str(folder / name), name=name, policy="immutable")

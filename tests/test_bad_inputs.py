@@ -183,7 +183,7 @@ def test_garbage_and_wrong_architecture_weights(mini, tmp_path, capsys):
 def test_k_larger_than_the_bank_fails_before_extraction(mini, tmp_path, capsys):
     # 4 train images x 8x8 patches (64 px, blocks.2 stride 8) = 256 patches, 10 % coreset -> 25 rows.
     error = bench(tmp_path, mini, capsys, **{"scoring.k": 26})
-    assert "scoring.k=26 exceeds the memory bank of mini/tire: 25 patches" in error
+    assert "scoring.k=26 exceeds the memory bank of mini/tire (backbone): 25 patches" in error
 
 
 def test_output_dir_under_a_regular_file(mini, tmp_path, capsys):

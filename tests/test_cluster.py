@@ -28,16 +28,19 @@ from anomaly_core.bank import load_bank
 from anomaly_core.config import AugmentConfig, FeatureCacheConfig, ThresholdConfig, parse_config
 from anomaly_core.coreset import greedy_coreset
 from anomaly_core.data import CategorySplit, load_split
+from anomaly_core.ensemble import Normalisation, combine
 from anomaly_core.extraction import ExtractionSettings, PatchFeatureExtractor
 from anomaly_core.features import merge_features
 from anomaly_core.patchcore import augment_base_seed, build_bank, coreset_seed, evaluate, scoring_params
 from anomaly_core.scoring import NearestNeighbourScorer, predict
+from anomaly_core.thresholds import hold_out
 from cluster.coreset import HolderPool, HolderProxy
 from cluster.pipeline import BenchmarkPipeline, CategoryJob
 from jobs import benchmark
 from jobs import build_bank as build_bank_job
 from jobs import evaluate as evaluate_job
 from jobs.outputs import write_category
+from jobs.resume import finished_category
 
 from .conftest import REPO, TIRE_ROOT
 
@@ -273,18 +276,23 @@ def test_categories_stream_through_a_bounded_lookahead(ray_cluster, tire_job, re
     assert results["tire_copy/tire"].bank.sha256 == expected.sha256 != reference["bank"].sha256
 
 
+def copy_slice(job: CategoryJob, root: Path) -> Path:
+    """The slice's images and masks as a dataset of its own, for the jobs that read a whole category."""
+    for sample in (*job.split.train, *job.split.test):
+        for source in filter(None, (sample.image_path, sample.mask_path)):
+            target = root / Path(source).relative_to(TIRE_ROOT)
+            target.parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy(source, target)
+    return root
+
+
 def test_driver_killed_then_resumed_equals_the_undisturbed_run(ray_cluster, reference, tire_job, tmp_path):
     """SIGKILL the driver after its first category; --resume keeps that one and computes the other.
 
     Both datasets hold the ``tire_job`` slice; the undisturbed numbers are the single-process
     engine's (the cluster equals them, tested above), so no second full run is needed.
     """
-    root = tmp_path / "slice"
-    for sample in (*tire_job.split.train, *tire_job.split.test):
-        for source in filter(None, (sample.image_path, sample.mask_path)):
-            target = root / Path(source).relative_to(TIRE_ROOT)
-            target.parent.mkdir(parents=True, exist_ok=True)
-            shutil.copy(source, target)
+    root = copy_slice(tire_job, tmp_path / "slice")
     config = tire_config(num_extractors=1, prefetch_categories=1).model_dump(mode="json")
     config["datasets"] = [{"name": name, "format": "mvtec", "root": str(root)} for name in ("tire_small", "tire_copy")]
     config["output_dir"] = str(tmp_path)
@@ -359,6 +367,64 @@ def test_augmented_bank_on_the_cluster_equals_the_engine_and_is_recorded(ray_clu
     bank = build_bank(features, "approximate", 0.1, 128, coreset_seed(0, "tire_small", "tire"), {})
     assert result.bank.sha256 == bank.sha256 != reference["bank"].sha256
     assert len(result.bank.features) == len(bank.features) > len(reference["bank"].features)
+
+
+def test_ensemble_of_lite0_and_lite1_equals_the_engine_and_resumes_by_member(ray_cluster, tire_job, tmp_path):
+    """ensemble: Lite0 + Lite1 (real weights), 2 extractors each. Every member's bank and predictions equal the
+    single-process engine's bit for bit; the ensemble's scores are the mean of the members' z-scores on the
+    held-out images; a resume recomputes only the member whose result is gone."""
+    root = copy_slice(tire_job, tmp_path / "slice")
+    job = CategoryJob("tire_small", str(root), load_split("mvtec", root, "tire"))
+    config = parse_config({
+        **tire_config(num_extractors=2).model_dump(mode="json", exclude={"backbone"}),
+        "datasets": [{"name": "tire_small", "format": "mvtec", "root": str(root)}],
+        "ensemble": [{"name": name, "layers": ["blocks.2", "blocks.4"], "weights": "package"}
+                     for name in ("tf_efficientnet_lite0", "tf_efficientnet_lite1")],
+        "thresholds": {"validation_split": 0.25}, "output_dir": str(tmp_path),
+    }, "ensemble-test")
+    run_dir = benchmark.run(config, run_name="ensemble")
+    folder = run_dir / "tire_small" / "tire"
+    train, held = hold_out(job.split.train, 0.25, 0, "tire_small", "tire")
+    assert len(held) == 3
+    torch.set_num_threads(1)
+    members, norms = [], []
+    for label, member in zip(("tf_efficientnet_lite0", "tf_efficientnet_lite1"), config.members()):
+        extractor = PatchFeatureExtractor(ExtractionSettings.from_config(member))
+        bank = build_bank(extractor.extract(train, range(len(train))), "approximate", 0.1, 128,
+                          coreset_seed(0, "tire_small", "tire"), {})
+        scorer = NearestNeighbourScorer(bank.features, scoring_params(member))
+        test = predict(scorer, extractor.extract(job.split.test, range(10)), 112)
+        held_out = predict(scorer, extractor.extract(held, range(3)), 112)
+        recorded = finished_category(run_dir, job, label)
+        assert recorded.bank.sha256 == bank.sha256
+        assert np.array_equal(recorded.predictions.scores, test.scores)
+        assert np.array_equal(recorded.predictions.maps, test.maps)  # full precision on disk
+        assert np.array_equal(recorded.held_out.maps, held_out.maps)
+        members.append(test)
+        norms.append(Normalisation.fit(held_out, label))
+        assert norms[-1].image_mean == pytest.approx(float(np.mean(held_out.scores)))
+    expected = combine(members, norms)
+    assert np.allclose(expected.scores, np.mean([(m.scores - n.image_mean) / n.image_std
+                                                 for m, n in zip(members, norms)], axis=0))
+    metrics = json.loads((folder / "metrics.json").read_text())["values"]
+    report = evaluate(job.split.test, expected, extractor.transform, 0.3)
+    assert {name: metrics[name] for name in report.values} == report.values
+    assert metrics["tf_efficientnet_lite1/image_auroc"] == recorded.report.values["image_auroc"]
+    scores = [record["pred_score"] for record in json.loads((folder / "predictions" / "predictions.json").read_text())]
+    assert scores == expected.scores.tolist()
+    summary = json.loads((run_dir / "summary.json").read_text())
+    (category,) = summary["categories"]
+    assert [m["label"] for m in category["members"]] == ["tf_efficientnet_lite0", "tf_efficientnet_lite1"]
+    assert category["memory_size"] == sum(m["memory_size"] for m in category["members"])
+
+    kept = folder / "members" / "tf_efficientnet_lite0" / "bank.safetensors"
+    kept_mtime = kept.stat().st_mtime_ns
+    (folder / "metrics.json").unlink()
+    (folder / "members" / "tf_efficientnet_lite1" / "metrics.json").unlink()
+    assert benchmark.main(["--resume", str(run_dir)]) == 0
+    assert kept.stat().st_mtime_ns == kept_mtime  # the finished member was kept, not recomputed
+    again = json.loads((run_dir / "summary.json").read_text())["categories"][0]
+    assert again["metrics"] == category["metrics"] and again["bank_sha256"] == category["bank_sha256"]
 
 
 def test_feature_cache_skips_extraction_with_identical_results(ray_cluster, tire_job, reference, tmp_path):
