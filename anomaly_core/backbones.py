@@ -308,3 +308,27 @@ class FeatureBackbone(torch.nn.Module):
         return self.model.forward_intermediates(
             images, indices=self.block_indices, norm=True, output_fmt="NCHW", intermediates_only=True
         )
+
+
+def trainable_feature_model(name: str, layers: tuple[str, ...], seed: int) -> torch.nn.Module:
+    """A randomly initialised, trainable CNN with ``FeatureBackbone``'s feature stages: a student network.
+
+    It is the same timm ``features_only`` model the teacher uses, so student and teacher maps have equal
+    shapes. Its init draws from ``seed`` in a forked RNG: the process's RNG is untouched, and every DDP rank
+    builds the same student. Blocks after the deepest chosen stage are dropped, because timm's EfficientNet
+    feature model runs them anyway: parameters that never receive a gradient make DDP fail at the next step.
+    """
+    arch = architecture(name)
+    if arch.patch_size is not None:
+        raise WeightsError(f"backbone {name!r} is a ViT; a trainable feature model needs a CNN backbone")
+    probe = timm.create_model(arch.timm_name, pretrained=False, features_only=True)
+    available = [info["module"] for info in probe.feature_info.get_dicts()]
+    _check_layers(name, layers, available)
+    out_indices = tuple(sorted(available.index(layer) for layer in layers))
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model = timm.create_model(arch.timm_name, pretrained=False, features_only=True, out_indices=out_indices)
+    deepest = available[out_indices[-1]]
+    if deepest.startswith("blocks.") and isinstance(getattr(model, "blocks", None), torch.nn.Sequential):
+        model.blocks = model.blocks[: int(deepest.removeprefix("blocks.")) + 1]
+    return model

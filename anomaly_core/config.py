@@ -11,6 +11,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from anomaly_core.augment import Augmentation
+from anomaly_core.metrics import METRIC_NAMES
 
 
 class ConfigError(ValueError):
@@ -152,6 +153,36 @@ class FeatureCacheConfig(_Strict):
     dir: str = "~/.cache/anomaly-bench/features"  # on the driver's node, like output_dir
 
 
+class TrainingConfig(_Strict):
+    """A model trained per category (anomaly_core/training), read by jobs.train only: the teacher is ``backbone``,
+    the image size ``preprocess``; PatchCore's sections (embedding, coreset, scoring, augment) do not apply."""
+
+    model: Literal["reverse_distillation", "stfpm"]
+    epochs: int = Field(200, ge=1)
+    batch_size: int | None = Field(None, ge=1)  # global; None: the method's published one (RD 8, STFPM 32)
+    lr: float | None = Field(None, gt=0.0)  # None: the method's (RD 0.005 with warm-up and step decay, STFPM 0.4)
+    # Early stopping: "loss" (the epoch's mean training loss, mode min) or a metric on the test set
+    # (e.g. image_auroc, mode max; validation on the test set as anomalib's default, an optimistic choice).
+    monitor: str = "loss"
+    mode: Literal["min", "max"] = "min"
+    patience: int | None = Field(None, ge=1)  # checks without improvement before stopping; None: never stop
+    min_delta: float = Field(0.0, ge=0.0)
+    validate_every_n_epochs: int = Field(10, ge=1)  # metrics on the test set, logged; 0 validations = cheaper
+    log_every_n_steps: int = Field(10, ge=1)
+    # Ray: each category is one task on gpus_per_worker (a share packs several on a GPU); a category in
+    # ddp_categories trains on ddp_workers Ray Train workers (TorchTrainer, DDP; CPU workers without GPUs).
+    gpus_per_worker: float = Field(0.0, ge=0.0)
+    cpus_per_worker: float = Field(1.0, gt=0.0)
+    ddp_workers: int = Field(2, ge=1)
+    ddp_categories: list[str] = Field(default_factory=list)  # "category" or "dataset/category"
+
+    @model_validator(mode="after")
+    def _monitor_known(self) -> "TrainingConfig":
+        if self.monitor != "loss" and self.monitor not in METRIC_NAMES:
+            raise ValueError(f"monitor must be loss or one of {', '.join(METRIC_NAMES)}, got {self.monitor!r}")
+        return self
+
+
 class RunConfig(_Strict):
     name: str = Field("benchmark", pattern=r"^[A-Za-z0-9_.-]+$")
     output_dir: str = "outputs"
@@ -170,6 +201,7 @@ class RunConfig(_Strict):
     augment: AugmentConfig = AugmentConfig()
     cluster: ClusterConfig = ClusterConfig()
     feature_cache: FeatureCacheConfig = FeatureCacheConfig()
+    training: TrainingConfig | None = None  # jobs.train's model; jobs.benchmark builds banks and ignores it
     wandb: WandbConfig = WandbConfig()
 
     @model_validator(mode="after")

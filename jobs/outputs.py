@@ -20,6 +20,7 @@ from safetensors.numpy import save_file
 from anomaly_core.bank import MemoryBank, atomic_write, save_bank, write_json
 from anomaly_core.config import RunConfig
 from anomaly_core.metrics import METRIC_NAMES, MetricReport, mean_metrics
+from anomaly_core.training.model_files import MODEL_FORMAT
 from cluster.ensemble import ENSEMBLE_KEY
 from cluster.pipeline import CategoryJob, CategoryResult
 from jobs.report import bank_rows_and_sha256
@@ -76,7 +77,7 @@ def write_category(run_dir: Path, result: CategoryResult, config: RunConfig, mem
     """Bank, predictions and config of one category; ``metrics.json`` last, as the mark of a finished category.
 
     ``--resume`` keeps a category only when its ``metrics.json`` exists and names the bank beside it.
-    An ensemble ``member``'s results go to ``members/<label>/`` with full-precision maps and the
+    A trained model's category (jobs.train) has its model files in place of the bank. An ensemble ``member``'s results go to ``members/<label>/`` with full-precision maps and the
     predictions of its held-out images, the inputs of the ensemble's normalisation (``--resume`` keeps
     finished members). An ensemble's own category folder has ``ensemble.json`` in place of a bank.
     """
@@ -88,7 +89,7 @@ def write_category(run_dir: Path, result: CategoryResult, config: RunConfig, mem
     result.bank.metadata["scoring"] = config.scoring.model_dump()
     if ENSEMBLE_KEY in result.bank.metadata:
         write_json(folder / ENSEMBLE_RECORD, result.bank.metadata)
-    else:
+    elif result.bank.metadata.get("format") != MODEL_FORMAT:  # a trained model's files are the trainer's
         save_bank(result.bank, folder)
     write_yaml(folder / "config.yaml", config.model_dump(mode="json"))
     predictions = folder / "predictions"
@@ -142,6 +143,7 @@ def summary(config: RunConfig, results: list[CategoryResult], run_seconds: float
     total_images = sum(entry["images"] for entry in categories)
     return {
         "run": config.name,
+        "job": extra.get("job", "benchmark"),  # or "train": what jobs.compare names the method by
         "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "categories": categories,
         "mean": {"metrics": mean.values, "notes": mean.notes},
@@ -160,7 +162,7 @@ def format_table(results: list[CategoryResult]) -> str:
     rows = []
     for result in results:
         values = [result.report.values.get(name) for name in METRIC_NAMES]
-        seconds = sum(result.timings.get(key, 0.0) for key in ("extract_train_s", "coreset_s", "evaluate_s"))
+        seconds = sum(result.timings.get(key, 0.0) for key in ("extract_train_s", "coreset_s", "train_s", "evaluate_s"))
         rows.append([result.job.dataset, result.job.split.category, *_cells(values), f"{seconds:.1f}"])
     if results:
         mean = mean_metrics([result.report for result in results])

@@ -39,7 +39,12 @@ from anomaly_core.metrics import (
 if TYPE_CHECKING:  # the pipeline module imports ray, which predict and the report do not need
     from cluster.pipeline import CategoryResult
 
-TIMING_KEYS: tuple[str, ...] = ("extract_train_s", "coreset_s", "evaluate_s", "metrics_s")
+TIMING_KEYS: tuple[str, ...] = ("extract_train_s", "coreset_s", "train_s", "evaluate_s", "metrics_s")
+
+
+def timing_keys(results: Sequence[CategoryResult]) -> list[str]:
+    """The stages the results have: a bank's extraction and coreset, or a trained model's training."""
+    return [key for key in TIMING_KEYS if any(key in result.timings for result in results)]
 FIGURES = "figures"
 HEATMAP = "jet"
 DPI = 110
@@ -91,8 +96,8 @@ def timing_rows(results: Sequence[CategoryResult]) -> list[dict[str, Any]]:
     """Stage seconds per category, train-extraction throughput, and a last ``mean`` row."""
     rows = []
     for result in results:
-        timings = {key: result.timings.get(key) for key in TIMING_KEYS}
-        extract = timings["extract_train_s"]
+        timings = {key: result.timings.get(key) for key in timing_keys(results)}
+        extract = timings.get("extract_train_s")
         rows.append({
             "dataset": result.job.dataset,
             "category": result.job.split.category,
@@ -101,7 +106,7 @@ def timing_rows(results: Sequence[CategoryResult]) -> list[dict[str, Any]]:
             "extract_images_per_s": round(len(result.job.split.train) / extract, 3) if extract else None,
         })
     if rows:
-        keys = [*TIMING_KEYS, "total_s", "extract_images_per_s"]
+        keys = [*timing_keys(results), "total_s", "extract_images_per_s"]
         rows.append({"dataset": "mean", "category": "", **{key: _mean([row[key] for row in rows]) for key in keys}})
     return rows
 
@@ -343,7 +348,7 @@ def _markdown(
     lines += ["## Timings (seconds)", "",
               "extract_train_s is actor time embedding the train images; evaluate_s runs from the bank's "
               "submission to its scored test set (test extraction included).", "",
-              *_table(["dataset", "category", *TIMING_KEYS, "total_s", "extract_images_per_s"], timings), ""]
+              *_table(["dataset", "category", *timing_keys(results), "total_s", "extract_images_per_s"], timings), ""]
     lines += ["## Figures", "", f"![AUROC per category]({link('auroc')})", "", f"![Image-level ROC]({link('roc')})", "",
               "### Worst and best scored test images", ""]
     for result in results:

@@ -18,10 +18,12 @@ import numpy as np
 import yaml
 from safetensors.numpy import load_file
 
+from anomaly_core.backbones import file_sha256
 from anomaly_core.bank import BankError, MemoryBank, load_bank
 from anomaly_core.config import ConfigError, RunConfig, parse_config
 from anomaly_core.metrics import MetricReport
 from anomaly_core.scoring import Predictions
+from anomaly_core.training.model_files import METADATA_FILE, TENSORS_FILE, read_model_metadata
 from cluster.ensemble import ENSEMBLE_KEY
 from cluster.pipeline import CategoryJob, CategoryResult
 from jobs.outputs import ENSEMBLE_RECORD, HELD_OUT_FILE, MEMBERS, category_folder
@@ -76,7 +78,12 @@ def finished_category(run_dir: Path, job: CategoryJob, member: str | None = None
         return None
     try:
         record = json.loads(metrics_path.read_text())
-        bank = _ensemble_record(folder, job) if (folder / ENSEMBLE_RECORD).is_file() else load_bank(folder)
+        if (folder / ENSEMBLE_RECORD).is_file():
+            bank = _ensemble_record(folder, job)
+        elif (folder / METADATA_FILE).is_file():
+            bank = model_record(folder)
+        else:
+            bank = load_bank(folder)
         if record.get("bank_sha256") != bank.metadata["bank_sha256"]:
             raise BankError(f"{metrics_path} names bank {record.get('bank_sha256')}, the folder holds "
                             f"{bank.metadata['bank_sha256']}")
@@ -100,6 +107,15 @@ def _ensemble_record(folder: Path, job: CategoryJob) -> MemoryBank:
             raise BankError(f"{folder / ENSEMBLE_RECORD} names member bank {entry['bank_sha256']} for "
                             f"{entry['label']}, its folder holds {member.sha256}")
     return MemoryBank(np.empty((0, sum(entry["feature_dim"] for entry in metadata[ENSEMBLE_KEY])), np.float32), metadata)
+
+
+def model_record(folder: Path) -> MemoryBank:
+    """A trained model's model.json as a bank without rows, its tensors file checked against it."""
+    metadata = read_model_metadata(folder)
+    if file_sha256(folder / TENSORS_FILE) != metadata["tensors_sha256"]:
+        raise BankError(f"{folder / TENSORS_FILE} does not match the tensors_sha256 of {folder / METADATA_FILE}")
+    return MemoryBank(np.empty((0, 0), np.float32), {**metadata, "bank_sha256": metadata["tensors_sha256"],
+                                                     "memory_size": 0})
 
 
 def _predictions(folder: Path, job: CategoryJob) -> Predictions:

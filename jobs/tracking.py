@@ -34,12 +34,12 @@ from anomaly_core.config import WandbConfig
 from anomaly_core.data import ImageTransform, load_mask, read_rgb
 from anomaly_core.metrics import METRIC_NAMES, THRESHOLD_NAMES, grouped_names
 from jobs.report import (
-    TIMING_KEYS,
     bank_rows_and_sha256,
     display_image,
     heatmap_overlay,
     metric_rows,
     ranked_examples,
+    timing_keys,
     timing_rows,
 )
 
@@ -50,6 +50,8 @@ log = logging.getLogger("jobs.tracking")
 
 BANK_ARTIFACT_TYPE = "memory-bank"
 RUN_FOLDER_ARTIFACT_TYPE = "benchmark-results"
+CHECKPOINT_ARTIFACT_TYPE = "model-checkpoint"
+MODEL_ARTIFACT_TYPE = "trained-model"
 # What of a run folder travels as its results artifact: everything but the banks (each is its own
 # artifact already), the anomaly maps (large; re-creatable from the bank) and W&B's own files.
 RUN_FOLDER_FILES = ("summary.json", "report.md", "metrics.csv", "timings.csv", "run_config.yaml", "figures/**/*.png",
@@ -142,6 +144,8 @@ class Tracker:
         self.run_dir = Path(run_dir)
         self.mode = resolve_mode(settings.mode)
         self.run: Any = None
+        self._training_axes: set[str] = set()  # categories whose training metrics have their own step axis
+        self._validations: dict[str, dict[str, float]] = {}  # each category's latest validation metrics
         if self.mode == "off":
             return
         if self.mode == "online" and not api_key_configured():
@@ -252,12 +256,68 @@ class Tracker:
         self.run.log_artifact(artifact, aliases=[artifact_name(dataset, category, backbone), "latest"])
 
     @_guarded
+    def log_training(self, event: dict[str, Any]) -> None:
+        """One event of a category's training (``cluster.training``): a step record (loss terms, learning rate,
+        batch / data / optimisation time), a validation (all metrics, the best so far, the mean over the
+        categories' latest validations), or an epoch's end (its loss; after a validation also its checkpoint,
+        as an artifact aliased ``latest``, and ``best`` when the monitored value improved)."""
+        key, kind = event["key"], event["kind"]
+        if key not in self._training_axes:
+            self._training_axes.add(key)
+            self.run.define_metric(f"{key}/train/step")
+            self.run.define_metric(f"{key}/*", step_metric=f"{key}/train/step")  # each category its own x axis
+        if kind == "step":
+            values = {f"{key}/train/{name}": value for name, value in event.items() if name not in ("kind", "key")}
+            self.run.log(values)
+        elif kind == "validation":
+            metrics = {name: value for name, value in event["metrics"].items() if value is not None}
+            self._validations[key] = metrics
+            logged = {f"{key}/val/{name}": value for name, value in metrics.items()}
+            self.run.log({**logged, f"{key}/train/step": event["step"], f"{key}/train/epoch": event["epoch"]})
+            names = sorted({name for values in self._validations.values() for name in values})
+            means = {f"mean/val/{name}": float(np.mean([v[name] for v in self._validations.values() if name in v]))
+                     for name in names}
+            self.run.summary.update({**means, f"{key}/val/best_{event['monitor']}": event["best"],
+                                     f"{key}/val/best_epoch": event["best_epoch"]})
+        elif kind == "epoch":
+            self.run.log({f"{key}/train/epoch_loss": event["loss"], f"{key}/train/epoch": event["epoch"],
+                          f"{key}/train/step": event["step"]})
+            if event.get("metrics") is not None and event.get("latest_checkpoint"):
+                self._log_checkpoint(event)
+
+    def _log_checkpoint(self, event: dict[str, Any]) -> None:
+        import wandb
+
+        dataset, category = event["key"].split("/", 1)
+        metrics = event["metrics"]
+        metadata = {"epoch": event["epoch"], "step": event["step"], "loss": event["loss"],
+                    **{name: metrics.get(name) for name in ("image_auroc", "pixel_auroc", "aupro")}}
+        artifact = wandb.Artifact(artifact_name("checkpoint", dataset, category), type=CHECKPOINT_ARTIFACT_TYPE,
+                                  metadata=metadata)
+        # Staged copy (the next epoch replaces the file; atomically, so the copy is of one checkpoint).
+        artifact.add_file(event["latest_checkpoint"], name="checkpoint.safetensors")
+        self.run.log_artifact(artifact, aliases=["latest", *(["best"] if event.get("best_checkpoint") else [])])
+
+    @_guarded
+    def log_model(self, job: "CategoryJob", folder: Path) -> None:
+        """A trained category's model.safetensors + model.json as a ``trained-model`` artifact."""
+        import wandb
+
+        folder = Path(folder)
+        metadata = json.loads((folder / "model.json").read_text())
+        artifact = wandb.Artifact(artifact_name("model", job.dataset, job.split.category), type=MODEL_ARTIFACT_TYPE,
+                                  metadata=metadata)
+        for name in ("model.safetensors", "model.json"):
+            artifact.add_file(str(folder / name), name=name, policy="immutable")
+        self.run.log_artifact(artifact, aliases=["latest"])
+
+    @_guarded
     def log_run(self, results: Sequence["CategoryResult"], summary: dict[str, Any], figures: dict[str, Path]) -> None:
         """End of a benchmark: results table with a mean row, bar charts, throughput, memory, figures."""
         import wandb
 
         rows = [{**metrics, **timings} for metrics, timings in zip(metric_rows(results), timing_rows(results))]
-        columns = ["dataset", "category", *METRIC_NAMES, "memory_size", *TIMING_KEYS]
+        columns = ["dataset", "category", *METRIC_NAMES, "memory_size", *timing_keys(results)]
         table = wandb.Table(columns=columns, data=[[row.get(column) for column in columns] for row in rows])
         logged: dict[str, Any] = {"results": table}
         for name in ("image_auroc", "pixel_auroc"):

@@ -22,10 +22,11 @@ import ray
 import torch
 import yaml
 from ray.cluster_utils import Cluster
+from ray.util.queue import Queue
 
 from anomaly_core.augment import Augmentation, augment_seed
 from anomaly_core.bank import load_bank
-from anomaly_core.config import AugmentConfig, FeatureCacheConfig, ThresholdConfig, parse_config
+from anomaly_core.config import AugmentConfig, FeatureCacheConfig, RunConfig, ThresholdConfig, parse_config
 from anomaly_core.coreset import greedy_coreset
 from anomaly_core.data import CategorySplit, load_split
 from anomaly_core.ensemble import Normalisation, combine
@@ -34,11 +35,15 @@ from anomaly_core.features import merge_features
 from anomaly_core.patchcore import augment_base_seed, build_bank, coreset_seed, evaluate, scoring_params
 from anomaly_core.scoring import NearestNeighbourScorer, predict
 from anomaly_core.thresholds import hold_out
+from anomaly_core.training import Trainer, TrainerCallbacks, load_images, load_model_files, predict_images
 from cluster.coreset import HolderPool, HolderProxy
 from cluster.pipeline import BenchmarkPipeline, CategoryJob
+from cluster.training import build_model, fit_with_ray_train, trainer_config, transform_of
 from jobs import benchmark
 from jobs import build_bank as build_bank_job
+from jobs import compare as compare_job
 from jobs import evaluate as evaluate_job
+from jobs import train as train_job
 from jobs.outputs import write_category
 from jobs.resume import finished_category
 
@@ -425,6 +430,81 @@ def test_ensemble_of_lite0_and_lite1_equals_the_engine_and_resumes_by_member(ray
     assert kept.stat().st_mtime_ns == kept_mtime  # the finished member was kept, not recomputed
     again = json.loads((run_dir / "summary.json").read_text())["categories"][0]
     assert again["metrics"] == category["metrics"] and again["bank_sha256"] == category["bank_sha256"]
+
+
+def train_config(root: Path, tmp_path: Path, **training) -> RunConfig:
+    """Reverse Distillation with the real Lite0 teacher on a tire slice at 64 px: seconds per epoch."""
+    return parse_config({
+        "name": "train-test", "output_dir": str(tmp_path),
+        "datasets": [{"name": "tire_small", "format": "mvtec", "root": str(root)}],
+        "backbone": {"name": "tf_efficientnet_lite0", "layers": [], "weights": "package"},
+        "preprocess": {"resize": 64, "crop": 64}, "wandb": {"mode": "off"},
+        "training": {"model": "reverse_distillation", "epochs": 2, "batch_size": 4, "validate_every_n_epochs": 1,
+                     "log_every_n_steps": 1, "cpus_per_worker": 1, **training},
+    }, "train-test")
+
+
+def test_ray_train_two_workers_give_the_one_process_loss_curve(ray_cluster, tire_job, tmp_path):
+    """One category on 2 Ray Train workers (TorchTrainer, DDP over gloo on CPU, 2 images each) follows the loss
+    curve of one plain process with the same global batch of 4. The first step's loss is the same number; later
+    ones agree to 1 % relative: in float32 the all-reduced gradients round differently, and Adam's first steps
+    turn rounding-level differences into full-size ones (tests/test_training.py shows the two equal to 1e-9 in
+    float64; with per-rank BatchNorm statistics they would differ by 2-4 %)."""
+    config = train_config(tmp_path, tmp_path, ddp_workers=2)
+    job = CategoryJob("tire_small", str(TIRE_ROOT), CategorySplit("mvtec", "tire", tire_job.split.train[:8], tire_job.split.test))
+    events = Queue()
+    fit_with_ray_train(config, job, str(tmp_path / "ddp"), events)
+    logged = [events.get() for _ in range(events.qsize())]
+    ddp = [event["loss"] for event in logged if event["kind"] == "step"]
+    torch.set_num_threads(1)
+    model = build_model(config)
+    steps: list[float] = []
+    Trainer(trainer_config(config, "cpu"), callbacks=TrainerCallbacks(on_log=lambda r: steps.append(r["loss"]))).fit(
+        model, load_images(job.split.train, transform_of(model, config)))
+    assert len(ddp) == len(steps) == 4  # 2 epochs x 8 images / 4
+    assert ddp[0] == steps[0] and np.allclose(ddp, steps, rtol=1e-2, atol=0) and steps[-1] < steps[0]
+    assert (tmp_path / "ddp" / "model.safetensors").is_file()  # rank 0 wrote the model files
+    assert sum(event["kind"] == "validation" for event in logged) == 2
+
+
+def test_train_job_trains_evaluates_like_a_bank_resumes_and_compares_with_patchcore(ray_cluster, tire_job, tmp_path,
+                                                                                   capsys):
+    """jobs.train on a tire slice: model files, the evaluators' metrics of the model's own predictions, a
+    resume that keeps the trained model, and jobs.compare putting it beside jobs.benchmark's PatchCore."""
+    root = copy_slice(tire_job, tmp_path / "slice")
+    config = train_config(root, tmp_path)
+    run_dir = train_job.run(config, run_name="rd")
+    folder = run_dir / "tire_small" / "tire"
+    model_json = json.loads((folder / "model.json").read_text())
+    assert model_json["kind"] == "reverse_distillation" and model_json["training"]["epochs_completed"] == 2
+    assert model_json["backbone"] == "tf_efficientnet_lite0" and model_json["crop"] == 64
+    assert (folder / "checkpoints" / "latest.safetensors").is_file()
+    job = CategoryJob("tire_small", str(root), load_split("mvtec", root, "tire"))
+    model = load_model_files(folder, "package", {"crop": 64})
+    predictions = predict_images(model, load_images(job.split.test, transform_of(model, config)))
+    recorded = finished_category(run_dir, job)
+    assert np.array_equal(recorded.predictions.scores, predictions.scores)
+    values = json.loads((folder / "metrics.json").read_text())["values"]
+    assert values == evaluate(job.split.test, predictions, transform_of(model, config), 0.3).values
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert summary["job"] == "train" and summary["categories"][0]["timings"]["train_s"] > 0
+
+    (folder / "metrics.json").unlink()  # the category is unfinished; its checkpoint says training is done
+    tensors_mtime = (folder / "model.safetensors").stat().st_mtime_ns
+    assert train_job.main(["--resume", str(run_dir)]) == 0
+    again = json.loads((run_dir / "summary.json").read_text())["categories"][0]
+    assert again["metrics"] == summary["categories"][0]["metrics"]
+    assert again["bank_sha256"] == summary["categories"][0]["bank_sha256"]  # the same weights, rewritten
+    assert (folder / "model.safetensors").stat().st_mtime_ns != tensors_mtime
+
+    patchcore = benchmark.run(tire_config(num_extractors=1).model_copy(update={
+        "output_dir": str(tmp_path), "datasets": config.datasets}), run_name="patchcore")
+    comparison = compare_job.compare([patchcore, run_dir], tmp_path)
+    text = comparison.read_text()
+    assert "patchcore [patchcore (tf_efficientnet_lite0)]" in text and "rd [reverse_distillation (tf_efficientnet_lite0)]" in text
+    row = next(line for line in text.splitlines() if line.startswith("| tire_small | tire |"))
+    pc_auroc = json.loads((patchcore / "summary.json").read_text())["categories"][0]["metrics"]["image_auroc"]
+    assert row == f"| tire_small | tire | {pc_auroc:.4f} | {values['image_auroc']:.4f} |"
 
 
 def test_feature_cache_skips_extraction_with_identical_results(ray_cluster, tire_job, reference, tmp_path):

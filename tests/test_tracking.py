@@ -295,3 +295,53 @@ def test_use_bank_needs_a_wellformed_reference_and_online_tracking(wandb_env, tm
             tracker.use_bank("wandb:me/proj/bank-mvtec-tire:latest")
     assert artifact_name("bank", "my data", "cat/1") == "bank-my-data-cat-1"
     assert np.all([c.isalnum() or c in "-_." for c in artifact_name("x:y", "a b")])
+
+
+class EventList(list):
+    """What ``cluster.training`` puts its events on (a Ray queue there), as a list."""
+
+    put = list.append
+
+
+def test_training_events_become_step_curves_validations_and_checkpoint_artifacts(wandb_env, tire_root, tmp_path):
+    """A real 2-epoch Reverse Distillation fit (Lite0 teacher, 64 px, 4 images) through the job's callbacks:
+    every step's loss terms and learning rate on the category's own step axis, each validation's metrics and
+    their mean, and a checkpoint artifact per validated epoch with latest / best aliases and its epoch."""
+    from anomaly_core.config import parse_config
+    from anomaly_core.data import load_split
+    from anomaly_core.training import Trainer, load_images, load_validation_set
+    from cluster.training import _callbacks, build_model, trainer_config, transform_of
+    from jobs.tracking import CHECKPOINT_ARTIFACT_TYPE
+
+    config = parse_config({"datasets": [{"name": "tire_small", "format": "mvtec", "root": str(tire_root)}],
+                           "backbone": {"name": "tf_efficientnet_lite0", "layers": [], "weights": "package"},
+                           "preprocess": {"resize": 64, "crop": 64},
+                           "training": {"model": "reverse_distillation", "epochs": 2, "batch_size": 2,
+                                        "validate_every_n_epochs": 1, "log_every_n_steps": 1}}, "t")
+    split = load_split("mvtec", tire_root, "tire")
+    model = build_model(config)
+    transform = transform_of(model, config)
+    events = EventList()
+    trainer = Trainer(trainer_config(config, "cpu"), tmp_path / "checkpoints", _callbacks("tire_small/tire", events))
+    trainer.fit(model, load_images(split.train[:4], transform), load_validation_set(split.test[::5], transform))
+    assert [event["kind"] for event in events].count("step") == 4
+    run_dir = tmp_path / "train-run"
+    with Tracker(WandbConfig(mode="offline", project="anomaly-test"), "train", run_dir) as tracker:
+        for event in events:
+            tracker.log_training(event)
+    recorded = read_offline_run(run_dir)
+    steps = [row for row in recorded["history"] if "tire_small/tire/train/loss" in row]
+    assert [row["tire_small/tire/train/step"] for row in steps] == [1, 2, 3, 4]
+    expected = [event["loss"] for event in events if event["kind"] == "step"]
+    assert [row["tire_small/tire/train/loss"] for row in steps] == pytest.approx(expected)
+    assert all({"tire_small/tire/train/lr", "tire_small/tire/train/batch_time", "tire_small/tire/train/data_time",
+                "tire_small/tire/train/optim_time"} <= set(row) for row in steps)
+    validations = [event for event in events if event["kind"] == "validation"]
+    summary = recorded["summary"]
+    assert summary["mean/val/image_auroc"] == pytest.approx(validations[-1]["metrics"]["image_auroc"])
+    assert summary["tire_small/tire/val/best_loss"] == pytest.approx(validations[-1]["best"])
+    checkpoints = [artifact for artifact in recorded["artifacts"] if artifact.type == CHECKPOINT_ARTIFACT_TYPE]
+    assert len(checkpoints) == 2 and all(artifact.name == "checkpoint-tire_small-tire" for artifact in checkpoints)
+    assert [json.loads(artifact.metadata)["epoch"] for artifact in checkpoints] == [0, 1]
+    assert all({"latest", "best"} <= set(artifact.aliases) for artifact in checkpoints)  # the loss fell both epochs
+    assert json.loads(checkpoints[1].metadata)["image_auroc"] == pytest.approx(validations[1]["metrics"]["image_auroc"])

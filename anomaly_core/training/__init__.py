@@ -1,0 +1,70 @@
+"""Trained anomaly models (Reverse Distillation, STFPM) and the plain-PyTorch engine that trains them.
+
+Pure PyTorch: no Lightning, Ray or W&B. The job layer runs ``Trainer.fit`` (in Ray Train workers for DDP),
+forwards the Trainer's callbacks to its tracker, and exports the result with ``save_model_files``;
+``predict_images`` gives ``scoring.Predictions``, so evaluation and reports treat trained models like banks.
+"""
+
+from anomaly_core.training.batches import EpochPlan
+from anomaly_core.training.checkpoint import (
+    CheckpointError,
+    TrainingCheckpoint,
+    capture_rng_state,
+    load_checkpoint,
+    restore_rng_state,
+    save_checkpoint,
+)
+from anomaly_core.training.early_stopping import EarlyStopping
+from anomaly_core.training.images import load_images, load_validation_set
+from anomaly_core.training.model import TrainableModel
+from anomaly_core.training.model_files import (
+    MODEL_KINDS,
+    ModelFilesError,
+    check_model_compatible,
+    load_model_files,
+    read_model_metadata,
+    save_model_files,
+)
+from anomaly_core.training.predict import predict_images
+from anomaly_core.training.reverse_distillation import ReverseDistillation, ReverseDistillationSettings
+from anomaly_core.training.schedules import WarmupStepDecay
+from anomaly_core.training.stfpm import Stfpm, StfpmSettings
+from anomaly_core.training.sync_batchnorm import use_global_batchnorm
+from anomaly_core.training.teacher import DistillationModel, default_layers
+from anomaly_core.training.trainer import FitResult, Trainer, TrainerCallbacks, TrainerConfig
+from anomaly_core.training.validation import ValidationSet, evaluate
+
+__all__ = [
+    "MODEL_KINDS",
+    "CheckpointError",
+    "DistillationModel",
+    "EarlyStopping",
+    "EpochPlan",
+    "FitResult",
+    "ModelFilesError",
+    "ReverseDistillation",
+    "ReverseDistillationSettings",
+    "Stfpm",
+    "StfpmSettings",
+    "TrainableModel",
+    "Trainer",
+    "TrainerCallbacks",
+    "TrainerConfig",
+    "TrainingCheckpoint",
+    "ValidationSet",
+    "WarmupStepDecay",
+    "capture_rng_state",
+    "check_model_compatible",
+    "default_layers",
+    "evaluate",
+    "load_checkpoint",
+    "load_images",
+    "load_model_files",
+    "load_validation_set",
+    "predict_images",
+    "read_model_metadata",
+    "restore_rng_state",
+    "save_checkpoint",
+    "save_model_files",
+    "use_global_batchnorm",
+]

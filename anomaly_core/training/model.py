@@ -1,0 +1,66 @@
+"""The interface a trained anomaly model offers the ``Trainer``: Lightning's module contract, minus Lightning.
+
+The engine stays free of Lightning (and of Ray and W&B): a model says how to compute its losses, how to
+predict, and which optimizer it wants; the ``Trainer`` owns the loop, seeding, DDP and checkpoints.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from typing import Any, ClassVar
+
+import torch
+from torch.optim import Optimizer
+from torch.optim.lr_scheduler import LRScheduler
+
+
+class TrainableModel(torch.nn.Module, ABC):
+    """A model the ``Trainer`` can fit, checkpoint and export.
+
+    ``forward`` is the training step: DistributedDataParallel synchronises gradients only for work that
+    went through its own ``forward``, so the Trainer calls the step through the (possibly wrapped) module.
+    """
+
+    kind: ClassVar[str]  # the name model files record, e.g. "reverse_distillation"
+    default_batch_size: ClassVar[int]  # the global batch size the method was published with
+
+    def forward(self, images: torch.Tensor) -> dict[str, torch.Tensor]:
+        return self.training_step(images)
+
+    @abstractmethod
+    def training_step(self, images: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Scalar losses of one (per-rank) batch: ``"loss"`` is optimised, other terms are logged."""
+
+    @abstractmethod
+    def predict(self, images: torch.Tensor) -> dict[str, torch.Tensor]:
+        """``"pred_score"`` [B] and ``"anomaly_map"`` [B, H, W] at the input size, for images [B, 3, H, W]."""
+
+    @abstractmethod
+    def configure_optimizers(self, epochs: int, steps_per_epoch: int) -> tuple[Optimizer, LRScheduler | None]:
+        """The optimizer and an optional scheduler, which the Trainer steps after every optimisation step."""
+
+    @abstractmethod
+    def describe(self) -> dict[str, Any]:
+        """JSON description of everything that fixes the weights' meaning: kind, teacher, architecture, settings.
+
+        Checkpoints and model files record it, and refuse to load into a model that describes itself otherwise.
+        """
+
+    def trainable_state(self) -> dict[str, torch.Tensor]:
+        """The tensors a checkpoint must hold; models with a frozen, file-backed part leave that part out."""
+        return self.state_dict()
+
+    def load_trainable_state(self, state: dict[str, torch.Tensor]) -> None:
+        self.load_state_dict(state)
+
+    def on_fit_start(self) -> None:
+        """Called once, after optimizers are configured and a checkpoint (if any) restored."""
+
+    def on_train_epoch_start(self, epoch: int) -> None:
+        """Called on every rank before the first batch of ``epoch`` (0-based)."""
+
+    def on_train_epoch_end(self, epoch: int) -> None:
+        """Called on every rank after the last optimisation step of ``epoch``."""
+
+    def on_validation_epoch_end(self, epoch: int, metrics: dict[str, float | None]) -> None:
+        """Called on rank 0 (the rank that validates) with the metrics of ``epoch``'s validation."""

@@ -1,0 +1,239 @@
+"""Trained models for every category of every configured dataset, on Ray: Reverse Distillation or STFPM.
+
+    python -m jobs.train --config configs/reverse_distillation.yaml [--set key=value ...] [--categories a,b] [--wandb MODE]
+    python -m jobs.train --resume outputs/<run>     # finished categories kept, the others continue from their latest checkpoint
+
+Categories train in parallel as Ray tasks (``training.gpus_per_worker`` each); those in ``training.ddp_categories``
+on ``training.ddp_workers`` Ray Train workers. Each trained model is scored on the test set and its metrics
+computed by the evaluation actors, as a memory bank's; the run folder has PatchCore's layout with
+``model.safetensors`` + ``model.json`` (and ``checkpoints/``) in place of the bank.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+import ray
+from ray.util.queue import Empty, Queue
+
+from anomaly_core.backbones import architecture
+from anomaly_core.bank import write_json
+from anomaly_core.config import ConfigError, RunConfig
+from anomaly_core.data import ImageTransform, metric_groups
+from cluster.evaluator import evaluator_actor
+from cluster.pipeline import CategoryJob, CategoryResult
+from cluster.training import (
+    build_model,
+    ddp_selected,
+    fit_category,
+    fit_with_ray_train,
+    predict_category,
+    task_options,
+    threads_of,
+)
+from jobs.benchmark import category_jobs, claim_run_folder, resolved
+from jobs.cli import add_config_arguments, check_writable, config_from_args, config_overrides, load_config, single_backbone
+from jobs.errors import run_job
+from jobs.outputs import category_folder, format_table, released, run_directory, summary, write_category, write_yaml
+from jobs.preflight import check_jobs
+from jobs.ray_runtime import start_ray
+from jobs.report import figure_paths, write_category_figure, write_report
+from jobs.resume import RUN_CONFIG, finished_category, model_record, recorded_config, resume_config
+from jobs.tracking import Tracker
+
+log = logging.getLogger("jobs.train")
+
+
+def check_training(config: RunConfig) -> RunConfig:
+    """What a training run needs beyond a valid config; errors name the key."""
+    if config.training is None:
+        raise ConfigError("training: missing; jobs.train needs a training section (see configs/reverse_distillation.yaml)")
+    single_backbone(config, "jobs.train")
+    if config.thresholds.source == "validation":
+        raise ConfigError("thresholds.source=validation: jobs.train keeps every good training image for training; "
+                          "use test_f1")
+    return config
+
+
+def preflight(config: RunConfig, jobs: list[CategoryJob]) -> None:
+    """The model (teacher weights, layers, crop) is built once on the driver's CPU, the data checked, before Ray."""
+    try:
+        build_model(config)
+    except ValueError as error:
+        raise ConfigError(f"training ({config.training.model}, teacher {config.backbone.name} {config.backbone.layers}, "
+                          f"weights {config.backbone.weights}): {error}") from None
+    check_jobs(config, jobs, need_test=True)
+
+
+def transform_of(config: RunConfig) -> ImageTransform:
+    arch = architecture(config.backbone.name)
+    return ImageTransform(resize=config.preprocess.resize, crop=config.preprocess.crop, mean=arch.mean, std=arch.std)
+
+
+class EventLog:
+    """Drains the training events queue on a thread: W&B gets every event, the log a line per epoch."""
+
+    def __init__(self, events: Queue, tracker: Tracker, epochs: int) -> None:
+        self.events, self.tracker, self.epochs = events, tracker, epochs
+        self.stop = threading.Event()
+        self.thread = threading.Thread(target=self._drain, name="training-events", daemon=True)
+        self.thread.start()
+
+    def _drain(self) -> None:
+        while not (self.stop.is_set() and self.events.empty()):
+            try:
+                event = self.events.get(timeout=0.5)
+            except Empty:
+                continue
+            if event["kind"] == "epoch":
+                metrics = event.get("metrics") or {}
+                auroc = metrics.get("image_auroc")
+                log.info("%s epoch %d/%d: loss %.5f%s", event["key"], event["epoch"] + 1, self.epochs, event["loss"],
+                         "" if auroc is None else f", image AUROC {auroc:.4f}")
+            if self.tracker.active:
+                self.tracker.log_training(event)
+
+    def close(self) -> None:
+        self.stop.set()
+        self.thread.join()
+
+
+def run(config: RunConfig, run_name: str | None = None, only: set[str] | None = None, resume: Path | None = None) -> Path:
+    config = check_training(config)
+    jobs = category_jobs(config, only)
+    config = resolved(config, jobs)
+    run_dir = resume if resume is not None else run_directory(config, run_name)
+    if resume is None:
+        claim_run_folder(run_dir)
+    else:
+        check_writable(run_dir, "--resume")
+    preflight(config, jobs)
+    if resume is None:
+        write_yaml(run_dir / RUN_CONFIG, config.model_dump(mode="json"))
+    kept = {job.key: result for job in jobs if resume is not None and (result := finished_category(run_dir, job))}
+    todo = [job for job in jobs if job.key not in kept]
+    started = time.perf_counter()
+    transform = transform_of(config)
+    results: list[CategoryResult] = []
+    with Tracker(config.wandb, "train", run_dir, config.model_dump(mode="json")) as tracker:
+        for result in kept.values():
+            tracker.log_category(result, transform)
+            results.append(released(result))
+        if todo:
+            log.info("Ray: %s; resources %s", start_ray(), ray.cluster_resources())
+            results += train_and_evaluate(config, run_dir, todo, tracker, transform)
+        seconds = time.perf_counter() - started
+        order = {job.key: position for position, job in enumerate(jobs)}
+        results.sort(key=lambda result: order[result.job.key])
+        extra: dict[str, Any] = {"job": "train", "cluster": {"resources": ray.cluster_resources() if todo else {}}}
+        if resume is not None:
+            extra["resumed"] = sorted(kept)
+        payload = summary(config, results, seconds, extra)
+        write_json(run_dir / "summary.json", payload)
+        report = write_report(run_dir, results, payload)
+        tracker.log_run(results, payload, figure_paths(run_dir, results))
+        tracker.log_run_folder(run_dir)
+    print(format_table(results))
+    print(f"\n{len(results)} categories in {seconds:.1f} s -> {run_dir.resolve()} (report: {report.resolve()})")
+    return run_dir
+
+
+def train_and_evaluate(config: RunConfig, run_dir: Path, todo: list[CategoryJob], tracker: Tracker,
+                       transform: ImageTransform) -> list[CategoryResult]:
+    """Fit every category (tasks in parallel, DDP categories one after another meanwhile), then score each
+    finished model's test set and compute its metrics on an evaluation actor; results written as they come."""
+    events = Queue(actor_options={"num_cpus": 0})
+    drain = EventLog(events, tracker, config.training.epochs)
+    evaluator = evaluator_actor(config.cluster.max_restarts).options(num_cpus=0).remote()
+    fit_task, predict_task = ray.remote(fit_category), ray.remote(predict_category)
+    options, threads = task_options(config), threads_of(config)
+    folders = {job.key: str(category_folder(run_dir, job)) for job in todo}
+    started = {job.key: time.perf_counter() for job in todo}
+    fits = {fit_task.options(**options).remote(config, job, folders[job.key], events, threads): job
+            for job in todo if not ddp_selected(config, job)}
+    results = []
+    try:
+        done: dict[str, float] = {}
+        for job in todo:
+            if ddp_selected(config, job):
+                fit_with_ray_train(config, job, folders[job.key], events)
+                done[job.key] = time.perf_counter() - started[job.key]
+        pending = list(fits)
+        scoring: dict[ray.ObjectRef, tuple[CategoryJob, float, float]] = {}
+        for job in todo:
+            if job.key in done:
+                scoring[_score(config, job, folders, predict_task, evaluator, threads, options)] = (job, done[job.key],
+                                                                                                  time.perf_counter())
+        while pending or scoring:
+            ready, _ = ray.wait(pending + list(scoring), num_returns=1)
+            ref = ready[0]
+            if ref in fits:
+                pending.remove(ref)
+                job = fits[ref]
+                ray.get(ref)  # raises the category's training error
+                train_s = time.perf_counter() - started[job.key]
+                scoring[_score(config, job, folders, predict_task, evaluator, threads, options)] = (job, train_s,
+                                                                                                  time.perf_counter())
+                continue
+            job, train_s, submitted = scoring.pop(ref)
+            predictions, report, metrics_s = ray.get(ref)
+            folder = Path(folders[job.key])
+            timings = {"train_s": round(train_s, 4), "evaluate_s": round(time.perf_counter() - submitted, 4),
+                       "metrics_s": round(metrics_s, 4)}
+            result = CategoryResult(job, model_record(folder), predictions, report, timings)
+            write_category_figure(run_dir, result, transform)
+            write_category(run_dir, result, config)
+            tracker.log_category(result, transform)
+            tracker.log_model(job, folder)
+            log.info("%s done: %s -> %s", job.key, ", ".join(f"{name}={report.values[name]:.3f}" for name in
+                                                           ("image_auroc", "pixel_auroc", "aupro")
+                                                           if report.values.get(name) is not None), folder)
+            results.append(released(result))
+    finally:
+        drain.close()
+        ray.kill(evaluator)
+    return results
+
+
+def _score(config: RunConfig, job: CategoryJob, folders: dict[str, str], predict_task: Any, evaluator: Any,
+           threads: int, options: dict) -> ray.ObjectRef:
+    """The test set's predictions from the written model (a task on the training resources), then metrics."""
+    predictions = predict_task.options(**options).remote(config, job, folders[job.key], threads)
+    return evaluator.finish.remote(job.key, list(job.split.test), transform_of(config), config.metrics.pro_fpr_limit,
+                                   metric_groups(job.split.dataset), predictions)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m jobs.train", description=__doc__.split("\n")[0])
+    add_config_arguments(parser, required=False)
+    parser.add_argument("--run-name", help="output folder name under output_dir (default: <name>-<UTC time>)")
+    parser.add_argument("--categories", help="comma-separated subset, e.g. bottle,cable or mvtec_ad/bottle")
+    parser.add_argument("--resume", type=Path, metavar="RUN_DIR",
+                        help="continue the run in RUN_DIR with its recorded config: finished categories are kept, "
+                        "the others continue from their latest checkpoint")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
+    return run_job(lambda: _run_from_args(args), args.debug)
+
+
+def _run_from_args(args: argparse.Namespace) -> Path:
+    if args.resume is None:
+        if args.config is None:
+            raise ConfigError("--config is required (or --resume RUN_DIR to continue a run)")
+        return run(config_from_args(args), args.run_name, set(args.categories.split(",")) if args.categories else None)
+    if args.run_name or args.categories:
+        raise ConfigError("--resume continues a run as it was started: --run-name and --categories cannot change it")
+    recorded = recorded_config(args.resume)
+    requested = load_config(args.config or args.resume / RUN_CONFIG, config_overrides(args), args.paths)
+    return run(resume_config(recorded, resolved(requested, category_jobs(requested, None)), args.resume),
+               resume=args.resume)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
