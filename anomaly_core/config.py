@@ -176,10 +176,18 @@ class TrainingConfig(_Strict):
     ddp_workers: int = Field(2, ge=1)
     ddp_categories: list[str] = Field(default_factory=list)  # "category" or "dataset/category"
 
+    @field_validator("monitor")
+    @classmethod
+    def _monitor_known(cls, value: str) -> str:
+        if value != "loss" and value not in METRIC_NAMES:
+            raise ValueError(f"must be loss or one of {', '.join(METRIC_NAMES)}, got {value!r}")
+        return value
+
     @model_validator(mode="after")
-    def _monitor_known(self) -> "TrainingConfig":
-        if self.monitor != "loss" and self.monitor not in METRIC_NAMES:
-            raise ValueError(f"monitor must be loss or one of {', '.join(METRIC_NAMES)}, got {self.monitor!r}")
+    def _mode_fits_monitor(self) -> "TrainingConfig":
+        expected = "min" if self.monitor == "loss" else "max"  # every metric is better when higher
+        if self.mode != expected:
+            raise ValueError(f"monitor {self.monitor} is only judged with mode {expected}, got mode {self.mode}")
         return self
 
 

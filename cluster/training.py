@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import logging
 import tempfile
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -23,6 +22,7 @@ import ray
 import torch
 from ray.util.queue import Queue
 
+from anomaly_core.bank import write_json
 from anomaly_core.config import RunConfig
 from anomaly_core.data import ImageTransform
 from anomaly_core.scoring import Predictions
@@ -47,6 +47,7 @@ from cluster.pipeline import CategoryJob
 log = logging.getLogger("cluster.training")
 
 CHECKPOINTS = "checkpoints"  # <category folder>/checkpoints/{latest,best}.safetensors
+HISTORY = "training.json"  # <category folder>/training.json: the run's per-epoch loss, metrics and seconds
 
 
 def build_model(config: RunConfig) -> TrainableModel:
@@ -79,18 +80,9 @@ def transform_of(model: TrainableModel, config: RunConfig) -> ImageTransform:
                           mean=tuple(model.teacher.mean), std=tuple(model.teacher.std))
 
 
-@dataclass(frozen=True)
-class FitSummary:
-    key: str
-    folder: str
-    training: dict[str, Any]  # FitResult.summary(): epochs, early stop, best monitor value
-    history: list[dict[str, Any]]
-    seconds_per_epoch: float
-
-
-def fit_category(config: RunConfig, job: CategoryJob, folder: str, events: Queue | None, threads: int) -> FitSummary | None:
-    """Train ``job``'s model and write its model files into ``folder`` (rank 0); resumes from the folder's
-    latest checkpoint if there is one. Returns the summary on rank 0, None on other ranks."""
+def fit_category(config: RunConfig, job: CategoryJob, folder: str, events: Queue | None, threads: int) -> None:
+    """Train ``job``'s model and write its model files and ``training.json`` (per-epoch history) into ``folder``
+    (rank 0); resumes from the folder's latest checkpoint if there is one."""
     torch.set_num_threads(threads)
     device = "cuda" if torch.cuda.is_available() and ray.get_gpu_ids() else "cpu"
     if device == "cuda":
@@ -105,12 +97,9 @@ def fit_category(config: RunConfig, job: CategoryJob, folder: str, events: Queue
     trainer = Trainer(trainer_config(config, device), folder_path / CHECKPOINTS,
                       _callbacks(job.key, events) if rank == 0 else None)
     result = trainer.fit(model, train, validation, resume_from=latest if latest.is_file() else None)
-    if rank != 0:
-        return None
-    save_model_files(model, folder_path, config.preprocess.resize, result.summary())
-    seconds = [entry["seconds"] for entry in result.history]
-    return FitSummary(job.key, folder, result.summary(), result.history,
-                      sum(seconds) / len(seconds) if seconds else 0.0)
+    if rank == 0:
+        save_model_files(model, folder_path, config.preprocess.resize, result.summary())
+        write_json(folder_path / HISTORY, {"summary": result.summary(), "history": result.history})
 
 
 def _validates(config: RunConfig) -> bool:

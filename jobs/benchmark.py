@@ -16,7 +16,7 @@ import sys
 import time
 from dataclasses import replace
 from pathlib import Path
-from typing import Any, Iterator, Sequence
+from typing import Any, Callable, Iterator, Sequence
 
 import ray
 
@@ -215,30 +215,35 @@ def _headline(result: CategoryResult) -> str:
     )
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m jobs.benchmark", description=__doc__.split("\n")[0])
+def run_main(argv: list[str] | None, prog: str, doc: str, run_job_body: Callable[..., Path], resume_help: str) -> int:
+    """The command line of a whole-run job (jobs.benchmark, jobs.train): a new run from --config, or --resume."""
+    parser = argparse.ArgumentParser(prog=prog, description=doc.split("\n")[0])
     add_config_arguments(parser, required=False)
     parser.add_argument("--run-name", help="output folder name under output_dir (default: <name>-<UTC time>)")
     parser.add_argument("--categories", help="comma-separated subset, e.g. bottle,cable or mvtec_ad/bottle")
-    parser.add_argument("--resume", type=Path, metavar="RUN_DIR",
-                        help="continue the run in RUN_DIR with its recorded config: finished categories are kept")
+    parser.add_argument("--resume", type=Path, metavar="RUN_DIR", help=resume_help)
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
-    return run_job(lambda: _run_from_args(args), args.debug)
+    return run_job(lambda: _run_from_args(args, run_job_body), args.debug)
 
 
-def _run_from_args(args: argparse.Namespace) -> Path:
+def _run_from_args(args: argparse.Namespace, run_job_body: Callable[..., Path]) -> Path:
     if args.resume is None:
         if args.config is None:
             raise ConfigError("--config is required (or --resume RUN_DIR to continue a run)")
         config = config_from_args(args)
-        return run(config, args.run_name, set(args.categories.split(",")) if args.categories else None)
+        return run_job_body(config, args.run_name, set(args.categories.split(",")) if args.categories else None)
     if args.run_name or args.categories:
         raise ConfigError("--resume continues a run as it was started: --run-name and --categories cannot change it")
     recorded = recorded_config(args.resume)
     requested = load_config(args.config or args.resume / RUN_CONFIG, config_overrides(args), args.paths)
-    return run(resume_config(recorded, resolved(requested, category_jobs(requested, None)), args.resume),
-               resume=args.resume)
+    return run_job_body(resume_config(recorded, resolved(requested, category_jobs(requested, None)), args.resume),
+                        resume=args.resume)
+
+
+def main(argv: list[str] | None = None) -> int:
+    return run_main(argv, "python -m jobs.benchmark", __doc__, run,
+                    "continue the run in RUN_DIR with its recorded config: finished categories are kept")
 
 
 if __name__ == "__main__":

@@ -17,8 +17,10 @@ from anomaly_core.backbones import WeightsError
 from anomaly_core.bank import BankError
 from anomaly_core.config import ConfigError
 from anomaly_core.data import DatasetError
+from anomaly_core.training import CheckpointError, ModelFilesError
 
-USER_ERRORS: tuple[type[BaseException], ...] = (ConfigError, DatasetError, BankError, WeightsError)
+USER_ERRORS: tuple[type[BaseException], ...] = (ConfigError, DatasetError, BankError, WeightsError, ModelFilesError,
+                                                CheckpointError)
 
 
 def user_error(error: BaseException, known: tuple[type[BaseException], ...]) -> BaseException | None:

@@ -20,7 +20,7 @@ from safetensors.numpy import save_file
 from anomaly_core.bank import MemoryBank, atomic_write, save_bank, write_json
 from anomaly_core.config import RunConfig
 from anomaly_core.metrics import METRIC_NAMES, MetricReport, mean_metrics
-from anomaly_core.training.model_files import MODEL_FORMAT
+from anomaly_core.training.model_files import MODEL_FORMAT, annotate_model_files
 from cluster.ensemble import ENSEMBLE_KEY
 from cluster.pipeline import CategoryJob, CategoryResult
 from jobs.report import bank_rows_and_sha256
@@ -89,7 +89,9 @@ def write_category(run_dir: Path, result: CategoryResult, config: RunConfig, mem
     result.bank.metadata["scoring"] = config.scoring.model_dump()
     if ENSEMBLE_KEY in result.bank.metadata:
         write_json(folder / ENSEMBLE_RECORD, result.bank.metadata)
-    elif result.bank.metadata.get("format") != MODEL_FORMAT:  # a trained model's files are the trainer's
+    elif result.bank.metadata.get("format") == MODEL_FORMAT:  # a trained model's files are the trainer's
+        annotate_model_files(folder, thresholds=result.bank.metadata["thresholds"], weights=config.backbone.weights)
+    else:
         save_bank(result.bank, folder)
     write_yaml(folder / "config.yaml", config.model_dump(mode="json"))
     predictions = folder / "predictions"

@@ -4,7 +4,8 @@
                            [--out DIR] [--weights PATH] [--threshold X] [--wandb off|offline|online|auto]
 
 The extractor is rebuilt from the bank's own metadata (backbone, layers, weights, preprocessing) and
-then checked against it, so a bank is never scored with features it was not built from. Single
+then checked against it, so a bank is never scored with features it was not built from. A trained
+model's folder (jobs.train: ``model.safetensors`` + ``model.json``) works the same way. Single
 process, no Ray: the engine functions of ``anomaly_core.patchcore`` do the work, as in a benchmark.
 
 Output in ``--out``: ``predictions.json`` (per image ``pred_score``, ``pred_label``, and the paths,
@@ -22,17 +23,21 @@ import math
 import sys
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any, Sequence
+from dataclasses import dataclass
+from typing import Any, Callable, Sequence
 
 import numpy as np
 import torch
 
 from anomaly_core.bank import BankError, MemoryBank, atomic_write, check_compatible, load_bank, write_json
 from anomaly_core.config import WandbConfig
-from anomaly_core.data import IMAGE_EXTENSIONS, image_size, read_rgb
+from anomaly_core.data import IMAGE_EXTENSIONS, ImageTransform, image_size, read_rgb
 from anomaly_core.extraction import ExtractionSettings, PatchFeatureExtractor
 from anomaly_core.features import PatchFeatures
-from anomaly_core.scoring import NearestNeighbourScorer, ScoringParams, predict
+from anomaly_core.scoring import NearestNeighbourScorer, Predictions, ScoringParams, predict
+from anomaly_core.training import load_model_files, read_model_metadata
+from anomaly_core.training import predict_images as predict_model
+from anomaly_core.training.model_files import METADATA_FILE
 from jobs.cli import check_writable
 from jobs.errors import run_job
 from jobs.report import display_image, heatmap_overlay, write_png
@@ -141,31 +146,61 @@ def save_npy(path: Path, array: np.ndarray) -> None:
     atomic_write(path, write)
 
 
+@dataclass(frozen=True)
+class ImageScorer:
+    """What turns decoded images into scores and maps: a bank with its extractor, or a trained model."""
+
+    transform: ImageTransform
+    batch_size: int
+    score: Callable[[torch.Tensor, int], Predictions]  # (transformed batch, index of its first image)
+
+
+def bank_scorer(bank: MemoryBank, extractor: PatchFeatureExtractor, source: str) -> ImageScorer:
+    scorer = NearestNeighbourScorer(bank.features, ScoringParams(**bank.metadata.get("scoring", {})))
+
+    def score(images: torch.Tensor, start: int) -> Predictions:
+        embeddings, grid = extractor.embed_batch(images)
+        check_grid(bank.metadata, grid, source)
+        features = PatchFeatures(embeddings, grid, np.arange(start, start + len(images), dtype=np.int64))
+        return predict(scorer, features, extractor.settings.crop)
+
+    return ImageScorer(extractor.transform, extractor.settings.batch_size, score)
+
+
+def model_scorer(folder: Path, weights: str | None, device: str) -> tuple[ImageScorer, dict[str, Any]]:
+    """A trained model (jobs.train's ``model.safetensors`` + ``model.json``), its teacher rebuilt from ``weights``
+    (default: the recorded location) and checked by sha256."""
+    metadata = read_model_metadata(folder)
+    weights = weights or metadata.get("weights")
+    if not weights:
+        raise PredictError(f"{folder} does not record the teacher weights it was trained with; pass --weights PATH")
+    model = load_model_files(folder, weights).to(device)
+    transform = ImageTransform(resize=metadata["resize"], crop=metadata["crop"], mean=tuple(metadata["mean"]),
+                               std=tuple(metadata["std"]))
+
+    def score(images: torch.Tensor, start: int) -> Predictions:
+        return predict_model(model, images, np.arange(start, start + len(images)))
+
+    return ImageScorer(transform, TRAINED_BATCH, score), metadata
+
+
+TRAINED_BATCH = 16  # images per forward pass of a trained model
+
+
 def predict_images(
-    bank: MemoryBank,
-    extractor: PatchFeatureExtractor,
-    root: Path,
-    images: Sequence[Path],
-    limits: dict[str, Any],
-    out_dir: Path,
-    source: str,
+    scorer: ImageScorer, root: Path, images: Sequence[Path], limits: dict[str, Any], out_dir: Path,
 ) -> list[dict[str, Any]]:
     """Score ``images`` batch by batch and write their maps, masks and overlays; returns the records."""
-    scorer = NearestNeighbourScorer(bank.features, ScoringParams(**bank.metadata.get("scoring", {})))
-    crop, batch_size = extractor.settings.crop, extractor.settings.batch_size
     vmin, vmax = (factor * limits["pixel"] for factor in COLOUR_RANGE)
     records = []
-    for start in range(0, len(images), batch_size):
-        batch = images[start : start + batch_size]
+    for start in range(0, len(images), scorer.batch_size):
+        batch = images[start : start + scorer.batch_size]
         rgbs = [read_rgb(path) for path in batch]
-        embeddings, grid = extractor.embed_batch(torch.stack([extractor.transform.image(rgb) for rgb in rgbs]))
-        check_grid(bank.metadata, grid, source)
-        features = PatchFeatures(embeddings, grid, np.arange(start, start + len(batch), dtype=np.int64))
-        predictions = predict(scorer, features, crop)
+        predictions = scorer.score(torch.stack([scorer.transform.image(rgb) for rgb in rgbs]), start)
         for path, rgb, score, amap in zip(batch, rgbs, predictions.scores, predictions.maps):
             relative = path.relative_to(root).with_suffix("")
             mask = amap >= limits["pixel"]
-            shown = display_image(rgb, extractor.transform)
+            shown = display_image(rgb, scorer.transform)
             files = {"anomaly_map": f"anomaly_maps/{relative.as_posix()}.npy",
                      "pred_mask": f"masks/{relative.as_posix()}.png",
                      "overlay": f"overlays/{relative.as_posix()}.png"}
@@ -193,14 +228,19 @@ def run(args: argparse.Namespace) -> Path:
     config = {key: str(value) if isinstance(value, Path) else value for key, value in vars(args).items()}
     with Tracker(settings, job_type="predict", run_dir=out_dir, config=config) as tracker:
         bank_path = tracker.use_bank(args.bank) if is_wandb_ref(args.bank) else Path(args.bank)
-        bank = load_bank(bank_path)
         source = str(args.bank)
-        extractor = rebuild_extractor(bank.metadata, args.weights, source, args.device)
-        limits = thresholds(bank.metadata, args.threshold, source)
-        records = predict_images(bank, extractor, root, images, limits, out_dir, source)
+        if (bank_path / METADATA_FILE).is_file():  # a trained model's folder (jobs.train)
+            scorer, metadata = model_scorer(bank_path, args.weights, args.device)
+            digest = metadata["tensors_sha256"]
+        else:
+            bank = load_bank(bank_path)
+            metadata, digest = bank.metadata, bank.metadata.get("bank_sha256")
+            scorer = bank_scorer(bank, rebuild_extractor(metadata, args.weights, source, args.device), source)
+        limits = thresholds(metadata, args.threshold, source)
+        records = predict_images(scorer, root, images, limits, out_dir)
         write_json(out_dir / "predictions.json", {
-            "bank": {"source": source, "bank_sha256": bank.metadata.get("bank_sha256"),
-                     "dataset": bank.metadata.get("dataset"), "category": bank.metadata.get("category")},
+            "bank": {"source": source, "bank_sha256": digest,
+                     "dataset": metadata.get("dataset"), "category": metadata.get("category")},
             "thresholds": limits,
             "predictions": records,
         })

@@ -272,6 +272,30 @@ def samples_figure(result: CategoryResult, transform: ImageTransform, path: Path
     return _save(figure, path)
 
 
+def training_figure(history: Sequence[dict[str, Any]], title: str, path: Path) -> Path:
+    """A trained category's epoch loss and, where it was validated, its test-set image and pixel AUROC."""
+    figure = Figure(figsize=(6.5, 4.0))
+    axes = figure.add_subplot()
+    epochs = [entry["epoch"] + 1 for entry in history]
+    axes.plot(epochs, [entry["loss"] for entry in history], color="tab:blue", label="training loss")
+    axes.set_xlabel("epoch")
+    axes.set_ylabel("loss")
+    validated = [entry for entry in history if entry.get("metrics")]
+    if validated:
+        right = axes.twinx()
+        for name, colour in (("image_auroc", "tab:red"), ("pixel_auroc", "tab:orange")):
+            points = [(entry["epoch"] + 1, entry["metrics"][name]) for entry in validated
+                      if entry["metrics"].get(name) is not None]
+            if points:
+                right.plot(*zip(*points), marker="o", color=colour, label=name.replace("_", " "))
+        right.set_ylim(0.0, 1.0)
+        right.set_ylabel("AUROC (test set)")
+        right.legend(loc="lower right", fontsize=8, frameon=False)
+    axes.legend(loc="upper center", fontsize=8, frameon=False)
+    axes.set_title(title)
+    return _save(figure, path)
+
+
 # --- the report ---------------------------------------------------------------------------------
 
 
@@ -280,7 +304,10 @@ def figure_paths(run_dir: Path, results: Sequence[CategoryResult]) -> dict[str, 
     figures = Path(run_dir) / FIGURES
     paths = {"auroc": figures / "auroc.png", "roc": figures / "roc.png"}
     for result in results:
-        paths[f"samples/{result.job.key}"] = figures / "samples" / f"{result.job.dataset}__{result.job.split.category}.png"
+        name = f"{result.job.dataset}__{result.job.split.category}.png"
+        paths[f"samples/{result.job.key}"] = figures / "samples" / name
+        if "train_s" in result.timings:  # a trained model's (jobs.train): its training curve
+            paths[f"training/{result.job.key}"] = figures / "training" / name
     return paths
 
 
@@ -349,6 +376,10 @@ def _markdown(
               "extract_train_s is actor time embedding the train images; evaluate_s runs from the bank's "
               "submission to its scored test set (test extraction included).", "",
               *_table(["dataset", "category", *timing_keys(results), "total_s", "extract_images_per_s"], timings), ""]
+    trained = [result for result in results if f"training/{result.job.key}" in paths]
+    if trained:
+        lines += ["## Training", "", "Training loss per epoch and, where validated, the test set's AUROC.", ""]
+        lines += [f"![{result.job.key} training]({link(f'training/{result.job.key}')})" for result in trained] + [""]
     lines += ["## Figures", "", f"![AUROC per category]({link('auroc')})", "", f"![Image-level ROC]({link('roc')})", "",
               "### Worst and best scored test images", ""]
     for result in results:

@@ -55,7 +55,8 @@ MODEL_ARTIFACT_TYPE = "trained-model"
 # What of a run folder travels as its results artifact: everything but the banks (each is its own
 # artifact already), the anomaly maps (large; re-creatable from the bank) and W&B's own files.
 RUN_FOLDER_FILES = ("summary.json", "report.md", "metrics.csv", "timings.csv", "run_config.yaml", "figures/**/*.png",
-                    "*/*/metrics.json", "*/*/config.yaml", "*/*/predictions/predictions.json")
+                    "*/*/metrics.json", "*/*/config.yaml", "*/*/predictions/predictions.json",
+                    "*/*/training.json", "*/*/ensemble.json")  # a trained model's history; an ensemble's record
 WANDB_REF_PREFIX = "wandb:"
 DEFAULT_HOST = "https://api.wandb.ai"
 INIT_TIMEOUT_S = 30.0

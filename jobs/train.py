@@ -11,7 +11,7 @@ computed by the evaluation actors, as a memory bank's; the run folder has PatchC
 
 from __future__ import annotations
 
-import argparse
+import json
 import logging
 import sys
 import threading
@@ -29,6 +29,7 @@ from anomaly_core.data import ImageTransform, metric_groups
 from cluster.evaluator import evaluator_actor
 from cluster.pipeline import CategoryJob, CategoryResult
 from cluster.training import (
+    HISTORY,
     build_model,
     ddp_selected,
     fit_category,
@@ -37,14 +38,13 @@ from cluster.training import (
     task_options,
     threads_of,
 )
-from jobs.benchmark import category_jobs, claim_run_folder, resolved
-from jobs.cli import add_config_arguments, check_writable, config_from_args, config_overrides, load_config, single_backbone
-from jobs.errors import run_job
+from jobs.benchmark import category_jobs, claim_run_folder, resolved, run_main
+from jobs.cli import check_writable, single_backbone
 from jobs.outputs import category_folder, format_table, released, run_directory, summary, write_category, write_yaml
 from jobs.preflight import check_jobs
 from jobs.ray_runtime import start_ray
-from jobs.report import figure_paths, write_category_figure, write_report
-from jobs.resume import RUN_CONFIG, finished_category, model_record, recorded_config, resume_config
+from jobs.report import figure_paths, training_figure, write_category_figure, write_report
+from jobs.resume import RUN_CONFIG, finished_category, model_record
 from jobs.tracking import Tracker
 
 log = logging.getLogger("jobs.train")
@@ -188,6 +188,9 @@ def train_and_evaluate(config: RunConfig, run_dir: Path, todo: list[CategoryJob]
                        "metrics_s": round(metrics_s, 4)}
             result = CategoryResult(job, model_record(folder), predictions, report, timings)
             write_category_figure(run_dir, result, transform)
+            history = json.loads((folder / HISTORY).read_text())["history"]
+            training_figure(history, f"{job.key}: {config.training.model}",
+                            figure_paths(run_dir, [result])[f"training/{job.key}"])
             write_category(run_dir, result, config)
             tracker.log_category(result, transform)
             tracker.log_model(job, folder)
@@ -210,29 +213,8 @@ def _score(config: RunConfig, job: CategoryJob, folders: dict[str, str], predict
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m jobs.train", description=__doc__.split("\n")[0])
-    add_config_arguments(parser, required=False)
-    parser.add_argument("--run-name", help="output folder name under output_dir (default: <name>-<UTC time>)")
-    parser.add_argument("--categories", help="comma-separated subset, e.g. bottle,cable or mvtec_ad/bottle")
-    parser.add_argument("--resume", type=Path, metavar="RUN_DIR",
-                        help="continue the run in RUN_DIR with its recorded config: finished categories are kept, "
-                        "the others continue from their latest checkpoint")
-    args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
-    return run_job(lambda: _run_from_args(args), args.debug)
-
-
-def _run_from_args(args: argparse.Namespace) -> Path:
-    if args.resume is None:
-        if args.config is None:
-            raise ConfigError("--config is required (or --resume RUN_DIR to continue a run)")
-        return run(config_from_args(args), args.run_name, set(args.categories.split(",")) if args.categories else None)
-    if args.run_name or args.categories:
-        raise ConfigError("--resume continues a run as it was started: --run-name and --categories cannot change it")
-    recorded = recorded_config(args.resume)
-    requested = load_config(args.config or args.resume / RUN_CONFIG, config_overrides(args), args.paths)
-    return run(resume_config(recorded, resolved(requested, category_jobs(requested, None)), args.resume),
-               resume=args.resume)
+    return run_main(argv, "python -m jobs.train", __doc__, run, "continue the run in RUN_DIR with its recorded config: "
+                    "finished categories are kept, the others continue from their latest checkpoint")
 
 
 if __name__ == "__main__":

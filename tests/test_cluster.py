@@ -43,6 +43,7 @@ from jobs import benchmark
 from jobs import build_bank as build_bank_job
 from jobs import compare as compare_job
 from jobs import evaluate as evaluate_job
+from jobs import predict as predict_job
 from jobs import train as train_job
 from jobs.outputs import write_category
 from jobs.resume import finished_category
@@ -496,6 +497,13 @@ def test_train_job_trains_evaluates_like_a_bank_resumes_and_compares_with_patchc
     assert again["metrics"] == summary["categories"][0]["metrics"]
     assert again["bank_sha256"] == summary["categories"][0]["bank_sha256"]  # the same weights, rewritten
     assert (folder / "model.safetensors").stat().st_mtime_ns != tensors_mtime
+
+    predicted = tmp_path / "predicted"  # jobs.predict takes the trained model's folder like a bank's
+    assert predict_job.main(["--bank", str(folder), "--input", str(root / "tire" / "test"), "--out", str(predicted)]) == 0
+    written = json.loads((predicted / "predictions.json").read_text())
+    assert "F1-optimal" in written["thresholds"]["source"] and written["bank"]["bank_sha256"] == model_json["tensors_sha256"]
+    by_path = {record["image_path"]: record["pred_score"] for record in written["predictions"]}
+    assert [by_path[sample.image_path] for sample in job.split.test] == pytest.approx(predictions.scores.tolist(), rel=1e-5)
 
     patchcore = benchmark.run(tire_config(num_extractors=1).model_copy(update={
         "output_dir": str(tmp_path), "datasets": config.datasets}), run_name="patchcore")

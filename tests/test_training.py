@@ -21,6 +21,7 @@ from safetensors.torch import load_file, save_file
 from anomaly_core.backbones import TF_LITE_MEAN, TF_LITE_STD
 from anomaly_core.data import ImageTransform, load_split
 from anomaly_core.training import (
+    CheckpointError,
     ModelFilesError,
     ReverseDistillation,
     ReverseDistillationSettings,
@@ -178,6 +179,13 @@ def test_resumed_run_ends_on_the_uninterrupted_runs_weights(train_images, tmp_pa
     assert [record["step"] for record in logged] == list(range(1, 9))
     assert [record["lr"] for record in logged] == pytest.approx([0.005 * schedule(step) for step in range(8)])
     assert {"loss", "loss/blocks.1", "batch_time", "data_time", "optim_time", "epoch"} <= set(logged[0])
+    # A checkpoint of other settings or other images is refused, not half-applied.
+    with pytest.raises(CheckpointError, match="cannot resume from .*its run had trainer=.*'batch_size': 4"):
+        Trainer(TrainerConfig(epochs=4, batch_size=2, seed=7), tmp_path / "other").fit(
+            make_model("rd", **settings), train_images, resume_from=tmp_path / "crashed" / "latest.safetensors")
+    with pytest.raises(CheckpointError, match="its run had n_images=8, this one has 6"):
+        Trainer(config, tmp_path / "other").fit(
+            make_model("rd", **settings), train_images[:6], resume_from=tmp_path / "crashed" / "latest.safetensors")
 
 
 class _ScriptedModel(TrainableModel):

@@ -71,6 +71,16 @@ def read_model_metadata(directory: Path) -> dict[str, Any]:
     return metadata
 
 
+def annotate_model_files(directory: Path, **fields: Any) -> None:
+    """Add facts learnt after training to ``model.json`` (deployment thresholds, the teacher's weights location
+    for jobs.predict); the weights and what they mean stay as written."""
+    metadata = read_model_metadata(directory)
+    fixed = sorted(set(fields) & (set(COMPATIBILITY_KEYS) | {"format", "tensors_sha256", "training"}))
+    if fixed:
+        raise ValueError(f"model.json fields {fixed} describe the weights and cannot be changed after training")
+    write_json(Path(directory) / METADATA_FILE, {**metadata, **fields})
+
+
 def check_model_compatible(metadata: dict[str, Any], expected: dict[str, Any], source: str) -> None:
     """Refuse a model whose teacher or preprocessing differs from the inference configuration's."""
     unknown = sorted(set(expected) - set(COMPATIBILITY_KEYS))
