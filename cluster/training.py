@@ -13,6 +13,7 @@ nodes, ``output_dir`` must be storage all of them share (as Ray Train's own ``st
 
 from __future__ import annotations
 
+import json
 import logging
 import tempfile
 from pathlib import Path
@@ -94,23 +95,35 @@ def fit_category(config: RunConfig, job: CategoryJob, folder: str, events: Queue
     folder_path = Path(folder)
     latest = folder_path / CHECKPOINTS / "latest.safetensors"
     rank, _ = rank_and_world_size()
+    steps: list[dict[str, Any]] = []
     trainer = Trainer(trainer_config(config, device), folder_path / CHECKPOINTS,
-                      _callbacks(job.key, events) if rank == 0 else None)
-    result = trainer.fit(model, train, validation, resume_from=latest if latest.is_file() else None)
+                      _callbacks(job.key, events, steps) if rank == 0 else None)
+    resumed = latest.is_file()
+    earlier = json.loads((folder_path / HISTORY).read_text())["steps"] if resumed and (folder_path / HISTORY).is_file() else []
+    result = trainer.fit(model, train, validation, resume_from=latest if resumed else None)
     if rank == 0:
         save_model_files(model, folder_path, config.preprocess.resize, result.summary())
-        write_json(folder_path / HISTORY, {"summary": result.summary(), "history": result.history})
+        # After a resume: the steps an earlier attempt recorded up to the checkpoint, then this run's.
+        first = steps[0]["step"] if steps else result.global_step + 1
+        steps = [entry for entry in earlier if entry["step"] < first] + steps
+        write_json(folder_path / HISTORY, {"summary": result.summary(), "history": result.history, "steps": steps})
 
 
 def _validates(config: RunConfig) -> bool:
     return config.training.monitor != "loss" or config.training.validate_every_n_epochs <= config.training.epochs
 
 
-def _callbacks(key: str, events: Queue | None) -> TrainerCallbacks | None:
+def _callbacks(key: str, events: Queue | None, steps: list[dict[str, Any]]) -> TrainerCallbacks:
+    """Step records kept for the local report and, with ``events``, every event sent to the driver (W&B)."""
+    def on_log(record: dict[str, Any]) -> None:
+        steps.append(record)
+        if events is not None:
+            events.put({"kind": "step", "key": key, **record})
+
     if events is None:
-        return None
+        return TrainerCallbacks(on_log=on_log)
     return TrainerCallbacks(
-        on_log=lambda record: events.put({"kind": "step", "key": key, **record}),
+        on_log=on_log,
         on_validation=lambda record: events.put({"kind": "validation", "key": key, **record}),
         on_epoch_end=lambda record: events.put({"kind": "epoch", "key": key, **_plain(record)}),
     )

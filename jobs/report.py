@@ -272,12 +272,20 @@ def samples_figure(result: CategoryResult, transform: ImageTransform, path: Path
     return _save(figure, path)
 
 
-def training_figure(history: Sequence[dict[str, Any]], title: str, path: Path) -> Path:
-    """A trained category's epoch loss and, where it was validated, its test-set image and pixel AUROC."""
-    figure = Figure(figsize=(6.5, 4.0))
-    axes = figure.add_subplot()
-    epochs = [entry["epoch"] + 1 for entry in history]
-    axes.plot(epochs, [entry["loss"] for entry in history], color="tab:blue", label="training loss")
+def training_figure(history: Sequence[dict[str, Any]], steps: Sequence[dict[str, Any]], title: str, path: Path) -> Path:
+    """A trained category's training: loss per logged step and per epoch with, where it was validated, the test
+    set's image and pixel AUROC (top); the learning rate per logged step (bottom)."""
+    figure = Figure(figsize=(6.5, 5.5))
+    axes, rate = figure.subplots(2, 1, sharex=False, height_ratios=(3, 1))
+    axes.plot([entry["epoch"] + 1 for entry in history], [entry["loss"] for entry in history], color="tab:blue",
+              marker=".", label="epoch mean loss")
+    if steps:
+        per_epoch = max(1, max(entry["step"] for entry in history) // max(len(history), 1)) if history else 1
+        axes.plot([entry["step"] / per_epoch for entry in steps], [entry["loss"] for entry in steps],
+                  color="tab:blue", alpha=0.3, linewidth=0.8, label="logged step loss")
+        rate.plot([entry["step"] for entry in steps], [entry["lr"] for entry in steps], color="tab:green")
+    rate.set_xlabel("optimisation step")
+    rate.set_ylabel("learning rate")
     axes.set_xlabel("epoch")
     axes.set_ylabel("loss")
     validated = [entry for entry in history if entry.get("metrics")]
@@ -293,6 +301,7 @@ def training_figure(history: Sequence[dict[str, Any]], title: str, path: Path) -
         right.legend(loc="lower right", fontsize=8, frameon=False)
     axes.legend(loc="upper center", fontsize=8, frameon=False)
     axes.set_title(title)
+    figure.tight_layout()
     return _save(figure, path)
 
 

@@ -188,8 +188,8 @@ def train_and_evaluate(config: RunConfig, run_dir: Path, todo: list[CategoryJob]
                        "metrics_s": round(metrics_s, 4)}
             result = CategoryResult(job, model_record(folder), predictions, report, timings)
             write_category_figure(run_dir, result, transform)
-            history = json.loads((folder / HISTORY).read_text())["history"]
-            training_figure(history, f"{job.key}: {config.training.model}",
+            record = json.loads((folder / HISTORY).read_text())
+            training_figure(record["history"], record["steps"], f"{job.key}: {config.training.model}",
                             figure_paths(run_dir, [result])[f"training/{job.key}"])
             write_category(run_dir, result, config)
             tracker.log_category(result, transform)

@@ -382,7 +382,9 @@ def test_ensemble_of_lite0_and_lite1_equals_the_engine_and_resumes_by_member(ray
     root = copy_slice(tire_job, tmp_path / "slice")
     job = CategoryJob("tire_small", str(root), load_split("mvtec", root, "tire"))
     config = parse_config({
-        **tire_config(num_extractors=2).model_dump(mode="json", exclude={"backbone"}),
+        # 2 extractors, 1 holder, 1 evaluator: each member is an ordinary pipeline, and fewer actors per member
+        # keep the three pipeline starts (two members, one resumed member) short.
+        **tire_config(num_extractors=2, num_evaluators=1, coreset_shards=1).model_dump(mode="json", exclude={"backbone"}),
         "datasets": [{"name": "tire_small", "format": "mvtec", "root": str(root)}],
         "ensemble": [{"name": name, "layers": ["blocks.2", "blocks.4"], "weights": "package"}
                      for name in ("tf_efficientnet_lite0", "tf_efficientnet_lite1")],
@@ -482,6 +484,7 @@ def test_train_job_trains_evaluates_like_a_bank_resumes_and_compares_with_patchc
     assert (folder / "checkpoints" / "latest.safetensors").is_file()
     job = CategoryJob("tire_small", str(root), load_split("mvtec", root, "tire"))
     model = load_model_files(folder, "package", {"crop": 64})
+    torch.set_num_threads(1)  # the tasks' threads (training.cpus_per_worker): conv sums depend on the thread count
     predictions = predict_images(model, load_images(job.split.test, transform_of(model, config)))
     recorded = finished_category(run_dir, job)
     assert np.array_equal(recorded.predictions.scores, predictions.scores)
@@ -492,7 +495,10 @@ def test_train_job_trains_evaluates_like_a_bank_resumes_and_compares_with_patchc
 
     (folder / "metrics.json").unlink()  # the category is unfinished; its checkpoint says training is done
     tensors_mtime = (folder / "model.safetensors").stat().st_mtime_ns
+    steps = json.loads((folder / "training.json").read_text())["steps"]
+    assert [entry["step"] for entry in steps] == list(range(1, 7))  # 2 epochs x 12 images / 4, every step logged
     assert train_job.main(["--resume", str(run_dir)]) == 0
+    assert json.loads((folder / "training.json").read_text())["steps"] == steps  # kept through the resume
     again = json.loads((run_dir / "summary.json").read_text())["categories"][0]
     assert again["metrics"] == summary["categories"][0]["metrics"]
     assert again["bank_sha256"] == summary["categories"][0]["bank_sha256"]  # the same weights, rewritten

@@ -322,9 +322,10 @@ def test_training_events_become_step_curves_validations_and_checkpoint_artifacts
     model = build_model(config)
     transform = transform_of(model, config)
     events = EventList()
-    trainer = Trainer(trainer_config(config, "cpu"), tmp_path / "checkpoints", _callbacks("tire_small/tire", events))
+    steps: list[dict] = []
+    trainer = Trainer(trainer_config(config, "cpu"), tmp_path / "checkpoints", _callbacks("tire_small/tire", events, steps))
     trainer.fit(model, load_images(split.train[:4], transform), load_validation_set(split.test[::5], transform))
-    assert [event["kind"] for event in events].count("step") == 4
+    assert [event["kind"] for event in events].count("step") == 4 and len(steps) == 4  # also kept for the report
     run_dir = tmp_path / "train-run"
     with Tracker(WandbConfig(mode="offline", project="anomaly-test"), "train", run_dir) as tracker:
         for event in events:
