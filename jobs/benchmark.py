@@ -119,17 +119,8 @@ def image_transform(metadata: dict) -> ImageTransform:
 def run(config: RunConfig, run_name: str | None = None, only: set[str] | None = None,
         resume: Path | None = None) -> Path:
     """Benchmark every selected category; with ``resume`` (a run folder) keep its finished categories."""
-    jobs = category_jobs(config, only)
-    config = resolved(config, jobs)
-    run_dir = resume if resume is not None else run_directory(config, run_name)
-    if resume is None:
-        claim_run_folder(run_dir)
-    else:
-        check_writable(run_dir, "--resume")
-    preflight(config, jobs, need_test=True)
-    if resume is None:
-        write_yaml(run_dir / RUN_CONFIG, config.model_dump(mode="json"))
-    kept = {job.key: result for job in jobs if resume is not None and (result := finished_category(run_dir, job))}
+    config, jobs, run_dir, kept = start_run(config, run_name, only, resume,
+                                            lambda config, jobs: preflight(config, jobs, need_test=True))
     todo = [job for job in jobs if job.key not in kept]
     if resume is not None:
         log.info("resuming %s: %d categories kept (%s), %d to compute", run_dir, len(kept), ", ".join(kept) or "none",
@@ -169,17 +160,47 @@ def run(config: RunConfig, run_name: str | None = None, only: set[str] | None = 
             peak_rss_mb = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)  # KiB on Linux
             cluster.update({"resources": ray.cluster_resources(), "driver_peak_rss_mb": peak_rss_mb})
         seconds = time.perf_counter() - started
-        order = {job.key: position for position, job in enumerate(jobs)}
-        results.sort(key=lambda result: order[result.job.key])
         extra = {"cluster": cluster, "resumed": sorted(kept)} if resume is not None else {"cluster": cluster}
-        payload = summary(config, results, seconds, extra)
-        write_json(run_dir / "summary.json", payload)
-        report = write_report(run_dir, results, payload)
-        tracker.log_run(results, payload, figure_paths(run_dir, results))
-        tracker.log_run_folder(run_dir)
-    print(format_table(results))
-    print(f"\n{len(results)} categories in {seconds:.1f} s -> {run_dir.resolve()} (report: {report.resolve()})")
+        report = write_run(config, run_dir, jobs, results, seconds, extra, tracker)
+    print_done(results, seconds, run_dir, report)
     return run_dir
+
+
+def start_run(config: RunConfig, run_name: str | None, only: set[str] | None, resume: Path | None,
+              check: Callable[[RunConfig, list[CategoryJob]], object],
+              ) -> tuple[RunConfig, list[CategoryJob], Path, dict[str, CategoryResult]]:
+    """What a whole-run job does before any work: its categories, its folder (a new one, or the resumed one),
+    the job's ``check`` of config and data, the recorded config; returns those and the finished categories."""
+    jobs = category_jobs(config, only)
+    config = resolved(config, jobs)
+    run_dir = resume if resume is not None else run_directory(config, run_name)
+    if resume is None:
+        claim_run_folder(run_dir)
+    else:
+        check_writable(run_dir, "--resume")
+    check(config, jobs)
+    if resume is None:
+        write_yaml(run_dir / RUN_CONFIG, config.model_dump(mode="json"))
+    kept = {job.key: result for job in jobs if resume is not None and (result := finished_category(run_dir, job))}
+    return config, jobs, run_dir, kept
+
+
+def write_run(config: RunConfig, run_dir: Path, jobs: Sequence[CategoryJob], results: list[CategoryResult],
+              seconds: float, extra: dict[str, Any], tracker: Tracker) -> Path:
+    """A finished run's summary.json, report and W&B summary, categories in the configured order; returns report.md."""
+    order = {job.key: position for position, job in enumerate(jobs)}
+    results.sort(key=lambda result: order[result.job.key])
+    payload = summary(config, results, seconds, extra)
+    write_json(run_dir / "summary.json", payload)
+    report = write_report(run_dir, results, payload)
+    tracker.log_run(results, payload, figure_paths(run_dir, results))
+    tracker.log_run_folder(run_dir)
+    return report
+
+
+def print_done(results: Sequence[CategoryResult], seconds: float, run_dir: Path, report: Path) -> None:
+    print(format_table(list(results)))
+    print(f"\n{len(results)} categories in {seconds:.1f} s -> {run_dir.resolve()} (report: {report.resolve()})")
 
 
 def run_ensemble(config: RunConfig, run_dir: Path, todo: Sequence[CategoryJob], tracker: Tracker, progress: Progress,

@@ -23,7 +23,6 @@ import ray
 from ray.util.queue import Empty, Queue
 
 from anomaly_core.backbones import architecture
-from anomaly_core.bank import write_json
 from anomaly_core.config import ConfigError, RunConfig
 from anomaly_core.data import ImageTransform, metric_groups
 from cluster.evaluator import evaluator_actor
@@ -38,13 +37,13 @@ from cluster.training import (
     task_options,
     threads_of,
 )
-from jobs.benchmark import category_jobs, claim_run_folder, resolved, run_main
-from jobs.cli import check_writable, single_backbone
-from jobs.outputs import category_folder, format_table, released, run_directory, summary, write_category, write_yaml
+from jobs.benchmark import print_done, run_main, start_run, write_run
+from jobs.cli import single_backbone
+from jobs.outputs import category_folder, released, write_category
 from jobs.preflight import check_jobs
 from jobs.ray_runtime import start_ray
-from jobs.report import figure_paths, training_figure, write_category_figure, write_report
-from jobs.resume import RUN_CONFIG, finished_category, model_record
+from jobs.report import figure_paths, training_figure, write_category_figure
+from jobs.resume import model_record
 from jobs.tracking import Tracker
 
 log = logging.getLogger("jobs.train")
@@ -105,18 +104,7 @@ class EventLog:
 
 
 def run(config: RunConfig, run_name: str | None = None, only: set[str] | None = None, resume: Path | None = None) -> Path:
-    config = check_training(config)
-    jobs = category_jobs(config, only)
-    config = resolved(config, jobs)
-    run_dir = resume if resume is not None else run_directory(config, run_name)
-    if resume is None:
-        claim_run_folder(run_dir)
-    else:
-        check_writable(run_dir, "--resume")
-    preflight(config, jobs)
-    if resume is None:
-        write_yaml(run_dir / RUN_CONFIG, config.model_dump(mode="json"))
-    kept = {job.key: result for job in jobs if resume is not None and (result := finished_category(run_dir, job))}
+    config, jobs, run_dir, kept = start_run(check_training(config), run_name, only, resume, preflight)
     todo = [job for job in jobs if job.key not in kept]
     started = time.perf_counter()
     transform = transform_of(config)
@@ -129,18 +117,11 @@ def run(config: RunConfig, run_name: str | None = None, only: set[str] | None = 
             log.info("Ray: %s; resources %s", start_ray(), ray.cluster_resources())
             results += train_and_evaluate(config, run_dir, todo, tracker, transform)
         seconds = time.perf_counter() - started
-        order = {job.key: position for position, job in enumerate(jobs)}
-        results.sort(key=lambda result: order[result.job.key])
         extra: dict[str, Any] = {"job": "train", "cluster": {"resources": ray.cluster_resources() if todo else {}}}
         if resume is not None:
             extra["resumed"] = sorted(kept)
-        payload = summary(config, results, seconds, extra)
-        write_json(run_dir / "summary.json", payload)
-        report = write_report(run_dir, results, payload)
-        tracker.log_run(results, payload, figure_paths(run_dir, results))
-        tracker.log_run_folder(run_dir)
-    print(format_table(results))
-    print(f"\n{len(results)} categories in {seconds:.1f} s -> {run_dir.resolve()} (report: {report.resolve()})")
+        report = write_run(config, run_dir, jobs, results, seconds, extra, tracker)
+    print_done(results, seconds, run_dir, report)
     return run_dir
 
 
