@@ -227,6 +227,10 @@ class RunConfig(_Strict):
             raise ValueError("set either backbone or ensemble, not both: an ensemble lists its members' backbones")
         return self
 
+    def backbones(self) -> list[tuple[str, BackboneConfig]]:
+        """(config key, block) of each backbone the run builds: the ensemble's members, else ``backbone``."""
+        return [(f"ensemble.{i}", member) for i, member in enumerate(self.ensemble)] or [("backbone", self.backbone)]
+
     def members(self) -> list["RunConfig"]:
         """An ensemble's members as single-backbone configs (the run itself when it is not an ensemble)."""
         return [self.model_copy(update={"backbone": backbone, "ensemble": []}) for backbone in self.ensemble] or [self]

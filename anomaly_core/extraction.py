@@ -22,6 +22,13 @@ from anomaly_core.features import PatchFeatures
 from anomaly_core.patch_features import PatchEmbedder
 
 
+def exact_fp32() -> None:
+    """cuDNN runs fp32 convolutions in TF32 by default (10-bit mantissa): features, banks, trained weights
+    and metrics would silently differ from the fp32 they record. fp32 means fp32."""
+    torch.backends.cudnn.allow_tf32 = False
+    torch.backends.cuda.matmul.allow_tf32 = False
+
+
 @dataclass(frozen=True)
 class ExtractionSettings:
     """Everything that determines a patch embedding; recorded in every bank."""
@@ -87,10 +94,7 @@ class PatchFeatureExtractor:
         if self.half:
             self.backbone.half()
         elif self.device.type == "cuda":
-            # cuDNN runs fp32 convolutions in TF32 by default (10-bit mantissa): features, banks and
-            # metrics would silently differ from the fp32 the bank records. fp32 means fp32.
-            torch.backends.cudnn.allow_tf32 = False
-            torch.backends.cuda.matmul.allow_tf32 = False
+            exact_fp32()
         self.embedder = PatchEmbedder(settings.patch_size, settings.pretrain_dim, settings.target_dim,
                                       settings.patch_stride)
         self.transform = ImageTransform(

@@ -23,9 +23,11 @@ import ray
 import torch
 from ray.util.queue import Queue
 
+from anomaly_core.backbones import architecture
 from anomaly_core.bank import write_json
 from anomaly_core.config import RunConfig
 from anomaly_core.data import ImageTransform
+from anomaly_core.extraction import exact_fp32
 from anomaly_core.scoring import Predictions
 from anomaly_core.training import (
     ReverseDistillation,
@@ -76,20 +78,27 @@ def trainer_config(config: RunConfig, device: str) -> TrainerConfig:
     )
 
 
-def transform_of(model: TrainableModel, config: RunConfig) -> ImageTransform:
-    return ImageTransform(resize=config.preprocess.resize, crop=config.preprocess.crop,
-                          mean=tuple(model.teacher.mean), std=tuple(model.teacher.std))
+def transform_of(config: RunConfig) -> ImageTransform:
+    """The teacher's input transform (its architecture's normalisation) at the configured sizes."""
+    arch = architecture(config.backbone.name)
+    return ImageTransform(resize=config.preprocess.resize, crop=config.preprocess.crop, mean=arch.mean, std=arch.std)
+
+
+def training_device() -> str:
+    """CUDA where Ray gave this process a GPU (in exact fp32), else the CPU."""
+    if torch.cuda.is_available() and ray.get_gpu_ids():
+        exact_fp32()
+        return "cuda"
+    return "cpu"
 
 
 def fit_category(config: RunConfig, job: CategoryJob, folder: str, events: Queue | None, threads: int) -> None:
     """Train ``job``'s model and write its model files and ``training.json`` (per-epoch history) into ``folder``
     (rank 0); resumes from the folder's latest checkpoint if there is one."""
     torch.set_num_threads(threads)
-    device = "cuda" if torch.cuda.is_available() and ray.get_gpu_ids() else "cpu"
-    if device == "cuda":
-        torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False  # fp32 means fp32
+    device = training_device()
     model = build_model(config)
-    transform = transform_of(model, config)
+    transform = transform_of(config)
     train = load_images(job.split.train, transform)
     validation = load_validation_set(job.split.test, transform) if _validates(config) else None
     folder_path = Path(folder)
@@ -137,11 +146,8 @@ def predict_category(config: RunConfig, job: CategoryJob, folder: str, threads: 
     """The test set's scores and maps from the model files in ``folder`` (refused if they do not fit ``config``)."""
     torch.set_num_threads(threads)
     expected = {"resize": config.preprocess.resize, "crop": config.preprocess.crop, "backbone": config.backbone.name}
-    model = load_model_files(Path(folder), config.backbone.weights, expected)
-    if torch.cuda.is_available() and ray.get_gpu_ids():
-        torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False
-        model = model.to("cuda")
-    return predict_images(model, load_images(job.split.test, transform_of(model, config)))
+    model = load_model_files(Path(folder), config.backbone.weights, expected).to(training_device())
+    return predict_images(model, load_images(job.split.test, transform_of(config)))
 
 
 def task_options(config: RunConfig) -> dict[str, Any]:

@@ -117,8 +117,7 @@ def check_paths(config: RunConfig, source: str) -> None:
                 f"{source}: datasets.{position}.root: dataset folder not found: {dataset.root} "
                 f"(dataset {dataset.name!r})"
             )
-    keys = [f"ensemble.{i}" for i in range(len(config.ensemble))] or ["backbone"]
-    for key, backbone in zip(keys, config.ensemble or [config.backbone]):
+    for key, backbone in config.backbones():
         weights = backbone.weights
         if weights not in (RANDOM_INIT, PACKAGE_WEIGHTS) and not Path(weights).expanduser().is_file():
             raise ConfigError(f"{source}: {key}.weights: weights file not found: {weights}")

@@ -57,7 +57,7 @@ def check_k(config: RunConfig, jobs: Sequence[CategoryJob], grid: tuple[int, int
 
 def preflight(config: RunConfig, jobs: Sequence[CategoryJob], need_test: bool) -> tuple[int, int]:
     """Model (each ensemble member's), data and ``k`` checks of a job; returns the (first) model's patch grid."""
-    keys = [f"ensemble.{i}" for i in range(len(config.ensemble))] or ["backbone"]
+    keys = [key for key, _ in config.backbones()]
     grids = [check_model(member, key) for member, key in zip(config.members(), keys)]
     check_jobs(config, jobs, need_test)
     for grid, key in zip(grids, keys):

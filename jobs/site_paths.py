@@ -43,10 +43,8 @@ class SitePaths:
     def resolve_weights(self, config: RunConfig) -> RunConfig:
         """``weights: search`` (of the backbone or of an ensemble member) becomes the one matching file in
         the backbones folder."""
-        if config.ensemble:
-            members = [self._searched(member, f"ensemble.{i}.weights") for i, member in enumerate(config.ensemble)]
-            return config.model_copy(update={"ensemble": members})
-        return config.model_copy(update={"backbone": self._searched(config.backbone, "backbone.weights")})
+        searched = [self._searched(backbone, f"{key}.weights") for key, backbone in config.backbones()]
+        return config.model_copy(update={"ensemble": searched} if config.ensemble else {"backbone": searched[0]})
 
     def _searched(self, backbone: BackboneConfig, key: str) -> BackboneConfig:
         if backbone.weights != SEARCH:

@@ -22,7 +22,6 @@ from typing import Any
 import ray
 from ray.util.queue import Empty, Queue
 
-from anomaly_core.backbones import architecture
 from anomaly_core.config import ConfigError, RunConfig
 from anomaly_core.data import ImageTransform, metric_groups
 from cluster.evaluator import evaluator_actor
@@ -36,6 +35,7 @@ from cluster.training import (
     predict_category,
     task_options,
     threads_of,
+    transform_of,
 )
 from jobs.benchmark import print_done, run_main, start_run, write_run
 from jobs.cli import single_backbone
@@ -68,11 +68,6 @@ def preflight(config: RunConfig, jobs: list[CategoryJob]) -> None:
         raise ConfigError(f"training ({config.training.model}, teacher {config.backbone.name} {config.backbone.layers}, "
                           f"weights {config.backbone.weights}): {error}") from None
     check_jobs(config, jobs, need_test=True)
-
-
-def transform_of(config: RunConfig) -> ImageTransform:
-    arch = architecture(config.backbone.name)
-    return ImageTransform(resize=config.preprocess.resize, crop=config.preprocess.crop, mean=arch.mean, std=arch.std)
 
 
 class EventLog:

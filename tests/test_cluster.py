@@ -463,7 +463,7 @@ def test_ray_train_two_workers_give_the_one_process_loss_curve(ray_cluster, tire
     model = build_model(config)
     steps: list[float] = []
     Trainer(trainer_config(config, "cpu"), callbacks=TrainerCallbacks(on_log=lambda r: steps.append(r["loss"]))).fit(
-        model, load_images(job.split.train, transform_of(model, config)))
+        model, load_images(job.split.train, transform_of(config)))
     assert len(ddp) == len(steps) == 4  # 2 epochs x 8 images / 4
     assert ddp[0] == steps[0] and np.allclose(ddp, steps, rtol=1e-2, atol=0) and steps[-1] < steps[0]
     assert (tmp_path / "ddp" / "model.safetensors").is_file()  # rank 0 wrote the model files
@@ -485,11 +485,11 @@ def test_train_job_trains_evaluates_like_a_bank_resumes_and_compares_with_patchc
     job = CategoryJob("tire_small", str(root), load_split("mvtec", root, "tire"))
     model = load_model_files(folder, "package", {"crop": 64})
     torch.set_num_threads(1)  # the tasks' threads (training.cpus_per_worker): conv sums depend on the thread count
-    predictions = predict_images(model, load_images(job.split.test, transform_of(model, config)))
+    predictions = predict_images(model, load_images(job.split.test, transform_of(config)))
     recorded = finished_category(run_dir, job)
     assert np.array_equal(recorded.predictions.scores, predictions.scores)
     values = json.loads((folder / "metrics.json").read_text())["values"]
-    assert values == evaluate(job.split.test, predictions, transform_of(model, config), 0.3).values
+    assert values == evaluate(job.split.test, predictions, transform_of(config), 0.3).values
     summary = json.loads((run_dir / "summary.json").read_text())
     assert summary["job"] == "train" and summary["categories"][0]["timings"]["train_s"] > 0
 

@@ -320,7 +320,7 @@ def test_training_events_become_step_curves_validations_and_checkpoint_artifacts
                                         "validate_every_n_epochs": 1, "log_every_n_steps": 1}}, "t")
     split = load_split("mvtec", tire_root, "tire")
     model = build_model(config)
-    transform = transform_of(model, config)
+    transform = transform_of(config)
     events = EventList()
     steps: list[dict] = []
     trainer = Trainer(trainer_config(config, "cpu"), tmp_path / "checkpoints", _callbacks("tire_small/tire", events, steps))

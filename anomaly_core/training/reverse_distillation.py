@@ -13,8 +13,8 @@ block) and EfficientNet-Lite's stages.
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass
-from typing import Any, ClassVar, Sequence
+from dataclasses import dataclass, replace
+from typing import ClassVar, Sequence
 
 import numpy as np
 import torch
@@ -139,12 +139,13 @@ class ReverseDecoder(nn.Module):
 
 
 class ReverseDistillation(DistillationModel):
+    settings_type: ClassVar[type] = ReverseDistillationSettings
     kind: ClassVar[str] = "reverse_distillation"
     default_batch_size: ClassVar[int] = 8
 
     def __init__(self, settings: ReverseDistillationSettings, weights: str) -> None:
         super().__init__(settings.backbone, settings.layers, weights, settings.crop)
-        self.settings = ReverseDistillationSettings(**{**asdict(settings), "layers": self.teacher.layers})
+        self.settings = replace(settings, layers=self.teacher.layers)
         channels, strides = self.teacher.channels, self.teacher.strides
         if len(settings.decoder_blocks) != len(channels) or min(settings.decoder_blocks) < 1:
             raise ValueError(f"decoder_blocks needs one count >= 1 per teacher layer ({len(channels)}), "
@@ -164,14 +165,6 @@ class ReverseDistillation(DistillationModel):
             for module in [*self.bottleneck.modules(), *self.decoder.modules()]:
                 if isinstance(module, nn.Conv2d):  # the official init (transposed convs keep torch's)
                     nn.init.kaiming_normal_(module.weight, mode="fan_out", nonlinearity="relu")
-
-    @classmethod
-    def from_description(cls, description: dict[str, Any], weights: str) -> ReverseDistillation:
-        names = ReverseDistillationSettings.__dataclass_fields__
-        return cls(ReverseDistillationSettings(**{key: description[key] for key in names}), weights)
-
-    def describe(self) -> dict[str, Any]:
-        return {"kind": self.kind, **asdict(self.settings), **self.teacher_description()}
 
     def _teacher_and_decoder(self, images: torch.Tensor) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
         teacher = self.teacher_features(images)

@@ -13,8 +13,8 @@ so the result is the gradient of the sum over the global batch, as one process w
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
-from typing import Any, ClassVar
+from dataclasses import dataclass, replace
+from typing import ClassVar
 
 import torch
 import torch.nn.functional as F
@@ -48,20 +48,14 @@ def _normalised_distance(teacher: torch.Tensor, student: torch.Tensor) -> torch.
 
 
 class Stfpm(DistillationModel):
+    settings_type: ClassVar[type] = StfpmSettings
     kind: ClassVar[str] = "stfpm"
     default_batch_size: ClassVar[int] = 32
 
     def __init__(self, settings: StfpmSettings, weights: str) -> None:
         super().__init__(settings.backbone, settings.layers, weights, settings.crop)
-        self.settings = StfpmSettings(**{**asdict(settings), "layers": self.teacher.layers})
+        self.settings = replace(settings, layers=self.teacher.layers)
         self.student = trainable_feature_model(settings.backbone, self.teacher.layers, settings.init_seed)
-
-    @classmethod
-    def from_description(cls, description: dict[str, Any], weights: str) -> Stfpm:
-        return cls(StfpmSettings(**{key: description[key] for key in StfpmSettings.__dataclass_fields__}), weights)
-
-    def describe(self) -> dict[str, Any]:
-        return {"kind": self.kind, **asdict(self.settings), **self.teacher_description()}
 
     def training_step(self, images: torch.Tensor) -> dict[str, torch.Tensor]:
         teacher, student = self.teacher_features(images), self.student(images)

@@ -7,7 +7,8 @@ files: they are rebuilt from the weights file and checked against the recorded d
 
 from __future__ import annotations
 
-from typing import Any
+from dataclasses import asdict
+from typing import Any, ClassVar
 
 import timm
 import torch
@@ -34,6 +35,18 @@ def default_layers(backbone: str, count: int = 3) -> tuple[str, ...]:
 
 class DistillationModel(TrainableModel):
     """A trainable model with a frozen CNN teacher that stays in eval mode whatever ``train()`` is asked."""
+
+    settings_type: ClassVar[type]  # the model's settings dataclass: its fields are what model.json records
+    settings: Any
+
+    @classmethod
+    def from_description(cls, description: dict[str, Any], weights: str) -> DistillationModel:
+        """The model a ``describe()`` record (model.json, a checkpoint) describes, its teacher from ``weights``."""
+        names = cls.settings_type.__dataclass_fields__
+        return cls(cls.settings_type(**{key: description[key] for key in names}), weights)
+
+    def describe(self) -> dict[str, Any]:
+        return {"kind": self.kind, **asdict(self.settings), **self.teacher_description()}
 
     def __init__(self, backbone: str, layers: tuple[str, ...], weights: str, crop: int) -> None:
         super().__init__()
