@@ -105,6 +105,9 @@ class ClusterConfig(_Strict):
     prefetch_categories: int = Field(2, ge=1)
     # Seconds without a finished stage after which the run logs what it waits for (0 = never).
     stall_warning_s: float = Field(600.0, ge=0.0)
+    # A run that joined a cluster asks its autoscaler for the extractors' nodes and waits this long for them
+    # (cluster/scaling.py); an embedded local Ray never waits.
+    resource_wait_s: float = Field(600.0, ge=0.0)
 
     @field_validator("num_extractors", "num_evaluators", "coreset_threads", "eval_threads")
     @classmethod

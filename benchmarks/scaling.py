@@ -69,13 +69,14 @@ def measure(n: int, job: CategoryJob) -> dict:
     pipeline = BenchmarkPipeline(config(n))
     ray.get([a.__ray_ready__.remote() for a in pipeline.extractors + pipeline.evaluators + pipeline.holders.actors])
     started = time.perf_counter()
-    train_refs = pipeline._submit(job.split.train)
+    train = pipeline._submit(job.split.train)
+    train_refs = [shard.refs()[0] for shard in train]
     ray.wait(train_refs, num_returns=len(train_refs), fetch_local=False)  # not copied to the driver yet
     extract_s = time.perf_counter() - started
     features = merge_features(ray.get(train_refs))
-    test_refs = pipeline._submit(job.split.test)
+    test_refs = [shard.refs()[0] for shard in pipeline._submit(job.split.test)]
     ray.get(test_refs)
-    bank = pipeline.build_bank(job, train_refs)
+    bank = pipeline.build_bank(job, train)
     coreset_s = bank.metadata["timings"]["coreset_s"]
     bank_ref = bank_reference(bank.features)
     started = time.perf_counter()

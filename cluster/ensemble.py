@@ -37,8 +37,9 @@ NORMALISATION = ("z-score per member: image scores by the mean and standard devi
 class MemberRun:
     """One member's pipeline over the categories it has still to do; its actors stop when it is done."""
 
-    def __init__(self, config: RunConfig, label: str, on_event: Callable[[str, dict], None]) -> None:
-        self.config, self.label, self.on_event = config, label, on_event
+    def __init__(self, config: RunConfig, label: str, on_event: Callable[[str, dict], None],
+                 resource_wait_s: float = 0.0) -> None:
+        self.config, self.label, self.on_event, self.resource_wait_s = config, label, on_event, resource_wait_s
         self.stats: dict[str, Any] = {}
 
     def _event(self, kind: str, info: dict) -> None:
@@ -46,7 +47,7 @@ class MemberRun:
             self.on_event(kind, {**info, "key": f"{info.get('key', '?')} [{self.label}]"})
 
     def run(self, jobs: Sequence[CategoryJob]) -> Iterator[CategoryResult]:
-        pipeline = BenchmarkPipeline(self.config, on_event=self._event)
+        pipeline = BenchmarkPipeline(self.config, on_event=self._event, resource_wait_s=self.resource_wait_s)
         try:
             yield from pipeline.run(jobs)
             self.stats = {"plan": pipeline.plan.summary(), **pipeline.actor_stats(), "feature_cache": pipeline.cache_stats}

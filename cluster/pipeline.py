@@ -32,10 +32,12 @@ from anomaly_core.thresholds import validation_thresholds
 from cluster.cache_writer import write_entry
 from cluster.coreset import HolderPool, distributed_coreset
 from cluster.devices import pinned
+from cluster.dispatch import Shard, ShardDispatcher
 from cluster.evaluator import bank_reference, evaluator_actor
 from cluster.extractor import extractor_actor
-from cluster.resources import alive_nodes, plan_resources
-from cluster.sharding import plan_shards
+from cluster.resources import plan_resources
+from cluster.scaling import acquire_nodes, withdraw_request
+from cluster.sharding import plan_shards, shard_count
 
 log = logging.getLogger("cluster.pipeline")
 
@@ -79,13 +81,18 @@ class PendingEvaluation:
 
 
 class BenchmarkPipeline:
-    """Owns the actor pools for one run; ``run`` yields each category's result as it completes."""
+    """Owns the actor pools for one run; ``run`` yields each category's result as it completes.
 
-    def __init__(self, config: RunConfig, on_event: Callable[[str, dict], None] | None = None) -> None:
+    ``resource_wait_s`` > 0 (a run that joined a cluster): first ask the autoscaler for the extractors'
+    nodes and wait up to that long for them (``cluster.scaling``); 0: plan on the nodes there are.
+    """
+
+    def __init__(self, config: RunConfig, on_event: Callable[[str, dict], None] | None = None,
+                 resource_wait_s: float = 0.0) -> None:
         self.config = config
         self.settings = ExtractionSettings.from_config(config)
         self.augmentation = Augmentation(**config.augment.model_dump())
-        self.plan = plan_resources(config.cluster, alive_nodes(ray.nodes()))
+        self.plan = plan_resources(config.cluster, acquire_nodes(config.cluster, resource_wait_s))
         for warning in self.plan.warnings:
             log.warning("resource plan: %s", warning)
         self.on_event = on_event or (lambda kind, info: None)
@@ -98,50 +105,47 @@ class BenchmarkPipeline:
         self.holders = HolderPool(self.plan.holders)
         # Fails fast (weights file errors, unknown layers) before any data is touched.
         self.description = ray.get(self.extractors[0].describe.remote())
+        if resource_wait_s > 0:  # the actors hold their nodes now: let the cluster shrink after the run
+            ray.get([actor.__ray_ready__.remote() for actor in (*self.extractors, *self.evaluators)])
+            withdraw_request()
+        self.dispatch = ShardDispatcher(self.extractors)
         self.transform = ImageTransform(
             resize=self.settings.resize, crop=self.settings.crop,
             mean=tuple(self.description["mean"]), std=tuple(self.description["std"]),
         )
-        self._next_extractor = 0
         self._next_evaluator = 0
-        self._extracting: list[tuple[int, ray.ObjectRef]] = []  # (extractor slot, shard) not known done
-        self._seconds: dict[ray.ObjectRef, ray.ObjectRef] = {}  # extracted features -> their extraction seconds
         self._evaluating: list[PendingEvaluation] = []
         self.stage = "the actors to start"  # what the driver blocks on now (see waiting_for)
         cache = config.feature_cache
         self.cache = FeatureCache(cache.dir) if cache.enabled else None
         self.cache_stats = {"hits": 0, "misses": 0, "failed_writes": 0}
         self._cache_writes: list[ray.ObjectRef] = []
+        self._cache_queued: list[tuple[str, dict, list[Shard]]] = []  # written once their shards are submitted
 
-    def _submit(self, samples: Sequence[Sample], copy: int = 0, seed: int = 0) -> list[ray.ObjectRef]:
-        """Queue a sample list's shards on the extractors, round robin; returns one ref per shard.
+    def _submit(self, samples: Sequence[Sample], copy: int = 0, seed: int = 0) -> list[Shard]:
+        """Queue a sample list's shards for the next free extractor (``cluster.dispatch``).
 
         ``copy`` >= 1: the list's augmented copy number ``copy`` (training images only), keyed
         ``copy * len(samples) + index`` and seeded per (``seed``, index, copy), so neither depends on sharding.
         """
-        n_shards = max(len(self.extractors), 1) * 2
-        refs = []
+        n_shards = shard_count(len(samples), self.settings.batch_size, len(self.extractors))
+        shards = []
         for shard in plan_shards(len(samples), self.settings.batch_size, n_shards):
-            slot = self._next_extractor % len(self.extractors)
-            self._next_extractor += 1
             batch, indices = [samples[i] for i in shard], [copy * len(samples) + i for i in shard]
             augment = (self.augmentation, [augment_seed(seed, i, copy) for i in shard]) if copy else (None, None)
-            features, seconds = self.extractors[slot].extract.remote(batch, indices, *augment)
-            refs.append(features)
-            self._seconds[features] = seconds
-            self._extracting.append((slot, features))
-        return refs
+            shards.append(self.dispatch.put(batch, indices, *augment))
+        return shards
 
-    def _extract(self, job: CategoryJob, split: str, samples: Sequence[Sample]) -> list[ray.ObjectRef]:
+    def _extract(self, job: CategoryJob, split: str, samples: Sequence[Sample]) -> list[Shard]:
         """A split's shards from the extractors: the training images with their augmented copies."""
-        refs = self._submit(samples)
+        shards = self._submit(samples)
         if split == "train" and self.augmentation.enabled:
             seed = augment_base_seed(self.config.seed, job.dataset, job.split.category)
             for copy in range(1, self.augmentation.copies + 1):
-                refs += self._submit(samples, copy, seed)
-        return refs
+                shards += self._submit(samples, copy, seed)
+        return shards
 
-    def _features(self, job: CategoryJob, split: str, samples: Sequence[Sample]) -> list[ray.ObjectRef]:
+    def _features(self, job: CategoryJob, split: str, samples: Sequence[Sample]) -> list[Shard]:
         """A split's feature shards: from the feature cache when it holds them, else queued on the
         extractors (and, with the cache on, written to it once extracted)."""
         if self.cache is None or not samples:
@@ -152,15 +156,26 @@ class BenchmarkPipeline:
         if key in self.cache:
             self.cache_stats["hits"] += 1
             log.info("feature cache hit: %s %s (%d images) from %s", job.key, split, len(samples), self.cache.path(key))
-            return [ray.put(part) for part in self.cache.load(key)]
+            return [_stored(ray.put(part)) for part in self.cache.load(key)]
         self.cache_stats["misses"] += 1
         log.info("feature cache miss: %s %s (%d images): extracting", job.key, split, len(samples))
-        refs = self._extract(job, split, samples)
-        self._cache_writes.append(write_entry(str(self.cache.folder), key, fields, refs))
+        shards = self._extract(job, split, samples)
+        self._cache_queued.append((key, fields, shards))
+        return shards
+
+    def _refs(self, shards: Sequence[Shard]) -> list[ray.ObjectRef]:
+        """The shards' feature refs, once each is on an extractor; queues the cache writes whose shards all are."""
+        refs = [shard.refs()[0] for shard in shards]
+        ready = [entry for entry in self._cache_queued if all(shard.submitted.is_set() for shard in entry[2])]
+        for key, fields, queued in ready:
+            self._cache_queued.remove((key, fields, queued))
+            self._cache_writes.append(write_entry(str(self.cache.folder), key, fields, self._refs(queued)))
         return refs
 
     def finish_cache_writes(self) -> None:
         """Wait for queued cache writes (a finished run leaves complete entries); failures are logged."""
+        for _, _, shards in list(self._cache_queued):
+            self._refs(shards)
         for problem in ray.get(self._cache_writes):
             if problem is not None:
                 self.cache_stats["failed_writes"] += 1
@@ -169,12 +184,9 @@ class BenchmarkPipeline:
 
     def _extracting_nodes(self) -> set[str]:
         """Nodes whose extractors still have shards queued or running."""
-        if self._extracting:
-            refs = [ref for _, ref in self._extracting]
-            done, _ = ray.wait(refs, num_returns=len(refs), timeout=0, fetch_local=False)
-            finished = set(done)
-            self._extracting = [(slot, ref) for slot, ref in self._extracting if ref not in finished]
-        return {self.plan.extractors[slot].node_id for slot, _ in self._extracting}
+        busy = self.dispatch.busy_slots()
+        slots = range(len(self.plan.extractors)) if busy is None else busy
+        return {self.plan.extractors[slot].node_id for slot in slots}
 
     def _active_evaluators(self) -> list[int]:
         """Slots of evaluators with a category still being scored."""
@@ -202,21 +214,22 @@ class BenchmarkPipeline:
         return self.plan.math_threads(p, p.node_id in self._extracting_nodes(), active)
 
     def build_bank(
-        self, job: CategoryJob, train_refs: list[ray.ObjectRef] | None = None,
-        test_refs: list[ray.ObjectRef] | None = None,
+        self, job: CategoryJob, train_shards: list[Shard] | None = None, test_shards: list[Shard] | None = None,
     ) -> MemoryBank:
         """Extract the training images (unless already queued) and select the bank with the sharded coreset.
 
-        ``test_refs``: the category's queued test extraction. Where the extractors hold every core of
+        ``test_shards``: the category's queued test extraction. Where the extractors hold every core of
         a holder's node, the coreset waits for it: running beside it would only slow both (on the
         2-core development machine the pair took 33 s overlapped against ~23 s one after the other).
         """
-        train_refs = train_refs if train_refs is not None else self._features(job, "train", job.split.train)
+        train_shards = train_shards if train_shards is not None else self._features(job, "train", job.split.train)
         self.stage = f"extraction of {job.key} ({len(job.split.train)} train images, {len(self.extractors)} extractors)"
+        train_refs = self._refs(train_shards)
         # Extraction time of the shards the extractors make (cached shards took none); waits for them.
-        extract_s = sum(ray.get([self._seconds.pop(ref) for ref in train_refs if ref in self._seconds]))
-        self.on_event("extracted", {"key": job.key, "images": len(job.split.train), "seconds": extract_s})
+        extract_s = sum(ray.get([shard.timing for shard in train_shards if shard.timing is not None]))
         saturated = any(holder.cpus < 1 for holder in self.plan.holders)
+        test_refs = self._refs(test_shards) if test_shards and saturated else ()
+        self.on_event("extracted", {"key": job.key, "images": len(job.split.train), "seconds": extract_s})
         coreset = self.config.coreset
         seed = coreset_seed(self.config.seed, job.dataset, job.split.category)
         threads = self._holder_threads()
@@ -231,7 +244,7 @@ class BenchmarkPipeline:
             mode=coreset.distributed,
             batch=self.config.cluster.coreset_batch,
             threads=threads,
-            after=test_refs if test_refs and saturated else (),
+            after=test_refs,
         )
         metadata = {
             **{key: value for key, value in self.description.items() if key not in ("device", "pid")},
@@ -254,8 +267,8 @@ class BenchmarkPipeline:
         return MemoryBank(features=features, metadata=metadata)
 
     def submit_evaluation(
-        self, job: CategoryJob, bank: MemoryBank, test_refs: list[ray.ObjectRef] | None = None,
-        coreset_follows: bool = False, validation_refs: list[ray.ObjectRef] | None = None,
+        self, job: CategoryJob, bank: MemoryBank, test_shards: list[Shard] | None = None,
+        coreset_follows: bool = False, validation_shards: list[Shard] | None = None,
     ) -> "PendingEvaluation":
         """Score the test shards (and held-out validation images) on one evaluator and queue its metrics
         call; returns without waiting.
@@ -263,11 +276,9 @@ class BenchmarkPipeline:
         ``coreset_follows``: another category's coreset will share the nodes meanwhile (fewer threads).
         """
         check_compatible(bank.metadata, self.description, f"for {job.key}")
-        test_refs = test_refs if test_refs is not None else self._features(job, "test", job.split.test)
-        if validation_refs is None:
-            validation_refs = self._features(job, "validation", job.validation)
-        for ref in (*test_refs, *validation_refs):
-            self._seconds.pop(ref, None)  # the extractors' stats report test extraction time
+        test_refs = self._refs(test_shards if test_shards is not None else self._features(job, "test", job.split.test))
+        validation_refs = self._refs(validation_shards if validation_shards is not None
+                                     else self._features(job, "validation", job.validation))
         slot = self._next_evaluator % len(self.evaluators)
         self._next_evaluator += 1
         threads = self._evaluator_threads(slot, coreset_follows)
@@ -306,12 +317,12 @@ class BenchmarkPipeline:
         queued = deque(self._queue(job) for job in jobs[:ahead])
         pending: list[PendingEvaluation] = []
         for position in range(len(jobs)):
-            job, train_refs, test_refs, validation_refs = queued.popleft()
+            job, train, test, validation = queued.popleft()
             if position + ahead < len(jobs):
                 queued.append(self._queue(jobs[position + ahead]))
-            bank = self.build_bank(job, train_refs, test_refs)
+            bank = self.build_bank(job, train, test)
             follows = position + 1 < len(jobs)
-            pending.append(self.submit_evaluation(job, bank, test_refs, follows, validation_refs))
+            pending.append(self.submit_evaluation(job, bank, test, follows, validation))
             yield from self._finished(pending, wait=False)
         while pending:
             yield from self._finished(pending, wait=True)
@@ -341,6 +352,7 @@ class BenchmarkPipeline:
     def close(self) -> None:
         """Stop the run's actors now, so a next pipeline (an ensemble's next member) gets their resources
         at once rather than when Ray gets round to collecting the handles."""
+        self.dispatch.close()
         for actor in (*self.extractors, *self.evaluators, *self.holders.actors):
             ray.kill(actor)
 
@@ -349,3 +361,10 @@ class BenchmarkPipeline:
             "extractors": ray.get([actor.stats.remote() for actor in self.extractors]),
             "evaluators": ray.get([actor.stats.remote() for actor in self.evaluators]),
         }
+
+
+def _stored(ref: ray.ObjectRef) -> Shard:
+    """A shard already in the object store (a feature-cache hit): nothing to extract, no extraction time."""
+    shard = Shard(args=(), features=ref)
+    shard.submitted.set()
+    return shard

@@ -2,7 +2,8 @@
 
 The rule (also in the README, "Resources"):
 
-1. The plan is made from the Ray nodes alive at start, in node-id order.
+1. The plan is made from the Ray nodes alive at start, in node-id order; a run that joined a cluster first
+   asks its autoscaler for the extractors' bundles and waits for them (``cluster.scaling``).
 2. **Extractors** hold the backbone. With GPUs and ``gpus_per_extractor > 0`` each GPU takes one
    (``num_extractors: auto``); without GPUs each node takes ``floor(CPUs / max(cpus_per_actor, 2))``,
    at least one in the cluster. An explicit count is dealt round robin over the nodes within their
@@ -144,7 +145,8 @@ def plan_resources(cluster: Any, nodes: list[Node]) -> ResourcePlan:
                 extractor_nodes.append(node.node_id)
     extractors = tuple(Placement("extractor", i, n, cpus_each, gpus_each) for i, n in enumerate(extractor_nodes))
 
-    math_nodes = [node for node in nodes if node.gpus > 0] or nodes
+    # GPU nodes when there are any; else the nodes with CPUs (a head started with 0 CPUs, as ray_cluster.yaml's, takes none)
+    math_nodes = [node for node in nodes if node.gpus > 0] or [node for node in nodes if node.cpus > 0] or nodes
     n_holders = cluster.coreset_shards
     # Evaluators also compute their categories' metrics (a CPU sort over every test pixel): enough of
     # them that a full benchmark's metrics run side by side, one per 4 cores of the math nodes, <= 8.

@@ -20,3 +20,11 @@ def plan_shards(n_samples: int, batch_size: int, n_shards: int) -> list[range]:
         shards.append(range(start, stop))
         start_batch += batches
     return shards
+
+
+def shard_count(n_samples: int, batch_size: int, n_extractors: int, batches_per_shard: int = 8) -> int:
+    """How many shards a sample list is cut into for extractors that take the next shard when free: at
+    least two per extractor (one running, one queued at the actor, so it never idles between shards), and
+    shards of about ``batches_per_shard`` batches, so a slow node holds up little of a category."""
+    n_batches = -(-n_samples // batch_size)
+    return max(2 * max(n_extractors, 1), -(-n_batches // batches_per_shard))

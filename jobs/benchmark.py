@@ -32,7 +32,7 @@ from jobs.errors import run_job
 from jobs.outputs import format_table, released, run_directory, summary, write_category, write_yaml
 from jobs.preflight import preflight
 from jobs.progress import Progress
-from jobs.ray_runtime import start_ray
+from jobs.ray_runtime import resource_wait_s, start_ray
 from jobs.report import figure_paths, write_category_figure, write_report
 from jobs.resume import RUN_CONFIG, finished_category, recorded_config, resume_config
 from jobs.tracking import Tracker
@@ -142,7 +142,8 @@ def run(config: RunConfig, run_name: str | None = None, only: set[str] | None = 
             if config.ensemble:
                 computed = run_ensemble(config, run_dir, todo, tracker, progress, cluster)
             else:
-                pipeline = BenchmarkPipeline(config, on_event=progress)
+                pipeline = BenchmarkPipeline(config, on_event=progress,
+                                             resource_wait_s=resource_wait_s(config.cluster))
                 progress.waiting = pipeline.waiting_for
                 computed = pipeline.run(todo)
             for result in computed:
@@ -214,7 +215,7 @@ def run_ensemble(config: RunConfig, run_dir: Path, todo: Sequence[CategoryJob], 
         log.info("ensemble member %s (%s): %d categories to compute", label, member.backbone.name, len(remaining))
         if not remaining:
             continue
-        run = MemberRun(member, label, progress)
+        run = MemberRun(member, label, progress, resource_wait_s(config.cluster))
         for result in run.run(remaining):
             folder = write_category(run_dir, result, member, member=label)
             tracker.log_bank(result.job, folder, member=label)

@@ -15,7 +15,7 @@ from jobs.benchmark import single_job
 from jobs.cli import category_parser, check_writable, config_from_args, single_backbone
 from jobs.errors import run_job
 from jobs.preflight import preflight
-from jobs.ray_runtime import start_ray
+from jobs.ray_runtime import resource_wait_s, start_ray
 from jobs.tracking import Tracker
 
 
@@ -34,7 +34,7 @@ def build(args: argparse.Namespace) -> Path:
     preflight(config, [job], need_test=False)
     start_ray()
     with Tracker(config.wandb, "build_bank", out, config.model_dump(mode="json")) as tracker:
-        pipeline = BenchmarkPipeline(config)
+        pipeline = BenchmarkPipeline(config, resource_wait_s=resource_wait_s(config.cluster))
         bank = pipeline.build_bank(job)
         pipeline.finish_cache_writes()
         tensors, _ = save_bank(bank, out)

@@ -21,7 +21,7 @@ from jobs.cli import category_parser, check_writable, config_from_args, single_b
 from jobs.errors import run_job
 from jobs.preflight import preflight
 from jobs.outputs import format_table, write_category
-from jobs.ray_runtime import start_ray
+from jobs.ray_runtime import resource_wait_s, start_ray
 from jobs.tracking import Tracker, TrackingError, is_wandb_ref
 
 
@@ -53,7 +53,7 @@ def evaluate(args: argparse.Namespace) -> Path:
         if tuple(bank.metadata.get("grid", grid)) != tuple(grid):
             raise BankError(f"{args.bank} was built on a {bank.metadata['grid']} patch grid; this config gives {list(grid)}")
         start_ray()
-        pipeline = BenchmarkPipeline(config)
+        pipeline = BenchmarkPipeline(config, resource_wait_s=resource_wait_s(config.cluster))
         result = pipeline.collect(pipeline.submit_evaluation(job, bank))
         pipeline.finish_cache_writes()
         folder = write_category(out, result, config)

@@ -10,6 +10,15 @@ import ray
 LOCALHOST = "127.0.0.1"
 
 
+_joined = False  # whether start_ray connected to a running cluster (which may grow) rather than starting one
+
+
+def resource_wait_s(cluster) -> float:
+    """How long a run waits for the nodes it asks for (``cluster.resource_wait_s``) once start_ray joined a
+    cluster by address; 0 otherwise: an embedded (or caller-started) Ray gains no nodes by waiting."""
+    return cluster.resource_wait_s if _joined else 0.0
+
+
 def start_ray(address: str | None = None, num_cpus: int | None = None) -> str:
     """Connect to ``address`` (or $RAY_ADDRESS); without one, start a local Ray bound to 127.0.0.1.
 
@@ -20,7 +29,9 @@ def start_ray(address: str | None = None, num_cpus: int | None = None) -> str:
         return "existing"
     address = address or os.environ.get("RAY_ADDRESS")
     if address:
+        global _joined
         ray.init(address=address, logging_level=logging.WARNING, log_to_driver=True)
+        _joined = True
         return f"joined {address}"
     ray.init(
         address="local",

@@ -539,9 +539,10 @@ def test_feature_cache_skips_extraction_with_identical_results(ray_cluster, tire
 
 
 def test_killed_extractor_is_replaced_and_result_unchanged(pipeline, tire_job, reference):
-    refs = pipeline._submit(tire_job.split.train)
-    ray.kill(pipeline.extractors[0], no_restart=False)  # dies with its shards queued or running
-    bank = pipeline.build_bank(tire_job, refs)
+    shards = pipeline._submit(tire_job.split.train)
+    shards[0].refs()  # on an extractor
+    ray.kill(pipeline.extractors[shards[0].slot], no_restart=False)  # dies with its shards queued or running
+    bank = pipeline.build_bank(tire_job, shards)
     assert bank.sha256 == reference["bank"].sha256
 
 
@@ -588,17 +589,16 @@ def test_worker_node_lost_mid_shard_and_replaced(ray_cluster, pipeline, tire_job
 
     Last in this module: it leaves the cluster with a replaced node.
     """
-    train_refs, test_refs = pipeline._submit(tire_job.split.train), pipeline._submit(tire_job.split.test)
-    ray.wait(train_refs, num_returns=1, fetch_local=False)  # some features exist, most shards still queued or running
-    unfinished = [slot for slot, ref in pipeline._extracting
-                  if not ray.wait([ref], timeout=0, fetch_local=False)[0]]
+    train, test = pipeline._submit(tire_job.split.train), pipeline._submit(tire_job.split.test)
+    ray.wait([train[0].refs()[0]], fetch_local=False)  # some features exist, most shards still queued or running
+    unfinished = pipeline.dispatch.busy_slots() or set(range(len(pipeline.extractors)))
     assert unfinished, "every shard finished before the crash: the test would not cover a mid-shard loss"
-    victim_id = pipeline.plan.extractors[unfinished[-1]].node_id
+    victim_id = pipeline.plan.extractors[max(unfinished)].node_id
     victim = next(node for node in ray_cluster.worker_nodes if node.node_id == victim_id)
     ray_cluster.remove_node(victim, allow_graceful=False)  # a crash, not a drain
     ray_cluster.add_node(num_cpus=1, num_gpus=1, node_ip_address="127.0.0.1")
-    bank = pipeline.build_bank(tire_job, train_refs, test_refs)
+    bank = pipeline.build_bank(tire_job, train, test)
     assert bank.sha256 == reference["bank"].sha256
-    result = pipeline.collect(pipeline.submit_evaluation(tire_job, bank, test_refs))
+    result = pipeline.collect(pipeline.submit_evaluation(tire_job, bank, test))
     assert np.array_equal(result.predictions.scores, reference["predictions"].scores)
     assert np.array_equal(result.predictions.maps, reference["predictions"].maps)
