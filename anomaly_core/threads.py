@@ -48,14 +48,15 @@ def limit_threads(count: int, libraries: ThreadpoolController | None = None) -> 
     on; returns the function that restores the previous counts.
 
     ``libraries``: a controller made earlier (making one scans the loaded libraries, ~0.6 ms).
-    OpenBLAS's count holds for every thread; torch's and OpenMP's for the calling thread and the
-    threads it starts afterwards.
+    OpenBLAS's count holds for every thread; torch's for the calling thread and every thread that has
+    not run torch code yet; other OpenMP pools' for the calling thread.
     """
     if count < 1:
         raise ValueError(f"thread count must be >= 1, got {count}")
-    limiter = (libraries or ThreadpoolController()).limit(limits=count)
     torch = _loaded_torch()
+    # torch's count is read first: its OpenMP pool is among those the controller limits.
     before = torch.get_num_threads() if torch is not None else None
+    limiter = (libraries or ThreadpoolController()).limit(limits=count)
     if torch is not None:
         torch.set_num_threads(count)
 
@@ -98,7 +99,7 @@ class BlockWorkers:
         torch = _loaded_torch()
 
         def one_thread(block: T) -> R:
-            if torch is not None:  # torch's count is per thread: set it in the thread that runs the block
+            if torch is not None:  # torch's count (and its OpenMP pool's) is per thread: set it where the block runs
                 torch.set_num_threads(1)
             return work(block)
 
