@@ -3,13 +3,14 @@
 A process holds several thread pools: numpy's OpenBLAS, scipy's OpenBLAS, torch's intra-op pool (OpenMP,
 and MKL inside torch) and scikit-learn's OpenMP. Left alone, each sizes itself from ``OMP_NUM_THREADS``
 (Ray sets it for an actor to its ``num_cpus`` rounded down, at least 1) or from the core count, not from
-the resource plan. :func:`limit_threads` sets them all to one count.
+the resource plan. :func:`limit_threads` sets them all to one count. (torch's inter-op pool runs only
+``torch.jit.fork`` work, which the project never starts.)
 
 Why many blocks on one-thread workers rather than products split over several BLAS threads: a split
 product ends when its slowest thread does, and an OpenBLAS thread that has finished its part spins on
 its core (``sched_yield``) until the others are done. Where another process shares the cores, some
-thread of nearly every product is waiting for the scheduler, so each of the coreset's thousands of
-small products takes a scheduler slice instead of a fraction of a millisecond. Independent blocks
+thread of many a product waits for the scheduler, so a small product that takes a fraction of a
+millisecond can take a scheduler slice, and the coreset runs thousands of them. Independent blocks
 taken from a queue by one-thread workers fail softly: a descheduled worker holds up its own block
 while the others go on with the rest.
 """
@@ -98,8 +99,9 @@ class BlockWorkers:
         blocks = list(blocks)
         torch = _loaded_torch()
 
-        def one_thread(block: T) -> R:
-            if torch is not None:  # torch's count (and its OpenMP pool's) is per thread: set it where the block runs
+        def one_thread(block: T) -> R:  # OpenMP's and torch's counts are per thread: set where the block runs
+            self._libraries.limit(limits=1, user_api="openmp")
+            if torch is not None:
                 torch.set_num_threads(1)
             return work(block)
 
