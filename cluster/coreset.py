@@ -40,7 +40,6 @@ class CoresetHolder(ReportsThreads):
 
     def __init__(self) -> None:
         self.device = math_device()
-        self.threads = 1
 
     def load(self, parts: list[ray.ObjectRef], method: str, projection_dim: int, seed: int, threads: int) -> None:
         """Hold a category's shard; from here on the planned ``threads`` for all of this process's

@@ -41,7 +41,9 @@ class Evaluator(ReportsThreads):
         threads: int,
     ) -> Predictions:
         started = time.perf_counter()
-        limit_threads(threads)  # Ray's default is the reservation rounded down
+        # Every library at the plan's count from here on, the category's metrics included (Ray's default:
+        # the reservation rounded down).
+        limit_threads(threads)
         if key not in self.scorers:
             self.scorers[key] = NearestNeighbourScorer(ray.get(bank[0]), params, self.device, threads)
         predictions = predict(self.scorers[key], features, crop, threads)
