@@ -7,7 +7,8 @@ makes the *same picks* with the work shaped as matrix products:
 
 * the driver confirms many picks per round (:func:`greedy_select`), so each shard applies a batch
   of new centres at once; one GEMM per block of points screens every (point, new centre) pair
-  through the expansion ``||x||² - 2x·c + ||c||²`` (BLAS on the CPU, torch on a GPU);
+  through the expansion ``||x||² - 2x·c + ||c||²`` (BLAS on the CPU, torch on a GPU); on the CPU
+  the blocks go to one-thread workers (``anomaly_core.threads``: why not multi-threaded BLAS);
 * the screen is widened by a rigorous bound on its rounding (:func:`expansion_margin`), so it
   only lets through pairs that *might* lower a point's distance — about 7 per point over a whole
   run on real PatchCore features — and only those get their exact distance;
@@ -27,14 +28,13 @@ returns bit-identical picks for any number of shards.
 
 from __future__ import annotations
 
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import NamedTuple, Protocol, Sequence
 
 import numpy as np
-from threadpoolctl import ThreadpoolController
 
 from anomaly_core.distances import MatrixDevice, paired_sq_dists, sq_dists
+from anomaly_core.threads import BlockWorkers, block_starts, run_blocks
 
 
 class Candidates(NamedTuple):
@@ -82,10 +82,10 @@ class GreedyShard:
         global_indices: np.ndarray,
         device: MatrixDevice | None = None,
         block: int | None = None,
-        threads: int | None = None,
+        threads: int = 1,
     ) -> None:
-        """``threads`` (CPU): blocks of points are screened by that many threads at once, each with a
-        one-thread BLAS (small products parallelise better so); None: the process's BLAS setting."""
+        """``threads`` (CPU): blocks of points are screened by that many workers, each on one library
+        thread; on a GPU the whole shard is one product."""
         points = np.ascontiguousarray(points, dtype=np.float32)
         global_indices = np.asarray(global_indices, dtype=np.int64)
         if points.ndim != 2 or len(points) == 0:
@@ -99,10 +99,7 @@ class GreedyShard:
         # Points per product on the CPU: a [centres, block] temporary of ~1 MB that stays in cache
         # (fewer centres, longer blocks); on a GPU the whole shard at once.
         self._block = block
-        self._pool = None
-        if threads and threads > 1 and not self.device.use_torch:  # reused every round
-            self._pool = ThreadPoolExecutor(threads, thread_name_prefix="greedy-shard")
-            self._blas = ThreadpoolController()
+        self._workers = BlockWorkers(threads if self.device.on_cpu else 1)  # reused every round
         self._x = points
         self._gidx = global_indices
         self._by_gidx = np.argsort(global_indices)
@@ -156,22 +153,22 @@ class GreedyShard:
         augmented[:, -2] = 1.0
         augmented[:, -1] = np.einsum("ij,ij->i", centred, centred, dtype=np.float64) * (1.0 - self._kappa)
         augmented = self.device.put(augmented)
-        step = self._block or (len(self._x) if self.device.use_torch else max(1024, 2**18 // len(rows)))
+        n = len(self._x)
+        if self._block:
+            starts = range(0, n, self._block)
+        elif self.device.on_cpu:
+            starts = block_starts(n, max(1024, 2**18 // len(rows)), self._workers.threads, smallest=1024)
+        else:
+            starts = range(0, n, n)
 
-        def screen(lo: int) -> None:  # blocks touch disjoint points, so threads never share a value
-            hi = min(lo + step, len(self._x))
+        def screen(lo: int) -> None:  # blocks touch disjoint points, so workers never share a value
+            hi = lo + starts.step
             products = self.device.matmul(augmented, self._columns[:, lo:hi])
             center, point = self.device.below(products, self._thresholds[lo:hi])
             if len(point):
                 self._lower(lo + point, rows[center])
 
-        starts = range(0, len(self._x), step)
-        if self._pool is None or len(starts) == 1:
-            for lo in starts:
-                screen(lo)
-        else:
-            with self._blas.limit(limits=1, user_api="blas"):
-                list(self._pool.map(screen, starts))
+        self._workers.map(screen, starts)
 
     def _threshold(self, points: np.ndarray) -> np.ndarray:
         """Screened values below which a pair might lower ``d``: ``d + κ·||x̃||²`` (float32, rounded up)."""
@@ -307,12 +304,18 @@ def _contiguous_bounds(n: int, n_shards: int) -> list[tuple[int, int]]:
     return [(int(lo), int(hi)) for lo, hi in zip(edges[:-1], edges[1:])]
 
 
-def random_projection(features: np.ndarray, dim: int, seed: int) -> np.ndarray:
-    """Seeded Gaussian random projection to ``dim`` dims (float32), as approximate PatchCore."""
+def random_projection(features: np.ndarray, dim: int, seed: int, threads: int = 1, rows: int = 4096) -> np.ndarray:
+    """Seeded Gaussian random projection to ``dim`` dims (float32), as approximate PatchCore.
+
+    One product per ``rows`` rows, on ``threads`` one-thread workers. A product's last bits may depend
+    on its shape, so callers that must reproduce points elsewhere fix ``rows`` (``coreset_points``: one
+    image's patches).
+    """
     if dim < 1:
         raise ValueError(f"projection_dim must be >= 1, got {dim}")
-    matrix = np.random.default_rng(seed).standard_normal((features.shape[1], dim)) / np.sqrt(dim)
-    return np.ascontiguousarray(features @ matrix.astype(np.float32))
+    matrix = (np.random.default_rng(seed).standard_normal((features.shape[1], dim)) / np.sqrt(dim)).astype(np.float32)
+    blocks = run_blocks(threads, lambda lo: features[lo : lo + rows] @ matrix, range(0, len(features), rows))
+    return np.ascontiguousarray(np.concatenate(blocks))
 
 
 def greedy_coreset(
@@ -323,7 +326,7 @@ def greedy_coreset(
     projection_dim: int = 128,
     seed: int = 0,
     n_shards: int = 1,
-    threads: int | None = None,
+    threads: int = 1,
     batch: int = 128,
 ) -> GreedyResult:
     """Greedy k-center coreset of ``features`` [N, D] in one process.
@@ -338,7 +341,7 @@ def greedy_coreset(
     features = _validated(features)
     size = coreset_size(len(features), n_select, ratio)
     if method == "approximate":
-        features = random_projection(features, projection_dim, seed)
+        features = random_projection(features, projection_dim, seed, threads)
     elif method != "exact":
         raise ValueError(f"method must be 'exact' or 'approximate', got {method!r}")
     shards = [
@@ -366,8 +369,9 @@ def two_round_coreset(features: np.ndarray, n_select: int, n_shards: int, seed: 
     return union[greedy_coreset(features[union], n_select=size, seed=seed).indices]
 
 
-def coverage_radius(features: np.ndarray, center_indices: np.ndarray, block: int = 1024) -> float:
-    """Max over points of the Euclidean distance to the nearest centre, in row blocks.
+def coverage_radius(features: np.ndarray, center_indices: np.ndarray, block: int = 1024, threads: int = 1) -> float:
+    """Max over points of the Euclidean distance to the nearest centre, in row blocks (on ``threads``
+    one-thread workers).
 
     The nearest centre comes from a mean-centred GEMM, then that distance is recomputed
     row-wise in float64, so the value is accurate without ever forming an N×N matrix.
@@ -377,10 +381,11 @@ def coverage_radius(features: np.ndarray, center_indices: np.ndarray, block: int
     mean = features.mean(axis=0, dtype=np.float64).astype(np.float32)
     shifted = centers - mean
     half_sq = 0.5 * np.einsum("ij,ij->i", shifted, shifted)
-    worst = 0.0
-    for lo in range(0, len(features), block):
+
+    def farthest(lo: int) -> float:
         rows = features[lo : lo + block]
         nearest = np.argmin(half_sq[None, :] - (rows - mean) @ shifted.T, axis=1)
         diff = rows.astype(np.float64) - centers[nearest]
-        worst = max(worst, float(np.einsum("ij,ij->i", diff, diff).max()))
-    return float(np.sqrt(worst))
+        return float(np.einsum("ij,ij->i", diff, diff).max())
+
+    return float(np.sqrt(max(run_blocks(threads, farthest, range(0, len(features), block)))))

@@ -74,7 +74,7 @@ class MatrixDevice:
 
     On the CPU numpy's OpenBLAS is used rather than torch (MKL's sgemm runs at half speed on AMD
     CPUs); ``use_torch=True`` runs the torch code path on the CPU too, which is how the tests cover
-    the path a GPU takes. Thread counts are the caller's business (``threadpool_limits``). torch is
+    the path a GPU takes. Thread counts are the caller's (``anomaly_core.threads``). torch is
     imported only for the torch path: a CPU coreset holder starts ~5 s sooner without it.
     """
 
@@ -84,10 +84,12 @@ class MatrixDevice:
         if not self.use_torch and device != "cpu":
             raise ValueError(f"numpy runs on the CPU only, not on {device!r}")
         self.input_roundoff = 0.0
+        self.on_cpu = not self.use_torch
         if self.use_torch:
             import torch
 
             self._torch, self._device = torch, torch.device(device)
+            self.on_cpu = self._device.type == "cpu"
             # TF32 products (if a process enabled them) round their inputs to 10 mantissa bits.
             if self._device.type == "cuda" and torch.backends.cuda.matmul.allow_tf32:
                 self.input_roundoff = 2.0**-11

@@ -44,19 +44,17 @@ def merge_features(parts: Sequence[PatchFeatures]) -> PatchFeatures:
     return PatchFeatures(embeddings=embeddings, grid=parts[0].grid, sample_indices=indices[order], seconds=seconds)
 
 
-def coreset_points(features: PatchFeatures, method: str, projection_dim: int, seed: int) -> np.ndarray:
+def coreset_points(features: PatchFeatures, method: str, projection_dim: int, seed: int, threads: int = 1) -> np.ndarray:
     """The points greedy runs on: the patches, or (approximate) their seeded random projection.
 
-    The projection is applied image by image so that every matrix product has the same shape
-    wherever an image lives: a coreset holder with a few images and a single process with all of
-    them get bit-identical points (BLAS blocking can otherwise change last bits with the shape).
+    The projection is applied image by image (on ``threads`` one-thread workers) so that every matrix
+    product has the same shape wherever an image lives: a coreset holder with a few images and a single
+    process with all of them get bit-identical points (BLAS blocking can otherwise change last bits with
+    the shape).
     """
     if method != "approximate":
         return features.flat()
-    return np.concatenate([
-        random_projection(np.ascontiguousarray(image, dtype=np.float32), projection_dim, seed)
-        for image in features.embeddings
-    ])
+    return random_projection(features.flat(), projection_dim, seed, threads, rows=features.embeddings.shape[1])
 
 
 def coverage_radius_space(method: str, projection_dim: int) -> str:

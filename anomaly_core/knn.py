@@ -6,7 +6,8 @@ look at all pairs. But a product's rounding depends on its shapes, so its values
 recomputed with :func:`row_distances` (which depends only on the two vectors), and a rigorous
 rounding bound (:func:`expansion_margin`) decides which other bank rows could still be as close;
 those are recomputed too. So the result is the exact top-k under the row-wise formula, ties broken
-by the lower bank index, for any query batching, sharding, thread count or device.
+by the lower bank index, for any query batching, sharding, thread count or device. On the CPU every
+product runs in blocks on one-thread workers (``anomaly_core.threads``: why not multi-threaded BLAS).
 
 Two screens, both lower bounds of the squared distance up to that bound:
 
@@ -22,16 +23,17 @@ Two screens, both lower bounds of the squared distance up to that bound:
 from __future__ import annotations
 
 import threading
-from concurrent.futures import ThreadPoolExecutor
 from typing import Any, NamedTuple
 
 import numpy as np
-from threadpoolctl import threadpool_limits
 
 from anomaly_core.distances import MatrixDevice, row_distances
+from anomaly_core.threads import BlockWorkers, block_starts, run_blocks
 
 SURVIVOR_BUDGET = 256  # rows per query the projected screen may leave before it is abandoned
 _PROJECT_FROM_DIM = 512  # below this the full product is already cheap
+_BANK_BLOCK = 4096  # bank rows per product while building the projected screen (fixed: the basis never
+# depends on the thread count)
 
 
 class _Screen(NamedTuple):
@@ -52,8 +54,10 @@ class ExactKnn:
         device: MatrixDevice | None = None,
         block_rows: int | None = None,
         projection_dim: int | None = None,
+        threads: int = 1,
     ) -> None:
-        """``projection_dim``: None picks the screen (D/4 on the CPU for D >= 512, else full); 0 forces full."""
+        """``projection_dim``: None picks the screen (D/4 on the CPU for D >= 512, else full); 0 forces full.
+        ``threads``: one-thread workers that build the projected screen."""
         bank = np.ascontiguousarray(bank, dtype=np.float32)
         if bank.ndim != 2 or len(bank) == 0:
             raise ValueError(f"memory bank must be a non-empty [M, D] array, got shape {bank.shape}")
@@ -72,7 +76,7 @@ class ExactKnn:
             projection_dim = dim // 4 if not self.device.use_torch and dim >= _PROJECT_FROM_DIM else 0
         if not 0 <= projection_dim < dim:
             raise ValueError(f"projection_dim must be in [0, {dim}), got {projection_dim}")
-        self._screen = self._projected(centred, projection_dim) if projection_dim else self._full()
+        self._screen = self._projected(centred, projection_dim, threads) if projection_dim else self._full()
         self._switch = threading.Lock()
         self.unproven_queries = 0  # queries the screen's best candidates alone could not settle
         self.survivors = 0  # further bank rows recomputed for them
@@ -89,11 +93,18 @@ class ExactKnn:
         columns[-1] = self._sq_norms
         return _Screen("full", self.device.put(columns), None, self.device.margin(self.bank.shape[1]))
 
-    def _projected(self, centred: np.ndarray, dim: int) -> _Screen:
+    def _projected(self, centred: np.ndarray, dim: int, threads: int) -> _Screen:
         """Columns ``[-2z_b; -2r_b; ||b̃||²]`` over the bank's top principal directions (float64 basis)."""
-        _, vectors = np.linalg.eigh(centred.T @ centred)
-        basis = np.ascontiguousarray(vectors[:, ::-1][:, :dim])
-        z, r = _project(centred, basis)
+        blocks = [centred[lo : lo + _BANK_BLOCK] for lo in range(0, len(centred), _BANK_BLOCK)]
+        workers = BlockWorkers(threads)
+        try:
+            gram = sum(workers.map(lambda block: block.T @ block, blocks))  # summed in block order
+            _, vectors = workers.single(lambda: np.linalg.eigh(gram))
+            basis = np.ascontiguousarray(vectors[:, ::-1][:, :dim])
+            parts = workers.map(lambda block: _project(block, basis), blocks)
+        finally:
+            workers.close()
+        z, r = np.concatenate([z for z, _ in parts]), np.concatenate([r for _, r in parts])
         columns = np.empty((dim + 2, len(self.bank)), np.float32)
         columns[:dim] = -2.0 * z.T
         columns[dim] = -2.0 * r
@@ -103,12 +114,12 @@ class ExactKnn:
     def __len__(self) -> int:
         return len(self.bank)
 
-    def search(self, queries: np.ndarray, k: int, threads: int | None = None) -> tuple[np.ndarray, np.ndarray]:
+    def search(self, queries: np.ndarray, k: int, threads: int = 1) -> tuple[np.ndarray, np.ndarray]:
         """(distances [n, k] float64 ascending, bank indices [n, k]) of each query's k nearest rows.
 
-        ``threads`` (CPU): blocks of queries are searched by that many threads at once, each with a
-        one-thread BLAS, so the row-wise work parallelises too (numpy releases the GIL); None keeps
-        the process's BLAS setting and goes block by block. Results do not depend on it.
+        ``threads`` (CPU): blocks of queries are searched by that many one-thread workers, so the
+        row-wise work parallelises too (numpy releases the GIL); on a GPU the blocks go one by one.
+        Results do not depend on it.
         """
         queries = np.ascontiguousarray(queries, dtype=np.float32)
         if queries.ndim != 2 or queries.shape[1] != self.bank.shape[1]:
@@ -121,16 +132,15 @@ class ExactKnn:
         indices = np.empty((len(queries), k), np.int64)
 
         def block(lo: int) -> tuple[int, int]:
-            hi = min(lo + self.block_rows, len(queries))
+            hi = min(lo + starts.step, len(queries))
             distances[lo:hi], indices[lo:hi], stats = self._search_block(queries[lo:hi], k)
             return stats
 
-        starts = range(0, len(queries), self.block_rows)
-        if threads is None or self.device.use_torch or len(starts) == 1:
-            stats = [block(lo) for lo in starts]
+        if self.device.on_cpu:
+            starts = block_starts(len(queries), self.block_rows, threads)
         else:
-            with threadpool_limits(limits=1, user_api="blas"), ThreadPoolExecutor(threads) as pool:
-                stats = list(pool.map(block, starts))
+            starts, threads = range(0, len(queries), self.block_rows), 1
+        stats = run_blocks(threads, block, starts)
         self.unproven_queries += sum(unproven for unproven, _ in stats)
         self.survivors += sum(survivors for _, survivors in stats)
         return distances, indices

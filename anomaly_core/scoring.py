@@ -19,6 +19,7 @@ from scipy.ndimage import gaussian_filter
 from anomaly_core.distances import MatrixDevice, row_distances
 from anomaly_core.features import PatchFeatures
 from anomaly_core.knn import ExactKnn
+from anomaly_core.threads import run_blocks
 
 
 @dataclass(frozen=True)
@@ -61,17 +62,20 @@ def unit_rows(rows: np.ndarray) -> np.ndarray:
 class NearestNeighbourScorer:
     """Holds one memory bank (on its device) and scores patch embeddings against it."""
 
-    def __init__(self, bank: np.ndarray, params: ScoringParams, device: MatrixDevice | None = None) -> None:
+    def __init__(
+        self, bank: np.ndarray, params: ScoringParams, device: MatrixDevice | None = None, threads: int = 1,
+    ) -> None:
+        """``threads``: one-thread workers that build the bank's screen."""
         if bank.ndim != 2 or len(bank) == 0:
             raise ValueError(f"memory bank must be a non-empty [M, D] array, got shape {bank.shape}")
         if params.k > len(bank):
             raise ValueError(f"scoring.k={params.k} exceeds the memory bank size {len(bank)}")
         self.cosine = params.distance == "cosine"
-        self.knn = ExactKnn(unit_rows(bank) if self.cosine else bank, device)
+        self.knn = ExactKnn(unit_rows(bank) if self.cosine else bank, device, threads=threads)
         self.bank = self.knn.bank
         self.params = params
 
-    def patch_scores(self, embeddings: np.ndarray, threads: int | None = None) -> tuple[np.ndarray, np.ndarray]:
+    def patch_scores(self, embeddings: np.ndarray, threads: int = 1) -> tuple[np.ndarray, np.ndarray]:
         """Per-patch anomaly scores (mean distance to the k nearest bank rows) and nearest indices."""
         if self.cosine:
             embeddings = unit_rows(embeddings)
@@ -80,7 +84,7 @@ class NearestNeighbourScorer:
             distances = distances.astype(np.float64) ** 2 / 2  # 1 - cos for unit rows
         return distances.mean(axis=1), indices[:, 0]
 
-    def score_images(self, embeddings: np.ndarray, threads: int | None = None) -> tuple[np.ndarray, np.ndarray]:
+    def score_images(self, embeddings: np.ndarray, threads: int = 1) -> tuple[np.ndarray, np.ndarray]:
         """Image scores [n] and patch scores [n, P] of images' patches [n, P, D], in one search."""
         n, patches, dim = embeddings.shape
         scores, nearest = self.patch_scores(embeddings.reshape(n * patches, dim), threads)
@@ -94,7 +98,7 @@ class NearestNeighbourScorer:
         if b:
             # Paper eq. 7: damp the max by how isolated its nearest bank row m* is among m*'s own b
             # nearest rows (m* itself first), judged by distances from the anomalous patch.
-            _, support = self.knn.search(self.bank[nearest[np.arange(n), top]], min(b, len(self.bank)))
+            _, support = self.knn.search(self.bank[nearest[np.arange(n), top]], min(b, len(self.bank)), threads)
             patch = np.ascontiguousarray(embeddings[np.arange(n), top], dtype=np.float32)
             patch = unit_rows(patch) if self.cosine else patch
             distances = row_distances(patch, self.bank[support])
@@ -119,10 +123,12 @@ class Predictions:
     sample_indices: np.ndarray  # [n] int64
 
 
-def predict(scorer: NearestNeighbourScorer, features: PatchFeatures, crop: int, threads: int | None = None) -> Predictions:
-    """Image scores and blurred anomaly maps of every image, searched together (shard-independent)."""
+def predict(scorer: NearestNeighbourScorer, features: PatchFeatures, crop: int, threads: int = 1) -> Predictions:
+    """Image scores and blurred anomaly maps of every image, searched together (shard-independent); the
+    search and the maps on ``threads`` one-thread workers (a map depends only on its image's scores)."""
     scores, patch_scores = scorer.score_images(features.embeddings, threads)
-    maps = [anomaly_map(image, features.grid, crop, scorer.params.blur_sigma) for image in patch_scores]
+    maps = run_blocks(threads, lambda image: anomaly_map(image, features.grid, crop, scorer.params.blur_sigma),
+                      list(patch_scores))
     return Predictions(scores.astype(np.float64), np.stack(maps), features.sample_indices.copy())
 
 

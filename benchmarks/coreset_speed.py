@@ -88,8 +88,9 @@ def patchcore_like(n: int, dim: int, seed: int, components: int = 32, latent: in
     return out
 
 
-def real_tire_patches(n: int, work: Path) -> np.ndarray:
-    """The first ``n`` demo-setting patch embeddings of real tire training images (float32 [n, 1024])."""
+def real_tire_patches(n: int, work: Path, part: str = "train", dim: int = 1024) -> np.ndarray:
+    """The first ``n`` demo-setting patch embeddings of real tire ``part`` (train or test) images
+    (float32 [n, dim]; the demo's ``dim`` is 1024)."""
     import torch
 
     from anomaly_core.data import load_split
@@ -97,12 +98,14 @@ def real_tire_patches(n: int, work: Path) -> np.ndarray:
 
     root = make_shaped_category(REPO / "data" / "tire_small", work, "tire")
     split = load_split("mvtec", root, "tire")
+    samples = split.train if part == "train" else split.test
     torch.set_num_threads(os.cpu_count() or 1)
-    extractor = PatchFeatureExtractor(ExtractionSettings("tf_efficientnet_lite0", ("blocks.2", "blocks.4"), "package"))
+    extractor = PatchFeatureExtractor(ExtractionSettings("tf_efficientnet_lite0", ("blocks.2", "blocks.4"), "package",
+                                                         target_dim=dim))
     images = -(-n // 784)
-    if images > len(split.train):
-        raise SystemExit(f"--n {n} needs {images} images; the category has {len(split.train)}")
-    return extractor.extract(split.train[:images], range(images)).flat()[:n]
+    if images > len(samples):
+        raise SystemExit(f"{n} {part} patches need {images} images; the category has {len(samples)}")
+    return extractor.extract(samples[:images], range(images)).flat()[:n]
 
 
 def naive_greedy(features: np.ndarray, n_select: int, start: int) -> np.ndarray:

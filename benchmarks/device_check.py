@@ -77,6 +77,7 @@ def main(argv: list[str] | None = None) -> None:
                                   batch_size=args.batch_size, fp16=args.fp16)
     extractor = PatchFeatureExtractor(settings, device=args.device)
     math = MatrixDevice(args.device if args.device.startswith("cuda") else "cpu")
+    math_threads = args.threads if math.on_cpu else 1  # one-thread workers for the CPU's products
     cpu = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
                 if line.startswith("model name")), platform.machine()) if Path("/proc/cpuinfo").exists() else platform.machine()
     out: dict = {"device": args.device, "name": torch.cuda.get_device_name() if args.device.startswith("cuda")
@@ -94,8 +95,8 @@ def main(argv: list[str] | None = None) -> None:
 
     seed = coreset_seed(0, "bench", "tire")
     started = time.perf_counter()
-    points = coreset_points(train, "approximate", 128, seed)
-    shard = GreedyShard(points, np.arange(len(points)), math)
+    points = coreset_points(train, "approximate", 128, seed, math_threads)
+    shard = GreedyShard(points, np.arange(len(points)), math, threads=math_threads)
     n_select = coreset_size(len(points), None, 0.1)
     result = greedy_select([shard], n_select, start_index_for(len(points), seed), batch=128)
     synchronize(args.device)
@@ -106,8 +107,8 @@ def main(argv: list[str] | None = None) -> None:
     bank = train.flat()[result.indices]
 
     started = time.perf_counter()
-    scorer = NearestNeighbourScorer(bank, ScoringParams(), math)
-    predictions = predict(scorer, test, settings.crop, None if args.device.startswith("cuda") else args.threads)
+    scorer = NearestNeighbourScorer(bank, ScoringParams(), math, math_threads)
+    predictions = predict(scorer, test, settings.crop, math_threads)
     synchronize(args.device)
     scoring_s = time.perf_counter() - started
     out["scoring"] = {"seconds": scoring_s, "images_per_s": len(split.test) / scoring_s, "screen": scorer.knn.screen,

@@ -16,11 +16,11 @@ from typing import Any, Sequence
 import numpy as np
 import ray
 from ray.exceptions import RayActorError
-from threadpoolctl import ThreadpoolController
 
 from anomaly_core.coreset import Candidates, GreedyShard, coreset_size, greedy_coreset, greedy_select, start_index_for
 from anomaly_core.features import PatchFeatures, coreset_points
-from cluster.devices import math_device, pinned
+from anomaly_core.threads import limit_threads
+from cluster.devices import ReportsThreads, math_device, pinned
 from cluster.resources import Placement
 
 
@@ -30,7 +30,7 @@ def global_patch_indices(part: PatchFeatures) -> np.ndarray:
     return (part.sample_indices[:, None] * per_image + np.arange(per_image)[None, :]).reshape(-1)
 
 
-class CoresetHolder:
+class CoresetHolder(ReportsThreads):
     """One shard of a category's training patches (original rows + the space greedy runs in).
 
     Long-lived: one actor serves category after category (``load`` replaces its shard), so the
@@ -40,17 +40,19 @@ class CoresetHolder:
 
     def __init__(self) -> None:
         self.device = math_device()
-        self.blas = ThreadpoolController()
 
     def load(self, parts: list[ray.ObjectRef], method: str, projection_dim: int, seed: int, threads: int) -> None:
-        self.blas.limit(limits=threads, user_api="blas")
+        """Hold a category's shard; from here on the planned ``threads`` for all of this process's
+        libraries (Ray's default is the reservation rounded down) and as many one-thread workers."""
+        limit_threads(threads)
+        self.threads = threads
         features: list[PatchFeatures] = ray.get(parts)
         self.grid = features[0].grid
         self.original = np.concatenate([part.flat() for part in features])
         self.indices = np.concatenate([global_patch_indices(part) for part in features])
         # Exact greedy runs on the rows themselves: share them instead of holding a second copy.
         self.points = self.original if method != "approximate" else np.concatenate(
-            [coreset_points(part, method, projection_dim, seed) for part in features]
+            [coreset_points(part, method, projection_dim, seed, threads) for part in features]
         )
         self.shard = GreedyShard(self.points, self.indices, self.device, threads=threads)
 
@@ -79,7 +81,8 @@ class CoresetHolder:
 
     def local_greedy(self, n_select: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
         """First round of the two-round mode: exact greedy inside this shard only."""
-        local = greedy_coreset(self.points, n_select=min(n_select, len(self.points)), seed=seed).indices
+        local = greedy_coreset(self.points, n_select=min(n_select, len(self.points)), seed=seed,
+                               threads=self.threads).indices
         return self.indices[local], self.points[local]
 
 

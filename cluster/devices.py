@@ -1,4 +1,5 @@
-"""Where an actor runs and what it computes on: planned node pinning, and the math device of its GPU share."""
+"""Where an actor runs and what it computes on: planned node pinning, the math device of its GPU share, and
+the thread counts its libraries use."""
 
 from __future__ import annotations
 
@@ -8,6 +9,7 @@ import ray
 from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
 from anomaly_core.distances import MatrixDevice
+from anomaly_core.threads import thread_counts
 from cluster.resources import Placement
 
 
@@ -37,3 +39,11 @@ def math_device() -> MatrixDevice:
         if torch.cuda.is_available():
             return MatrixDevice("cuda")
     return MatrixDevice("cpu")
+
+
+class ReportsThreads:
+    """Actors that can say which thread counts their libraries use (the plan's, checked in the tests)."""
+
+    def thread_counts(self) -> dict:
+        """The counts of this actor process's libraries now (``anomaly_core.threads.thread_counts``)."""
+        return thread_counts()

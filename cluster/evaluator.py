@@ -3,8 +3,9 @@
 The bank travels as an object reference inside a list (so Ray does not resolve it for every call) and
 is cached by key: a restarted actor simply rebuilds its scorer from the same object on its next call,
 which is why ``score`` is safe to retry; ``finish`` takes the shards' predictions as object references,
-so it is safe to retry too. Each call gets its thread count from the resource plan (more once no
-extraction is queued); scores do not depend on it.
+so it is safe to retry too. Each ``score`` call gets its thread count from the resource plan (more once
+no extraction is queued) and sets every library of the actor to it, for the category's metrics too;
+scores do not depend on it.
 
 Metrics run here rather than as Ray tasks: the actor has its imports (torchvision, scikit-learn: ~9 s
 of CPU) from the start of the run, where a task would pay them in a fresh worker when the first
@@ -18,21 +19,19 @@ import time
 
 import numpy as np
 import ray
-import torch
-from threadpoolctl import ThreadpoolController
 
 from anomaly_core.data import ImageTransform, Sample
 from anomaly_core.features import PatchFeatures
 from anomaly_core.metrics import MetricReport
 from anomaly_core.patchcore import evaluate
 from anomaly_core.scoring import NearestNeighbourScorer, Predictions, ScoringParams, merge_predictions, predict
-from cluster.devices import math_device
+from anomaly_core.threads import limit_threads
+from cluster.devices import ReportsThreads, math_device
 
 
-class Evaluator:
+class Evaluator(ReportsThreads):
     def __init__(self) -> None:
         self.device = math_device()
-        self.blas = ThreadpoolController()
         self.scorers: dict[str, NearestNeighbourScorer] = {}
         self.busy_seconds = 0.0
         self.images_done = 0
@@ -42,10 +41,11 @@ class Evaluator:
         threads: int,
     ) -> Predictions:
         started = time.perf_counter()
-        torch.set_num_threads(threads)  # the maps' interpolation
-        with self.blas.limit(limits=threads, user_api="blas"):
-            if key not in self.scorers:
-                self.scorers[key] = NearestNeighbourScorer(ray.get(bank[0]), params, self.device)
+        # Every library at the plan's count from here on, the category's metrics included (Ray's default:
+        # the reservation rounded down).
+        limit_threads(threads)
+        if key not in self.scorers:
+            self.scorers[key] = NearestNeighbourScorer(ray.get(bank[0]), params, self.device, threads)
         predictions = predict(self.scorers[key], features, crop, threads)
         self.busy_seconds += time.perf_counter() - started
         self.images_done += len(predictions.scores)

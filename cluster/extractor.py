@@ -22,13 +22,15 @@ from anomaly_core.augment import Augmentation
 from anomaly_core.data import Sample
 from anomaly_core.extraction import ExtractionSettings, PatchFeatureExtractor
 from anomaly_core.features import PatchFeatures
+from anomaly_core.threads import limit_threads
+from cluster.devices import ReportsThreads
 
 
-class Extractor:
+class Extractor(ReportsThreads):
     """Holds the model; ``extract`` embeds a shard, decoding batch i+1 while batch i runs."""
 
     def __init__(self, settings: ExtractionSettings, threads: int) -> None:
-        torch.set_num_threads(max(1, threads))
+        limit_threads(max(1, threads))  # torch and every BLAS/OpenMP pool (Ray's default: the reservation, rounded down)
         torch.backends.cudnn.benchmark = False  # autotuned kernels differ run to run
         torch.backends.cudnn.deterministic = True
         device = "cuda" if torch.cuda.is_available() and ray.get_gpu_ids() else "cpu"

@@ -29,6 +29,7 @@ from anomaly_core.config import RunConfig
 from anomaly_core.data import ImageTransform
 from anomaly_core.extraction import exact_fp32
 from anomaly_core.scoring import Predictions
+from anomaly_core.threads import limit_threads
 from anomaly_core.training import (
     ReverseDistillation,
     ReverseDistillationSettings,
@@ -95,7 +96,7 @@ def training_device() -> str:
 def fit_category(config: RunConfig, job: CategoryJob, folder: str, events: Queue | None, threads: int) -> None:
     """Train ``job``'s model and write its model files and ``training.json`` (per-epoch history) into ``folder``
     (rank 0); resumes from the folder's latest checkpoint if there is one."""
-    torch.set_num_threads(threads)
+    limit_threads(threads)
     device = training_device()
     model = build_model(config)
     transform = transform_of(config)
@@ -144,7 +145,7 @@ def _plain(record: dict[str, Any]) -> dict[str, Any]:
 
 def predict_category(config: RunConfig, job: CategoryJob, folder: str, threads: int) -> Predictions:
     """The test set's scores and maps from the model files in ``folder`` (refused if they do not fit ``config``)."""
-    torch.set_num_threads(threads)
+    limit_threads(threads)
     expected = {"resize": config.preprocess.resize, "crop": config.preprocess.crop, "backbone": config.backbone.name}
     model = load_model_files(Path(folder), config.backbone.weights, expected).to(training_device())
     return predict_images(model, load_images(job.split.test, transform_of(config)))

@@ -20,6 +20,7 @@ from __future__ import annotations
 import argparse
 import logging
 import math
+import os
 import sys
 from datetime import datetime, timezone
 from pathlib import Path
@@ -156,13 +157,15 @@ class ImageScorer:
 
 
 def bank_scorer(bank: MemoryBank, extractor: PatchFeatureExtractor, source: str) -> ImageScorer:
-    scorer = NearestNeighbourScorer(bank.features, ScoringParams(**bank.metadata.get("scoring", {})))
+    # A single process with the machine to itself: the search and the maps get every core it may use.
+    threads = len(os.sched_getaffinity(0))
+    scorer = NearestNeighbourScorer(bank.features, ScoringParams(**bank.metadata.get("scoring", {})), threads=threads)
 
     def score(images: torch.Tensor, start: int) -> Predictions:
         embeddings, grid = extractor.embed_batch(images)
         check_grid(bank.metadata, grid, source)
         features = PatchFeatures(embeddings, grid, np.arange(start, start + len(images), dtype=np.int64))
-        return predict(scorer, features, extractor.settings.crop)
+        return predict(scorer, features, extractor.settings.crop, threads)
 
     return ImageScorer(extractor.transform, extractor.settings.batch_size, score)
 

@@ -1,4 +1,5 @@
-"""Start an embedded local Ray, or join the cluster named by RAY_ADDRESS (as ``ray job submit`` sets it)."""
+"""Start an embedded local Ray, or join the cluster named by RAY_ADDRESS (as ``ray job submit`` sets it), and
+give the driver its thread count."""
 
 from __future__ import annotations
 
@@ -7,7 +8,14 @@ import os
 
 import ray
 
+from anomaly_core.threads import limit_threads
+
 LOCALHOST = "127.0.0.1"
+# The driver has no place in the resource plan: the plan gives every CPU of a node to its actors. Its own
+# math is small or single-threaded by nature (greedy confirmations are row-wise, the two-round union is a
+# few thousand points, an ensemble's normalisation and metrics are numpy reductions and sorts, the report
+# draws figures), so library threads beyond one would only take cores from the actors beside it.
+DRIVER_THREADS = 1
 
 
 _joined = False  # whether start_ray connected to a running cluster (which may grow) rather than starting one
@@ -23,10 +31,12 @@ def start_ray(address: str | None = None, num_cpus: int | None = None) -> str:
     """Connect to ``address`` (or $RAY_ADDRESS); without one, start a local Ray bound to 127.0.0.1.
 
     The embedded Ray is always a new one (``address="local"``): a cluster left running on the machine
-    by ``ray start`` is joined only when asked for, never by accident with other resources.
+    by ``ray start`` is joined only when asked for, never by accident with other resources. A process that
+    connected to Ray before (a test session, a notebook) keeps its own thread counts.
     """
     if ray.is_initialized():
         return "existing"
+    limit_threads(DRIVER_THREADS)
     address = address or os.environ.get("RAY_ADDRESS")
     if address:
         global _joined

@@ -37,6 +37,8 @@ from anomaly_core.scoring import NearestNeighbourScorer, predict
 from anomaly_core.thresholds import hold_out
 from anomaly_core.training import Trainer, TrainerCallbacks, load_images, load_model_files, predict_images
 from cluster.coreset import HolderPool, HolderProxy
+from cluster.evaluator import bank_reference, evaluator_actor
+from cluster.extractor import extractor_actor
 from cluster.pipeline import BenchmarkPipeline, CategoryJob
 from cluster.training import build_model, fit_with_ray_train, trainer_config, transform_of
 from jobs import benchmark
@@ -170,6 +172,33 @@ def test_two_round_mode_reports_radius(ray_cluster, tire_job):
     assert info["distributed"] == "two_round" and info["rounds"] == 2
     assert info["coverage_radius"] > 0
     assert len(bank.features) == int(0.1 * bank.metadata["n_patches"])
+
+
+def test_every_actor_role_runs_its_planned_thread_counts(ray_cluster, tire_job, reference):
+    """Ray gives an actor's libraries its reservation rounded down (1 for these 0- and 0.5-CPU actors); every
+    role runs each BLAS and OpenMP pool and torch at the count the pipeline passes it from the plan instead."""
+    def uniform(counts: dict) -> set:
+        return {count for api, found in counts.items() if api != "torch" for count in found}
+
+    extractor = extractor_actor(0).options(num_cpus=0.5).remote(ExtractionSettings.from_config(tire_config()), 2)
+    holders = HolderPool([None])
+    evaluator = evaluator_actor(0).options(num_cpus=0).remote()
+    try:
+        counts = ray.get(extractor.thread_counts.remote())
+        assert uniform(counts) == {2} and counts["torch"] == 2
+        parts = [ray.put(reference["train"])]
+        for threads in (2, 1):  # the count of each category's coreset
+            holders.actors[0].load.remote(parts, "approximate", 128, 0, threads)
+            counts = ray.get(holders.actors[0].thread_counts.remote())
+            assert uniform(counts) == {threads} and counts["torch"] is None  # a CPU holder never loads torch
+        bank = bank_reference(reference["bank"].features)
+        params = scoring_params(tire_config())
+        ray.get(evaluator.score.remote("tire", bank, params, reference["train"], 112, 2))
+        counts = ray.get(evaluator.thread_counts.remote())
+        assert uniform(counts) == {2} and counts["torch"] == 2
+    finally:
+        for actor in (extractor, evaluator, *holders.actors):
+            ray.kill(actor)
 
 
 def test_benchmark_job_writes_outputs(ray_cluster, tmp_path, capsys):

@@ -14,6 +14,7 @@ from anomaly_core.coreset import (
     two_round_coreset,
 )
 from anomaly_core.distances import MatrixDevice, paired_sq_dists, sq_dists
+from anomaly_core.features import PatchFeatures, coreset_points
 
 
 def clustered(n: int, dim: int, seed: int, k: int = 12, intrinsic: int = 6) -> np.ndarray:
@@ -212,8 +213,9 @@ def test_tiny_shards_and_float64_input_give_the_same_picks():
 @pytest.mark.parametrize("offset", [0.0, 500.0])
 @pytest.mark.parametrize(
     "shard_args",
-    [{}, {"block": 37}, {"block": 100, "threads": 3}, {"device": MatrixDevice("cpu", use_torch=True)}],
-    ids=["numpy", "small-blocks", "threads", "torch"],
+    [{}, {"block": 37}, {"block": 100, "threads": 3}, {"threads": 2}, {"device": MatrixDevice("cpu", use_torch=True)},
+     {"device": MatrixDevice("cpu", use_torch=True), "threads": 3}],
+    ids=["numpy", "small-blocks", "threads", "threads-own-blocks", "torch", "torch-threads"],
 )
 def test_every_screened_value_equals_the_brute_force_minimum(offset: float, shard_args: dict):
     # The screen must never skip a pair that would lower a value: after the run, each shard's
@@ -254,3 +256,17 @@ def test_matches_float32_greedy_in_high_dimension():
     x = clustered(2000, 512, seed=14)
     start = start_index_for(len(x), seed=3)
     assert greedy_coreset(x, n_select=200, seed=3).indices.tolist() == naive_greedy_f32(x, 200, start)
+
+
+def test_projected_points_depend_only_on_their_image():
+    """Approximate greedy's points are deciding values: a holder with a few images, any thread count,
+    and each image projected alone give them bit for bit."""
+    rng = np.random.default_rng(15)
+    embeddings = np.maximum(rng.normal(size=(6, 49, 12)) @ rng.normal(size=(12, 300)), 0).astype(np.float32)
+    features = PatchFeatures(embeddings, (7, 7), np.arange(6))
+    alone = np.concatenate([coreset_points(PatchFeatures(image[None], (7, 7), np.array([i])), "approximate", 64, 5)
+                            for i, image in enumerate(embeddings)])
+    for threads in (1, 3):
+        assert np.array_equal(coreset_points(features, "approximate", 64, 5, threads), alone)
+    held = coreset_points(PatchFeatures(embeddings[2:5], (7, 7), np.arange(2, 5)), "approximate", 64, 5, 2)
+    assert np.array_equal(held, alone[2 * 49 : 5 * 49])

@@ -70,6 +70,8 @@ def test_torch_path_gives_the_numpy_path_bit_for_bit():
     on_numpy = ExactKnn(bank).search(queries, 3)
     on_torch = ExactKnn(bank, MatrixDevice("cpu", use_torch=True), block_rows=64).search(queries, 3)
     assert np.array_equal(on_numpy[0], on_torch[0]) and np.array_equal(on_numpy[1], on_torch[1])
+    on_workers = ExactKnn(bank, MatrixDevice("cpu", use_torch=True), block_rows=64).search(queries, 3, threads=3)
+    assert np.array_equal(on_numpy[0], on_workers[0]) and np.array_equal(on_numpy[1], on_workers[1])
 
 
 def test_k_equal_to_the_bank_size_and_single_row_banks():
@@ -112,6 +114,10 @@ def test_projected_screen_is_exact_and_prunes_on_low_rank_data():
     assert knn.survivors < len(queries) * len(bank) / 10  # most bank rows never get the exact formula
     on_torch = ExactKnn(bank, MatrixDevice("cpu", use_torch=True), projection_dim=192).search(queries, 2)
     assert np.array_equal(on_torch[1], indices) and np.array_equal(on_torch[0], distances)
+    # The screen is built in fixed blocks: the same columns, survivors and results for any thread count.
+    built = ExactKnn(bank, block_rows=100, threads=3)
+    assert np.array_equal(built._screen.columns, knn._screen.columns)
+    assert np.array_equal(built.search(queries, 2, threads=2)[1], indices) and built.survivors == knn.survivors
 
 
 def test_a_bank_that_does_not_compress_falls_back_to_the_full_screen():

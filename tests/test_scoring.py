@@ -4,7 +4,8 @@ import numpy as np
 import pytest
 from scipy.ndimage import gaussian_filter
 
-from anomaly_core.scoring import NearestNeighbourScorer, ScoringParams, anomaly_map
+from anomaly_core.features import PatchFeatures
+from anomaly_core.scoring import NearestNeighbourScorer, ScoringParams, anomaly_map, predict
 
 
 @pytest.fixture
@@ -126,3 +127,14 @@ def test_scoring_options_are_checked():
         ScoringParams(reweight_neighbours=3, image_score="mean_top_percent")
     with pytest.raises(ValueError, match="top_percent"):
         ScoringParams(image_score="mean_top_percent", top_percent=0)
+
+
+def test_predictions_do_not_depend_on_the_thread_count(data):
+    bank, queries = data
+    features = PatchFeatures(queries[:48].reshape(3, 16, 16), (4, 4), np.arange(3))
+    scorer = NearestNeighbourScorer(bank, ScoringParams(reweight_neighbours=3))
+    alone = predict(scorer, features, 32)
+    for threads in (2, 3):
+        shared = predict(NearestNeighbourScorer(bank, ScoringParams(reweight_neighbours=3), threads=threads),
+                         features, 32, threads)
+        assert np.array_equal(shared.scores, alone.scores) and np.array_equal(shared.maps, alone.maps)
