@@ -99,6 +99,8 @@ class ClusterConfig(_Strict):
     # BLAS/torch threads of a coreset holder / an evaluator; auto = see cluster/resources.py (README "Resources").
     coreset_threads: int | Literal["auto"] = "auto"
     eval_threads: int | Literal["auto"] = "auto"
+    # Threads decoding images per extractor; auto = see cluster/resources.py (README "Resources").
+    decode_workers: int | Literal["auto"] = "auto"
     max_restarts: int = Field(3, ge=0)
     # Categories whose extraction may run ahead of the coreset: enough to keep the extractors busy,
     # few enough that a full benchmark's features never pile up in the object store.
@@ -106,7 +108,7 @@ class ClusterConfig(_Strict):
     # Seconds without a finished stage after which the run logs what it waits for (0 = never).
     stall_warning_s: float = Field(600.0, ge=0.0)
 
-    @field_validator("num_extractors", "num_evaluators", "coreset_threads", "eval_threads")
+    @field_validator("num_extractors", "num_evaluators", "coreset_threads", "eval_threads", "decode_workers")
     @classmethod
     def _positive(cls, value: int | str) -> int | str:
         if isinstance(value, int) and value < 1:

@@ -92,7 +92,8 @@ class BenchmarkPipeline:
         restarts = config.cluster.max_restarts
         Extractor, Evaluator = extractor_actor(restarts), evaluator_actor(restarts)
         self.extractors = [
-            Extractor.options(**pinned(p)).remote(self.settings, self.plan.extractor_threads) for p in self.plan.extractors
+            Extractor.options(**pinned(p)).remote(self.settings, self.plan.extractor_threads, self.plan.decode_workers)
+            for p in self.plan.extractors
         ]
         self.evaluators = [Evaluator.options(**pinned(p)).remote() for p in self.plan.evaluators]
         self.holders = HolderPool(self.plan.holders)
@@ -105,7 +106,7 @@ class BenchmarkPipeline:
         self._next_extractor = 0
         self._next_evaluator = 0
         self._extracting: list[tuple[int, ray.ObjectRef]] = []  # (extractor slot, shard) not known done
-        self._seconds: dict[ray.ObjectRef, ray.ObjectRef] = {}  # extracted features -> their extraction seconds
+        self._seconds: dict[ray.ObjectRef, ray.ObjectRef] = {}  # extracted features -> their times (seconds, stages)
         self._evaluating: list[PendingEvaluation] = []
         self.stage = "the actors to start"  # what the driver blocks on now (see waiting_for)
         cache = config.feature_cache
@@ -214,7 +215,8 @@ class BenchmarkPipeline:
         train_refs = train_refs if train_refs is not None else self._features(job, "train", job.split.train)
         self.stage = f"extraction of {job.key} ({len(job.split.train)} train images, {len(self.extractors)} extractors)"
         # Extraction time of the shards the extractors make (cached shards took none); waits for them.
-        extract_s = sum(ray.get([self._seconds.pop(ref) for ref in train_refs if ref in self._seconds]))
+        extract_s = sum(times["seconds"] for times in ray.get([self._seconds.pop(ref) for ref in train_refs
+                                                                if ref in self._seconds]))
         self.on_event("extracted", {"key": job.key, "images": len(job.split.train), "seconds": extract_s})
         saturated = any(holder.cpus < 1 for holder in self.plan.holders)
         coreset = self.config.coreset
