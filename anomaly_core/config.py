@@ -38,6 +38,9 @@ class BackboneConfig(_Strict):
 class PreprocessConfig(_Strict):
     resize: int = Field(256, ge=8)
     crop: int = Field(224, ge=8)
+    # JPEGs decoded (nvJPEG) and every image resized on the GPU: other pixels, so other features; recorded in
+    # the bank, which is then only used with it (anomaly_core/data/device_decode.py). Needs GPU extractors.
+    gpu_jpeg_decode: bool = False
 
     @model_validator(mode="after")
     def _crop_fits(self) -> "PreprocessConfig":
@@ -227,6 +230,15 @@ class RunConfig(_Strict):
             raise ValueError("ensemble: needs at least two backbones (for one, set backbone instead)")
         if self.ensemble and self.backbone != BackboneConfig():  # a recorded config carries the default one
             raise ValueError("set either backbone or ensemble, not both: an ensemble lists its members' backbones")
+        return self
+
+    @model_validator(mode="after")
+    def _gpu_decode_on_gpu_extractors(self) -> "RunConfig":
+        if self.preprocess.gpu_jpeg_decode and self.augment.copies:
+            raise ValueError("preprocess.gpu_jpeg_decode does not combine with augment.copies > 0: augmentation "
+                             "works on host pixels")
+        if self.preprocess.gpu_jpeg_decode and not self.cluster.gpus_per_extractor:
+            raise ValueError("preprocess.gpu_jpeg_decode needs GPU extractors: set cluster.gpus_per_extractor > 0")
         return self
 
     def backbones(self) -> list[tuple[str, BackboneConfig]]:

@@ -14,9 +14,9 @@ from __future__ import annotations
 import math
 import time
 from collections import deque
-from itertools import islice
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
+from itertools import islice
 from typing import Any, Sequence
 
 import numpy as np
@@ -25,6 +25,7 @@ import torch
 from anomaly_core.augment import Augmentation, augment_image
 from anomaly_core.backbones import FeatureBackbone
 from anomaly_core.data import ImageTransform, Sample, read_rgb
+from anomaly_core.data.device_decode import decode_batch, read_for_device
 from anomaly_core.features import PatchFeatures
 from anomaly_core.patch_features import PatchEmbedder
 
@@ -51,6 +52,7 @@ class ExtractionSettings:
     target_dim: int = 1024
     batch_size: int = 8
     fp16: bool = False  # half-precision backbone on GPU and half-precision feature transfer
+    gpu_jpeg_decode: bool = False  # JPEGs decoded, all images resized on the GPU (data/device_decode.py)
 
     def declared(self) -> dict[str, Any]:
         """The compatibility fields known without building the model, for failing fast on a bank.
@@ -68,6 +70,7 @@ class ExtractionSettings:
             "pretrain_dim": self.pretrain_dim,
             "feature_dim": self.target_dim,
             "fp16": self.fp16,
+            "gpu_jpeg_decode": self.gpu_jpeg_decode,
             "batch_size": self.batch_size,
         }
 
@@ -85,6 +88,7 @@ class ExtractionSettings:
             target_dim=config.embedding.target_dim,
             batch_size=config.cluster.batch_size,
             fp16=config.cluster.fp16,
+            gpu_jpeg_decode=config.preprocess.gpu_jpeg_decode,
         )
 
 
@@ -108,6 +112,9 @@ class PatchFeatureExtractor:
             raise ValueError(f"decode_workers must be an integer >= 1, got {decode_workers!r}")
         self.settings = settings
         self.device = torch.device(device)
+        if settings.gpu_jpeg_decode and self.device.type != "cuda":
+            raise ValueError(f"preprocess.gpu_jpeg_decode needs a CUDA device, this extractor runs on {self.device}: "
+                             "its features would be neither the GPU's nor PIL's")
         self.backbone = FeatureBackbone(
             settings.backbone, settings.layers, settings.weights, settings.crop
         ).to(self.device)
@@ -144,7 +151,12 @@ class PatchFeatureExtractor:
 
     def _decode(self, samples: Sequence[Sample], augmentation: Augmentation | None, seeds: Sequence[int]
                 ) -> "_Decoding":
-        """Queue one decode task per image; each writes its own slot of the (pinned, for a GPU) batch."""
+        """Queue one decode task per image; each writes its own slot of the (pinned, for a GPU) batch, or with
+        ``gpu_jpeg_decode`` of a list of what ``device_decode.read_for_device`` reads."""
+        if self.settings.gpu_jpeg_decode:
+            raws: list = [None] * len(samples)
+            return _Decoding(raws, [self._decoders.submit(self._read_into, raws, i, sample.image_path)
+                                    for i, sample in enumerate(samples)])
         crop = self.settings.crop
         images = torch.empty((len(samples), 3, crop, crop), dtype=torch.float32, pin_memory=self._cuda)
         slots = images.numpy()
@@ -164,8 +176,17 @@ class PatchFeatureExtractor:
         self.transform.array(rgb, out=slot)
         return time.thread_time() - started
 
-    def _embed(self, images: torch.Tensor, marks: list) -> tuple[torch.Tensor, tuple[int, int]]:
-        """Host batch -> per-image embeddings ``[B, h * w, D]`` on the device, marking each stage's end."""
+    def _read_into(self, raws: list, position: int, path: str) -> float:
+        started = time.thread_time()
+        raws[position] = (path, read_for_device(path))
+        return time.thread_time() - started
+
+    def _embed(self, images: torch.Tensor | list, marks: list) -> tuple[torch.Tensor, tuple[int, int]]:
+        """Host batch -> per-image embeddings ``[B, h * w, D]`` on the device, marking each stage's end.
+
+        With ``gpu_jpeg_decode`` the host->device stage also decodes, resizes and normalises on the GPU."""
+        if isinstance(images, list):
+            images = decode_batch(images, self.transform, self.device)
         images = images.to(self.device, non_blocking=True)
         if self.half:
             images = images.half()
@@ -214,6 +235,8 @@ class PatchFeatureExtractor:
             raise ValueError(f"need equally many samples and indices (> 0), got {len(samples)} and {len(indices)}")
         if (augmentation is None) != (seeds is None) or (seeds is not None and len(seeds) != len(samples)):
             raise ValueError("augmentation needs one seed per sample, and seeds need an augmentation")
+        if augmentation is not None and self.settings.gpu_jpeg_decode:
+            raise ValueError("augmentation works on host pixels: it does not combine with preprocess.gpu_jpeg_decode")
         started = time.perf_counter()
         size = self.settings.batch_size
         starts = range(0, len(samples), size)
@@ -265,10 +288,10 @@ class PatchFeatureExtractor:
 class _Decoding:
     """A batch whose images are being decoded into it, one task per image."""
 
-    images: torch.Tensor
+    images: torch.Tensor | list  # a list of (path, bytes or pixels) with gpu_jpeg_decode
     tasks: list[Future]
 
-    def result(self) -> tuple[torch.Tensor, float]:
+    def result(self) -> tuple[torch.Tensor | list, float]:
         """The batch once every image is in, and the decode tasks' CPU seconds; raises the first image's error."""
         return self.images, sum(task.result() for task in self.tasks)
 

@@ -1,5 +1,6 @@
 """The extraction's host side: images decoded in parallel on ``decode_workers`` threads, a bounded number of
-batches ahead, give the same features bit for bit; stage times add up; a bad file is one clear error.
+batches ahead, give the same features bit for bit; stage times add up; a bad file is one clear error; the
+opt-in GPU JPEG decoding keeps the geometry, is recorded and refused where it does not belong.
 
 Real EfficientNet-Lite0 weights on tire images at 128 -> 112, batches of 2.
 """
@@ -10,14 +11,22 @@ import dataclasses
 import shutil
 import threading
 import time
+from pathlib import Path
 
+import numpy as np
 import pytest
+import torch
+from PIL import Image
 
 from anomaly_core import extraction
 from anomaly_core.augment import Augmentation, augment_seed
-from anomaly_core.data import DatasetError, load_split
+from anomaly_core.bank import BankError, check_compatible
+from anomaly_core.config import ConfigError, parse_config
+from anomaly_core.data import DatasetError, load_split, read_rgb
+from anomaly_core.data.device_decode import decode_batch, read_for_device
 from anomaly_core.extraction import STAGES, ExtractionSettings, PatchFeatureExtractor
 from anomaly_core.features import merge_features
+from jobs.predict import PredictError, rebuild_extractor
 
 SETTINGS = ExtractionSettings("tf_efficientnet_lite0", ("blocks.2", "blocks.4"), "package", resize=128, crop=112,
                               batch_size=2)
@@ -121,3 +130,88 @@ def test_a_bad_image_among_parallel_decodes_is_one_error_naming_it(three_workers
 def test_decode_workers_must_be_a_positive_integer():
     with pytest.raises(ValueError, match="decode_workers must be an integer >= 1, got 0"):
         PatchFeatureExtractor(SETTINGS, decode_workers=0)
+
+
+# preprocess.gpu_jpeg_decode: the device path runs on the CPU here through the same functions (libjpeg-turbo).
+
+def _jpeg_and_png(samples, folder):
+    """Tire images as JPEG (quality 95) and as the original PNG, mixed in one batch: jpg, png, jpg."""
+    paths = []
+    for position, sample in enumerate(samples[:3]):
+        if position == 1:
+            paths.append(sample.image_path)
+        else:
+            path = folder / f"{position}.jpg"
+            Image.open(sample.image_path).convert("RGB").save(path, quality=95)
+            paths.append(str(path))
+    return paths
+
+
+def test_device_decode_is_the_pil_geometry_within_resampling_differences(one_worker, samples, tmp_path):
+    transform = one_worker.transform
+    paths = _jpeg_and_png(samples, tmp_path)
+    batch = decode_batch([(path, read_for_device(path)) for path in paths], transform, torch.device("cpu"))
+    assert batch.shape == (3, 3, 112, 112) and batch.dtype == torch.float32
+    for position, path in enumerate(paths):
+        reference = transform.image(read_rgb(path))
+        difference = (batch[position] - reference).abs()
+        # the same image in the same place: resampling differences of a grey level or two (1/255/std = 0.0175)
+        assert difference.mean() < 0.01 and difference.max() < 0.05, path
+        other = transform.image(read_rgb(paths[(position + 1) % 3]))
+        assert (batch[position] - other).abs().mean() > 5 * difference.mean()  # images stay in their slots
+    assert (batch[0] - transform.image(read_rgb(paths[0]))).abs().max() > 0  # not PIL's pixels: it changes features
+
+
+def test_device_decode_names_a_broken_jpeg(samples, one_worker, tmp_path):
+    paths = _jpeg_and_png(samples, tmp_path)
+    broken = Path(paths[2])
+    broken.write_bytes(broken.read_bytes()[:300])
+    with pytest.raises(DatasetError, match=f"cannot decode JPEG file {broken}"):
+        decode_batch([(path, read_for_device(path)) for path in paths], one_worker.transform, torch.device("cpu"))
+
+
+def test_gpu_jpeg_decode_is_recorded_refused_off_cuda_and_by_banks_without_it(tmp_path):
+    settings = dataclasses.replace(SETTINGS, gpu_jpeg_decode=True)
+    assert settings.declared()["gpu_jpeg_decode"] is True and SETTINGS.declared()["gpu_jpeg_decode"] is False
+    with pytest.raises(ValueError, match="preprocess.gpu_jpeg_decode needs a CUDA device"):
+        PatchFeatureExtractor(settings)
+    recorded = {**SETTINGS.declared(), "gpu_jpeg_decode": True}
+    with pytest.raises(BankError, match="gpu_jpeg_decode: bank has True, inference uses False"):
+        check_compatible(recorded, SETTINGS.declared(), "bank")
+    check_compatible({key: value for key, value in SETTINGS.declared().items() if key != "gpu_jpeg_decode"},
+                     SETTINGS.declared(), "a bank from before the key")  # it was PIL then
+    with pytest.raises(PredictError, match="built with preprocess.gpu_jpeg_decode"):
+        rebuild_extractor({**recorded, "layers": list(SETTINGS.layers)}, None, "bank", "cpu")
+    raw = {"datasets": [{"name": "d", "format": "folder", "root": str(tmp_path)}], "preprocess": {"gpu_jpeg_decode": True}}
+    with pytest.raises(ConfigError, match="gpu_jpeg_decode needs GPU extractors"):
+        parse_config(raw, "test")
+    with pytest.raises(ConfigError, match="does not combine with augment.copies"):
+        parse_config({**raw, "cluster": {"gpus_per_extractor": 1}, "augment": {"copies": 1, "hflip": True}}, "test")
+    assert parse_config({**raw, "cluster": {"gpus_per_extractor": 1}}, "test").preprocess.gpu_jpeg_decode
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_cuda_extraction_with_pinned_batches_and_gpu_jpeg_decode(samples, tmp_path):
+    """On a GPU: 1 and 3 decode workers give the same bits, equal to batch-by-batch synchronous embedding; GPU JPEG
+    decoding reproduces itself and stays close to the PIL path; stage times come from CUDA events."""
+    one, three = (PatchFeatureExtractor(SETTINGS, "cuda", workers) for workers in (1, 3))
+    plain = one.extract(samples, range(len(samples)))
+    assert three.extract(samples, range(len(samples))).embeddings.tobytes() == plain.embeddings.tobytes()
+    reference = [one.embed_batch(one.load_batch(samples[lo : lo + 2]))[0] for lo in range(0, len(samples), 2)]
+    assert b"".join(part.tobytes() for part in reference) == plain.embeddings.tobytes()
+    assert plain.stages["forward_s"] > 0 and plain.stages["h2d_s"] > 0 and plain.stages["d2h_s"] > 0
+
+    jpegs = []
+    for position, sample in enumerate(samples):
+        path = tmp_path / f"{position}.jpg"
+        Image.open(sample.image_path).convert("RGB").save(path, quality=95)
+        jpegs.append(dataclasses.replace(sample, image_path=str(path)))
+    settings = dataclasses.replace(SETTINGS, gpu_jpeg_decode=True)
+    gpu_one, gpu_three = (PatchFeatureExtractor(settings, "cuda", workers) for workers in (1, 3))
+    decoded = gpu_one.extract(jpegs, range(len(jpegs)))
+    assert gpu_three.extract(jpegs, range(len(jpegs))).embeddings.tobytes() == decoded.embeddings.tobytes()
+    assert gpu_one.extract(jpegs, range(len(jpegs))).embeddings.tobytes() == decoded.embeddings.tobytes()
+    pil = one.extract(jpegs, range(len(jpegs))).embeddings
+    assert not np.array_equal(decoded.embeddings, pil)
+    cosine = (decoded.embeddings * pil).sum(-1) / np.linalg.norm(decoded.embeddings, axis=-1) / np.linalg.norm(pil, axis=-1)
+    assert cosine.mean() > 0.95
