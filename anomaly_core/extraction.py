@@ -14,10 +14,11 @@ from __future__ import annotations
 import math
 import time
 from collections import deque
+from contextlib import closing
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from itertools import islice
-from typing import Any, Sequence
+from typing import Any, Iterator, Sequence
 
 import numpy as np
 import torch
@@ -238,24 +239,12 @@ class PatchFeatureExtractor:
         if augmentation is not None and self.settings.gpu_jpeg_decode:
             raise ValueError("augmentation works on host pixels: it does not combine with preprocess.gpu_jpeg_decode")
         started = time.perf_counter()
-        size = self.settings.batch_size
-        starts = range(0, len(samples), size)
-        queued = ((samples[lo : lo + size], augmentation, seeds[lo : lo + size] if seeds is not None else ())
-                  for lo in starts)
-        decoding = deque(self._decode(*batch) for batch in islice(queued, self.prefetch))
         stages = dict.fromkeys(STAGES, 0.0)
         timeline = []  # per batch: marks at its start and after h2d, forward, embedding, d2h
         copies: deque[tuple[int, torch.Tensor, torch.cuda.Event]] = deque()  # (first row, host features, copied)
         out = np.empty(0)
-        try:
-            for lo in starts:
-                waited = time.perf_counter()
-                images, cpu_seconds = decoding.popleft().result()
-                following = next(queued, None)
-                if following is not None:
-                    decoding.append(self._decode(*following))
-                stages["wait_decode_s"] += time.perf_counter() - waited
-                stages["decode_s"] += cpu_seconds
+        with closing(self.decoded_batches(samples, augmentation, seeds, stages)) as batches:
+            for lo, images in batches:
                 marks = [self._mark()]
                 per_image, grid = self._embed(images, marks)
                 if lo == 0:
@@ -272,16 +261,40 @@ class PatchFeatureExtractor:
                     out[lo : lo + len(per_image)] = per_image.numpy()
                     marks.append(self._mark())
                 timeline.append(marks)
-            for copy in copies:
-                _land(copy, out)
-        finally:
-            for pending in decoding:  # after an error: drop the batches decoded ahead
-                pending.cancel()
+        for copy in copies:
+            _land(copy, out)
         for marks in timeline:
             for stage, begin, end in zip(STAGES[2:], marks, marks[1:]):
                 stages[stage] += begin.elapsed_time(end) / 1000 if self._cuda else end - begin
         seconds = time.perf_counter() - started
         return PatchFeatures(out, grid, np.asarray(indices, dtype=np.int64), seconds, stages)
+
+    def decoded_batches(
+        self, samples: Sequence[Sample], augmentation: Augmentation | None = None, seeds: Sequence[int] | None = None,
+        stages: dict[str, float] | None = None,
+    ) -> Iterator[tuple[int, torch.Tensor | list]]:
+        """``(first row, batch)`` for each ``batch_size`` chunk of ``samples`` in order, decoded ``prefetch``
+        batches ahead of the consumer; adds the decode tasks' CPU seconds and the consumer's waits to
+        ``stages`` (``decode_s``, ``wait_decode_s``). Closing it early drops the batches decoded ahead."""
+        stages = stages if stages is not None else dict.fromkeys(STAGES, 0.0)
+        size = self.settings.batch_size
+        starts = range(0, len(samples), size)
+        queued = ((samples[lo : lo + size], augmentation, seeds[lo : lo + size] if seeds is not None else ())
+                  for lo in starts)
+        decoding = deque(self._decode(*batch) for batch in islice(queued, self.prefetch))
+        try:
+            for lo in starts:
+                waited = time.perf_counter()
+                images, cpu_seconds = decoding.popleft().result()
+                following = next(queued, None)
+                if following is not None:
+                    decoding.append(self._decode(*following))
+                stages["wait_decode_s"] += time.perf_counter() - waited
+                stages["decode_s"] += cpu_seconds
+                yield lo, images
+        finally:
+            for pending in decoding:
+                pending.cancel()
 
 
 @dataclass
