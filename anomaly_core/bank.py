@@ -35,10 +35,11 @@ COMPATIBILITY_KEYS = (
     "pretrain_dim",
     "feature_dim",
     "fp16",
+    "gpu_jpeg_decode",
 )
-# What a bank that predates a key recorded implicitly (fp16 was always off, the patch stride 1, before either
-# was recorded).
-IMPLICIT_METADATA = {"fp16": False, "patch_stride": 1}
+# What a bank that predates a key recorded implicitly (fp16 was always off, the patch stride 1, JPEGs decoded
+# by PIL, before each was recorded).
+IMPLICIT_METADATA = {"fp16": False, "patch_stride": 1, "gpu_jpeg_decode": False}
 
 
 class BankError(ValueError):

@@ -38,6 +38,9 @@ class BackboneConfig(_Strict):
 class PreprocessConfig(_Strict):
     resize: int = Field(256, ge=8)
     crop: int = Field(224, ge=8)
+    # JPEGs decoded (nvJPEG) and every image resized on the GPU: other pixels, so other features; recorded in
+    # the bank, which is then only used with it (anomaly_core/data/device_decode.py). Needs GPU extractors.
+    gpu_jpeg_decode: bool = False
 
     @model_validator(mode="after")
     def _crop_fits(self) -> "PreprocessConfig":
@@ -99,6 +102,8 @@ class ClusterConfig(_Strict):
     # BLAS/torch threads of a coreset holder / an evaluator; auto = see cluster/resources.py (README "Resources").
     coreset_threads: int | Literal["auto"] = "auto"
     eval_threads: int | Literal["auto"] = "auto"
+    # Threads decoding images per extractor; auto = see cluster/resources.py (README "Resources").
+    decode_workers: int | Literal["auto"] = "auto"
     max_restarts: int = Field(3, ge=0)
     # Categories whose extraction may run ahead of the coreset: enough to keep the extractors busy,
     # few enough that a full benchmark's features never pile up in the object store.
@@ -109,7 +114,7 @@ class ClusterConfig(_Strict):
     # (cluster/scaling.py); an embedded local Ray never waits.
     resource_wait_s: float = Field(600.0, ge=0.0)
 
-    @field_validator("num_extractors", "num_evaluators", "coreset_threads", "eval_threads")
+    @field_validator("num_extractors", "num_evaluators", "coreset_threads", "eval_threads", "decode_workers")
     @classmethod
     def _positive(cls, value: int | str) -> int | str:
         if isinstance(value, int) and value < 1:
@@ -228,6 +233,15 @@ class RunConfig(_Strict):
             raise ValueError("ensemble: needs at least two backbones (for one, set backbone instead)")
         if self.ensemble and self.backbone != BackboneConfig():  # a recorded config carries the default one
             raise ValueError("set either backbone or ensemble, not both: an ensemble lists its members' backbones")
+        return self
+
+    @model_validator(mode="after")
+    def _gpu_decode_on_gpu_extractors(self) -> "RunConfig":
+        if self.preprocess.gpu_jpeg_decode and self.augment.copies:
+            raise ValueError("preprocess.gpu_jpeg_decode does not combine with augment.copies > 0: augmentation "
+                             "works on host pixels")
+        if self.preprocess.gpu_jpeg_decode and not self.cluster.gpus_per_extractor:
+            raise ValueError("preprocess.gpu_jpeg_decode needs GPU extractors: set cluster.gpus_per_extractor > 0")
         return self
 
     def backbones(self) -> list[tuple[str, BackboneConfig]]:

@@ -3,14 +3,22 @@
 Batches are always formed from the category's sorted sample list in fixed chunks of ``batch_size``;
 the cluster's shard planner hands out whole chunks, so an image is always processed with the same
 neighbours in its batch, whatever the number of actors.
+
+The host side (decode, augmentation, resize, normalisation) runs one task per image on ``decode_workers``
+threads, a bounded number of batches ahead of the device; each image is written into its own slot of
+the batch, so a batch is the same whatever the number of workers and whichever finishes first.
 """
 
 from __future__ import annotations
 
+import math
 import time
-from concurrent.futures import Executor, Future
+from collections import deque
+from contextlib import closing
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import Any, Callable, Sequence
+from itertools import islice
+from typing import Any, Iterator, Sequence
 
 import numpy as np
 import torch
@@ -18,6 +26,7 @@ import torch
 from anomaly_core.augment import Augmentation, augment_image
 from anomaly_core.backbones import FeatureBackbone
 from anomaly_core.data import ImageTransform, Sample, read_rgb
+from anomaly_core.data.device_decode import decode_batch, read_for_device
 from anomaly_core.features import PatchFeatures
 from anomaly_core.patch_features import PatchEmbedder
 
@@ -44,6 +53,7 @@ class ExtractionSettings:
     target_dim: int = 1024
     batch_size: int = 8
     fp16: bool = False  # half-precision backbone on GPU and half-precision feature transfer
+    gpu_jpeg_decode: bool = False  # JPEGs decoded, all images resized on the GPU (data/device_decode.py)
 
     def declared(self) -> dict[str, Any]:
         """The compatibility fields known without building the model, for failing fast on a bank.
@@ -61,6 +71,7 @@ class ExtractionSettings:
             "pretrain_dim": self.pretrain_dim,
             "feature_dim": self.target_dim,
             "fp16": self.fp16,
+            "gpu_jpeg_decode": self.gpu_jpeg_decode,
             "batch_size": self.batch_size,
         }
 
@@ -78,15 +89,33 @@ class ExtractionSettings:
             target_dim=config.embedding.target_dim,
             batch_size=config.cluster.batch_size,
             fp16=config.cluster.fp16,
+            gpu_jpeg_decode=config.preprocess.gpu_jpeg_decode,
         )
 
 
-class PatchFeatureExtractor:
-    """A frozen backbone plus the patch embedder and the image transform that belong to it."""
+# Per-stage seconds of an extraction: host CPU time of the decode tasks summed over images, the wall time
+# the device loop waited for decoded batches, and the device stages (CUDA event times on a GPU, else wall).
+STAGES = ("decode_s", "wait_decode_s", "h2d_s", "forward_s", "embed_s", "d2h_s")
 
-    def __init__(self, settings: ExtractionSettings, device: str = "cpu") -> None:
+
+class PatchFeatureExtractor:
+    """A frozen backbone plus the patch embedder and the image transform that belong to it.
+
+    ``decode_workers`` threads decode images while the device embeds: ``prefetch`` batches ahead, i.e.
+    ``1 + ceil(decode_workers / batch_size)`` (2 while a batch has an image for every worker). Two, not
+    one: with one, the workers finishing a batch's last images have nothing queued and idle until the
+    device takes it; the second batch keeps every worker busy at that tail. More would only buy host
+    memory (each is ``batch_size x 3 x crop x crop`` float32) once the pool keeps up with the device.
+    """
+
+    def __init__(self, settings: ExtractionSettings, device: str = "cpu", decode_workers: int = 1) -> None:
+        if not isinstance(decode_workers, int) or decode_workers < 1:
+            raise ValueError(f"decode_workers must be an integer >= 1, got {decode_workers!r}")
         self.settings = settings
         self.device = torch.device(device)
+        if settings.gpu_jpeg_decode and self.device.type != "cuda":
+            raise ValueError(f"preprocess.gpu_jpeg_decode needs a CUDA device, this extractor runs on {self.device}: "
+                             "its features would be neither the GPU's nor PIL's")
         self.backbone = FeatureBackbone(
             settings.backbone, settings.layers, settings.weights, settings.crop
         ).to(self.device)
@@ -100,6 +129,10 @@ class PatchFeatureExtractor:
         self.transform = ImageTransform(
             resize=settings.resize, crop=settings.crop, mean=self.backbone.mean, std=self.backbone.std
         )
+        self.decode_workers = decode_workers
+        self.prefetch = 1 + math.ceil(decode_workers / settings.batch_size)
+        self._decoders = ThreadPoolExecutor(decode_workers, thread_name_prefix="decode")
+        self._cuda = self.device.type == "cuda"
 
     def describe(self) -> dict[str, Any]:
         """The bank-compatibility fields (see ``bank.COMPATIBILITY_KEYS``)."""
@@ -114,35 +147,85 @@ class PatchFeatureExtractor:
     def load_batch(
         self, samples: Sequence[Sample], augmentation: Augmentation | None = None, seeds: Sequence[int] = ()
     ) -> torch.Tensor:
-        """Decode, augment (when given: sample i with ``seeds[i]``) and transform images.
+        """Decode, augment (when given: sample i with ``seeds[i]``) and transform images, as ``extract`` does."""
+        return self._decode(samples, augmentation, seeds).result()[0]
 
-        CPU work the cluster layer can overlap with the device. Augmentation runs on the decoded
-        original-resolution image, before the resize/crop.
-        """
-        images = [read_rgb(sample.image_path) for sample in samples]
+    def _decode(self, samples: Sequence[Sample], augmentation: Augmentation | None, seeds: Sequence[int]
+                ) -> "_Decoding":
+        """Queue one decode task per image; each writes its own slot of the (pinned, for a GPU) batch, or with
+        ``gpu_jpeg_decode`` of a list of what ``device_decode.read_for_device`` reads."""
+        if self.settings.gpu_jpeg_decode:
+            raws: list = [None] * len(samples)
+            return _Decoding(raws, [self._decoders.submit(self._read_into, raws, i, sample.image_path)
+                                    for i, sample in enumerate(samples)])
+        crop = self.settings.crop
+        images = torch.empty((len(samples), 3, crop, crop), dtype=torch.float32, pin_memory=self._cuda)
+        slots = images.numpy()
+        seeds = seeds if augmentation is not None else [0] * len(samples)
+        tasks = [self._decoders.submit(self._load_into, slots[i], sample, augmentation, seed)
+                 for i, (sample, seed) in enumerate(zip(samples, seeds, strict=True))]
+        return _Decoding(images, tasks)
+
+    def _load_into(self, slot: np.ndarray, sample: Sample, augmentation: Augmentation | None, seed: int) -> float:
+        """One image into its batch slot (PIL and numpy release the GIL); returns this thread's CPU seconds.
+
+        Augmentation runs on the decoded original-resolution image, before the resize/crop."""
+        started = time.thread_time()
+        rgb = read_rgb(sample.image_path)
         if augmentation is not None:
-            images = [augment_image(rgb, augmentation, seed) for rgb, seed in zip(images, seeds, strict=True)]
-        return torch.stack([self.transform.image(rgb) for rgb in images])
+            rgb = augment_image(rgb, augmentation, seed)
+        self.transform.array(rgb, out=slot)
+        return time.thread_time() - started
 
-    def embed_batch(self, images: torch.Tensor) -> tuple[np.ndarray, tuple[int, int]]:
-        images = images.to(self.device, dtype=torch.float16 if self.half else torch.float32)
-        embeddings, grid = self.embedder(self.backbone(images))
+    def _read_into(self, raws: list, position: int, path: str) -> float:
+        started = time.thread_time()
+        raws[position] = (path, read_for_device(path))
+        return time.thread_time() - started
+
+    def _embed(self, images: torch.Tensor | list, marks: list) -> tuple[torch.Tensor, tuple[int, int]]:
+        """Host batch -> per-image embeddings ``[B, h * w, D]`` on the device, marking each stage's end.
+
+        With ``gpu_jpeg_decode`` the host->device stage also decodes, resizes and normalises on the GPU."""
+        if isinstance(images, list):
+            images = decode_batch(images, self.transform, self.device)
+        images = images.to(self.device, non_blocking=True)
+        if self.half:
+            images = images.half()
+        marks.append(self._mark())
+        maps = self.backbone(images)
+        marks.append(self._mark())
+        embeddings, grid = self.embedder(maps)
         dtype = torch.float16 if self.settings.fp16 else torch.float32
         per_image = embeddings.to(dtype).reshape(len(images), grid[0] * grid[1], -1)
+        marks.append(self._mark())
+        return per_image, grid
+
+    def embed_batch(self, images: torch.Tensor) -> tuple[np.ndarray, tuple[int, int]]:
+        per_image, grid = self._embed(images, [])
         return per_image.cpu().numpy(), grid
+
+    def _mark(self) -> "torch.cuda.Event | float":
+        """A point in time on the device's stream: a CUDA event (read when the shard is done, so the loop never
+        waits for the GPU to time it), else the wall clock."""
+        if not self._cuda:
+            return time.perf_counter()
+        event = torch.cuda.Event(enable_timing=True)
+        event.record()
+        return event
 
     def extract(
         self,
         samples: Sequence[Sample],
         indices: Sequence[int],
-        decoder: Executor | None = None,
         augmentation: Augmentation | None = None,
         seeds: Sequence[int] | None = None,
     ) -> PatchFeatures:
-        """Patch features for ``samples``, keyed by ``indices`` (their category-list positions).
+        """Patch features for ``samples``, keyed by ``indices`` (their category-list positions), with the
+        seconds of each stage (``STAGES``) in ``stages``.
 
-        With a ``decoder`` pool, batch i+1 is decoded while batch i runs on the device (PIL and the
-        resize release the GIL), so decoding does not starve the accelerator.
+        Batches i+1..i+prefetch are decoded while batch i runs on the device. On a GPU, batches go up from
+        pinned memory and features come down into pinned buffers without blocking; the loop waits for batch
+        i-1's features only after queueing batch i, so the GPU always has work queued.
 
         With ``augmentation``, sample i is first augmented with ``seeds[i]``: the caller passes
         ``augment.augment_seed(base, train_index, copy)`` per sample (so a copy does not depend on the
@@ -153,27 +236,85 @@ class PatchFeatureExtractor:
             raise ValueError(f"need equally many samples and indices (> 0), got {len(samples)} and {len(indices)}")
         if (augmentation is None) != (seeds is None) or (seeds is not None and len(seeds) != len(samples)):
             raise ValueError("augmentation needs one seed per sample, and seeds need an augmentation")
+        if augmentation is not None and self.settings.gpu_jpeg_decode:
+            raise ValueError("augmentation works on host pixels: it does not combine with preprocess.gpu_jpeg_decode")
         started = time.perf_counter()
-        size = self.settings.batch_size
-        batches = [
-            (samples[start : start + size], augmentation, seeds[start : start + size] if seeds is not None else ())
-            for start in range(0, len(samples), size)
-        ]
-        decode = decoder.submit if decoder is not None else _run_now
-        pending = decode(self.load_batch, *batches[0])
-        chunks, grid = [], None
-        for position in range(len(batches)):
-            images = pending.result()
-            if position + 1 < len(batches):
-                pending = decode(self.load_batch, *batches[position + 1])
-            embeddings, grid = self.embed_batch(images)
-            chunks.append(embeddings)
+        stages = dict.fromkeys(STAGES, 0.0)
+        timeline = []  # per batch: marks at its start and after h2d, forward, embedding, d2h
+        copies: deque[tuple[int, torch.Tensor, torch.cuda.Event]] = deque()  # (first row, host features, copied)
+        out = np.empty(0)
+        with closing(self.decoded_batches(samples, augmentation, seeds, stages)) as batches:
+            for lo, images in batches:
+                marks = [self._mark()]
+                per_image, grid = self._embed(images, marks)
+                if lo == 0:
+                    dtype = np.float16 if self.settings.fp16 else np.float32
+                    out = np.empty((len(samples), *per_image.shape[1:]), dtype)
+                if self._cuda:
+                    host = torch.empty(per_image.shape, dtype=per_image.dtype, pin_memory=True)
+                    host.copy_(per_image, non_blocking=True)
+                    marks.append(self._mark())
+                    copies.append((lo, host, marks[-1]))
+                    if len(copies) > 1:  # batch i-1's features, now that batch i is queued on the GPU
+                        _land(copies.popleft(), out)
+                else:
+                    out[lo : lo + len(per_image)] = per_image.numpy()
+                    marks.append(self._mark())
+                timeline.append(marks)
+        for copy in copies:
+            _land(copy, out)
+        for marks in timeline:
+            for stage, begin, end in zip(STAGES[2:], marks, marks[1:]):
+                stages[stage] += begin.elapsed_time(end) / 1000 if self._cuda else end - begin
         seconds = time.perf_counter() - started
-        return PatchFeatures(np.concatenate(chunks), grid, np.asarray(indices, dtype=np.int64), seconds)
+        return PatchFeatures(out, grid, np.asarray(indices, dtype=np.int64), seconds, stages)
+
+    def decoded_batches(
+        self, samples: Sequence[Sample], augmentation: Augmentation | None = None, seeds: Sequence[int] | None = None,
+        stages: dict[str, float] | None = None,
+    ) -> Iterator[tuple[int, torch.Tensor | list]]:
+        """``(first row, batch)`` for each ``batch_size`` chunk of ``samples`` in order, decoded ``prefetch``
+        batches ahead of the consumer; adds the decode tasks' CPU seconds and the consumer's waits to
+        ``stages`` (``decode_s``, ``wait_decode_s``). Closing it early drops the batches decoded ahead."""
+        stages = stages if stages is not None else dict.fromkeys(STAGES, 0.0)
+        size = self.settings.batch_size
+        starts = range(0, len(samples), size)
+        queued = ((samples[lo : lo + size], augmentation, seeds[lo : lo + size] if seeds is not None else ())
+                  for lo in starts)
+        decoding = deque(self._decode(*batch) for batch in islice(queued, self.prefetch))
+        try:
+            for lo in starts:
+                waited = time.perf_counter()
+                images, cpu_seconds = decoding.popleft().result()
+                following = next(queued, None)
+                if following is not None:
+                    decoding.append(self._decode(*following))
+                stages["wait_decode_s"] += time.perf_counter() - waited
+                stages["decode_s"] += cpu_seconds
+                yield lo, images
+        finally:
+            for pending in decoding:
+                pending.cancel()
 
 
-def _run_now(function: Callable[..., Any], *args: Any) -> Future:
-    """``Executor.submit`` without an executor: run in the caller's thread."""
-    future: Future = Future()
-    future.set_result(function(*args))
-    return future
+@dataclass
+class _Decoding:
+    """A batch whose images are being decoded into it, one task per image."""
+
+    images: torch.Tensor | list  # a list of (path, bytes or pixels) with gpu_jpeg_decode
+    tasks: list[Future]
+
+    def result(self) -> tuple[torch.Tensor | list, float]:
+        """The batch once every image is in, and the decode tasks' CPU seconds; raises the first image's error."""
+        return self.images, sum(task.result() for task in self.tasks)
+
+    def cancel(self) -> None:
+        for task in self.tasks:
+            task.cancel()
+
+
+def _land(copy: tuple[int, torch.Tensor, torch.cuda.Event], out: np.ndarray) -> None:
+    """Put a batch's features, copied to pinned host memory without blocking, into the shard's array."""
+    lo, host, copied = copy
+    copied.synchronize()
+    out[lo : lo + len(host)] = host.numpy()

@@ -2,8 +2,8 @@
 
 An entry is one category split's features (``[n_images, h * w, D]`` in sample-index order) in a
 safetensors file named by the sha256 of everything that determines them: the extractor's description
-(backbone, layers, weights sha256, image size, embedding, fp16, batch size, normalisation), the dataset,
-category and split, the image list (path, size and modification time of every image, so an edited
+(backbone, layers, weights sha256, image size, embedding, fp16, GPU JPEG decoding, batch size,
+normalisation), the dataset, category and split, the image list (path, size and modification time of every image, so an edited
 image misses), the augmentation and the package version. Any change of those is another key: an entry
 is never reused across one. Files are written atomically, so a reader never sees half of one.
 """

@@ -6,7 +6,7 @@ coreset holders, evaluators — start without importing timm.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Sequence
 
 import numpy as np
@@ -22,6 +22,7 @@ class PatchFeatures:
     grid: tuple[int, int]
     sample_indices: np.ndarray  # [n_images] int64
     seconds: float = 0.0  # time spent producing them (for throughput reports)
+    stages: dict[str, float] = field(default_factory=dict)  # seconds per extraction stage (extraction.STAGES)
 
     def flat(self) -> np.ndarray:
         """[n_images * h * w, D] float32 in sample-index order (the order the coreset sees)."""
@@ -41,7 +42,10 @@ def merge_features(parts: Sequence[PatchFeatures]) -> PatchFeatures:
         raise ValueError("feature shards overlap: a sample index appears twice")
     embeddings = np.concatenate([part.embeddings for part in parts])[order]
     seconds = sum(part.seconds for part in parts)
-    return PatchFeatures(embeddings=embeddings, grid=parts[0].grid, sample_indices=indices[order], seconds=seconds)
+    names = dict.fromkeys(stage for part in parts for stage in part.stages)
+    stages = {stage: sum(part.stages.get(stage, 0.0) for part in parts) for stage in names}
+    return PatchFeatures(embeddings=embeddings, grid=parts[0].grid, sample_indices=indices[order], seconds=seconds,
+                         stages=stages)
 
 
 def coreset_points(features: PatchFeatures, method: str, projection_dim: int, seed: int, threads: int = 1) -> np.ndarray:

@@ -3,7 +3,8 @@
 Why actors and not Ray Data: a benchmark runs dozens of small categories whose shards must keep a fixed
 batch composition (bit-identical banks for any actor count) and be tagged with sample indices; an actor
 that loads the model once and is handed whole-batch shards gives that directly, while decoding overlaps
-the forward pass through a small thread pool inside the actor (PIL and the resize release the GIL).
+the forward pass on ``decode_workers`` threads inside the actor, one task per image (PIL and numpy release
+the GIL), a bounded number of batches ahead (``PatchFeatureExtractor``).
 Ray restarts a killed actor and retries its in-flight shard (``max_restarts``/``max_task_retries``);
 a shard's result depends only on its images, so the retry reproduces it exactly.
 """
@@ -12,32 +13,31 @@ from __future__ import annotations
 
 import os
 import resource
-from concurrent.futures import ThreadPoolExecutor
-from typing import Sequence
+from typing import Any, Sequence
 
 import ray
 import torch
 
 from anomaly_core.augment import Augmentation
 from anomaly_core.data import Sample
-from anomaly_core.extraction import ExtractionSettings, PatchFeatureExtractor
+from anomaly_core.extraction import STAGES, ExtractionSettings, PatchFeatureExtractor
 from anomaly_core.features import PatchFeatures
 from anomaly_core.threads import limit_threads
 from cluster.devices import ReportsThreads
 
 
 class Extractor(ReportsThreads):
-    """Holds the model; ``extract`` embeds a shard, decoding batch i+1 while batch i runs."""
+    """Holds the model; ``extract`` embeds a shard, decoding the next batches while one runs."""
 
-    def __init__(self, settings: ExtractionSettings, threads: int) -> None:
+    def __init__(self, settings: ExtractionSettings, threads: int, decode_workers: int) -> None:
         limit_threads(max(1, threads))  # torch and every BLAS/OpenMP pool (Ray's default: the reservation, rounded down)
         torch.backends.cudnn.benchmark = False  # autotuned kernels differ run to run
         torch.backends.cudnn.deterministic = True
         device = "cuda" if torch.cuda.is_available() and ray.get_gpu_ids() else "cpu"
-        self.extractor = PatchFeatureExtractor(settings, device=device)
-        self.decoders = ThreadPoolExecutor(max_workers=2, thread_name_prefix="decode")
+        self.extractor = PatchFeatureExtractor(settings, device=device, decode_workers=decode_workers)
         self.images_done = 0
         self.busy_seconds = 0.0
+        self.stages = dict.fromkeys(STAGES, 0.0)
 
     def describe(self) -> dict:
         return {**self.extractor.describe(), "device": str(self.extractor.device), "pid": os.getpid()}
@@ -50,24 +50,31 @@ class Extractor(ReportsThreads):
     def extract(
         self, samples: Sequence[Sample], indices: Sequence[int], augmentation: Augmentation | None = None,
         seeds: Sequence[int] | None = None,
-    ) -> tuple[PatchFeatures, float]:
+    ) -> tuple[PatchFeatures, dict[str, Any]]:
         """The shard's features (of augmented copies when ``augmentation`` and per-image ``seeds`` are
         given), and (a separate object, so the driver can read it without fetching the features) the
-        seconds they took."""
-        features = self.extractor.extract(samples, indices, decoder=self.decoders, augmentation=augmentation,
-                                          seeds=seeds)
+        times they took: ``{"seconds": total, "stages": {stage: seconds}}`` (``extraction.STAGES``)."""
+        features = self.extractor.extract(samples, indices, augmentation=augmentation, seeds=seeds)
         self.images_done += len(samples)
         self.busy_seconds += features.seconds
-        return features, features.seconds
+        for stage, seconds in features.stages.items():
+            self.stages[stage] += seconds
+        return features, {"seconds": features.seconds, "stages": features.stages}
 
     def stats(self) -> dict:
-        """Throughput and peak resident memory (MiB) of this actor, for the run summary."""
+        """Throughput, seconds per extraction stage and peak resident memory (MiB) of this actor, for the
+        run summary. ``decode_images_per_s`` is images per CPU-second of decoding: one decode thread's rate,
+        so ``decode_workers`` times it bounds what the decoders can feed the device."""
         peak_mib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+        decode_s = self.stages["decode_s"]
         return {
             "pid": os.getpid(),
             "images": self.images_done,
             "busy_s": round(self.busy_seconds, 3),
             "images_per_s": round(self.images_done / self.busy_seconds, 3) if self.busy_seconds else None,
+            "decode_workers": self.extractor.decode_workers,
+            "decode_images_per_s": round(self.images_done / decode_s, 3) if decode_s else None,
+            "stages": {stage: round(seconds, 3) for stage, seconds in self.stages.items()},
             "peak_rss_mib": round(peak_mib, 1),
         }
 

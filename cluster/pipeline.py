@@ -99,7 +99,8 @@ class BenchmarkPipeline:
         restarts = config.cluster.max_restarts
         Extractor, Evaluator = extractor_actor(restarts), evaluator_actor(restarts)
         self.extractors = [
-            Extractor.options(**pinned(p)).remote(self.settings, self.plan.extractor_threads) for p in self.plan.extractors
+            Extractor.options(**pinned(p)).remote(self.settings, self.plan.extractor_threads, self.plan.decode_workers)
+            for p in self.plan.extractors
         ]
         self.evaluators = [Evaluator.options(**pinned(p)).remote() for p in self.plan.evaluators]
         self.holders = HolderPool(self.plan.holders)
@@ -226,7 +227,8 @@ class BenchmarkPipeline:
         self.stage = f"extraction of {job.key} ({len(job.split.train)} train images, {len(self.extractors)} extractors)"
         train_refs = self._refs(train_shards)
         # Extraction time of the shards the extractors make (cached shards took none); waits for them.
-        extract_s = sum(ray.get([shard.timing for shard in train_shards if shard.timing is not None]))
+        extract_s = sum(times["seconds"] for times in ray.get([shard.timing for shard in train_shards
+                                                                if shard.timing is not None]))
         saturated = any(holder.cpus < 1 for holder in self.plan.holders)
         test_refs = self._refs(test_shards) if test_shards and saturated else ()
         self.on_event("extracted", {"key": job.key, "images": len(job.split.train), "seconds": extract_s})

@@ -22,6 +22,8 @@ The rule (also in the README, "Resources"):
    while the node's extractors still have images queued, and the node's cores split among the math
    actors working there once they have none. Their results never depend on thread counts (every
    value is recomputed row-wise), so only the extractors' count is fixed.
+5. **Decode threads of an extractor**: ``decode_workers`` when set; ``auto``: its whole CPUs with a GPU
+   share (``floor(cpus_per_actor)``, at least 1), else 1 (on CPUs the torch threads already use its cores).
 
 Actors are pinned to their planned node (``NodeAffinitySchedulingStrategy``), so the reservations on a
 node add up to at most what it has; the plan and the threads used go into ``summary.json``.
@@ -63,6 +65,7 @@ class ResourcePlan:
     extractor_threads: int
     coreset_threads: int | None  # explicit, else None (auto)
     eval_threads: int | None
+    decode_workers: int = 1  # image-decoding threads per extractor
     warnings: tuple[str, ...] = field(default=())
 
     def node(self, node_id: str) -> Node:
@@ -85,6 +88,7 @@ class ResourcePlan:
             "extractor_threads": self.extractor_threads,
             "coreset_threads": self.coreset_threads or "auto",
             "eval_threads": self.eval_threads or "auto",
+            "decode_workers": self.decode_workers,
             "warnings": list(self.warnings),
         }
 
@@ -181,5 +185,7 @@ def plan_resources(cluster: Any, nodes: list[Node]) -> ResourcePlan:
         extractor_threads=max(1, int(cpus_each)),
         coreset_threads=None if cluster.coreset_threads == "auto" else cluster.coreset_threads,
         eval_threads=None if cluster.eval_threads == "auto" else cluster.eval_threads,
+        decode_workers=(cluster.decode_workers if cluster.decode_workers != "auto"
+                        else max(1, math.floor(cpus_each + 1e-9)) if use_gpu else 1),
         warnings=tuple(warnings),
     )

@@ -70,6 +70,9 @@ def rebuild_extractor(metadata: dict[str, Any], weights: str | None, source: str
     weights = weights or metadata.get("weights")
     if not weights:
         raise PredictError(f"{source} does not record the backbone weights it was built with; pass --weights PATH")
+    if metadata.get("gpu_jpeg_decode"):
+        raise PredictError(f"{source} was built with preprocess.gpu_jpeg_decode (JPEGs decoded and images resized on "
+                           "the GPU); jobs.predict decodes and resizes with PIL, whose pixels differ")
     try:
         settings = ExtractionSettings(
             backbone=metadata["backbone"],

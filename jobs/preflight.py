@@ -11,6 +11,7 @@
 from __future__ import annotations
 
 import logging
+from dataclasses import replace
 from typing import Sequence
 
 import torch
@@ -26,10 +27,11 @@ log = logging.getLogger("jobs.preflight")
 
 
 def check_model(config: RunConfig, key: str = "backbone") -> tuple[int, int]:
-    """Build the configured extractor on the CPU; returns its patch grid. Errors name the config ``key``."""
+    """Build the configured extractor on the CPU; returns its patch grid. Errors name the config ``key``.
+    (Decoding is not part of the check: a ``gpu_jpeg_decode`` run's model is built with PIL decoding here.)"""
     settings = ExtractionSettings.from_config(config)
     try:
-        extractor = PatchFeatureExtractor(settings, device="cpu")
+        extractor = PatchFeatureExtractor(replace(settings, gpu_jpeg_decode=False), device="cpu")
     except WeightsError as error:
         raise ConfigError(f"{key} ({settings.backbone}, layers {list(settings.layers)}, weights "
                           f"{settings.weights}): {error}") from None

@@ -57,6 +57,8 @@ def check_training(config: RunConfig) -> RunConfig:
     if config.thresholds.source == "validation":
         raise ConfigError("thresholds.source=validation: jobs.train keeps every good training image for training; "
                           "use test_f1")
+    if config.preprocess.gpu_jpeg_decode:
+        raise ConfigError("preprocess.gpu_jpeg_decode: jobs.train decodes and resizes with PIL; set it to false")
     return config
 
 

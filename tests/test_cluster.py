@@ -115,10 +115,13 @@ def reference(tire_job):
     return {"bank": bank, "predictions": predictions, "report": report, "train": train}
 
 
-@pytest.mark.parametrize("n_extractors,gpus,n_holders", [(1, 1, 1), (2, 1, 3), (4, 0.5, 2)])
-def test_cluster_run_equals_single_process_engine(ray_cluster, tire_job, reference, n_extractors, gpus, n_holders):
-    config = tire_config(num_extractors=n_extractors, gpus_per_extractor=gpus, coreset_shards=n_holders)
+@pytest.mark.parametrize("n_extractors,gpus,n_holders,decode_workers", [(1, 1, 1, 1), (2, 1, 3, 3), (4, 0.5, 2, 2)])
+def test_cluster_run_equals_single_process_engine(ray_cluster, tire_job, reference, n_extractors, gpus, n_holders,
+                                                  decode_workers):
+    config = tire_config(num_extractors=n_extractors, gpus_per_extractor=gpus, coreset_shards=n_holders,
+                         decode_workers=decode_workers)
     pipeline = BenchmarkPipeline(config)
+    assert [stats["decode_workers"] for stats in pipeline.actor_stats()["extractors"]] == [decode_workers] * n_extractors
     placed = ray.get([actor.where.remote() for actor in pipeline.extractors])
     assert len({where["node"] for where in placed}) == min(n_extractors, 2)  # spread over both GPU nodes
     assert all(len(where["gpu_ids"]) == 1 for where in placed)  # each holds (a share of) one GPU
@@ -236,6 +239,16 @@ def test_benchmark_job_writes_outputs(ray_cluster, tmp_path, capsys):
         assert sum(a["gpus"] for a in placed) <= node["gpus"] + 1e-9
     assert len(category["timings"]["coreset_threads"]) == 2 and category["timings"]["eval_threads"] >= 1
     assert sum(e["images"] for e in summary["cluster"]["evaluators"]) == 28
+    # Each extractor's decode threads (auto: 1, as cpus_per_actor < 1) and seconds per extraction stage.
+    extractors = summary["cluster"]["extractors"]
+    assert plan["decode_workers"] == 1 and [e["decode_workers"] for e in extractors] == [1, 1]
+    assert sum(e["images"] for e in extractors) == 34 + 28
+    for stats in extractors:
+        stages = stats["stages"]
+        assert set(stages) == {"decode_s", "wait_decode_s", "h2d_s", "forward_s", "embed_s", "d2h_s"}
+        assert stages["decode_s"] > 0 and stages["forward_s"] > 0 and stages["embed_s"] > 0
+        assert sum(stages[name] for name in stages if name != "decode_s") <= stats["busy_s"] + 0.01  # parts of it
+        assert stats["decode_images_per_s"] == pytest.approx(stats["images"] / stages["decode_s"], rel=0.05)
 
 
 def test_infeasible_plan_fails_before_any_work(ray_cluster, tmp_path, capsys):

@@ -49,6 +49,8 @@ def test_overrides_and_list_indexing():
         ("preprocess.crop=300", "crop \\(300\\) must not exceed resize \\(256\\)"),
         ("datasets.0.root=/no/such/dir", "datasets.0.root: dataset folder not found: /no/such/dir"),
         ("backbone.weights=/no/w.pth", "backbone.weights: weights file not found: /no/w.pth"),
+        ("cluster.decode_workers=0", "cluster.decode_workers: Value error, must be >= 1 or 'auto'"),
+        ("cluster.decode_workers=many", "cluster.decode_workers"),
     ],
 )
 def test_invalid_values_name_their_key(override, message):

@@ -130,6 +130,20 @@ def test_constant_image_normalizes_exactly() -> None:
     assert torch.equal(out, expected.view(3, 1, 1).expand(3, 224, 224))
 
 
+@pytest.mark.parametrize("mean,std", [(IMAGENET_MEAN, IMAGENET_STD), ((0.5,) * 3, (0.5,) * 3),
+                                      ((0.1, 0.7, 0.999), (0.013, 0.31, 2.0))])
+def test_numpy_normalisation_equals_torchvision_for_every_value(mean, std) -> None:
+    """Every uint8 value in every channel, in vectorised runs and their tails (odd 67 x 67 crop, which the
+    geometry passes through unchanged): numpy's float32 steps give torchvision's bits."""
+    rgb = np.random.default_rng(1).permutation(np.arange(67 * 67 * 3) % 256).astype(np.uint8).reshape(67, 67, 3)
+    assert all(len(np.unique(rgb[:, :, c])) == 256 for c in range(3))
+    reference = T.Compose([T.ToTensor(), T.Normalize(mean, std)])(Image.fromarray(rgb))
+    transform = ImageTransform(resize=67, crop=67, mean=mean, std=std)
+    assert transform.image(rgb).numpy().tobytes() == reference.numpy().tobytes()
+    out = np.full((3, 67, 67), np.nan, np.float32)
+    assert transform.array(rgb, out=out) is out and out.tobytes() == reference.numpy().tobytes()
+
+
 @pytest.mark.parametrize("shape", [(256, 256), (300, 200), (180, 390)])
 def test_mask_geometry_matches_image(shape: tuple[int, int]) -> None:
     h, w = shape

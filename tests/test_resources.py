@@ -97,3 +97,16 @@ def test_alive_nodes_reads_ray_nodes():
     assert alive_nodes(entries) == [Node("a", 4.0, 0.0), Node("b", 2.0, 1.0)]
     with pytest.raises(ConfigError, match="no alive node"):
         plan_resources(cluster(), [])
+
+
+def test_decode_workers_auto_takes_the_cores_of_a_gpu_extractor_and_one_on_cpus():
+    gpu = [Node("g", 16, 2)]
+    assert plan_resources(cluster(gpus_per_extractor=1, cpus_per_actor=6), gpu).decode_workers == 6
+    assert plan_resources(cluster(gpus_per_extractor=0.5, cpus_per_actor=3.9), gpu).decode_workers == 3
+    assert plan_resources(cluster(gpus_per_extractor=1, cpus_per_actor=0.5), gpu).decode_workers == 1
+    # on CPUs the extractor's torch threads already use its cores
+    assert plan_resources(cluster(cpus_per_actor=2), [Node("a", 2, 0)]).decode_workers == 1
+    assert plan_resources(cluster(gpus_per_extractor=1, cpus_per_actor=2), [Node("a", 4, 0)]).decode_workers == 1
+    plan = plan_resources(cluster(gpus_per_extractor=1, cpus_per_actor=6, decode_workers=3), gpu)
+    assert plan.decode_workers == 3 and plan.summary()["decode_workers"] == 3
+    assert plan_resources(cluster(decode_workers=4), [Node("a", 2, 0)]).decode_workers == 4
