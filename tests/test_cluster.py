@@ -183,7 +183,7 @@ def test_every_actor_role_runs_its_planned_thread_counts(ray_cluster, tire_job, 
     def uniform(counts: dict) -> set:
         return {count for api, found in counts.items() if api != "torch" for count in found}
 
-    extractor = extractor_actor(0).options(num_cpus=0.5).remote(ExtractionSettings.from_config(tire_config()), 2)
+    extractor = extractor_actor(0).options(num_cpus=0.5).remote(ExtractionSettings.from_config(tire_config()), 2, 1)
     holders = HolderPool([None])
     evaluator = evaluator_actor(0).options(num_cpus=0).remote()
     try:
