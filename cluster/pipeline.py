@@ -99,7 +99,7 @@ class BenchmarkPipeline:
         restarts = config.cluster.max_restarts
         Extractor, Evaluator = extractor_actor(restarts), evaluator_actor(restarts)
         self.extractors = [
-            Extractor.options(**pinned(p)).remote(self.settings, self.plan.extractor_threads, self.plan.decode_workers)
+            Extractor.options(**pinned(p)).remote(self.settings, self.plan.extractor_threads, self.plan.decode_workers[p.slot])
             for p in self.plan.extractors
         ]
         self.evaluators = [Evaluator.options(**pinned(p)).remote() for p in self.plan.evaluators]

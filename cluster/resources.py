@@ -22,8 +22,11 @@ The rule (also in the README, "Resources"):
    while the node's extractors still have images queued, and the node's cores split among the math
    actors working there once they have none. Their results never depend on thread counts (every
    value is recomputed row-wise), so only the extractors' count is fixed.
-5. **Decode threads of an extractor**: ``decode_workers`` when set; ``auto``: its whole CPUs with a GPU
-   share (``floor(cpus_per_actor)``, at least 1), else 1 (on CPUs the torch threads already use its cores).
+5. **Decode threads of an extractor**: ``decode_workers`` when set (each extractor reserves
+   ``cpus_per_actor``); ``auto`` with a GPU share: the node's cores not held by other actors — every math
+   actor on the node keeps one CPU (its products run on the GPU), the node's extractors split the rest and
+   reserve it, and decode on that many threads (at least ``cpus_per_actor``): one decode thread per GPU
+   starved it. ``auto`` on CPUs: 1 (the torch threads already use the extractor's cores).
 
 Actors are pinned to their planned node (``NodeAffinitySchedulingStrategy``), so the reservations on a
 node add up to at most what it has; the plan and the threads used go into ``summary.json``.
@@ -65,7 +68,7 @@ class ResourcePlan:
     extractor_threads: int
     coreset_threads: int | None  # explicit, else None (auto)
     eval_threads: int | None
-    decode_workers: int = 1  # image-decoding threads per extractor
+    decode_workers: tuple[int, ...] = ()  # image-decoding threads of each extractor, by slot
     warnings: tuple[str, ...] = field(default=())
 
     def node(self, node_id: str) -> Node:
@@ -88,7 +91,7 @@ class ResourcePlan:
             "extractor_threads": self.extractor_threads,
             "coreset_threads": self.coreset_threads or "auto",
             "eval_threads": self.eval_threads or "auto",
-            "decode_workers": self.decode_workers,
+            "decode_workers": list(self.decode_workers),
             "warnings": list(self.warnings),
         }
 
@@ -147,8 +150,6 @@ def plan_resources(cluster: Any, nodes: list[Node]) -> ResourcePlan:
         for node in nodes:
             if len(extractor_nodes) < wanted and extractor_nodes.count(node.node_id) < room[node.node_id]:
                 extractor_nodes.append(node.node_id)
-    extractors = tuple(Placement("extractor", i, n, cpus_each, gpus_each) for i, n in enumerate(extractor_nodes))
-
     # GPU nodes when there are any; else the nodes with CPUs (a head started with 0 CPUs, as ray_cluster.yaml's, takes none)
     math_nodes = [node for node in nodes if node.gpus > 0] or [node for node in nodes if node.cpus > 0] or nodes
     n_holders = cluster.coreset_shards
@@ -156,9 +157,21 @@ def plan_resources(cluster: Any, nodes: list[Node]) -> ResourcePlan:
     # them that a full benchmark's metrics run side by side, one per 4 cores of the math nodes, <= 8.
     math_cores = sum(node.cpus for node in math_nodes)
     n_evaluators = (cluster.num_evaluators if cluster.num_evaluators != "auto"
-                    else max(1, min(4, len(extractors)), min(8, int(math_cores // 4))))
+                    else max(1, min(4, len(extractor_nodes)), min(8, int(math_cores // 4))))
     roles = ["holder"] * n_holders + ["evaluator"] * n_evaluators
     homes = [math_nodes[i % len(math_nodes)].node_id for i in range(len(roles))]
+    feed_gpus = use_gpu and cluster.decode_workers == "auto"
+
+    def extractor_cpus(node_id: str) -> float:
+        """An extractor's reservation: ``cpus_per_actor``, or with GPU decoding on auto the node's cores less
+        one per math actor there, split among the node's extractors."""
+        if not feed_gpus:
+            return cpus_each
+        node = next(node for node in nodes if node.node_id == node_id)
+        left = (node.cpus - homes.count(node_id)) / extractor_nodes.count(node_id)
+        return max(cpus_each, _share(left))
+
+    extractors = tuple(Placement("extractor", i, n, extractor_cpus(n), gpus_each) for i, n in enumerate(extractor_nodes))
     placed: dict[str, list[Placement]] = {"holder": [], "evaluator": []}
     short_of_gpu = False
     for role, home in zip(roles, homes):
@@ -185,7 +198,7 @@ def plan_resources(cluster: Any, nodes: list[Node]) -> ResourcePlan:
         extractor_threads=max(1, int(cpus_each)),
         coreset_threads=None if cluster.coreset_threads == "auto" else cluster.coreset_threads,
         eval_threads=None if cluster.eval_threads == "auto" else cluster.eval_threads,
-        decode_workers=(cluster.decode_workers if cluster.decode_workers != "auto"
-                        else max(1, math.floor(cpus_each + 1e-9)) if use_gpu else 1),
+        decode_workers=tuple(cluster.decode_workers if cluster.decode_workers != "auto"
+                             else max(1, math.floor(p.cpus + 1e-9)) if use_gpu else 1 for p in extractors),
         warnings=tuple(warnings),
     )

@@ -241,7 +241,7 @@ def test_benchmark_job_writes_outputs(ray_cluster, tmp_path, capsys):
     assert sum(e["images"] for e in summary["cluster"]["evaluators"]) == 28
     # Each extractor's decode threads (auto: 1, as cpus_per_actor < 1) and seconds per extraction stage.
     extractors = summary["cluster"]["extractors"]
-    assert plan["decode_workers"] == 1 and [e["decode_workers"] for e in extractors] == [1, 1]
+    assert plan["decode_workers"] == [1, 1] and [e["decode_workers"] for e in extractors] == [1, 1]
     assert sum(e["images"] for e in extractors) == 34 + 28
     for stats in extractors:
         stages = stats["stages"]

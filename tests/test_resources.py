@@ -38,7 +38,8 @@ def test_laptop_demo_plan_two_cores():
 
 def test_gpu_nodes_split_each_gpu_and_the_cpus_left_over():
     nodes = [Node("head", 8, 0), Node("g1", 16, 1), Node("g2", 16, 1)]
-    plan = plan_resources(cluster(gpus_per_extractor=0.5, cpus_per_actor=4, coreset_shards=4, num_evaluators=2), nodes)
+    plan = plan_resources(cluster(gpus_per_extractor=0.5, cpus_per_actor=4, coreset_shards=4, num_evaluators=2,
+                                  decode_workers=4), nodes)
     assert [p.node_id for p in plan.extractors] == ["g1", "g2"]
     assert {p.node_id for p in (*plan.holders, *plan.evaluators)} == {"g1", "g2"}  # math goes where GPUs are
     for node_id, (cpus, gpus) in totals(plan).items():
@@ -99,14 +100,23 @@ def test_alive_nodes_reads_ray_nodes():
         plan_resources(cluster(), [])
 
 
-def test_decode_workers_auto_takes_the_cores_of_a_gpu_extractor_and_one_on_cpus():
-    gpu = [Node("g", 16, 2)]
-    assert plan_resources(cluster(gpus_per_extractor=1, cpus_per_actor=6), gpu).decode_workers == 6
-    assert plan_resources(cluster(gpus_per_extractor=0.5, cpus_per_actor=3.9), gpu).decode_workers == 3
-    assert plan_resources(cluster(gpus_per_extractor=1, cpus_per_actor=0.5), gpu).decode_workers == 1
-    # on CPUs the extractor's torch threads already use its cores
-    assert plan_resources(cluster(cpus_per_actor=2), [Node("a", 2, 0)]).decode_workers == 1
-    assert plan_resources(cluster(gpus_per_extractor=1, cpus_per_actor=2), [Node("a", 4, 0)]).decode_workers == 1
-    plan = plan_resources(cluster(gpus_per_extractor=1, cpus_per_actor=6, decode_workers=3), gpu)
-    assert plan.decode_workers == 3 and plan.summary()["decode_workers"] == 3
-    assert plan_resources(cluster(decode_workers=4), [Node("a", 2, 0)]).decode_workers == 4
+def test_decode_workers_auto_gives_a_gpu_extractor_the_cores_no_other_actor_holds():
+    """A 16-core GPU node: six math actors keep one CPU each, the extractor reserves and decodes on the other ten."""
+    gpu = [Node("head", 0, 0), Node("g", 16, 1)]
+    plan = plan_resources(cluster(gpus_per_extractor=0.5, cpus_per_actor=2, coreset_shards=4, num_evaluators=2), gpu)
+    (extractor,) = plan.extractors
+    assert extractor.node_id == "g" and extractor.cpus == 10 and plan.decode_workers == (10,)
+    assert [p.cpus for p in (*plan.holders, *plan.evaluators)] == [1.0] * 6
+    assert sum(totals(plan)["g"]) == pytest.approx(16 + 1.0, abs=1e-3)  # 16 CPUs and the whole GPU
+    two = plan_resources(cluster(gpus_per_extractor=0.5, cpus_per_actor=2, num_extractors=2, coreset_shards=2,
+                                 num_evaluators=2), gpu)
+    assert [p.cpus for p in two.extractors] == [6.0, 6.0] and two.decode_workers == (6, 6)
+    crowded = plan_resources(cluster(gpus_per_extractor=1, cpus_per_actor=6, coreset_shards=8, num_evaluators=8),
+                             [Node("g", 8, 1)])
+    assert crowded.extractors[0].cpus == 6 and crowded.decode_workers == (6,)  # never below cpus_per_actor
+    assert plan_resources(cluster(cpus_per_actor=2), [Node("a", 2, 0)]).decode_workers == (1,)  # CPU: torch has the cores
+    assert plan_resources(cluster(gpus_per_extractor=1, cpus_per_actor=2), [Node("a", 4, 0)]).decode_workers == (1, 1)
+    fixed = plan_resources(cluster(gpus_per_extractor=0.5, cpus_per_actor=2, decode_workers=3), gpu)
+    assert fixed.decode_workers == (3,) and fixed.extractors[0].cpus == 2 and fixed.summary()["decode_workers"] == [3]
+    assert plan_resources(cluster(decode_workers=4), [Node("a", 2, 0)]).decode_workers == (4,)
+
