@@ -33,7 +33,7 @@ from typing import NamedTuple, Protocol, Sequence
 
 import numpy as np
 
-from anomaly_core.distances import MatrixDevice, paired_sq_dists, sq_dists
+from anomaly_core.distances import MatrixDevice, check_float32_range, paired_sq_dists, sq_dists
 from anomaly_core.threads import BlockWorkers, block_starts, run_blocks
 
 
@@ -94,6 +94,7 @@ class GreedyShard:
             raise ValueError("global_indices must hold one index per point")
         if not np.isfinite(points).all():
             raise ValueError("points contain NaN or infinite values")
+        check_float32_range(points, "coreset points")
         n, dim = points.shape
         self.device = device or MatrixDevice()
         # Points per product on the CPU: a [centres, block] temporary of ~1 MB that stays in cache

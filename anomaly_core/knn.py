@@ -27,7 +27,7 @@ from typing import Any, NamedTuple
 
 import numpy as np
 
-from anomaly_core.distances import MatrixDevice, row_distances
+from anomaly_core.distances import MatrixDevice, check_float32_range, row_distances
 from anomaly_core.threads import BlockWorkers, block_starts, run_blocks
 
 SURVIVOR_BUDGET = 256  # rows per query the projected screen may leave before it is abandoned
@@ -43,6 +43,7 @@ class _Screen(NamedTuple):
     columns: Any  # [d', M] on the device
     basis: np.ndarray | None  # float64 [D, p] orthonormal (projected screen)
     margin: float  # κ of expansion_margin for this product
+    max_sq_norm: float  # the largest ||b̃||² of the bank rows as this screen centres them
 
 
 class ExactKnn:
@@ -67,10 +68,10 @@ class ExactKnn:
         self.device = device or MatrixDevice()
         # Queries per product: a [block, M] float32 temporary (~150 MB for a 20k bank on the CPU).
         self.block_rows = block_rows or (2048 if not self.device.use_torch else 16384)
+        check_float32_range(bank, "memory bank")
         self.mean = bank.mean(axis=0, dtype=np.float64)
         centred = bank.astype(np.float64) - self.mean
         self._sq_norms = np.einsum("ij,ij->i", centred, centred)
-        self._max_sq_norm = float(self._sq_norms.max())
         dim = bank.shape[1]
         if projection_dim is None:
             projection_dim = dim // 4 if not self.device.use_torch and dim >= _PROJECT_FROM_DIM else 0
@@ -86,12 +87,20 @@ class ExactKnn:
         return self._screen.name
 
     def _full(self) -> _Screen:
-        """Columns ``[-2b̃; ||b̃||²]``: a product with query rows ``[q̃, 1]`` is ``||b̃||² - 2q̃·b̃``."""
+        """Columns ``[-2b̃; ||b̃||²]``: a product with query rows ``[q̃, 1]`` is ``||b̃||² - 2q̃·b̃``.
+
+        ``b̃`` and ``q̃`` are the float32 differences from the float32-rounded mean, and ``||b̃||²`` is taken
+        of exactly those values: a norm centred on another mean (the float64 one) differs from the product's
+        by ``2 b̃·δ``, which grows with the features' offset from the origin and broke the bound where that
+        offset dwarfs their spread.
+        """
         centred = self.bank - self.mean.astype(np.float32)
+        sq_norms = np.einsum("ij,ij->i", centred, centred, dtype=np.float64)
         columns = np.empty((self.bank.shape[1] + 1, len(self.bank)), np.float32)
         columns[:-1] = -2.0 * centred.T
-        columns[-1] = self._sq_norms
-        return _Screen("full", self.device.put(columns), None, self.device.margin(self.bank.shape[1]))
+        columns[-1] = sq_norms
+        return _Screen("full", self.device.put(columns), None, self.device.margin(self.bank.shape[1]),
+                       float(sq_norms.max()))
 
     def _projected(self, centred: np.ndarray, dim: int, threads: int) -> _Screen:
         """Columns ``[-2z_b; -2r_b; ||b̃||²]`` over the bank's top principal directions (float64 basis)."""
@@ -109,7 +118,8 @@ class ExactKnn:
         columns[:dim] = -2.0 * z.T
         columns[dim] = -2.0 * r
         columns[dim + 1] = self._sq_norms
-        return _Screen(f"projected-{dim}", self.device.put(columns), basis, self.device.margin(dim + 1))
+        return _Screen(f"projected-{dim}", self.device.put(columns), basis, self.device.margin(dim + 1),
+                       float(self._sq_norms.max()))
 
     def __len__(self) -> int:
         return len(self.bank)
@@ -126,6 +136,7 @@ class ExactKnn:
             raise ValueError(f"queries must be [n, {self.bank.shape[1]}], got shape {queries.shape}")
         if not np.isfinite(queries).all():
             raise ValueError("queries contain NaN or infinite values")
+        check_float32_range(queries, "queries", spread_matters=False)
         if not 1 <= k <= len(self.bank):
             raise ValueError(f"k must be in [1, {len(self.bank)}], got {k}")
         distances = np.empty((len(queries), k), np.float64)
@@ -161,7 +172,7 @@ class ExactKnn:
             rows[:, -2] = r
         rows[:, -1] = 1.0
         products = self.device.matmul(self.device.put(rows), screen.columns)
-        return products, sq_norms, screen.margin * (sq_norms + self._max_sq_norm)
+        return products, sq_norms, screen.margin * (sq_norms + screen.max_sq_norm)
 
     def _search_block(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray, tuple[int, int]]:
         """Distances and indices of one block of queries, and (unproven queries, survivors)."""

@@ -270,3 +270,10 @@ def test_projected_points_depend_only_on_their_image():
         assert np.array_equal(coreset_points(features, "approximate", 64, 5, threads), alone)
     held = coreset_points(PatchFeatures(embeddings[2:5], (7, 7), np.arange(2, 5)), "approximate", 64, 5, 2)
     assert np.array_equal(held, alone[2 * 49 : 5 * 49])
+
+
+def test_points_outside_float32_range_are_refused_with_one_error():
+    with pytest.raises(ValueError, match="coreset points: squared norms .* overflow float32"):
+        greedy_coreset(np.full((6, 4), 2e19, np.float32), 3)
+    with pytest.raises(ValueError, match="coreset points: the features differ by at most .* underflow float32"):
+        greedy_coreset(np.eye(6, 4, dtype=np.float32) * 1e-21, 3)

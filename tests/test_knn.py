@@ -150,3 +150,62 @@ def test_invalid_input_is_refused():
         ExactKnn(bank, projection_dim=4)
     with pytest.raises(ValueError, match="CPU only"):
         MatrixDevice("cuda", use_torch=False)
+
+
+
+def near_ties_far_from_origin(n_bank: int, n_queries: int, dim: int, offset: float) -> tuple[np.ndarray, np.ndarray]:
+    """A bank on a sphere of radius 2 around a point ``offset`` away from the origin (every dimension offset
+    differently), and queries near its centre: every row is a near tie, so a screen whose error exceeds its
+    bound by a little returns a wrong neighbour. Queries also repeat bank rows (exact duplicates)."""
+    rng = np.random.default_rng(dim)
+    centre = offset * (1 + rng.random(dim))
+    directions = rng.normal(size=(n_bank, dim))
+    bank = (centre + 2.0 * directions / np.linalg.norm(directions, axis=1, keepdims=True)).astype(np.float32)
+    queries = (centre + 0.01 * rng.normal(size=(n_queries, dim))).astype(np.float32)
+    return bank, np.concatenate([queries, bank[:: max(1, n_bank // 10)]])
+
+
+SCREENS = [pytest.param(use_torch, projection, id=f"{'torch' if use_torch else 'numpy'}-{projection}")
+           for use_torch in (False, True) for projection in ("full", "projected")]
+
+
+@pytest.mark.parametrize("dim,k,offset,n_bank", [(16, 1, 1e4, 400), (32, 3, 1e5, 300), (64, 5, 3e4, 300),
+                                                  (384, 2, 1e4, 60), (1024, 4, 1e3, 200)])
+@pytest.mark.parametrize("use_torch,projection", SCREENS)
+def test_offsets_far_beyond_the_spread_near_ties_and_tiny_banks_stay_exact(dim, k, offset, n_bank, use_torch,
+                                                                           projection):
+    """Both screens on both code paths against brute force where the features' offset dwarfs their spread (the
+    full screen once mixed norms centred on two different means there: 246 wrong neighbours in these cases),
+    with near ties everywhere, duplicates, and banks smaller than D/4 (384 and 1024)."""
+    bank, queries = near_ties_far_from_origin(n_bank, 60, dim, offset)
+    knn = ExactKnn(bank, MatrixDevice("cpu", use_torch=use_torch), block_rows=64,
+                   projection_dim=0 if projection == "full" else dim // 4)
+    distances, indices = knn.search(queries, k)
+    ref_d, ref_i = brute_force(bank, queries, k)
+    assert np.array_equal(indices, ref_i)
+    assert np.array_equal(distances, ref_d)
+
+
+@pytest.mark.parametrize("use_torch,projection", SCREENS)
+@pytest.mark.parametrize("offset", [0.0, 1e3, 1e5])
+def test_every_screened_value_is_within_its_bound(use_torch, projection, offset):
+    """The property exactness rests on, pair by pair: the full screen is within the bound of the squared
+    distance on both sides, the projected one below it plus the bound."""
+    bank, queries = near_ties_far_from_origin(300, 40, 32, offset)
+    knn = ExactKnn(bank, MatrixDevice("cpu", use_torch=use_torch), projection_dim=0 if projection == "full" else 8)
+    products, sq_norms, bound = knn._screened(queries, knn._screen)
+    screened = knn.device.to_numpy(products).astype(np.float64) + sq_norms[:, None]
+    exact = np.stack([row_distances(np.repeat(query[None], len(bank), 0), bank) ** 2 for query in queries])
+    error = screened - exact
+    assert np.all(error <= bound[:, None])
+    if projection == "full":
+        assert np.all(-error <= bound[:, None])
+
+def test_features_outside_float32_range_are_refused():
+    with pytest.raises(ValueError, match="memory bank: squared norms .* overflow float32"):
+        ExactKnn(np.full((4, 8), 1e19, np.float32))
+    knn = ExactKnn(np.eye(4, dtype=np.float32))
+    with pytest.raises(ValueError, match="queries: squared norms .* overflow float32"):
+        knn.search(np.full((1, 4), 1e19, np.float32), 1)
+    with pytest.raises(ValueError, match="memory bank: the features differ by at most .* underflow float32"):
+        ExactKnn(np.eye(4, dtype=np.float32) * 1e-20)
