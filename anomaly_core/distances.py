@@ -89,6 +89,16 @@ def expansion_margin(dim: int, input_roundoff: float = 0.0) -> float:
     return 4.0 * ((dim + 14) * _UNIT_ROUNDOFF + 4.0 * input_roundoff)
 
 
+def tf32_matmul(torch: Any) -> bool:
+    """Whether fp32 products may run in TF32, read through whichever of torch's two APIs it has (in a
+    process that set the newer ``fp32_precision``, reading the legacy ``allow_tf32`` raises)."""
+    matmul = torch.backends.cuda.matmul
+    if not hasattr(matmul, "fp32_precision"):
+        return bool(matmul.allow_tf32)
+    precision = matmul.fp32_precision
+    return (torch.backends.fp32_precision if precision == "none" else precision) == "tf32"
+
+
 class MatrixDevice:
     """Where screening products run: numpy/BLAS on the CPU, or torch on a torch device.
 
@@ -111,7 +121,7 @@ class MatrixDevice:
             self._torch, self._device = torch, torch.device(device)
             self.on_cpu = self._device.type == "cpu"
             # TF32 products (if a process enabled them) round their inputs to 10 mantissa bits.
-            if self._device.type == "cuda" and torch.backends.cuda.matmul.allow_tf32:
+            if self._device.type == "cuda" and tf32_matmul(torch):
                 self.input_roundoff = 2.0**-11
 
     def margin(self, dim: int) -> float:

@@ -33,9 +33,16 @@ from anomaly_core.patch_features import PatchEmbedder
 
 def exact_fp32() -> None:
     """cuDNN runs fp32 convolutions in TF32 by default (10-bit mantissa): features, banks, trained weights
-    and metrics would silently differ from the fp32 they record. fp32 means fp32."""
-    torch.backends.cudnn.allow_tf32 = False
-    torch.backends.cuda.matmul.allow_tf32 = False
+    and metrics would silently differ from the fp32 they record. fp32 means fp32.
+
+    Set through torch's ``fp32_precision`` settings where it has them (torch >= 2.9): in a process that used
+    those, reading or mixing in the legacy ``allow_tf32`` flags raises."""
+    if hasattr(torch.backends.cuda.matmul, "fp32_precision"):
+        torch.backends.cudnn.fp32_precision = "ieee"
+        torch.backends.cuda.matmul.fp32_precision = "ieee"
+    else:
+        torch.backends.cudnn.allow_tf32 = False
+        torch.backends.cuda.matmul.allow_tf32 = False
 
 
 @dataclass(frozen=True)

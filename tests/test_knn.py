@@ -209,3 +209,28 @@ def test_features_outside_float32_range_are_refused():
         knn.search(np.full((1, 4), 1e19, np.float32), 1)
     with pytest.raises(ValueError, match="memory bank: the features differ by at most .* underflow float32"):
         ExactKnn(np.eye(4, dtype=np.float32) * 1e-20)
+
+
+@pytest.mark.parametrize("setting", ["legacy_on", "legacy_off", "new_tf32", "new_ieee", "matmul_precision_high"])
+def test_tf32_is_read_through_either_torch_api(setting):
+    """A process that set torch's newer fp32_precision makes the legacy allow_tf32 flag raise when read;
+    the screen's rounding bound must still learn whether products run in TF32, and exact_fp32 must still work."""
+    import torch
+
+    from anomaly_core.distances import tf32_matmul
+    from anomaly_core.extraction import exact_fp32
+
+    matmul, saved = torch.backends.cuda.matmul, (torch.backends.cuda.matmul.fp32_precision,
+                                                 torch.backends.cudnn.fp32_precision, torch.get_float32_matmul_precision())
+    try:
+        {"legacy_on": lambda: setattr(matmul, "allow_tf32", True),
+         "legacy_off": lambda: setattr(matmul, "allow_tf32", False),
+         "new_tf32": lambda: setattr(matmul, "fp32_precision", "tf32"),
+         "new_ieee": lambda: setattr(matmul, "fp32_precision", "ieee"),
+         "matmul_precision_high": lambda: torch.set_float32_matmul_precision("high")}[setting]()
+        assert tf32_matmul(torch) == (setting in ("legacy_on", "new_tf32", "matmul_precision_high"))
+        exact_fp32()
+        assert tf32_matmul(torch) is False and torch.backends.cudnn.conv.fp32_precision == "ieee"
+    finally:
+        matmul.fp32_precision, torch.backends.cudnn.fp32_precision = saved[0], saved[1]
+        torch.set_float32_matmul_precision(saved[2])
