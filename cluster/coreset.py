@@ -2,10 +2,12 @@
 
 Each holder pulls its extractor outputs straight from the object store (the driver never gathers the
 features), keeps a ``GreedyShard`` and answers the driver's ``greedy_select`` rounds, so the picks are
-those of single-process exact greedy. The proxy overlaps holders: ``add_centers`` is fire-and-forget
-and immediately queues the next ``top_candidates`` call. A holder that dies is rebuilt from the same
-feature objects and replayed with every centre sent so far — the min-distance state is a pure function
-of (points, centres), so the restarted holder is indistinguishable from the lost one.
+those of single-process exact greedy. The proxy overlaps holders: each round's centres go into the object
+store once, and every holder gets one call that applies them and returns its next candidates, so all
+holders work at once and every update is acknowledged. A holder whose update raises (a CUDA
+out-of-memory on a shared GPU) drops its shard rather than keep a half-updated one; a holder that raises
+or dies is reloaded from the same feature objects and replayed with every centre sent so far — the
+min-distance state is a pure function of (points, centres), so it is indistinguishable from the lost one.
 """
 
 from __future__ import annotations
@@ -15,7 +17,7 @@ from typing import Any, Sequence
 
 import numpy as np
 import ray
-from ray.exceptions import RayActorError
+from ray.exceptions import RayActorError, RayTaskError
 
 from anomaly_core.coreset import Candidates, GreedyShard, coreset_size, greedy_coreset, greedy_select, start_index_for
 from anomaly_core.features import PatchFeatures, coreset_points
@@ -69,7 +71,17 @@ class CoresetHolder(ReportsThreads):
         return self.shard.fetch_rows(global_indices)
 
     def add_centers(self, rows: np.ndarray, global_indices: np.ndarray) -> None:
-        self.shard.add_centers(rows, global_indices)
+        """Apply centres; if that fails part-way the shard is dropped (a later call fails, the proxy reloads)."""
+        try:
+            self.shard.add_centers(rows, global_indices)
+        except BaseException:
+            self.unload()
+            raise
+
+    def advance(self, centres: tuple[np.ndarray, np.ndarray], b: int) -> Candidates:
+        """One round: apply ``centres`` (rows, global indices), then the ``b`` best candidates."""
+        self.add_centers(*centres)
+        return self.shard.top_candidates(b)
 
     def top_candidates(self, b: int) -> Candidates:
         return self.shard.top_candidates(b)
@@ -96,6 +108,14 @@ class HolderPool:
         self.placements = list(placements)
         self.remote_class = ray.remote(max_restarts=0)(CoresetHolder)
         self.actors = [self._start(slot) for slot in range(len(self.placements))]
+        self._centres: tuple[Any, Any, ray.ObjectRef] | None = None
+
+    def centres_ref(self, rows: np.ndarray, global_indices: np.ndarray) -> ray.ObjectRef:
+        """A round's centres in the object store, put once for all holders (greedy hands every shard the
+        same arrays)."""
+        if self._centres is None or self._centres[0] is not rows or self._centres[1] is not global_indices:
+            self._centres = (rows, global_indices, ray.put((rows, global_indices)))
+        return self._centres[2]
 
     def _start(self, slot: int) -> Any:
         return self.remote_class.options(**pinned(self.placements[slot])).remote()
@@ -121,42 +141,53 @@ class HolderProxy:
         self.prefetched: ray.ObjectRef | None = None
         self.restarts = 0
 
-    def _call(self, method: str, *args: Any) -> Any:
+    def _call(self, method: str, *args: Any, rebuild_first: bool = False) -> Any:
         """The call on the holder, rebuilt up to ``REBUILDS`` times: a holder restarted right after its node
-        crashed may be placed on that node again before Ray has declared it dead, and die with it."""
+        crashed may be placed on that node again before Ray has declared it dead, and die with it; a holder
+        whose call raised has dropped its shard and is reloaded (the error is raised if it keeps failing)."""
         for attempt in range(REBUILDS + 1):
             try:
+                if rebuild_first or attempt:
+                    self._rebuild()
                 return ray.get(getattr(self.actor, method).remote(*args))
-            except RayActorError:
+            except (RayActorError, RayTaskError):
                 if attempt == REBUILDS:
                     raise
-                self._rebuild()
 
     def _rebuild(self) -> None:
+        """Reload the shard and replay every centre, acknowledged: on a fresh actor if this one died, else
+        on the same one."""
         self.restarts += 1
-        self.actor = self.pool.replace(self.slot)
-        self.actor.load.remote(*self.load_args)
+        self.prefetched = None
+        try:
+            ray.get(self.actor.__ray_ready__.remote())
+        except RayActorError:
+            self.actor = self.pool.replace(self.slot)
+        calls = [self.actor.load.remote(*self.load_args)]
         if self.sent:
             rows = np.concatenate([rows for rows, _ in self.sent])
             indices = np.concatenate([indices for _, indices in self.sent])
-            self.actor.add_centers.remote(rows, indices)
-        self.prefetched = None
+            calls.append(self.actor.add_centers.remote(rows, indices))
+        ray.get(calls)
 
     def fetch_rows(self, global_indices: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         return self._call("fetch_rows", global_indices)
 
     def add_centers(self, rows: np.ndarray, global_indices: np.ndarray) -> None:
+        """Queue the round on the holder (returns at once, so all holders work side by side); its result,
+        and any error of the update, comes with the next ``top_candidates``."""
         self.sent.append((rows, global_indices))
-        self.actor.add_centers.remote(rows, global_indices)
-        self.prefetched = self.actor.top_candidates.remote(self.batch)
+        self.prefetched = self.actor.advance.remote(self.pool.centres_ref(rows, global_indices), self.batch)
 
     def top_candidates(self, b: int) -> Candidates:
-        if b == self.batch and self.prefetched is not None:
+        if self.prefetched is not None:  # always awaited: an update that failed must not go unnoticed
             ref, self.prefetched = self.prefetched, None
             try:
-                return ray.get(ref)
-            except RayActorError:
-                self._rebuild()
+                candidates = ray.get(ref)
+            except (RayActorError, RayTaskError):
+                return self._call("top_candidates", b, rebuild_first=True)
+            if b == self.batch:
+                return candidates
         return self._call("top_candidates", b)
 
 

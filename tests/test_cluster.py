@@ -27,7 +27,7 @@ from ray.util.queue import Queue
 from anomaly_core.augment import Augmentation, augment_seed
 from anomaly_core.bank import load_bank
 from anomaly_core.config import AugmentConfig, FeatureCacheConfig, RunConfig, ThresholdConfig, parse_config
-from anomaly_core.coreset import greedy_coreset
+from anomaly_core.coreset import greedy_coreset, greedy_select, start_index_for
 from anomaly_core.data import CategorySplit, load_split
 from anomaly_core.ensemble import Normalisation, combine
 from anomaly_core.extraction import ExtractionSettings, PatchFeatureExtractor
@@ -36,7 +36,7 @@ from anomaly_core.patchcore import augment_base_seed, build_bank, coreset_seed, 
 from anomaly_core.scoring import NearestNeighbourScorer, predict
 from anomaly_core.thresholds import hold_out
 from anomaly_core.training import Trainer, TrainerCallbacks, load_images, load_model_files, predict_images
-from cluster.coreset import HolderPool, HolderProxy
+from cluster.coreset import CoresetHolder, HolderPool, HolderProxy
 from cluster.evaluator import bank_reference, evaluator_actor
 from cluster.extractor import extractor_actor
 from cluster.pipeline import BenchmarkPipeline, CategoryJob
@@ -158,12 +158,55 @@ def test_killed_coreset_holder_is_rebuilt_and_picks_unchanged(ray_cluster, refer
         def top_candidates(self, b):
             return proxy.top_candidates(b)
 
-    from anomaly_core.coreset import greedy_select, start_index_for
-
     flat = train.flat()
     expected = greedy_coreset(flat, n_select=120, method="exact", seed=seed).indices
     got = greedy_select([KillOnce()], 120, start_index_for(len(flat), seed), batch=16).indices
     assert proxy.restarts == 1 and pool.actors[0] is proxy.actor  # the pool keeps the replacement
+    assert np.array_equal(got, expected)
+
+
+class HalfUpdatingShard:
+    """A GreedyShard whose third update lands half-way and raises, as a CUDA out-of-memory would."""
+
+    def __init__(self, shard):
+        self.shard, self.updates = shard, 0
+
+    def add_centers(self, rows, indices):
+        self.updates += 1
+        if self.updates == 3:
+            self.shard.add_centers(rows[:1], indices[:1])
+            raise MemoryError("CUDA out of memory (simulated)")
+        self.shard.add_centers(rows, indices)
+
+    def __getattr__(self, name):
+        return getattr(self.shard, name)
+
+
+class FlakyHolder(CoresetHolder):
+    """Its first shard fails an update part-way; a reloaded shard does not."""
+
+    loads = 0
+
+    def load(self, *args):
+        super().load(*args)
+        self.loads += 1
+        if self.loads == 1:
+            self.shard = HalfUpdatingShard(self.shard)
+
+
+def test_holder_update_that_raises_leaves_no_stale_shard_and_picks_unchanged(ray_cluster, reference):
+    """Updates are acknowledged: the failed one drops its half-updated shard, the proxy reloads it on the same
+    actor and replays every centre, and greedy picks exactly what the engine picks."""
+    train, seed = reference["train"], 11
+    pool = HolderPool([None])
+    pool.remote_class = ray.remote(max_restarts=0)(FlakyHolder)
+    pool.actors = [pool.replace(0)]
+    proxy = HolderProxy(pool, 0, ([ray.put(train)], "exact", 128, seed, 1), batch=16)
+    flat = train.flat()
+    expected = greedy_coreset(flat, n_select=120, method="exact", seed=seed).indices
+    got = greedy_select([proxy], 120, start_index_for(len(flat), seed), batch=16).indices
+    assert proxy.restarts == 1 and pool.actors[0] is proxy.actor  # reloaded in place, not replaced
+    assert ray.get(proxy.actor.__ray_call__.remote(lambda holder: holder.loads)) == 2
     assert np.array_equal(got, expected)
 
 
