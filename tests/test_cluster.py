@@ -207,6 +207,10 @@ def test_benchmark_job_writes_outputs(ray_cluster, tmp_path, capsys):
         assert sum(a["gpus"] for a in placed) <= node["gpus"] + 1e-9
     assert len(category["timings"]["coreset_threads"]) == 2 and category["timings"]["eval_threads"] >= 1
     assert sum(e["images"] for e in summary["cluster"]["evaluators"]) == 28
+    # The train features (float32) pass through the object store; what it held is sampled while the run goes.
+    store = summary["cluster"]["object_store"]
+    assert store["created_bytes"] >= 34 * 14 * 14 * 1024 * 4 and store["failed_samples"] == 0
+    assert 0 < store["peak_used_bytes"] <= store["capacity_bytes"] and store["samples"] >= 2
 
 
 def test_infeasible_plan_fails_before_any_work(ray_cluster, tmp_path, capsys):
