@@ -27,6 +27,7 @@ from anomaly_core.ensemble import member_labels
 from anomaly_core.thresholds import hold_out
 from cluster.ensemble import MemberRun, ensemble_result
 from cluster.pipeline import BenchmarkPipeline, CategoryJob, CategoryResult
+from cluster.store_stats import StoreMonitor
 from jobs.cli import add_config_arguments, check_writable, config_from_args, config_overrides, load_config
 from jobs.errors import run_job
 from jobs.outputs import format_table, released, run_directory, summary, write_category, write_yaml
@@ -139,22 +140,24 @@ def run(config: RunConfig, run_name: str | None = None, only: set[str] | None = 
             results.append(released(result))
         if todo:
             log.info("Ray: %s; resources %s", start_ray(), ray.cluster_resources())
-            if config.ensemble:
-                computed = run_ensemble(config, run_dir, todo, tracker, progress, cluster)
-            else:
-                pipeline = BenchmarkPipeline(config, on_event=progress,
-                                             resource_wait_s=resource_wait_s(config.cluster))
-                progress.waiting = pipeline.waiting_for
-                computed = pipeline.run(todo)
-            for result in computed:
-                transform = image_transform(result.bank.metadata)
-                write_category_figure(run_dir, result, transform)
-                folder = write_category(run_dir, result, config)
-                tracker.log_category(result, transform)
-                if not config.ensemble:  # an ensemble's members logged their banks as they finished
-                    tracker.log_bank(result.job, folder)
-                log.info("%s done: %s -> %s", result.job.key, _headline(result), folder)
-                results.append(released(result))
+            with StoreMonitor() as store:
+                if config.ensemble:
+                    computed = run_ensemble(config, run_dir, todo, tracker, progress, cluster)
+                else:
+                    pipeline = BenchmarkPipeline(config, on_event=progress,
+                                                 resource_wait_s=resource_wait_s(config.cluster))
+                    progress.waiting = pipeline.waiting_for
+                    computed = pipeline.run(todo)
+                for result in computed:
+                    transform = image_transform(result.bank.metadata)
+                    write_category_figure(run_dir, result, transform)
+                    folder = write_category(run_dir, result, config)
+                    tracker.log_category(result, transform)
+                    if not config.ensemble:  # an ensemble's members logged their banks as they finished
+                        tracker.log_bank(result.job, folder)
+                    log.info("%s done: %s -> %s", result.job.key, _headline(result), folder)
+                    results.append(released(result))
+            cluster["object_store"] = store.summary()
             if not config.ensemble:
                 cluster.update({"plan": pipeline.plan.summary(), **pipeline.actor_stats(),
                                 "feature_cache": pipeline.cache_stats})

@@ -292,6 +292,10 @@ def test_benchmark_job_writes_outputs(ray_cluster, tmp_path, capsys):
         assert stages["decode_s"] > 0 and stages["forward_s"] > 0 and stages["embed_s"] > 0
         assert sum(stages[name] for name in stages if name != "decode_s") <= stats["busy_s"] + 0.01  # parts of it
         assert stats["decode_images_per_s"] == pytest.approx(stats["images"] / stages["decode_s"], rel=0.05)
+    # The train features (float32) pass through the object store; what it held is sampled while the run goes.
+    store = summary["cluster"]["object_store"]
+    assert store["created_bytes"] >= 34 * 14 * 14 * 1024 * 4 and store["failed_samples"] == 0
+    assert 0 < store["peak_used_bytes"] <= store["capacity_bytes"] and store["samples"] >= 2
 
 
 def test_infeasible_plan_fails_before_any_work(ray_cluster, tmp_path, capsys):

@@ -229,6 +229,17 @@ print("active", tracker.active, "wandb run", None if wandb is None else wandb.ru
     assert not [p for p in home.rglob("*") if "wandb" in p.name.lower()]
 
 
+def test_every_job_imports_where_wandb_is_not_installed():
+    """The offline GPU image has no wandb (benchmarks/gpu_check.sh runs the jobs there with --wandb off):
+    no job or cluster module may import it when loaded, only when tracking starts."""
+    script = ("import sys; sys.modules['wandb'] = None  # import wandb now raises ImportError\n"
+              "import jobs.benchmark, jobs.build_bank, jobs.compare, jobs.evaluate, jobs.predict, jobs.train\n"
+              "import cluster.training\nprint('imported')")
+    done = subprocess.run([sys.executable, "-c", script], cwd=REPO, capture_output=True, text=True, timeout=120,
+                          env={"PATH": "/usr/bin:/bin", "PYTHONPATH": str(REPO)})
+    assert done.returncode == 0 and "imported" in done.stdout, done.stderr
+
+
 def _closed_port() -> int:
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
