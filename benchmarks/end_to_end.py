@@ -133,13 +133,11 @@ def run_measured(command: list[str], env: dict[str, str], log: Path, cwd: Path =
 
 def run_ours(root: Path, category: str, work: Path, code: Path, name: str, overrides: list[str]) -> dict:
     """jobs.benchmark of the checkout at ``code`` on one category; stage times from its summary.json."""
-    config = yaml.safe_load((REPO / "configs" / "demo.yaml").read_text())
+    # The demo settings as that checkout spells them (an earlier version refuses keys it does not know).
+    config = yaml.safe_load((code / "configs" / "demo.yaml").read_text())
     config.update(name=name, output_dir=str(work / "outputs"))
     config["datasets"] = [{"name": "bench", "format": "mvtec", "root": str(root), "categories": [category]}]
     config["wandb"] = {"mode": "off"}
-    if "coreset_threads" not in (code / "anomaly_core" / "config.py").read_text():  # an earlier version
-        for key in ("coreset_threads", "eval_threads"):
-            config["cluster"].pop(key, None)
     path = work / f"{name}.yaml"
     path.write_text(yaml.safe_dump(config))
     shutil.rmtree(work / "outputs" / name, ignore_errors=True)  # this harness's own earlier run (runs never reuse a folder)
