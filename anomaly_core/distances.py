@@ -59,19 +59,19 @@ def row_distances(queries: np.ndarray, rows: np.ndarray) -> np.ndarray:
 def check_float32_range(features: np.ndarray, what: str, spread_matters: bool = True) -> None:
     """Refuse features whose squared norms or squared differences leave float32's range.
 
-    Every screen bound is relative to squared norms held in float32: past ~1.7e38 they overflow to inf
+    Every screen bound is relative to squared norms held in float32: past ~3.4e38 they overflow to inf
     (the screen would pass or drop rows at random), and a bank whose rows differ by so little that their
     squared differences fall below float32's smallest normal number loses the relative precision the
-    bound assumes (``spread_matters``: the bank; a batch of queries may well be identical).
+    bound assumes (``spread_matters``: the bank; a batch of queries may well be identical). Bounds from
+    the extreme values only: no temporary the size of the features on the scoring path.
     """
-    sq_norms = np.einsum("ij,ij->i", features, features, dtype=np.float64)
-    spread = np.abs(features - features.mean(axis=0, dtype=np.float64)).max()
     info = np.finfo(np.float32)
-    if sq_norms.max() > float(info.max) / 4 or (2 * spread) ** 2 * features.shape[1] > float(info.max) / 4:
-        raise ValueError(f"{what}: squared norms or squared distances up to "
-                         f"{max(sq_norms.max(), (2 * spread) ** 2 * features.shape[1]):.3g} overflow float32; "
-                         "rescale the features")
-    if spread_matters and 0 < spread ** 2 < float(info.tiny) / float(info.eps):
+    largest = max(float(features.max()), -float(features.min()))
+    if (2 * largest) ** 2 * features.shape[1] > float(info.max) / 4:
+        raise ValueError(f"{what}: values up to {largest:.3g} in {features.shape[1]} dimensions give squared norms "
+                         "that overflow float32; rescale the features")
+    spread = float((features.max(axis=0) - features.min(axis=0)).max()) if spread_matters else 0.0
+    if 0 < spread ** 2 < float(info.tiny) / float(info.eps):
         raise ValueError(f"{what}: the features differ by at most {spread:.3g}, so their squared distances underflow "
                          "float32; rescale the features")
 

@@ -273,7 +273,7 @@ def test_projected_points_depend_only_on_their_image():
 
 
 def test_points_outside_float32_range_are_refused_with_one_error():
-    with pytest.raises(ValueError, match="coreset points: squared norms .* overflow float32"):
+    with pytest.raises(ValueError, match="coreset points: values up to .* give squared norms that overflow float32"):
         greedy_coreset(np.full((6, 4), 2e19, np.float32), 3)
     with pytest.raises(ValueError, match="coreset points: the features differ by at most .* underflow float32"):
         greedy_coreset(np.eye(6, 4, dtype=np.float32) * 1e-21, 3)

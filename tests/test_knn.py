@@ -202,10 +202,10 @@ def test_every_screened_value_is_within_its_bound(use_torch, projection, offset)
         assert np.all(-error <= bound[:, None])
 
 def test_features_outside_float32_range_are_refused():
-    with pytest.raises(ValueError, match="memory bank: squared norms .* overflow float32"):
+    with pytest.raises(ValueError, match="memory bank: values up to .* give squared norms that overflow float32"):
         ExactKnn(np.full((4, 8), 1e19, np.float32))
     knn = ExactKnn(np.eye(4, dtype=np.float32))
-    with pytest.raises(ValueError, match="queries: squared norms .* overflow float32"):
+    with pytest.raises(ValueError, match="queries: values up to .* give squared norms that overflow float32"):
         knn.search(np.full((1, 4), 1e19, np.float32), 1)
     with pytest.raises(ValueError, match="memory bank: the features differ by at most .* underflow float32"):
         ExactKnn(np.eye(4, dtype=np.float32) * 1e-20)
