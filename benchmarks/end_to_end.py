@@ -190,8 +190,9 @@ def run_anomalib(python: str, root: Path, category: str, work: Path) -> dict:
 def previous_checkout(rev: str, work: Path) -> Path:
     """A detached worktree of an earlier commit, to measure it in the same run."""
     target = work / f"previous-{rev}"
-    subprocess.run(["git", "worktree", "add", "--detach", "-f", str(target), rev], cwd=REPO, check=True,
-                   capture_output=True)
+    if not (target / ".git").exists():  # a second run of the harness reuses it
+        subprocess.run(["git", "worktree", "add", "--detach", "-f", str(target), rev], cwd=REPO, check=True,
+                       capture_output=True)
     return target
 
 
