@@ -35,6 +35,8 @@ EFFICIENCY = 0.6  # assumed share of that peak for cuDNN convolutions and large 
 HOST_LINK = 20e9  # bytes/s assumed for device <-> host copies (PCIe 5 x16 in practice)
 METRICS_S_PER_IMAGE = 1.3 / 112  # measured: 1.3 s for a 112-image category on the H200 host, one core
 H200_SCREEN_TFLOPS = 0.29e12  # measured on the H200 (2026-11-30), coreset screen as the code then ran it
+PICKS_PER_ROUND = 18_737 / 98  # measured: tire-shaped category, 2 holders, coreset_batch 128 (BENCHMARKS)
+ROUND_TRIP_S = 3.47e-3  # measured here: one round (centres put once, a call to each of 2 holders), no compute
 H200_KNN_IMAGES_S = 42.0  # measured there too, kNN scoring (tire-shaped: 784 patches x 18,737 rows; applied to all)
 
 
@@ -52,6 +54,8 @@ def stages(counts: dict, decode_rate: float, gpus: int, cores_per_gpu: int, math
         "forward": images * FLOP_PER_IMAGE / (EFFICIENCY * H100_FP32_PEAK * gpus),
         "features to host": images * PATCHES * DIM * 4 / (HOST_LINK * gpus),
         "coreset": coreset_flop / (math_rate * gpus),
+        # the driver runs one category's greedy at a time: its round trips do not shrink with more GPUs
+        "coreset round trips": sum(0.1 * n * PATCHES for n, _ in counts.values()) / PICKS_PER_ROUND * ROUND_TRIP_S,
         "kNN scoring": (test / (knn_images_s * gpus)) if knn_images_s else knn_flop / (math_rate * gpus),
         "metrics (CPU)": test * METRICS_S_PER_IMAGE / min(8 * gpus, decode_cores),
     }
@@ -61,7 +65,7 @@ def table(decode: dict[str, float], cores_per_gpu: int) -> str:
     datasets = [("MVTec AD", MVTEC_AD_COUNTS, decode["mvtec"]), ("VisA", VISA, decode["visa"]),
                 ("BTAD", BTAD, decode["mvtec"])]
     rows = ["| dataset | GPUs | math at | " + " | ".join(stages(VISA, 1, 1, cores_per_gpu, 1, None)) +
-            " | bound (slowest) | sum |", "|" + "---|" * 10]
+            " | bound (slowest) | sum |", "|" + "---|" * 11]
     for name, counts, rate in datasets:
         for gpus in (1, 8):
             for label, math_rate, knn in (("measured H200 rates", H200_SCREEN_TFLOPS, H200_KNN_IMAGES_S),
