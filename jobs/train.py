@@ -26,13 +26,14 @@ from anomaly_core.config import ConfigError, RunConfig
 from anomaly_core.data import ImageTransform, metric_groups
 from cluster.evaluator import evaluator_actor
 from cluster.pipeline import CategoryJob, CategoryResult
+from cluster.scaling import withdraw_request
 from cluster.training import (
+    EVALUATOR_CPUS,
     HISTORY,
+    acquire_training_nodes,
     build_model,
-    ddp_selected,
-    fit_category,
-    fit_with_ray_train,
     predict_category,
+    submit_fit,
     task_options,
     threads_of,
     transform_of,
@@ -41,7 +42,7 @@ from jobs.benchmark import print_done, run_main, start_run, write_run
 from jobs.cli import single_backbone
 from jobs.outputs import category_folder, released, write_category
 from jobs.preflight import check_jobs
-from jobs.ray_runtime import start_ray
+from jobs.ray_runtime import resource_wait_s, start_ray
 from jobs.report import figure_paths, training_figure, write_category_figure
 from jobs.resume import model_record
 from jobs.tracking import Tracker
@@ -124,36 +125,30 @@ def run(config: RunConfig, run_name: str | None = None, only: set[str] | None = 
 
 def train_and_evaluate(config: RunConfig, run_dir: Path, todo: list[CategoryJob], tracker: Tracker,
                        transform: ImageTransform) -> list[CategoryResult]:
-    """Fit every category (tasks in parallel, DDP categories one after another meanwhile), then score each
-    finished model's test set and compute its metrics on an evaluation actor; results written as they come."""
+    """Fit every category at once (fit tasks, and DDP categories' Ray Train runs in tasks of their own), then
+    score each model as it finishes and compute its metrics on the evaluation actor; results written as they
+    come. Nothing is submitted before the cluster is known to hold what the training needs."""
+    wait_s = resource_wait_s(config.cluster)
+    acquire_training_nodes(config, todo, wait_s)
     events = Queue(actor_options={"num_cpus": 0})
     drain = EventLog(events, tracker, config.training.epochs)
-    evaluator = evaluator_actor(config.cluster.max_restarts).options(num_cpus=0).remote()
-    fit_task, predict_task = ray.remote(fit_category), ray.remote(predict_category)
+    evaluator = evaluator_actor(config.cluster.max_restarts).options(num_cpus=EVALUATOR_CPUS).remote()
+    predict_task = ray.remote(predict_category)
     options, threads = task_options(config), threads_of(config)
     folders = {job.key: str(category_folder(run_dir, job)) for job in todo}
     started = {job.key: time.perf_counter() for job in todo}
-    fits = {fit_task.options(**options).remote(config, job, folders[job.key], events, threads): job
-            for job in todo if not ddp_selected(config, job)}
+    fits = {submit_fit(config, job, folders[job.key], events, run_dir): job for job in todo}
+    if wait_s > 0:  # the fits are the cluster's demand now: let it shrink after the run
+        ray.get(evaluator.__ray_ready__.remote())
+        withdraw_request()
     results = []
     try:
-        done: dict[str, float] = {}
-        for job in todo:
-            if ddp_selected(config, job):
-                fit_with_ray_train(config, job, folders[job.key], events)
-                done[job.key] = time.perf_counter() - started[job.key]
-        pending = list(fits)
         scoring: dict[ray.ObjectRef, tuple[CategoryJob, float, float]] = {}
-        for job in todo:
-            if job.key in done:
-                scoring[_score(config, job, folders, predict_task, evaluator, threads, options)] = (job, done[job.key],
-                                                                                                  time.perf_counter())
-        while pending or scoring:
-            ready, _ = ray.wait(pending + list(scoring), num_returns=1)
+        while fits or scoring:
+            ready, _ = ray.wait(list(fits) + list(scoring), num_returns=1)
             ref = ready[0]
             if ref in fits:
-                pending.remove(ref)
-                job = fits[ref]
+                job = fits.pop(ref)
                 ray.get(ref)  # raises the category's training error
                 train_s = time.perf_counter() - started[job.key]
                 scoring[_score(config, job, folders, predict_task, evaluator, threads, options)] = (job, train_s,
