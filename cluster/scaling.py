@@ -44,22 +44,31 @@ def extractor_bundles(cluster: Any) -> list[dict[str, float]]:
     return [dict(bundle) for _ in range(count)]
 
 
-def fits(bundles: Sequence[dict[str, float]], nodes: Sequence[Node]) -> bool:
-    """Whether ``bundles`` can all be placed on ``nodes`` (first fit, largest GPU share first).
+def place(bundles: Sequence[dict[str, float]], nodes: Sequence[Node]) -> list[str] | None:
+    """The node id of each of ``bundles`` (in their order) when all can be placed on ``nodes``, else None.
 
-    The same packing rule as the plan's: each node holds as many bundles as its CPUs and GPUs allow.
+    First fit, largest GPU share first: the same packing rule as the plan's, each node holding as many
+    bundles as its CPUs and GPUs allow.
     """
-    room = [[node.cpus, node.gpus] for node in nodes]
-    for bundle in sorted(bundles, key=lambda b: (-b.get("GPU", 0.0), -b.get("CPU", 0.0))):
-        cpu, gpu = bundle.get("CPU", 0.0), bundle.get("GPU", 0.0)
-        for free in room:
+    room = {node.node_id: [node.cpus, node.gpus] for node in nodes}
+    homes: dict[int, str] = {}
+    order = sorted(range(len(bundles)), key=lambda i: (-bundles[i].get("GPU", 0.0), -bundles[i].get("CPU", 0.0)))
+    for index in order:
+        cpu, gpu = bundles[index].get("CPU", 0.0), bundles[index].get("GPU", 0.0)
+        for node_id, free in room.items():
             if free[0] + 1e-9 >= cpu and free[1] + 1e-9 >= gpu:
                 free[0] -= cpu
                 free[1] -= gpu
+                homes[index] = node_id
                 break
         else:
-            return False
-    return True
+            return None
+    return [homes[index] for index in range(len(bundles))]
+
+
+def fits(bundles: Sequence[dict[str, float]], nodes: Sequence[Node]) -> bool:
+    """Whether ``bundles`` can all be placed on ``nodes`` (``place``)."""
+    return place(bundles, nodes) is not None
 
 
 def _offer(nodes: Sequence[Node]) -> str:

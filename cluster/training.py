@@ -54,8 +54,8 @@ from anomaly_core.training import (
 )
 from anomaly_core.training.distributed import rank_and_world_size
 from cluster.pipeline import CategoryJob
-from cluster.resources import Node
-from cluster.scaling import wait_for_bundles
+from cluster.resources import Placement
+from cluster.scaling import place, wait_for_bundles
 
 log = logging.getLogger("cluster.training")
 
@@ -246,9 +246,9 @@ def ddp_selected(config: RunConfig, job: CategoryJob) -> bool:
 
 
 def training_bundles(config: RunConfig, jobs: list[CategoryJob]) -> tuple[list[dict[str, float]], str, str]:
-    """The smallest set of bundles the run cannot progress without, what they are, and the keys asking for
-    them: the evaluation actor and one fit task, or the Ray Train workers when a category trains with DDP
-    (the same shape, so they cover a fit task too)."""
+    """The bundles the run cannot progress without, what they are, and the keys asking for them: one fit task
+    (or the Ray Train workers when a category trains with DDP: the same shape, so they cover a fit or
+    predict task too), then the evaluator, which keeps its CPU for the whole run."""
     training = config.training
     ddp = any(ddp_selected(config, job) for job in jobs)
     workers = training.ddp_workers if ddp else 1
@@ -256,11 +256,14 @@ def training_bundles(config: RunConfig, jobs: list[CategoryJob]) -> tuple[list[d
     keys = "training.cpus_per_worker, training.gpus_per_worker" + (", training.ddp_workers" if ddp else "")
     if training.gpus_per_worker:
         keys += " (training.gpus_per_worker=0 trains on CPUs)"
-    return [{"CPU": EVALUATOR_CPUS}] + [worker_bundle(config)] * workers, what, keys
+    return [worker_bundle(config)] * workers + [{"CPU": EVALUATOR_CPUS}], what, keys
 
 
-def acquire_training_nodes(config: RunConfig, jobs: list[CategoryJob], wait_s: float) -> list[Node]:
-    """The alive nodes once they can hold ``training_bundles`` (asked of the autoscaler and waited for up to
-    ``wait_s`` on a joined cluster); refused at once, naming the keys, where they never can."""
+def evaluator_placement(config: RunConfig, jobs: list[CategoryJob], wait_s: float) -> Placement:
+    """Where the evaluator goes, once the alive nodes can hold ``training_bundles`` (asked of the autoscaler
+    and waited for up to ``wait_s`` on a joined cluster; refused at once, naming the keys, where they never
+    can): the node the packing gave it, so that a fit task always fits beside it (placed by Ray alone it
+    could take the one CPU a GPU node's fit task needs, and every task would wait forever)."""
     bundles, what, keys = training_bundles(config, jobs)
-    return wait_for_bundles(bundles, what, keys, wait_s)
+    nodes = wait_for_bundles(bundles, what, keys, wait_s)
+    return Placement("evaluator", 0, place(bundles, nodes)[-1], EVALUATOR_CPUS, 0.0)

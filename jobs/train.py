@@ -24,14 +24,14 @@ from ray.util.queue import Empty, Queue
 
 from anomaly_core.config import ConfigError, RunConfig
 from anomaly_core.data import ImageTransform, metric_groups
+from cluster.devices import pinned
 from cluster.evaluator import evaluator_actor
 from cluster.pipeline import CategoryJob, CategoryResult
 from cluster.scaling import withdraw_request
 from cluster.training import (
-    EVALUATOR_CPUS,
     HISTORY,
-    acquire_training_nodes,
     build_model,
+    evaluator_placement,
     predict_category,
     submit_fit,
     task_options,
@@ -127,19 +127,19 @@ def train_and_evaluate(config: RunConfig, run_dir: Path, todo: list[CategoryJob]
                        transform: ImageTransform) -> list[CategoryResult]:
     """Fit every category at once (fit tasks, and DDP categories' Ray Train runs in tasks of their own), then
     score each model as it finishes and compute its metrics on the evaluation actor; results written as they
-    come. Nothing is submitted before the cluster is known to hold what the training needs."""
+    come. Nothing is submitted before the cluster is known to hold what the training needs. The evaluator
+    (a CPU of its own) starts with the fits, so its imports are done when the first model is."""
     wait_s = resource_wait_s(config.cluster)
-    acquire_training_nodes(config, todo, wait_s)
+    placement = evaluator_placement(config, todo, wait_s)
     events = Queue(actor_options={"num_cpus": 0})
     drain = EventLog(events, tracker, config.training.epochs)
-    evaluator = evaluator_actor(config.cluster.max_restarts).options(num_cpus=EVALUATOR_CPUS).remote()
     predict_task = ray.remote(predict_category)
     options, threads = task_options(config), threads_of(config)
     folders = {job.key: str(category_folder(run_dir, job)) for job in todo}
     started = {job.key: time.perf_counter() for job in todo}
+    evaluator = evaluator_actor(config.cluster.max_restarts).options(**pinned(placement)).remote()
     fits = {submit_fit(config, job, folders[job.key], events, run_dir): job for job in todo}
-    if wait_s > 0:  # the fits are the cluster's demand now: let it shrink after the run
-        ray.get(evaluator.__ray_ready__.remote())
+    if wait_s > 0:  # the queued fits are the autoscaler's demand now: let the cluster shrink after the run
         withdraw_request()
     results = []
     try:

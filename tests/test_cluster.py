@@ -611,7 +611,7 @@ def test_train_job_refuses_at_once_what_no_node_can_hold(ray_cluster, tmp_path, 
     ])
     assert code == 2 and time.perf_counter() - started < 60
     err = capsys.readouterr().err
-    assert "no node of this Ray can hold 1 x {CPU: 1} + 1 x {CPU: 4, GPU: 1}" in err
+    assert "no node of this Ray can hold 1 x {CPU: 4, GPU: 1} + 1 x {CPU: 1} (a category's fit task and the evaluator)" in err
     assert err.count("1 CPU/1 GPU") == 2 and err.count("1 CPU/0 GPU") == 1  # what the nodes offer
     assert "lower training.cpus_per_worker, training.gpus_per_worker" in err
     assert not (tmp_path / "r" / "summary.json").exists() and not (tmp_path / "r" / "tire_small").exists()

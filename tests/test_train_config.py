@@ -14,7 +14,7 @@ from anomaly_core.data import CategorySplit
 from cluster import training
 from cluster.pipeline import CategoryJob
 from cluster.resources import Node
-from cluster.scaling import wait_for_bundles
+from cluster.scaling import place, wait_for_bundles
 from cluster.training import pick_device, training_bundles, training_device
 from jobs.train import check_training, preflight
 
@@ -64,21 +64,28 @@ def refused(config, nodes) -> str:
 
 def test_training_that_no_node_can_hold_is_refused_at_once_naming_the_keys():
     """An embedded Ray never gains a node: what it cannot hold would wait forever, so it is refused before
-    any task, in one line naming the keys and what the nodes offer. The evaluator's CPU counts too."""
+    any task, in one line naming the keys and what the nodes offer. The evaluator holds a CPU for the whole
+    run, so a fit task must fit beside it; it goes where the packing put it."""
     laptop = [Node("laptop", 2, 0)]
     message = refused(trained(gpus_per_worker=1, cpus_per_worker=4), laptop)  # configs/reverse_distillation.yaml's
-    assert message == ("no node of this Ray can hold 1 x {CPU: 1} + 1 x {CPU: 4, GPU: 1} (a category's fit task and the "
-                       "evaluator): it has 2 CPU/0 GPU; lower training.cpus_per_worker, training.gpus_per_worker "
+    assert message == ("no node of this Ray can hold 1 x {CPU: 4, GPU: 1} + 1 x {CPU: 1} (a category's fit task and "
+                       "the evaluator): it has 2 CPU/0 GPU; lower training.cpus_per_worker, training.gpus_per_worker "
                        "(training.gpus_per_worker=0 trains on CPUs)")
     assert "\n" not in message
-    assert "1 x {CPU: 1} + 1 x {CPU: 2}" in refused(trained(cpus_per_worker=2), laptop)  # 2 + the evaluator's 1
+    assert "can hold 1 x {CPU: 2} + 1 x {CPU: 1} (a category's fit task and the evaluator)" in refused(
+        trained(cpus_per_worker=2), laptop)
     assert wait_for_bundles(*training_bundles(trained(cpus_per_worker=1), JOBS), 0, nodes_now=lambda: laptop) == laptop
+    gpu, cpu = Node("g", 4, 1), Node("c", 8, 0)  # the GPU node has no CPU to spare: the evaluator goes to the other
+    bundles, _, _ = training_bundles(trained(gpus_per_worker=1, cpus_per_worker=4), JOBS)
+    assert place(bundles, [cpu, gpu]) == ["g", "c"] and place(bundles, [gpu]) is None
+    assert place(training_bundles(trained(cpus_per_worker=1), JOBS)[0], laptop) == ["laptop", "laptop"]
     gpu_node = [Node("g", 8, 2)]
     ddp = trained(gpus_per_worker=1, cpus_per_worker=2, ddp_workers=3, ddp_categories=["bottle"])
-    assert "the 3 Ray Train workers of a DDP category and the evaluator" in refused(ddp, gpu_node)
+    assert ("can hold 3 x {CPU: 2, GPU: 1} + 1 x {CPU: 1} (the 3 Ray Train workers of a DDP category and the "
+            "evaluator)") in refused(ddp, gpu_node)
     assert "training.ddp_workers" in refused(ddp, gpu_node)
-    assert wait_for_bundles(*training_bundles(ddp.model_copy(update={"training": ddp.training.model_copy(
-        update={"ddp_workers": 2})}), JOBS), 0, nodes_now=lambda: gpu_node) == gpu_node
+    two = ddp.model_copy(update={"training": ddp.training.model_copy(update={"ddp_workers": 2})})
+    assert wait_for_bundles(*training_bundles(two, JOBS), 0, nodes_now=lambda: gpu_node) == gpu_node
     other = ddp.model_copy(update={"training": ddp.training.model_copy(update={"ddp_categories": ["cable"]})})
     assert wait_for_bundles(*training_bundles(other, JOBS), 0, nodes_now=lambda: gpu_node) == gpu_node  # no DDP here
 
@@ -95,7 +102,7 @@ def test_a_joined_cluster_is_asked_for_the_training_bundles_and_waited_for():
     bundles, what, keys = training_bundles(trained(gpus_per_worker=1, cpus_per_worker=4), JOBS)
     nodes = wait_for_bundles(bundles, what, keys, 60, nodes_now=lambda: head + (worker if now[0] >= 20 else []),
                              request=lambda bundles: requests.append(bundles), clock=lambda: now[0], sleep=sleep)
-    assert nodes == head + worker and requests == [[{"CPU": 1.0}, {"CPU": 4.0, "GPU": 1.0}]] and now[0] == 20
+    assert nodes == head + worker and requests == [[{"CPU": 4.0, "GPU": 1.0}, {"CPU": 1.0}]] and now[0] == 20
 
 
 def test_each_ray_train_worker_trains_on_its_own_device(monkeypatch):
