@@ -83,25 +83,23 @@ def _shapes(bundles: Sequence[dict[str, float]]) -> str:
     return " + ".join(f"{count} x {shape}" for shape, count in counts.items())
 
 
-def acquire_nodes(
-    cluster: Any,
-    wait_s: float,
-    nodes_now: Callable[[], list[Node]] = lambda: alive_nodes(ray.nodes()),
-    request: Callable[..., None] = request_resources,
-    clock: Callable[[], float] = time.monotonic,
-    sleep: Callable[[float], None] = time.sleep,
-) -> list[Node]:
+def acquire_nodes(cluster: Any, wait_s: float, **probes: Any) -> list[Node]:
     """The alive nodes, once they can hold the run's extractor bundles (``extractor_bundles``).
 
     With ``wait_s == 0`` (an embedded Ray) the nodes as they are: the plan then refuses what cannot fit,
-    or runs GPU extractors on CPUs. Otherwise ``wait_for_bundles``.
+    or runs GPU extractors on CPUs. Otherwise ``wait_for_bundles`` (``probes``: its ``nodes_now``,
+    ``request``, ``clock`` and ``sleep``, which tests replace).
     """
     if wait_s <= 0:
-        return nodes_now()
+        return probes.get("nodes_now", _alive)()
     bundles = extractor_bundles(cluster)
     gpus = " and cluster.gpus_per_extractor" if any("GPU" in bundle for bundle in bundles) else ""
     return wait_for_bundles(bundles, "the extractors' bundles", f"cluster.num_extractors, cluster.cpus_per_actor{gpus}",
-                            wait_s, nodes_now, request, clock, sleep)
+                            wait_s, **probes)
+
+
+def _alive() -> list[Node]:
+    return alive_nodes(ray.nodes())
 
 
 def wait_for_bundles(
@@ -109,7 +107,7 @@ def wait_for_bundles(
     what: str,
     keys: str,
     wait_s: float,
-    nodes_now: Callable[[], list[Node]] = lambda: alive_nodes(ray.nodes()),
+    nodes_now: Callable[[], list[Node]] = _alive,
     request: Callable[..., None] = request_resources,
     clock: Callable[[], float] = time.monotonic,
     sleep: Callable[[float], None] = time.sleep,

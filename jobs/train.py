@@ -5,8 +5,10 @@
 
 Categories train in parallel as Ray tasks (``training.gpus_per_worker`` each); those in ``training.ddp_categories``
 on ``training.ddp_workers`` Ray Train workers. Each trained model is scored on the test set and its metrics
-computed by the evaluation actors, as a memory bank's; the run folder has PatchCore's layout with
-``model.safetensors`` + ``model.json`` (and ``checkpoints/``) in place of the bank.
+computed by the evaluation actor, as a memory bank's; the run folder has PatchCore's layout with
+``model.safetensors`` + ``model.json`` (and ``checkpoints/``) in place of the bank. What no node can hold is
+refused before any task starts (after a bounded wait for the autoscaler on a joined cluster); a task lost
+with its node is retried from the category's latest checkpoint (``cluster/training.py``).
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ from typing import Any
 
 import ray
 from ray.util.queue import Empty, Queue
+from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
 from anomaly_core.config import ConfigError, RunConfig
 from anomaly_core.data import ImageTransform, metric_groups
@@ -131,7 +134,9 @@ def train_and_evaluate(config: RunConfig, run_dir: Path, todo: list[CategoryJob]
     (a CPU of its own) starts with the fits, so its imports are done when the first model is."""
     wait_s = resource_wait_s(config.cluster)
     placement = evaluator_placement(config, todo, wait_s)
-    events = Queue(actor_options={"num_cpus": 0})
+    # On the driver's node: a queue on a node that dies would take every later fit attempt's events with it.
+    here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=False)
+    events = Queue(actor_options={"num_cpus": 0, "scheduling_strategy": here})
     drain = EventLog(events, tracker, config.training.epochs)
     predict_task = ray.remote(predict_category)
     options, threads = task_options(config), threads_of(config)
