@@ -51,7 +51,7 @@ class TrainerConfig:
     validate_every_n_epochs: int = 1  # the last epoch is always validated (when a validation set is given)
     predict_batch_size: int = 16
     fpr_limit: float = 0.3  # AUPRO's false-positive-rate limit
-    device: str = "cpu"
+    device: str = "cpu"  # this rank's own device (e.g. cuda:1); under NCCL its collectives travel there too
 
     def __post_init__(self) -> None:
         for name in ("epochs", "batch_size", "log_every_n_steps", "validate_every_n_epochs", "predict_batch_size"):
