@@ -104,6 +104,8 @@ class ClusterConfig(_Strict):
     eval_threads: int | Literal["auto"] = "auto"
     # Threads decoding images per extractor; auto = see cluster/resources.py (README "Resources").
     decode_workers: int | Literal["auto"] = "auto"
+    # Times a lost actor is restarted; jobs.train: times a fit/predict task whose process or node died is
+    # run again, and a DDP category's Ray Train worker group restarted (both continue from checkpoints/latest).
     max_restarts: int = Field(3, ge=0)
     # Categories whose extraction may run ahead of the coreset: enough to keep the extractors busy,
     # few enough that a full benchmark's features never pile up in the object store.

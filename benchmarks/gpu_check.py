@@ -320,9 +320,13 @@ def run(args: argparse.Namespace) -> int:
               f"{_num(engine['total_s'])} s")
         results["cpu_equal"]["engine"] = compare(engine["metrics"], CPU_METRICS[(n_train, n_test)], "engine, no Ray")
 
+    cuda = args.device.startswith("cuda")
+    check.stage("train_speed", [sys.executable, "benchmarks/train_speed.py", "--device", args.device, "--epochs",
+                                "10" if cuda else "1", "--json", str(args.work / "train_speed.json")], cap=150)
+
     if info["ray"] is None:
         print("\nRay is not installed here (part 1 of the wheels was not on this machine): cluster stages skipped")
-        for name in ("tire", "mvtec_lite0", "mvtec_wrn50", "demo"):
+        for name in ("tire", "mvtec_lite0", "mvtec_wrn50", "demo", "train_job"):
             check.stages[name] = {"status": "skipped: no Ray"}
     else:
         e2e_json = args.work / "e2e.json"
@@ -346,6 +350,15 @@ def run(args: argparse.Namespace) -> int:
         check.benchmark("mvtec_wrn50", "configs/mvtec_ad.yaml", mvtec + BACKBONES["wrn50"], cap=check.left(),
                         categories=wrn50_categories)
         check.benchmark("demo", "configs/demo.yaml", [], cap=150)
+        # jobs.train as configs/reverse_distillation.yaml ships (1 GPU, 4 CPUs a category) on tire, 5 epochs.
+        on_cpu = [] if cuda else ["training.gpus_per_worker=0", "training.cpus_per_worker=1", "training.epochs=1"]
+        sets = ["datasets=[{name: tire_small, format: mvtec, root: data/tire_small}]", "backbone.name=tf_efficientnet_lite0",
+                "backbone.layers=[]", "backbone.weights=package", "training.epochs=5", f"output_dir={args.work / 'outputs'}",
+                *on_cpu]
+        shutil.rmtree(args.work / "outputs" / "train_job", ignore_errors=True)
+        check.stage("train_job", [sys.executable, "-m", "jobs.train", "--config", "configs/reverse_distillation.yaml",
+                                  "--wandb", "off", "--run-name", "train_job",
+                                  *[arg for item in sets for arg in ("--set", item)]], cap=180)
 
     failed_checks = [name for name, verdict in results["cpu_equal"].items() if verdict["verdict"] != "PASS"]
     results["failed_stages"], results["failed_checks"] = check.failed, failed_checks

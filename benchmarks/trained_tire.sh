@@ -2,12 +2,13 @@
 # Trained models beside PatchCore on tire_small with the real Lite0 package teacher (docs/BENCHMARKS.md):
 # PatchCore (demo settings), Reverse Distillation (50 epochs), STFPM (30 epochs), the Lite0 + Lite1 ensemble,
 # all at 256 -> 224, then jobs.compare. Run alone on the machine: bash benchmarks/trained_tire.sh
+# One training thread: on 2 cores the run's evaluator keeps the other CPU (jobs.train refuses 2 + 1).
 cd "$(dirname "$0")/.."
 OUT=$(mktemp -d /tmp/anomaly-bench-trained.XXXX)
 TIRE='datasets=[{name: tire_small, format: mvtec, root: data/tire_small}]'
 TEACHER=(--set backbone.name=tf_efficientnet_lite0 --set backbone.layers=[] --set backbone.weights=package
          --set preprocess.resize=256 --set preprocess.crop=224 --set training.gpus_per_worker=0
-         --set training.cpus_per_worker=2 --set training.validate_every_n_epochs=10)
+         --set training.cpus_per_worker=1 --set training.validate_every_n_epochs=10)
 timed() { name=$1; shift
   /usr/bin/time -f "$name wall %e s" env -u OPENBLAS_CORETYPE -u OPENBLAS_L2_SIZE .venv/bin/python -m "$@" \
     --wandb off --run-name $name --set output_dir=$OUT > $OUT/$name.log 2>&1

@@ -5,8 +5,10 @@
 
 Categories train in parallel as Ray tasks (``training.gpus_per_worker`` each); those in ``training.ddp_categories``
 on ``training.ddp_workers`` Ray Train workers. Each trained model is scored on the test set and its metrics
-computed by the evaluation actors, as a memory bank's; the run folder has PatchCore's layout with
-``model.safetensors`` + ``model.json`` (and ``checkpoints/``) in place of the bank.
+computed by the evaluation actor, as a memory bank's; the run folder has PatchCore's layout with
+``model.safetensors`` + ``model.json`` (and ``checkpoints/``) in place of the bank. What no node can hold is
+refused before any task starts (after a bounded wait for the autoscaler on a joined cluster); a task lost
+with its node is retried from the category's latest checkpoint (``cluster/training.py``).
 """
 
 from __future__ import annotations
@@ -21,18 +23,20 @@ from typing import Any
 
 import ray
 from ray.util.queue import Empty, Queue
+from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
 from anomaly_core.config import ConfigError, RunConfig
 from anomaly_core.data import ImageTransform, metric_groups
+from cluster.devices import pinned
 from cluster.evaluator import evaluator_actor
 from cluster.pipeline import CategoryJob, CategoryResult
+from cluster.scaling import withdraw_request
 from cluster.training import (
     HISTORY,
     build_model,
-    ddp_selected,
-    fit_category,
-    fit_with_ray_train,
+    evaluator_placement,
     predict_category,
+    submit_fit,
     task_options,
     threads_of,
     transform_of,
@@ -41,7 +45,7 @@ from jobs.benchmark import print_done, run_main, start_run, write_run
 from jobs.cli import single_backbone
 from jobs.outputs import category_folder, released, write_category
 from jobs.preflight import check_jobs
-from jobs.ray_runtime import start_ray
+from jobs.ray_runtime import resource_wait_s, start_ray
 from jobs.report import figure_paths, training_figure, write_category_figure
 from jobs.resume import model_record
 from jobs.tracking import Tracker
@@ -124,36 +128,32 @@ def run(config: RunConfig, run_name: str | None = None, only: set[str] | None = 
 
 def train_and_evaluate(config: RunConfig, run_dir: Path, todo: list[CategoryJob], tracker: Tracker,
                        transform: ImageTransform) -> list[CategoryResult]:
-    """Fit every category (tasks in parallel, DDP categories one after another meanwhile), then score each
-    finished model's test set and compute its metrics on an evaluation actor; results written as they come."""
-    events = Queue(actor_options={"num_cpus": 0})
+    """Fit every category at once (fit tasks, and DDP categories' Ray Train runs in tasks of their own), then
+    score each model as it finishes and compute its metrics on the evaluation actor; results written as they
+    come. Nothing is submitted before the cluster is known to hold what the training needs. The evaluator
+    (a CPU of its own) starts with the fits, so its imports are done when the first model is."""
+    wait_s = resource_wait_s(config.cluster)
+    placement = evaluator_placement(config, todo, wait_s)
+    # On the driver's node: a queue on a node that dies would take every later fit attempt's events with it.
+    here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=False)
+    events = Queue(actor_options={"num_cpus": 0, "scheduling_strategy": here})
     drain = EventLog(events, tracker, config.training.epochs)
-    evaluator = evaluator_actor(config.cluster.max_restarts).options(num_cpus=0).remote()
-    fit_task, predict_task = ray.remote(fit_category), ray.remote(predict_category)
+    predict_task = ray.remote(predict_category)
     options, threads = task_options(config), threads_of(config)
     folders = {job.key: str(category_folder(run_dir, job)) for job in todo}
     started = {job.key: time.perf_counter() for job in todo}
-    fits = {fit_task.options(**options).remote(config, job, folders[job.key], events, threads): job
-            for job in todo if not ddp_selected(config, job)}
+    evaluator = evaluator_actor(config.cluster.max_restarts).options(**pinned(placement)).remote()
+    fits = {submit_fit(config, job, folders[job.key], events, run_dir): job for job in todo}
+    if wait_s > 0:  # the queued fits are the autoscaler's demand now: let the cluster shrink after the run
+        withdraw_request()
     results = []
     try:
-        done: dict[str, float] = {}
-        for job in todo:
-            if ddp_selected(config, job):
-                fit_with_ray_train(config, job, folders[job.key], events)
-                done[job.key] = time.perf_counter() - started[job.key]
-        pending = list(fits)
         scoring: dict[ray.ObjectRef, tuple[CategoryJob, float, float]] = {}
-        for job in todo:
-            if job.key in done:
-                scoring[_score(config, job, folders, predict_task, evaluator, threads, options)] = (job, done[job.key],
-                                                                                                  time.perf_counter())
-        while pending or scoring:
-            ready, _ = ray.wait(pending + list(scoring), num_returns=1)
+        while fits or scoring:
+            ready, _ = ray.wait(list(fits) + list(scoring), num_returns=1)
             ref = ready[0]
             if ref in fits:
-                pending.remove(ref)
-                job = fits[ref]
+                job = fits.pop(ref)
                 ray.get(ref)  # raises the category's training error
                 train_s = time.perf_counter() - started[job.key]
                 scoring[_score(config, job, folders, predict_task, evaluator, threads, options)] = (job, train_s,

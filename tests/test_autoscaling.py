@@ -1,4 +1,5 @@
-"""A fresh autoscaling cluster gets its GPU worker: the job asks for it and its actors land there.
+"""A fresh autoscaling cluster gets its GPU worker: the job asks for it and its actors land there; what no node
+type can hold ends the wait with the keys named.
 
 Ray's fake multi-node provider (the one ``ray.cluster_utils.AutoscalingCluster`` configures) runs the real
 autoscaler against "nodes" that are local raylets. Its helper first runs ``ray stop --force``, which would end
@@ -120,3 +121,28 @@ def test_a_cluster_with_only_its_head_scales_up_its_gpu_worker_for_the_job(autos
                       coreset_seed(config.seed, "tire_small", "tire"), extractor.describe())
     (category,) = summary["categories"]
     assert category["bank_sha256"] == bank.sha256
+
+
+def test_training_that_no_node_type_can_hold_ends_its_wait_naming_the_keys(autoscaling_head, tmp_path):
+    """jobs.train, joined to the autoscaling cluster, as configs/reverse_distillation.yaml ships: each category's
+    fit task wants 4 CPUs and a GPU, and no node type has 4 CPUs. Ray's autoscaler would call the demand
+    infeasible every 35 s forever; the job asks for the bundles, waits ``cluster.resource_wait_s``, withdraws
+    its request and stops with one line naming the keys, before any task."""
+    address, env = autoscaling_head
+    run = subprocess.run(
+        [sys.executable, "-m", "jobs.train", "--config", "configs/reverse_distillation.yaml", "--wandb", "off",
+         "--run-name", "too-big", "--set", f"output_dir={tmp_path}", "--set", "cluster.resource_wait_s=5",
+         "--set", f"datasets=[{{name: tire_small, format: mvtec, root: {TIRE_ROOT}}}]",
+         "--set", "backbone.name=tf_efficientnet_lite0", "--set", "backbone.layers=[]", "--set", "backbone.weights=package"],
+        env={**env, "RAY_ADDRESS": address, "PYTHONPATH": str(REPO)}, cwd=REPO, capture_output=True, text=True,
+        timeout=300,
+    )
+    log = run.stdout + run.stderr
+    assert run.returncode == 2, log[-4000:]
+    assert "asked the autoscaler for 1 x {CPU: 4, GPU: 1} + 1 x {CPU: 1} (a category's fit task and the evaluator)" in log
+    (error,) = [line for line in log.splitlines() if line.startswith("error:")]
+    assert error.startswith("error: the cluster did not offer 1 x {CPU: 4, GPU: 1} + 1 x {CPU: 1} within "
+                            "cluster.resource_wait_s=5 s: it has ")
+    assert error.endswith("or lower training.cpus_per_worker, training.gpus_per_worker (training.gpus_per_worker=0 "
+                          "trains on CPUs)")
+    assert not (tmp_path / "too-big" / "tire_small").exists()  # no task ran

@@ -43,6 +43,8 @@ from anomaly_core.training import (
     save_model_files,
 )
 
+from anomaly_core.training.distributed import collective_device
+
 from .conftest import REPO, TIRE_ROOT
 
 CROP = 64
@@ -360,3 +362,12 @@ def test_two_ranks_train_like_one_process_with_the_global_batch(train_images, tm
                 torch.testing.assert_close(ddp_state[name], value, rtol=DDP_TOLERANCE, atol=DDP_TOLERANCE, msg=name)
             else:
                 assert torch.equal(ddp_state[name], value), name
+
+
+def test_collectives_travel_on_the_device_the_backend_reduces_on():
+    """NCCL (Ray Train's backend on GPU workers) reduces CUDA tensors only: the loss means and rank 0's
+    early-stopping decision go on the rank's own GPU there; gloo (the two-rank test above) takes CPU tensors."""
+    assert collective_device("nccl", "cuda:1") == torch.device("cuda", 1)
+    assert collective_device("nccl", torch.device("cuda", 0)) == torch.device("cuda", 0)
+    assert collective_device("gloo", "cuda:1") == torch.device("cpu")
+    assert collective_device("gloo", "cpu") == torch.device("cpu")

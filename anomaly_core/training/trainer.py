@@ -51,7 +51,7 @@ class TrainerConfig:
     validate_every_n_epochs: int = 1  # the last epoch is always validated (when a validation set is given)
     predict_batch_size: int = 16
     fpr_limit: float = 0.3  # AUPRO's false-positive-rate limit
-    device: str = "cpu"
+    device: str = "cpu"  # this rank's own device (e.g. cuda:1); under NCCL its collectives travel there too
 
     def __post_init__(self) -> None:
         for name in ("epochs", "batch_size", "log_every_n_steps", "validate_every_n_epochs", "predict_batch_size"):
@@ -230,7 +230,7 @@ class Trainer:
             total += losses[LOSS].detach().double().cpu()
             if progress.global_step % config.log_every_n_steps == 0:
                 names = list(losses)
-                values = mean_over_ranks(torch.stack([losses[name].detach().double().cpu() for name in names]))
+                values = mean_over_ranks(torch.stack([losses[name].detach().double().cpu() for name in names]), device)
                 if rank == 0 and self.callbacks.on_log is not None:
                     self.callbacks.on_log({
                         "epoch": epoch, "step": progress.global_step, "lr": learning_rate,
@@ -240,7 +240,7 @@ class Trainer:
                     })
             previous_end = finished
         module.on_train_epoch_end(epoch)
-        loss = float(mean_over_ranks(total / len(batches)))
+        loss = float(mean_over_ranks(total / len(batches), device))
         if not math.isfinite(loss):
             raise FloatingPointError(f"training diverged: the mean loss of epoch {epoch} is {loss}")
         return loss
@@ -270,7 +270,8 @@ class Trainer:
         if not validated:
             return False
         recorded = report.values.get(monitor) if report is not None else None
-        value = float(from_rank_zero(torch.tensor([math.nan if recorded is None else recorded], dtype=torch.float64)))
+        value = float(from_rank_zero(torch.tensor([math.nan if recorded is None else recorded], dtype=torch.float64),
+                                     self.config.device))
         if math.isnan(value):
             known = "" if report is None else f"known metrics: {', '.join(report.values)}"
             note = "" if report is None else ": " + report.notes.get(monitor, known)
