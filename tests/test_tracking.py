@@ -334,9 +334,12 @@ def test_training_events_become_step_curves_validations_and_checkpoint_artifacts
     transform = transform_of(config)
     events = EventList()
     steps: list[dict] = []
-    trainer = Trainer(trainer_config(config, "cpu"), tmp_path / "checkpoints", _callbacks("tire_small/tire", events, steps))
+    checkpoints: list[int] = []
+    trainer = Trainer(trainer_config(config, "cpu"), tmp_path / "checkpoints",
+                      _callbacks("tire_small/tire", events, steps, lambda: checkpoints.append(len(steps))))
     trainer.fit(model, load_images(split.train[:4], transform), load_validation_set(split.test[::5], transform))
     assert [event["kind"] for event in events].count("step") == 4 and len(steps) == 4  # also kept for the report
+    assert checkpoints == [2, 4]  # after each epoch's latest checkpoint (2 steps an epoch), the step log is saved
     run_dir = tmp_path / "train-run"
     with Tracker(WandbConfig(mode="offline", project="anomaly-test"), "train", run_dir) as tracker:
         for event in events:
