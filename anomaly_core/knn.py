@@ -70,14 +70,12 @@ class ExactKnn:
         self.block_rows = block_rows or (2048 if not self.device.use_torch else 16384)
         check_float32_range(bank, "memory bank")
         self.mean = bank.mean(axis=0, dtype=np.float64)
-        centred = bank.astype(np.float64) - self.mean
-        self._sq_norms = np.einsum("ij,ij->i", centred, centred)
         dim = bank.shape[1]
         if projection_dim is None:
             projection_dim = dim // 4 if not self.device.use_torch and dim >= _PROJECT_FROM_DIM else 0
         if not 0 <= projection_dim < dim:
             raise ValueError(f"projection_dim must be in [0, {dim}), got {projection_dim}")
-        self._screen = self._projected(centred, projection_dim, threads) if projection_dim else self._full()
+        self._screen = self._projected(projection_dim, threads) if projection_dim else self._full()
         self._switch = threading.Lock()
         self.unproven_queries = 0  # queries the screen's best candidates alone could not settle
         self.survivors = 0  # further bank rows recomputed for them
@@ -102,8 +100,10 @@ class ExactKnn:
         return _Screen("full", self.device.put(columns), None, self.device.margin(self.bank.shape[1]),
                        float(sq_norms.max()))
 
-    def _projected(self, centred: np.ndarray, dim: int, threads: int) -> _Screen:
+    def _projected(self, dim: int, threads: int) -> _Screen:
         """Columns ``[-2z_b; -2r_b; ||b̃||²]`` over the bank's top principal directions (float64 basis)."""
+        centred = self.bank.astype(np.float64) - self.mean  # float64: the basis and norms the queries match
+        sq_norms = np.einsum("ij,ij->i", centred, centred)
         blocks = [centred[lo : lo + _BANK_BLOCK] for lo in range(0, len(centred), _BANK_BLOCK)]
         workers = BlockWorkers(threads)
         try:
@@ -117,9 +117,9 @@ class ExactKnn:
         columns = np.empty((dim + 2, len(self.bank)), np.float32)
         columns[:dim] = -2.0 * z.T
         columns[dim] = -2.0 * r
-        columns[dim + 1] = self._sq_norms
+        columns[dim + 1] = sq_norms
         return _Screen(f"projected-{dim}", self.device.put(columns), basis, self.device.margin(dim + 1),
-                       float(self._sq_norms.max()))
+                       float(sq_norms.max()))
 
     def __len__(self) -> int:
         return len(self.bank)
