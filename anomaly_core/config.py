@@ -115,6 +115,9 @@ class ClusterConfig(_Strict):
     # A run that joined a cluster asks its autoscaler for the extractors' nodes and waits this long for them
     # (cluster/scaling.py); an embedded local Ray never waits.
     resource_wait_s: float = Field(600.0, ge=0.0)
+    # Extractors that are also their features' coreset holders and kNN scorers, so features stay in the process
+    # (on the GPU) that made them (cluster/colocated.py); auto = where extractors have a GPU share.
+    colocate: bool | Literal["auto"] = "auto"
 
     @field_validator("num_extractors", "num_evaluators", "coreset_threads", "eval_threads", "decode_workers")
     @classmethod

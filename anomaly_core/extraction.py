@@ -226,9 +226,13 @@ class PatchFeatureExtractor:
         indices: Sequence[int],
         augmentation: Augmentation | None = None,
         seeds: Sequence[int] | None = None,
+        keep_on_device: bool = False,
     ) -> PatchFeatures:
         """Patch features for ``samples``, keyed by ``indices`` (their category-list positions), with the
         seconds of each stage (``STAGES``) in ``stages``.
+
+        ``keep_on_device`` (on a GPU): the embeddings stay there, one torch tensor, for math in this process
+        (``cluster.colocated``); elsewhere they are always a host array.
 
         Batches i+1..i+prefetch are decoded while batch i runs on the device. On a GPU, batches go up from
         pinned memory and features come down into pinned buffers without blocking; the loop waits for batch
@@ -250,10 +254,17 @@ class PatchFeatureExtractor:
         timeline = []  # per batch: marks at its start and after h2d, forward, embedding, d2h
         copies: deque[tuple[int, torch.Tensor, torch.cuda.Event]] = deque()  # (first row, host features, copied)
         out = np.empty(0)
+        kept: list[torch.Tensor] = []  # keep_on_device: each batch's embeddings, on the GPU
+        keep = keep_on_device and self._cuda
         with closing(self.decoded_batches(samples, augmentation, seeds, stages)) as batches:
             for lo, images in batches:
                 marks = [self._mark()]
                 per_image, grid = self._embed(images, marks)
+                if keep:
+                    kept.append(per_image)
+                    marks.append(self._mark())
+                    timeline.append(marks)
+                    continue
                 if lo == 0:
                     dtype = np.float16 if self.settings.fp16 else np.float32
                     out = np.empty((len(samples), *per_image.shape[1:]), dtype)
@@ -273,6 +284,8 @@ class PatchFeatureExtractor:
         for marks in timeline:
             for stage, begin, end in zip(STAGES[2:], marks, marks[1:]):
                 stages[stage] += begin.elapsed_time(end) / 1000 if self._cuda else end - begin
+        if keep:
+            out = torch.cat(kept)
         seconds = time.perf_counter() - started
         return PatchFeatures(out, grid, np.asarray(indices, dtype=np.int64), seconds, stages)
 

@@ -18,15 +18,48 @@ from anomaly_core.coreset import random_projection
 class PatchFeatures:
     """Patch embeddings of a set of images, keyed by their index in the category's sample list."""
 
-    embeddings: np.ndarray  # [n_images, h * w, D]
+    embeddings: np.ndarray  # [n_images, h * w, D]; a torch tensor on its GPU where kept there (cluster.colocated)
     grid: tuple[int, int]
     sample_indices: np.ndarray  # [n_images] int64
     seconds: float = 0.0  # time spent producing them (for throughput reports)
     stages: dict[str, float] = field(default_factory=dict)  # seconds per extraction stage (extraction.STAGES)
 
+    @property
+    def on_host(self) -> bool:
+        return isinstance(self.embeddings, np.ndarray)
+
     def flat(self) -> np.ndarray:
-        """[n_images * h * w, D] float32 in sample-index order (the order the coreset sees)."""
+        """[n_images * h * w, D] float32 in sample-index order (the order the coreset sees), where the
+        embeddings are (a host array, or a tensor on their device)."""
+        if not self.on_host:
+            return self.embeddings.reshape(-1, self.embeddings.shape[-1]).float().contiguous()
         return np.ascontiguousarray(self.embeddings.reshape(-1, self.embeddings.shape[-1]), dtype=np.float32)
+
+    def to_host(self) -> "PatchFeatures":
+        """These features with their embeddings in host memory (a copy only where they are on a device)."""
+        if self.on_host:
+            return self
+        return PatchFeatures(self.embeddings.cpu().numpy(), self.grid, self.sample_indices, self.seconds, self.stages)
+
+
+def concat_rows(blocks: Sequence[np.ndarray]) -> np.ndarray:
+    """Row blocks concatenated where they are: host arrays with numpy, device tensors on their device."""
+    if all(isinstance(block, np.ndarray) for block in blocks):
+        return np.concatenate(blocks)
+    import torch  # only a process holding device tensors gets here
+
+    return torch.cat(list(blocks))
+
+
+def host_rows(rows: np.ndarray, index: np.ndarray | None = None) -> np.ndarray:
+    """``rows`` (or ``rows[index]``) as a host float32 array, copied from the device where they are on one."""
+    if isinstance(rows, np.ndarray):
+        return rows if index is None else rows[index]
+    import torch
+
+    if index is not None:
+        rows = rows[torch.from_numpy(np.asarray(index, dtype=np.int64)).to(rows.device)]
+    return rows.cpu().numpy()
 
 
 def merge_features(parts: Sequence[PatchFeatures]) -> PatchFeatures:
@@ -58,6 +91,7 @@ def coreset_points(features: PatchFeatures, method: str, projection_dim: int, se
     """
     if method != "approximate":
         return features.flat()
+    features = features.to_host()  # the seeded projection is numpy's (the same points on every device)
     return random_projection(features.flat(), projection_dim, seed, threads, rows=features.embeddings.shape[1])
 
 

@@ -20,7 +20,7 @@ import ray
 from ray.exceptions import RayActorError, RayTaskError
 
 from anomaly_core.coreset import Candidates, GreedyShard, coreset_size, greedy_coreset, greedy_select, start_index_for
-from anomaly_core.features import PatchFeatures, coreset_points
+from anomaly_core.features import PatchFeatures, concat_rows, coreset_points, host_rows
 from anomaly_core.threads import limit_threads
 from cluster.devices import ReportsThreads, math_device, pinned
 from cluster.resources import Placement
@@ -43,27 +43,37 @@ class CoresetHolder(ReportsThreads):
     def __init__(self) -> None:
         self.device = math_device()
 
-    def load(self, parts: list[ray.ObjectRef], method: str, projection_dim: int, seed: int, threads: int) -> None:
+    def load(self, parts: list[ray.ObjectRef], method: str, projection_dim: int, seed: int, threads: int
+             ) -> tuple[int, list[int]]:
         """Hold a category's shard; from here on the planned ``threads`` for all of this process's
-        libraries (Ray's default is the reservation rounded down) and as many one-thread workers."""
-        limit_threads(threads)
+        libraries (Ray's default is the reservation rounded down) and as many one-thread workers.
+        Returns ``shard_info()``, so a caller that waits for it knows the shard is in place."""
+        self._use_threads(threads)
         self.threads = threads
-        features: list[PatchFeatures] = ray.get(parts)
+        features = self._features(parts)
         self.grid = features[0].grid
-        self.original = np.concatenate([part.flat() for part in features])
+        self.original = concat_rows([part.flat() for part in features])
         self.indices = np.concatenate([global_patch_indices(part) for part in features])
         # Exact greedy runs on the rows themselves: share them instead of holding a second copy.
         self.points = self.original if method != "approximate" else np.concatenate(
             [coreset_points(part, method, projection_dim, seed, threads) for part in features]
         )
         self.shard = GreedyShard(self.points, self.indices, self.device, threads=threads)
+        return self.shard_info()
+
+    def _use_threads(self, threads: int) -> None:
+        limit_threads(threads)
+
+    def _features(self, parts: list[ray.ObjectRef]) -> list[PatchFeatures]:
+        """The shard's feature parts (here: from the object store)."""
+        return ray.get(parts)
 
     def unload(self) -> None:
         """Free the finished category's shard."""
         for name in ("original", "indices", "points", "shard", "grid"):
             self.__dict__.pop(name, None)
 
-    def describe(self) -> tuple[int, list[int]]:
+    def shard_info(self) -> tuple[int, list[int]]:
         """Points held, and the patch grid of the images they came from."""
         return len(self.indices), list(self.grid)
 
@@ -87,15 +97,21 @@ class CoresetHolder(ReportsThreads):
         return self.shard.top_candidates(b)
 
     def original_rows(self, global_indices: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """Bank rows (un-projected) for the requested indices this holder owns."""
+        """Bank rows (un-projected, on the host) for the requested indices this holder owns."""
         local = np.flatnonzero(np.isin(self.indices, global_indices))
-        return self.indices[local], self.original[local]
+        return self.indices[local], host_rows(self.original, local)
+
+    def select(self, n_select: int, start_index: int, batch: int) -> tuple[np.ndarray, float, int]:
+        """The whole greedy where this holder holds every point: picks, squared radius and rounds, with no
+        round trip to the driver (the same ``greedy_select``, so the same picks)."""
+        result = greedy_select([self.shard], n_select, start_index, batch=batch)
+        return result.indices, result.coverage_radius_sq, result.n_rounds
 
     def local_greedy(self, n_select: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
         """First round of the two-round mode: exact greedy inside this shard only."""
-        local = greedy_coreset(self.points, n_select=min(n_select, len(self.points)), seed=seed,
-                               threads=self.threads).indices
-        return self.indices[local], self.points[local]
+        points = host_rows(self.points)
+        local = greedy_coreset(points, n_select=min(n_select, len(points)), seed=seed, threads=self.threads).indices
+        return self.indices[local], points[local]
 
 
 class HolderPool:
@@ -104,10 +120,13 @@ class HolderPool:
     Each sits where the resource plan put it (``None``: anywhere, with no reservation).
     """
 
-    def __init__(self, placements: Sequence[Placement | None]) -> None:
+    def __init__(self, placements: Sequence[Placement | None], actors: Sequence[Any] = ()) -> None:
+        """``actors``: holders that exist already (colocated extractors, which Ray restarts itself): none are
+        started or replaced."""
         self.placements = list(placements)
         self.remote_class = ray.remote(max_restarts=0)(CoresetHolder)
-        self.actors = [self._start(slot) for slot in range(len(self.placements))]
+        self.owned = not actors
+        self.actors = list(actors) or [self._start(slot) for slot in range(len(self.placements))]
         self._centres: tuple[Any, Any, ray.ObjectRef] | None = None
 
     def centres_ref(self, rows: np.ndarray, global_indices: np.ndarray) -> ray.ObjectRef:
@@ -121,8 +140,10 @@ class HolderPool:
         return self.remote_class.options(**pinned(self.placements[slot])).remote()
 
     def replace(self, slot: int) -> Any:
-        """A fresh actor in place of a dead one (later categories use it too)."""
-        self.actors[slot] = self._start(slot)
+        """A fresh actor in place of a dead one (later categories use it too); a colocated extractor is
+        restarted by Ray, so its handle stays."""
+        if self.owned:
+            self.actors[slot] = self._start(slot)
         return self.actors[slot]
 
 
@@ -135,7 +156,7 @@ class HolderProxy:
     def __init__(self, pool: HolderPool, slot: int, load_args: tuple, batch: int) -> None:
         self.pool, self.slot, self.load_args = pool, slot, load_args
         self.actor = pool.actors[slot]
-        self.actor.load.remote(*load_args)
+        self.loading: ray.ObjectRef | None = self.actor.load.remote(*load_args)
         self.batch = batch
         self.sent: list[tuple[np.ndarray, np.ndarray]] = []
         self.prefetched: ray.ObjectRef | None = None
@@ -163,12 +184,23 @@ class HolderProxy:
             ray.get(self.actor.__ray_ready__.remote())
         except RayActorError:
             self.actor = self.pool.replace(self.slot)
-        calls = [self.actor.load.remote(*self.load_args)]
+        # One call after the other, each acknowledged: a colocated holder runs its calls on a thread pool, in
+        # no guaranteed order.
+        ray.get(self.actor.load.remote(*self.load_args))
         if self.sent:
             rows = np.concatenate([rows for rows, _ in self.sent])
             indices = np.concatenate([indices for _, indices in self.sent])
-            calls.append(self.actor.add_centers.remote(rows, indices))
-        ray.get(calls)
+            ray.get(self.actor.add_centers.remote(rows, indices))
+
+    def shard_info(self) -> tuple[int, list[int]]:
+        """Points held and their grid, once the shard is loaded (every later call is made after this)."""
+        if self.loading is not None:
+            ref, self.loading = self.loading, None
+            try:
+                return ray.get(ref)
+            except (RayActorError, RayTaskError):
+                return self._call("shard_info", rebuild_first=True)
+        return self._call("shard_info")
 
     def fetch_rows(self, global_indices: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         return self._call("fetch_rows", global_indices)
@@ -191,9 +223,21 @@ class HolderProxy:
         return self._call("top_candidates", b)
 
 
-def _assign_parts(refs: list[ray.ObjectRef], n_holders: int) -> list[list[ray.ObjectRef]]:
-    n_holders = max(1, min(n_holders, len(refs)))
-    return [refs[holder::n_holders] for holder in range(n_holders)]
+def _assign_parts(refs: list[ray.ObjectRef], n_holders: int, owners: Sequence[int | None] = ()
+                  ) -> dict[int, list[ray.ObjectRef]]:
+    """Feature parts per holder slot: each to its ``owners`` entry (the colocated extractor that holds it),
+    the rest round robin; holders with no part are left out."""
+    owners = list(owners) or [None] * len(refs)
+    groups: dict[int, list[ray.ObjectRef]] = {}
+    unowned = [ref for ref, owner in zip(refs, owners) if owner is None]
+    for ref, owner in zip(refs, owners):
+        if owner is not None:
+            groups.setdefault(owner, []).append(ref)
+    spread = max(1, min(n_holders, len(unowned)))
+    for holder in range(spread):
+        if unowned[holder::spread]:
+            groups.setdefault(holder, []).extend(unowned[holder::spread])
+    return dict(sorted(groups.items()))
 
 
 def distributed_coreset(
@@ -207,34 +251,42 @@ def distributed_coreset(
     batch: int = 64,
     threads: Sequence[int] | None = None,
     after: Sequence[ray.ObjectRef] = (),
+    owners: Sequence[int | None] = (),
 ) -> tuple[np.ndarray, dict[str, Any]]:
     """Select a category's bank from extractor outputs ``refs``; returns (bank rows, info).
 
     ``threads[slot]`` is the thread count holder ``slot`` uses for this category (default 1). The
     greedy waits for the objects ``after`` (holders load their shards meanwhile); ``seconds`` counts
-    from then.
+    from then. ``owners``: per ref, the holder slot that already holds its features (colocated), or None.
+    Where one holder holds every point, it runs the whole greedy itself (``CoresetHolder.select``): the
+    same picks without a driver round trip per batch of picks.
     """
     threads = list(threads) if threads is not None else [1] * len(pool.actors)
     proxies = [
         HolderProxy(pool, slot, (group, method, projection_dim, seed, threads[slot]), batch)
-        for slot, group in enumerate(_assign_parts(refs, len(pool.actors)))
+        for slot, group in _assign_parts(refs, len(pool.actors), owners).items()
     ]
     if after:
         ray.wait(list(after), num_returns=len(after), fetch_local=False)
     started = time.perf_counter()
-    described = [proxy._call("describe") for proxy in proxies]
+    described = [proxy.shard_info() for proxy in proxies]
     n_points, grid = int(sum(size for size, _ in described)), described[0][1]
     if method == "none":
         chosen = np.arange(n_points, dtype=np.int64)
         info = {"coverage_radius": 0.0, "rounds": 0}
     else:
         n_select = coreset_size(n_points, None, ratio)
+        start = start_index_for(n_points, seed)
         if mode == "two_round":
             chosen, info = _two_round(proxies, n_select, seed)
+        elif len(proxies) == 1:
+            chosen, radius_sq, rounds = proxies[0]._call("select", n_select, start, batch)
+            info = {"coverage_radius": float(np.sqrt(radius_sq)), "rounds": rounds, "driver_round_trips": 1}
         else:
-            result = greedy_select(proxies, n_select, start_index_for(n_points, seed), batch=batch)
+            result = greedy_select(proxies, n_select, start, batch=batch)
             chosen = result.indices
-            info = {"coverage_radius": result.coverage_radius, "rounds": result.n_rounds}
+            info = {"coverage_radius": result.coverage_radius, "rounds": result.n_rounds,
+                    "driver_round_trips": result.n_rounds}
     rows = _gather_rows(proxies, chosen)
     for proxy in proxies:
         proxy.actor.unload.remote()

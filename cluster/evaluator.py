@@ -15,6 +15,7 @@ worker that later runs it).
 
 from __future__ import annotations
 
+import threading
 import time
 
 import numpy as np
@@ -26,42 +27,48 @@ from anomaly_core.metrics import MetricReport
 from anomaly_core.patchcore import evaluate
 from anomaly_core.scoring import NearestNeighbourScorer, Predictions, ScoringParams, merge_predictions, predict
 from anomaly_core.threads import limit_threads
+from anomaly_core.distances import MatrixDevice
 from cluster.devices import ReportsThreads, math_device
 
 
-class Evaluator(ReportsThreads):
-    def __init__(self) -> None:
-        self.device = math_device()
-        self.scorers: dict[str, NearestNeighbourScorer] = {}
+class Scoring:
+    """The scorers of the categories an actor scores (bank on its math device, built on the first shard),
+    and its throughput."""
+
+    def __init__(self, device: MatrixDevice, keep: int | None = None) -> None:
+        """``keep``: at most that many categories' scorers (the oldest dropped first: one only costs a
+        rebuild), for actors that never see a category's ``finish``."""
+        self.device, self.keep = device, keep
+        self.scorers: dict[tuple[str, str], NearestNeighbourScorer] = {}  # by (category, bank object)
         self.busy_seconds = 0.0
         self.images_done = 0
+        self._lock = threading.Lock()  # a colocated extractor scores on two threads
 
-    def score(
-        self, key: str, bank: list[ray.ObjectRef], params: ScoringParams, features: PatchFeatures, crop: int,
-        threads: int,
-    ) -> Predictions:
+    def score(self, key: str, bank: list[ray.ObjectRef], params: ScoringParams, features: PatchFeatures, crop: int,
+              threads: int) -> Predictions:
         started = time.perf_counter()
-        # Every library at the plan's count from here on, the category's metrics included (Ray's default:
-        # the reservation rounded down).
-        limit_threads(threads)
-        if key not in self.scorers:
-            self.scorers[key] = NearestNeighbourScorer(ray.get(bank[0]), params, self.device, threads)
-        predictions = predict(self.scorers[key], features, crop, threads)
-        self.busy_seconds += time.perf_counter() - started
-        self.images_done += len(predictions.scores)
+        # By bank object too: a category is scored again with another bank (an ensemble's next member, a
+        # pipeline's next run), and a scorer kept from the last one must not answer for it.
+        held = (key, bank[0].hex())
+        with self._lock:
+            scorer = self.scorers.get(held)
+        if scorer is None:
+            scorer = NearestNeighbourScorer(ray.get(bank[0]), params, self.device, threads)
+            with self._lock:
+                self.scorers[held] = scorer
+                while self.keep is not None and len(self.scorers) > self.keep:
+                    self.scorers.pop(next(iter(self.scorers)))
+        predictions = predict(scorer, features, crop, threads)
+        with self._lock:
+            self.busy_seconds += time.perf_counter() - started
+            self.images_done += len(predictions.scores)
         return predictions
 
-    def finish(
-        self, key: str, samples: list[Sample], transform: ImageTransform, fpr_limit: float,
-        groups: dict[str, tuple[str, ...]], *parts: Predictions,
-    ) -> tuple[Predictions, MetricReport, float]:
-        """Free the category's scorer, merge its prediction shards and compute its metrics from the full maps
-        (and per metric group, e.g. MVTec LOCO's structural and logical anomalies)."""
-        self.scorers.pop(key, None)
-        started = time.perf_counter()
-        predictions = merge_predictions(parts)
-        report = evaluate(samples, predictions, transform, fpr_limit, groups)
-        return predictions, report, time.perf_counter() - started
+    def drop(self, key: str) -> None:
+        """Free a category's scorers."""
+        with self._lock:
+            for held in [held for held in self.scorers if held[0] == key]:
+                del self.scorers[held]
 
     def stats(self) -> dict:
         return {
@@ -69,8 +76,38 @@ class Evaluator(ReportsThreads):
             "images": self.images_done,
             "busy_s": round(self.busy_seconds, 3),
             "images_per_s": round(self.images_done / self.busy_seconds, 3) if self.busy_seconds else None,
-            "banks_held": len(self.scorers),  # 0 between categories: finish frees each category's scorer
+            "banks_held": len(self.scorers),
         }
+
+
+class Evaluator(ReportsThreads):
+    def __init__(self) -> None:
+        self.scoring = Scoring(math_device())
+
+    def score(
+        self, key: str, bank: list[ray.ObjectRef], params: ScoringParams, features: PatchFeatures, crop: int,
+        threads: int,
+    ) -> Predictions:
+        # Every library at the plan's count from here on, the category's metrics included (Ray's default:
+        # the reservation rounded down).
+        limit_threads(threads)
+        return self.scoring.score(key, bank, params, features, crop, threads)
+
+    def finish(
+        self, key: str, samples: list[Sample], transform: ImageTransform, fpr_limit: float,
+        groups: dict[str, tuple[str, ...]], *parts: Predictions,
+    ) -> tuple[Predictions, MetricReport, float]:
+        """Free the category's scorer, merge its prediction shards and compute its metrics from the full maps
+        (and per metric group, e.g. MVTec LOCO's structural and logical anomalies)."""
+        self.scoring.drop(key)
+        started = time.perf_counter()
+        predictions = merge_predictions(parts)
+        report = evaluate(samples, predictions, transform, fpr_limit, groups)
+        return predictions, report, time.perf_counter() - started
+
+    def stats(self) -> dict:
+        # banks_held: 0 between categories, as finish frees each category's scorer
+        return self.scoring.stats()
 
 
 # Each search runs on a fresh thread pool; glibc gives new threads their own malloc arenas, and what a

@@ -30,7 +30,8 @@ class Extractor(ReportsThreads):
     """Holds the model; ``extract`` embeds a shard, decoding the next batches while one runs."""
 
     def __init__(self, settings: ExtractionSettings, threads: int, decode_workers: int) -> None:
-        limit_threads(max(1, threads))  # torch and every BLAS/OpenMP pool (Ray's default: the reservation, rounded down)
+        self.torch_threads = max(1, threads)
+        limit_threads(self.torch_threads)  # torch and every BLAS/OpenMP pool (Ray's default: the reservation, rounded down)
         torch.backends.cudnn.benchmark = False  # autotuned kernels differ run to run
         torch.backends.cudnn.deterministic = True
         device = "cuda" if torch.cuda.is_available() and ray.get_gpu_ids() else "cpu"
@@ -54,12 +55,19 @@ class Extractor(ReportsThreads):
         """The shard's features (of augmented copies when ``augmentation`` and per-image ``seeds`` are
         given), and (a separate object, so the driver can read it without fetching the features) the
         times they took: ``{"seconds": total, "stages": {stage: seconds}}`` (``extraction.STAGES``)."""
-        features = self.extractor.extract(samples, indices, augmentation=augmentation, seeds=seeds)
+        features = self._extract(samples, indices, augmentation, seeds)
+        return features, {"seconds": features.seconds, "stages": features.stages}
+
+    def _extract(self, samples: Sequence[Sample], indices: Sequence[int], augmentation: Augmentation | None,
+                 seeds: Sequence[int] | None, keep_on_device: bool = False) -> PatchFeatures:
+        """A shard's features, counted in this actor's throughput and stage times."""
+        features = self.extractor.extract(samples, indices, augmentation=augmentation, seeds=seeds,
+                                          keep_on_device=keep_on_device)
         self.images_done += len(samples)
         self.busy_seconds += features.seconds
         for stage, seconds in features.stages.items():
             self.stages[stage] += seconds
-        return features, {"seconds": features.seconds, "stages": features.stages}
+        return features
 
     def stats(self) -> dict:
         """Throughput, seconds per extraction stage and peak resident memory (MiB) of this actor, for the

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import logging
 import time
+import uuid
 from collections import deque
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterator, Sequence
@@ -30,6 +31,7 @@ from anomaly_core.patchcore import augment_base_seed, coreset_seed, scoring_para
 from anomaly_core.scoring import Predictions, merge_predictions
 from anomaly_core.thresholds import validation_thresholds
 from cluster.cache_writer import write_entry
+from cluster.colocated import colocated_actor
 from cluster.coreset import HolderPool, distributed_coreset
 from cluster.devices import pinned
 from cluster.dispatch import Shard, ShardDispatcher
@@ -38,6 +40,7 @@ from cluster.extractor import extractor_actor
 from cluster.resources import plan_resources
 from cluster.scaling import acquire_nodes, withdraw_request
 from cluster.sharding import plan_shards, shard_count
+from cluster.store_stats import object_bytes
 
 log = logging.getLogger("cluster.pipeline")
 
@@ -63,6 +66,7 @@ class CategoryResult:
     timings: dict[str, float] = field(default_factory=dict)
     thresholds: dict[str, Any] | None = None  # from the validation images; None: the test set's F1-optimal
     held_out: Predictions | None = None  # of the validation images (an ensemble member's normalisation)
+    object_store: dict[str, int | None] = field(default_factory=dict)  # bytes the category put through the store
 
     @property
     def test_samples(self) -> tuple[Sample, ...]:
@@ -78,6 +82,7 @@ class PendingEvaluation:
     threads: int
     submitted: float
     validation_refs: list[ray.ObjectRef] = field(default_factory=list)  # predictions of held-out images
+    stored: dict[str, list[ray.ObjectRef]] = field(default_factory=dict)  # the category's objects, by kind
 
 
 class BenchmarkPipeline:
@@ -97,13 +102,18 @@ class BenchmarkPipeline:
             log.warning("resource plan: %s", warning)
         self.on_event = on_event or (lambda kind, info: None)
         restarts = config.cluster.max_restarts
-        Extractor, Evaluator = extractor_actor(restarts), evaluator_actor(restarts)
+        Extractor = colocated_actor(restarts) if self.plan.colocate else extractor_actor(restarts)
+        Evaluator = evaluator_actor(restarts)
         self.extractors = [
             Extractor.options(**pinned(p)).remote(self.settings, self.plan.extractor_threads, self.plan.decode_workers[p.slot])
             for p in self.plan.extractors
         ]
         self.evaluators = [Evaluator.options(**pinned(p)).remote() for p in self.plan.evaluators]
-        self.holders = HolderPool(self.plan.holders)
+        # Colocated: the extractors hold their own shards (cluster.colocated); else holder actors of their own.
+        self.holders = (HolderPool([None] * len(self.extractors), actors=self.extractors) if self.plan.colocate
+                        else HolderPool(self.plan.holders))
+        # Colocated shards stay in their extractor, except where the feature cache must write them from the host.
+        self.keep_features = self.plan.colocate and not config.feature_cache.enabled
         # Fails fast (weights file errors, unknown layers) before any data is touched.
         self.description = ray.get(self.extractors[0].describe.remote())
         if resource_wait_s > 0:  # the actors hold their nodes now: let the cluster shrink after the run
@@ -122,6 +132,7 @@ class BenchmarkPipeline:
         self.cache_stats = {"hits": 0, "misses": 0, "failed_writes": 0}
         self._cache_writes: list[ray.ObjectRef] = []
         self._cache_queued: list[tuple[str, dict, list[Shard]]] = []  # written once their shards are submitted
+        self._train_bytes: dict[str, int | None] = {}  # object-store bytes of each category's training features
 
     def _submit(self, samples: Sequence[Sample], copy: int = 0, seed: int = 0) -> list[Shard]:
         """Queue a sample list's shards for the next free extractor (``cluster.dispatch``).
@@ -134,7 +145,8 @@ class BenchmarkPipeline:
         for shard in plan_shards(len(samples), self.settings.batch_size, n_shards):
             batch, indices = [samples[i] for i in shard], [copy * len(samples) + i for i in shard]
             augment = (self.augmentation, [augment_seed(seed, i, copy) for i in shard]) if copy else (None, None)
-            shards.append(self.dispatch.put(batch, indices, *augment))
+            held = (uuid.uuid4().hex,) if self.keep_features else ()  # the token the extractor keeps it under
+            shards.append(self.dispatch.put(batch, indices, *augment, *held))
         return shards
 
     def _extract(self, job: CategoryJob, split: str, samples: Sequence[Sample]) -> list[Shard]:
@@ -196,7 +208,10 @@ class BenchmarkPipeline:
         return [entry.slot for entry in self._evaluating if entry.metrics_ref not in set(done)]
 
     def _holder_threads(self) -> list[int]:
-        """Threads per holder for the coreset about to run (README "Resources")."""
+        """Threads per holder for the coreset about to run (README "Resources"); colocated extractors'
+        math uses their own count (on a GPU the host does little of it)."""
+        if self.plan.colocate:
+            return [self.plan.extractor_threads] * len(self.extractors)
         extracting, busy = self._extracting_nodes(), self._active_evaluators()
         threads = []
         for p in self.plan.holders:
@@ -247,7 +262,9 @@ class BenchmarkPipeline:
             batch=self.config.cluster.coreset_batch,
             threads=threads,
             after=test_refs,
+            owners=[shard.slot for shard in train_shards] if self.plan.colocate else (),
         )
+        self._train_bytes[job.key] = object_bytes(train_refs)
         metadata = {
             **{key: value for key, value in self.description.items() if key not in ("device", "pid")},
             "dataset": job.dataset,
@@ -278,25 +295,40 @@ class BenchmarkPipeline:
         ``coreset_follows``: another category's coreset will share the nodes meanwhile (fewer threads).
         """
         check_compatible(bank.metadata, self.description, f"for {job.key}")
-        test_refs = self._refs(test_shards if test_shards is not None else self._features(job, "test", job.split.test))
-        validation_refs = self._refs(validation_shards if validation_shards is not None
-                                     else self._features(job, "validation", job.validation))
+        test_shards = test_shards if test_shards is not None else self._features(job, "test", job.split.test)
+        validation_shards = (validation_shards if validation_shards is not None
+                             else self._features(job, "validation", job.validation))
+        test_refs, validation_refs = self._refs(test_shards), self._refs(validation_shards)
         slot = self._next_evaluator % len(self.evaluators)
         self._next_evaluator += 1
         threads = self._evaluator_threads(slot, coreset_follows)
         bank_ref = bank_reference(bank.features)
         params, crop = scoring_params(self.config), self.settings.crop
         evaluator = self.evaluators[slot]
-        prediction_refs = [evaluator.score.remote(job.key, bank_ref, params, ref, crop, threads) for ref in test_refs]
+
+        def score(shard: Shard, ref: ray.ObjectRef) -> ray.ObjectRef:
+            return self._scorer(evaluator, shard).score.remote(job.key, bank_ref, params, ref, crop, threads)
+
+        prediction_refs = [score(shard, ref) for shard, ref in zip(test_shards, test_refs)]
         # Before finish, which frees the category's scorer on the evaluator.
-        validation = [evaluator.score.remote(job.key, bank_ref, params, ref, crop, threads) for ref in validation_refs]
+        validation = [score(shard, ref) for shard, ref in zip(validation_shards, validation_refs)]
         metrics_ref = evaluator.finish.remote(
             job.key, list(job.split.test), self.transform, self.config.metrics.pro_fpr_limit,
             metric_groups(job.split.dataset), *prediction_refs,
         )
-        pending = PendingEvaluation(job, bank, metrics_ref, slot, threads, time.perf_counter(), validation)
+        stored = {"test_features": test_refs, "validation_features": validation_refs,
+                  "bank": bank_ref, "predictions": [*prediction_refs, *validation]}
+        pending = PendingEvaluation(job, bank, metrics_ref, slot, threads, time.perf_counter(), validation, stored)
         self._evaluating.append(pending)
         return pending
+
+    def _scorer(self, evaluator: Any, shard: Shard) -> Any:
+        """Who scores a shard: colocated, the extractor that holds it (any, for a feature-cache hit); else the
+        category's evaluator."""
+        if not self.plan.colocate:
+            return evaluator
+        slot = shard.slot if shard.slot is not None else self._next_evaluator % len(self.extractors)
+        return self.extractors[slot]
 
     def collect(self, pending: "PendingEvaluation") -> CategoryResult:
         predictions, report, metrics_s = ray.get(pending.metrics_ref)
@@ -309,7 +341,9 @@ class BenchmarkPipeline:
             thresholds = validation_thresholds(held_out, self.config.thresholds.quantile)
             thresholds["validation_scores"] = [float(score) for score in held_out.scores]
         self.on_event("evaluated", {"key": pending.job.key, "images": len(pending.job.split.test), "report": report})
-        return CategoryResult(pending.job, pending.bank, predictions, report, timings, thresholds, held_out)
+        stored = {f"{kind}_bytes": object_bytes(refs) for kind, refs in pending.stored.items()}
+        stored["train_features_bytes"] = self._train_bytes.pop(pending.job.key, None)
+        return CategoryResult(pending.job, pending.bank, predictions, report, timings, thresholds, held_out, stored)
 
     def run(self, jobs: Sequence[CategoryJob]) -> Iterator[CategoryResult]:
         """All categories, overlapped: extraction runs ``prefetch_categories`` ahead of the coreset,

@@ -18,6 +18,9 @@ The rule (also in the README, "Resources"):
    (over all nodes where there are none). On each node they split
    evenly what the extractors leave: the CPUs, and the GPUs (at most one each). A math actor with a
    GPU share runs its products on the GPU; without one, on the CPU.
+   **Colocated** (``colocate``; auto: where extractors have a GPU share): no holders are started; each
+   extractor also holds the features it made for the coreset and scores its test shards, so features
+   never leave the process (the GPU) that made them, and the evaluators only compute metrics (no GPU share).
 4. **Threads of a math actor**: ``coreset_threads`` / ``eval_threads`` when set. Otherwise its CPU share
    while the node's extractors still have images queued, and the node's cores split among the math
    actors working there once they have none. Their results never depend on thread counts (every
@@ -70,6 +73,7 @@ class ResourcePlan:
     eval_threads: int | None
     decode_workers: tuple[int, ...] = ()  # image-decoding threads of each extractor, by slot
     warnings: tuple[str, ...] = field(default=())
+    colocate: bool = False  # extractors also hold their features for the coreset and score them (no holders)
 
     def node(self, node_id: str) -> Node:
         return next(node for node in self.nodes if node.node_id == node_id)
@@ -92,6 +96,7 @@ class ResourcePlan:
             "coreset_threads": self.coreset_threads or "auto",
             "eval_threads": self.eval_threads or "auto",
             "decode_workers": list(self.decode_workers),
+            "colocate": self.colocate,
             "warnings": list(self.warnings),
         }
 
@@ -152,7 +157,8 @@ def plan_resources(cluster: Any, nodes: list[Node]) -> ResourcePlan:
                 extractor_nodes.append(node.node_id)
     # GPU nodes when there are any; else the nodes with CPUs (a head started with 0 CPUs, as ray_cluster.yaml's, takes none)
     math_nodes = [node for node in nodes if node.gpus > 0] or [node for node in nodes if node.cpus > 0] or nodes
-    n_holders = cluster.coreset_shards
+    colocate = use_gpu if cluster.colocate == "auto" else cluster.colocate
+    n_holders = 0 if colocate else cluster.coreset_shards  # colocated: the extractors hold their own features
     # Evaluators also compute their categories' metrics (a CPU sort over every test pixel): enough of
     # them that a full benchmark's metrics run side by side, one per 4 cores of the math nodes, <= 8.
     math_cores = sum(node.cpus for node in math_nodes)
@@ -179,8 +185,9 @@ def plan_resources(cluster: Any, nodes: list[Node]) -> ResourcePlan:
         sharing = homes.count(home)
         used_cpu = sum(p.cpus for p in extractors if p.node_id == home)
         used_gpu = sum(p.gpus for p in extractors if p.node_id == home)
-        gpu = _share(min(1.0, max(0.0, node.gpus - used_gpu) / sharing))
-        short_of_gpu |= node.gpus > 0 and gpu == 0.0
+        # Colocated evaluators only compute metrics (a CPU sort): the GPU stays with the extractors.
+        gpu = 0.0 if colocate else _share(min(1.0, max(0.0, node.gpus - used_gpu) / sharing))
+        short_of_gpu |= node.gpus > 0 and gpu == 0.0 and not colocate
         cpu = _share(max(0.0, node.cpus - used_cpu) / sharing)
         placed[role].append(Placement(role, len(placed[role]), home, cpu, gpu))
     if short_of_gpu:
@@ -201,4 +208,5 @@ def plan_resources(cluster: Any, nodes: list[Node]) -> ResourcePlan:
         decode_workers=tuple(cluster.decode_workers if cluster.decode_workers != "auto"
                              else max(1, math.floor(p.cpus + 1e-9)) if use_gpu else 1 for p in extractors),
         warnings=tuple(warnings),
+        colocate=colocate,
     )

@@ -90,3 +90,16 @@ class StoreMonitor:
             "samples": self.samples, "failed_samples": self.failed, "sample_every_s": self.every,
             "source": "raylet store statistics (ray memory --stats-only), sampled",
         }
+
+
+def object_bytes(refs: list[ray.ObjectRef]) -> int | None:
+    """Bytes these objects take in the object store, as their owner records them (objects small enough to
+    travel inline with their task's reply count 0); None where Ray cannot say. Never fails a run."""
+    if not refs:
+        return 0
+    try:
+        locations = ray.experimental.get_object_locations(list(refs), timeout_ms=10_000)
+    except Exception as error:  # noqa: BLE001 - statistics never fail the run
+        log.warning("object sizes unavailable: %s", error)
+        return None
+    return sum(int(entry.get("object_size") or 0) for entry in locations.values())

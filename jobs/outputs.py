@@ -132,6 +132,8 @@ def summary(config: RunConfig, results: list[CategoryResult], run_seconds: float
             "metrics": result.report.values,
             "notes": result.report.notes,
             "timings": result.timings,
+            # Bytes the category put through Ray's object store (colocated extractors keep features out of it).
+            **({"object_store": result.object_store} if result.object_store else {}),
             "n_train": len(result.job.split.train),
             "n_test": len(result.test_samples),
             "images": images,

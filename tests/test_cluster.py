@@ -37,6 +37,7 @@ from anomaly_core.patchcore import augment_base_seed, build_bank, coreset_seed, 
 from anomaly_core.scoring import NearestNeighbourScorer, predict
 from anomaly_core.thresholds import hold_out
 from anomaly_core.training import Trainer, TrainerCallbacks, load_images, load_model_files, predict_images
+from cluster.colocated import colocated_actor
 from cluster.coreset import CoresetHolder, HolderPool, HolderProxy
 from cluster.evaluator import bank_reference, evaluator_actor
 from cluster.extractor import extractor_actor
@@ -116,12 +117,16 @@ def reference(tire_job):
     return {"bank": bank, "predictions": predictions, "report": report, "train": train}
 
 
-@pytest.mark.parametrize("n_extractors,gpus,n_holders,decode_workers", [(1, 1, 1, 1), (2, 1, 3, 3), (4, 0.5, 2, 2)])
+@pytest.mark.parametrize("n_extractors,gpus,n_holders,decode_workers,colocate",
+                         [(1, 1, 1, 1, True), (2, 1, 3, 3, False), (4, 0.5, 2, 2, True)])
 def test_cluster_run_equals_single_process_engine(ray_cluster, tire_job, reference, n_extractors, gpus, n_holders,
-                                                  decode_workers):
+                                                  decode_workers, colocate):
+    """Colocated (the default where extractors have a GPU share: each keeps its shards for the coreset and scores
+    them) or with holder and evaluator actors of their own: the engine's bank, scores and maps, bit for bit."""
     config = tire_config(num_extractors=n_extractors, gpus_per_extractor=gpus, coreset_shards=n_holders,
-                         decode_workers=decode_workers)
+                         decode_workers=decode_workers, colocate=colocate)
     pipeline = BenchmarkPipeline(config)
+    assert pipeline.plan.colocate is colocate and len(pipeline.holders.actors) == (n_extractors if colocate else n_holders)
     assert [stats["decode_workers"] for stats in pipeline.actor_stats()["extractors"]] == [decode_workers] * n_extractors
     placed = ray.get([actor.where.remote() for actor in pipeline.extractors])
     assert len({where["node"] for where in placed}) == min(n_extractors, 2)  # spread over both GPU nodes
@@ -132,6 +137,15 @@ def test_cluster_run_equals_single_process_engine(ray_cluster, tire_job, referen
     assert np.array_equal(result.predictions.maps, reference["predictions"].maps)
     assert result.report.values == reference["report"].values
     assert result.report.values["pixel_auroc"] > 0.9
+    stored = result.object_store
+    features_bytes = 12 * 14 * 14 * 1024 * 4  # 12 train images x 14 x 14 patches x 1024 float32 values
+    if colocate:  # only receipts (image lists) travel: the features stayed in the extractors, none is left held
+        assert stored["train_features_bytes"] < 16 * 1024 and stored["test_features_bytes"] < 16 * 1024
+        assert ray.get([actor.held_bytes.remote() for actor in pipeline.extractors]) == [0] * n_extractors
+    else:
+        assert stored["train_features_bytes"] >= features_bytes and stored["test_features_bytes"] > 0
+    assert stored["bank_bytes"] >= result.bank.features.nbytes and stored["predictions_bytes"] > 0
+    pipeline.close()
 
 
 def test_killed_coreset_holder_is_rebuilt_and_picks_unchanged(ray_cluster, reference):
@@ -164,6 +178,35 @@ def test_killed_coreset_holder_is_rebuilt_and_picks_unchanged(ray_cluster, refer
     got = greedy_select([KillOnce()], 120, start_index_for(len(flat), seed), batch=16).indices
     assert proxy.restarts == 1 and pool.actors[0] is proxy.actor  # the pool keeps the replacement
     assert np.array_equal(got, expected)
+
+
+def test_colocated_extractor_restarted_after_a_crash_extracts_its_lost_shard_again(ray_cluster, reference, tire_job):
+    """A colocated extractor keeps a shard it embedded and returns a receipt; killed and restarted by Ray, it has
+    lost the shard, and a holder call extracts it again from the receipt: the same rows, the same picks."""
+    settings = ExtractionSettings.from_config(tire_config())
+    actor = colocated_actor(1).options(num_cpus=0.5).remote(settings, 1, 1)
+    try:
+        train = tire_job.split.train
+        receipt, _ = actor.extract.remote(list(train), list(range(len(train))), None, None, "shard-0")
+        assert ray.get(receipt).token == "shard-0"
+        assert ray.get(actor.held_bytes.remote()) == reference["train"].embeddings.nbytes
+        ray.kill(actor, no_restart=False)
+        deadline = time.monotonic() + 60
+        while ray.get(actor.held_bytes.remote()) and time.monotonic() < deadline:  # calls retry on the restarted one
+            time.sleep(0.2)
+        assert ray.get(actor.held_bytes.remote()) == 0  # restarted: the shard is gone
+        pool = HolderPool([None], actors=[actor])
+        proxy = HolderProxy(pool, 0, ([receipt], "exact", 128, 7, 1), batch=16)
+        assert proxy.shard_info()[0] == len(reference["train"].flat())  # loaded: extracted again in place
+        expected = greedy_coreset(reference["train"].flat(), n_select=60, method="exact", seed=7).indices
+        got = greedy_select([proxy], 60, start_index_for(len(reference["train"].flat()), 7), batch=16).indices
+        assert np.array_equal(got, expected)
+        indices, rows = ray.get(actor.original_rows.remote(expected))
+        assert np.array_equal(rows, reference["train"].flat()[indices])
+        ray.get(actor.unload.remote())
+        assert ray.get(actor.held_bytes.remote()) == 0  # the coreset's end frees the shard
+    finally:
+        ray.kill(actor)
 
 
 class HalfUpdatingShard:
@@ -276,13 +319,16 @@ def test_benchmark_job_writes_outputs(ray_cluster, tmp_path, capsys):
     assert "tire_small" in capsys.readouterr().out
     # The resource plan and the threads each stage used are part of the record.
     plan = summary["cluster"]["plan"]
-    assert sorted(a["role"] for a in plan["actors"]) == ["evaluator"] * 2 + ["extractor"] * 2 + ["holder"] * 2
+    # Extractors with a GPU share are colocated: they hold and score their own features, no holder actors.
+    assert plan["colocate"] is True
+    assert sorted(a["role"] for a in plan["actors"]) == ["evaluator"] * 2 + ["extractor"] * 2
     for node in plan["nodes"]:
         placed = [a for a in plan["actors"] if a["node_id"] == node["node_id"]]
         assert sum(a["cpus"] for a in placed) <= node["cpus"] + 1e-9
         assert sum(a["gpus"] for a in placed) <= node["gpus"] + 1e-9
     assert len(category["timings"]["coreset_threads"]) == 2 and category["timings"]["eval_threads"] >= 1
-    assert sum(e["images"] for e in summary["cluster"]["evaluators"]) == 28
+    assert sum(e["scoring"]["images"] for e in summary["cluster"]["extractors"]) == 28  # scored where extracted
+    assert sum(e["images"] for e in summary["cluster"]["evaluators"]) == 0  # evaluators: metrics only
     # Each extractor's decode threads (auto: 1, as cpus_per_actor < 1) and seconds per extraction stage.
     extractors = summary["cluster"]["extractors"]
     assert plan["decode_workers"] == [1, 1] and [e["decode_workers"] for e in extractors] == [1, 1]
@@ -293,9 +339,14 @@ def test_benchmark_job_writes_outputs(ray_cluster, tmp_path, capsys):
         assert stages["decode_s"] > 0 and stages["forward_s"] > 0 and stages["embed_s"] > 0
         assert sum(stages[name] for name in stages if name != "decode_s") <= stats["busy_s"] + 0.01  # parts of it
         assert stats["decode_images_per_s"] == pytest.approx(stats["images"] / stages["decode_s"], rel=0.05)
-    # The train features (float32) pass through the object store; what it held is sampled while the run goes.
+    # The features (float32) stay in the extractors: the store carries receipts, the bank and the predictions
+    # (28 maps of 112 x 112 float32), and what it held is sampled while the run goes.
+    features = (34 + 28) * 14 * 14 * 1024 * 4
     store = summary["cluster"]["object_store"]
-    assert store["created_bytes"] >= 34 * 14 * 14 * 1024 * 4 and store["failed_samples"] == 0
+    assert store["created_bytes"] < features / 2 and store["failed_samples"] == 0
+    stored = category["object_store"]
+    assert stored["train_features_bytes"] < 16 * 1024 and stored["test_features_bytes"] < 16 * 1024
+    assert stored["bank_bytes"] >= bank_meta["memory_size"] * 1024 * 4 and stored["predictions_bytes"] >= 28 * 112 * 112 * 4
     assert 0 < store["peak_used_bytes"] <= store["capacity_bytes"] and store["samples"] >= 2
 
 

@@ -39,7 +39,7 @@ def test_laptop_demo_plan_two_cores():
 def test_gpu_nodes_split_each_gpu_and_the_cpus_left_over():
     nodes = [Node("head", 8, 0), Node("g1", 16, 1), Node("g2", 16, 1)]
     plan = plan_resources(cluster(gpus_per_extractor=0.5, cpus_per_actor=4, coreset_shards=4, num_evaluators=2,
-                                  decode_workers=4), nodes)
+                                  decode_workers=4, colocate=False), nodes)
     assert [p.node_id for p in plan.extractors] == ["g1", "g2"]
     assert {p.node_id for p in (*plan.holders, *plan.evaluators)} == {"g1", "g2"}  # math goes where GPUs are
     for node_id, (cpus, gpus) in totals(plan).items():
@@ -54,8 +54,8 @@ def test_gpu_nodes_split_each_gpu_and_the_cpus_left_over():
 
 
 def test_whole_gpu_extractors_leave_math_on_the_cpu_with_a_warning():
-    plan = plan_resources(cluster(gpus_per_extractor=1, cpus_per_actor=2), [Node("g", 8, 1)])
-    assert all(p.gpus == 0 for p in plan.holders)
+    plan = plan_resources(cluster(gpus_per_extractor=1, cpus_per_actor=2, colocate=False), [Node("g", 8, 1)])
+    assert plan.holders and all(p.gpus == 0 for p in plan.holders)
     assert any("0.5 leaves them half" in w for w in plan.warnings)
 
 
@@ -103,16 +103,17 @@ def test_alive_nodes_reads_ray_nodes():
 def test_decode_workers_auto_gives_a_gpu_extractor_the_cores_no_other_actor_holds():
     """A 16-core GPU node: six math actors keep one CPU each, the extractor reserves and decodes on the other ten."""
     gpu = [Node("head", 0, 0), Node("g", 16, 1)]
-    plan = plan_resources(cluster(gpus_per_extractor=0.5, cpus_per_actor=2, coreset_shards=4, num_evaluators=2), gpu)
+    plan = plan_resources(cluster(gpus_per_extractor=0.5, cpus_per_actor=2, coreset_shards=4, num_evaluators=2,
+                                  colocate=False), gpu)
     (extractor,) = plan.extractors
     assert extractor.node_id == "g" and extractor.cpus == 10 and plan.decode_workers == (10,)
     assert [p.cpus for p in (*plan.holders, *plan.evaluators)] == [1.0] * 6
     assert sum(totals(plan)["g"]) == pytest.approx(16 + 1.0, abs=1e-3)  # 16 CPUs and the whole GPU
     two = plan_resources(cluster(gpus_per_extractor=0.5, cpus_per_actor=2, num_extractors=2, coreset_shards=2,
-                                 num_evaluators=2), gpu)
+                                 num_evaluators=2, colocate=False), gpu)
     assert [p.cpus for p in two.extractors] == [6.0, 6.0] and two.decode_workers == (6, 6)
-    crowded = plan_resources(cluster(gpus_per_extractor=1, cpus_per_actor=6, coreset_shards=8, num_evaluators=8),
-                             [Node("g", 8, 1)])
+    crowded = plan_resources(cluster(gpus_per_extractor=1, cpus_per_actor=6, coreset_shards=8, num_evaluators=8,
+                                     colocate=False), [Node("g", 8, 1)])
     assert crowded.extractors[0].cpus == 6 and crowded.decode_workers == (6,)  # never below cpus_per_actor
     assert plan_resources(cluster(cpus_per_actor=2), [Node("a", 2, 0)]).decode_workers == (1,)  # CPU: torch has the cores
     assert plan_resources(cluster(gpus_per_extractor=1, cpus_per_actor=2), [Node("a", 4, 0)]).decode_workers == (1, 1)
@@ -120,3 +121,19 @@ def test_decode_workers_auto_gives_a_gpu_extractor_the_cores_no_other_actor_hold
     assert fixed.decode_workers == (3,) and fixed.extractors[0].cpus == 2 and fixed.summary()["decode_workers"] == [3]
     assert plan_resources(cluster(decode_workers=4), [Node("a", 2, 0)]).decode_workers == (4,)
 
+
+
+def test_colocated_plan_starts_no_holders_and_keeps_the_gpu_for_the_extractors():
+    """Where extractors have a GPU share (colocate auto) they hold and score their own features: no holder
+    actors, and the evaluators, which only compute metrics, take one CPU each and no GPU; the extractor
+    decodes on the rest. On CPU nodes auto keeps holders of their own; ``colocate: true`` forces it anywhere."""
+    gpu = [Node("head", 0, 0), Node("g", 16, 1)]
+    plan = plan_resources(cluster(gpus_per_extractor=0.5, cpus_per_actor=2, coreset_shards=4, num_evaluators=2), gpu)
+    assert plan.colocate and plan.holders == () and plan.summary()["colocate"] is True
+    assert [(p.cpus, p.gpus) for p in plan.evaluators] == [(1.0, 0.0)] * 2
+    assert plan.extractors[0].cpus == 14 and plan.decode_workers == (14,)
+    assert plan.warnings == ()  # no "math on the CPU" warning: the math runs in the extractors, on the GPU
+    cpu = plan_resources(cluster(cpus_per_actor=2, coreset_shards=2), [Node("a", 2, 0)])
+    assert not cpu.colocate and len(cpu.holders) == 2
+    forced = plan_resources(cluster(cpus_per_actor=2, coreset_shards=2, colocate=True), [Node("a", 2, 0)])
+    assert forced.colocate and forced.holders == ()
