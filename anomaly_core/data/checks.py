@@ -39,7 +39,7 @@ def check_split(split: CategorySplit, root: str, need_test: bool, extra: Sequenc
                 if problem:
                     problems.append(problem)
                 else:
-                    read_mask(sample.mask_path)  # masks are few and small: decoded now, so a bad one costs no run
+                    read_mask(sample.mask_path, sample.instance_mask)  # masks are few and small: decoded now, so a bad one costs no run
             except DatasetError as error:
                 problems.append(str(error))
     if problems:
