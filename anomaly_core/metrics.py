@@ -41,6 +41,7 @@ _IMAGE_KEYS = ("image_auroc", "image_ap", "image_f1_max", "image_threshold")
 _PIXEL_KEYS = ("pixel_auroc", "pixel_ap", "pixel_f1_max", "pixel_iou", "aupro", "spro", "pixel_threshold")
 # The integration limit of MVTec LOCO's official evaluation script (its default; it also prints 0.01, 0.1, 0.3, 1).
 SPRO_FPR_LIMIT = 0.05
+Regions = tuple[np.ndarray, np.ndarray]  # one image's defects: masks bool [R, H, W], saturation areas [R] (pixels)
 NO_REGIONS = "no defect regions with saturation areas (MVTec LOCO's defects_config.json) were given"
 
 # Same 8-connectivity as MVTec's scipy.ndimage.label(mask, np.ones((3, 3))), applied to every
@@ -88,9 +89,6 @@ def aupro(masks: np.ndarray, maps: np.ndarray, fpr_limit: float = 0.3) -> float:
     if reason is not None:
         raise ValueError(f"{reason}: aupro is undefined")
     return _aupro(masks, maps, fpr_limit)
-
-
-Regions = tuple[np.ndarray, np.ndarray]  # one image's defects: masks bool [R, H, W], saturation areas [R] (pixels)
 
 
 def spro(masks: np.ndarray, maps: np.ndarray, regions: Sequence[Regions], fpr_limit: float = SPRO_FPR_LIMIT) -> float:

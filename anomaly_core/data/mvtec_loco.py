@@ -13,7 +13,9 @@ from train/good as in the dataset's own protocol and anomalib's loader. ``load_v
 for a caller that wants held-out normal images (e.g. for thresholds) without taking any from train.
 
 Results are reported for structural and logical anomalies apart (``METRIC_GROUPS``): each group is
-scored on all normal test images plus its own anomalies, as in the dataset paper.
+scored on all normal test images plus its own anomalies, as in the dataset paper and the official evaluation
+script. That script's headline AU-sPRO is the mean of the two groups' values; the category's own ``spro``
+pools all test images instead, as every other metric here does.
 """
 
 from __future__ import annotations
