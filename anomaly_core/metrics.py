@@ -7,8 +7,8 @@ categories never crashes or prints warnings because one split is degenerate.
 
 AUPRO follows MVTec's official ``compute_pro``: one sort of all pixels gives the exact PRO/FPR
 curve over every distinct threshold, instead of sampling a fixed grid of thresholds. That same sort
-gives the ROC and PR curves (scikit-learn's definitions, checked against it in the tests): a test
-split's millions of pixels are sorted once, not three times.
+gives the ROC and PR curves (scikit-learn's definitions, checked against it in the tests) and
+MVTec LOCO's sPRO curve: a test split's millions of pixels are sorted once, not four times.
 """
 
 from __future__ import annotations
@@ -26,6 +26,7 @@ METRIC_NAMES: tuple[str, ...] = (
     "image_auroc",
     "pixel_auroc",
     "aupro",
+    "spro",
     "image_ap",
     "pixel_ap",
     "image_f1_max",
@@ -37,7 +38,11 @@ METRIC_NAMES: tuple[str, ...] = (
 THRESHOLD_NAMES: tuple[str, ...] = ("image_threshold", "pixel_threshold")
 
 _IMAGE_KEYS = ("image_auroc", "image_ap", "image_f1_max", "image_threshold")
-_PIXEL_KEYS = ("pixel_auroc", "pixel_ap", "pixel_f1_max", "pixel_iou", "aupro", "pixel_threshold")
+_PIXEL_KEYS = ("pixel_auroc", "pixel_ap", "pixel_f1_max", "pixel_iou", "aupro", "spro", "pixel_threshold")
+# The integration limit of MVTec LOCO's official evaluation script (its default; it also prints 0.01, 0.1, 0.3, 1).
+SPRO_FPR_LIMIT = 0.05
+Regions = tuple[np.ndarray, np.ndarray]  # one image's defects: masks bool [R, H, W], saturation areas [R] (pixels)
+NO_REGIONS = "no defect regions with saturation areas (MVTec LOCO's defects_config.json) were given"
 
 # Same 8-connectivity as MVTec's scipy.ndimage.label(mask, np.ones((3, 3))), applied to every
 # image of an [N, H, W] stack in one call: the empty outer slices keep images apart.
@@ -65,9 +70,11 @@ def image_metrics(labels: np.ndarray, scores: np.ndarray) -> dict[str, float | N
     return _image_metrics(labels, scores)[0]
 
 
-def pixel_metrics(masks: np.ndarray, maps: np.ndarray, fpr_limit: float = 0.3) -> dict[str, float | None]:
-    """Pixel AUROC, AP, max F1, IoU at the F1-optimal threshold, AUPRO and that threshold."""
-    return _pixel_metrics(masks, maps, fpr_limit)[0]
+def pixel_metrics(
+    masks: np.ndarray, maps: np.ndarray, fpr_limit: float = 0.3, regions: Sequence[Regions] | None = None,
+) -> dict[str, float | None]:
+    """Pixel AUROC, AP, max F1, IoU at the F1-optimal threshold, AUPRO, sPRO (with ``regions``) and that threshold."""
+    return _pixel_metrics(masks, maps, fpr_limit, regions)[0]
 
 
 def aupro(masks: np.ndarray, maps: np.ndarray, fpr_limit: float = 0.3) -> float:
@@ -84,14 +91,46 @@ def aupro(masks: np.ndarray, maps: np.ndarray, fpr_limit: float = 0.3) -> float:
     return _aupro(masks, maps, fpr_limit)
 
 
+def spro(masks: np.ndarray, maps: np.ndarray, regions: Sequence[Regions], fpr_limit: float = SPRO_FPR_LIMIT) -> float:
+    """MVTec LOCO's AU-sPRO: normalized area under the saturated-PRO curve up to ``fpr_limit`` (1.0 = perfect).
+
+    ``regions[i]`` are image i's ground-truth defects (one per LOCO mask file, not per connected component:
+    a defect such as a missing object may be several blobs) with their saturation areas, and their union
+    must be ``masks[i]`` (none for a normal image). At a threshold t, a defect's sPRO is
+    ``min(TP area / saturation area, 1)``: a defect larger than its saturation area counts fully once that
+    many of its pixels score >= t, so finding enough of a large logical anomaly is enough. The curve is the
+    mean sPRO over all defects of all images against the FPR over every pixel outside them, integrated
+    exactly (every distinct threshold) and divided by ``fpr_limit``.
+
+    This follows the semantics of MVTec's official evaluation code for MVTec LOCO AD (``mvtec_loco_ad_evaluation``:
+    ``src/metrics.py`` ``get_spros_for_thresholds``, ``get_fp_tn_areas_per_image``, ``get_fp_rates``;
+    ``src/aggregation.py`` ``ThresholdMetrics.get_mean_spros``; ``src/util.py`` ``get_auc_for_max_fpr``,
+    ``trapz``; ``evaluate_experiment.py`` ``MAX_FPRS``), re-implemented, not copied. It differs only where
+    that code approximates or is undefined: the official script samples thresholds by binary refinement up
+    to ``curve_max_distance`` (this curve is its limit), and a saturation area of 0 (a relative threshold
+    truncated on a tiny region) divides by zero there; ``data.defects`` makes it at least 1 pixel.
+    anomalib's ``SPRO`` (src/anomalib/metrics/spro.py, anomalib 1.x) is the same per-defect ratio at one
+    fixed threshold, with no curve.
+    """
+    masks, maps = _check_pixels(masks, maps)
+    _check_fpr_limit(fpr_limit)
+    _check_regions(regions, masks)
+    reason = _pixel_degeneracy(masks)
+    if reason is not None:
+        raise ValueError(f"{reason}: spro is undefined")
+    return _spro(masks, maps, regions, fpr_limit)
+
+
 def compute_metrics(
     labels: np.ndarray,
     scores: np.ndarray,
     masks: np.ndarray | None = None,
     maps: np.ndarray | None = None,
     fpr_limit: float = 0.3,
+    regions: Sequence[Regions] | None = None,
 ) -> MetricReport:
-    """All metrics of one category; pixel metrics are ``None`` (with a note) without masks."""
+    """All metrics of one category; pixel metrics are ``None`` (with a note) without masks, sPRO without
+    ``regions`` (see ``spro``; MVTec LOCO's defects with their saturation areas, one entry per image)."""
     values, notes = _image_metrics(labels, scores)
     if masks is None:
         pixel_values = dict.fromkeys(_PIXEL_KEYS)
@@ -104,7 +143,7 @@ def compute_metrics(
                 f"masks has shape {np.shape(masks)} but labels has shape {np.shape(labels)}; "
                 "they must have one entry per image"
             )
-        pixel_values, pixel_notes = _pixel_metrics(masks, maps, fpr_limit)
+        pixel_values, pixel_notes = _pixel_metrics(masks, maps, fpr_limit, regions)
     values.update(pixel_values)
     notes.update(pixel_notes)
     return MetricReport(values=values, notes=notes)
@@ -143,6 +182,7 @@ def group_metrics(
     masks: np.ndarray | None = None,
     maps: np.ndarray | None = None,
     fpr_limit: float = 0.3,
+    regions: Sequence[Regions] | None = None,
 ) -> dict[str, MetricReport]:
     """``compute_metrics`` of each group's index subset (``group_indices``) of one category's test arrays."""
     reports = {}
@@ -154,6 +194,7 @@ def group_metrics(
             None if masks is None else np.asarray(masks)[take],
             None if maps is None else np.asarray(maps)[take],
             fpr_limit,
+            None if regions is None else [regions[i] for i in take],
         )
     return reports
 
@@ -198,9 +239,13 @@ def _image_metrics(labels: np.ndarray, scores: np.ndarray) -> tuple[dict, dict[s
     return values, {}
 
 
-def _pixel_metrics(masks: np.ndarray, maps: np.ndarray, fpr_limit: float) -> tuple[dict, dict[str, str]]:
+def _pixel_metrics(
+    masks: np.ndarray, maps: np.ndarray, fpr_limit: float, regions: Sequence[Regions] | None,
+) -> tuple[dict, dict[str, str]]:
     masks, maps = _check_pixels(masks, maps)
     _check_fpr_limit(fpr_limit)
+    if regions is not None:
+        _check_regions(regions, masks)
     reason = _pixel_degeneracy(masks)
     if reason is not None:
         return _undefined(_PIXEL_KEYS, reason)
@@ -215,9 +260,10 @@ def _pixel_metrics(masks: np.ndarray, maps: np.ndarray, fpr_limit: float) -> tup
         "pixel_f1_max": f1_max,
         "pixel_iou": float(iou),
         "aupro": _aupro(masks, maps, fpr_limit, order),
+        "spro": None if regions is None else _spro(masks, maps, regions, SPRO_FPR_LIMIT, order),
         "pixel_threshold": threshold,
     }
-    return values, {}
+    return values, {} if regions is not None else _undefined_notes(("spro",), NO_REGIONS)
 
 
 def _descending(scores: np.ndarray) -> np.ndarray:
@@ -271,15 +317,47 @@ def _aupro(masks: np.ndarray, maps: np.ndarray, fpr_limit: float, order: np.ndar
     pro_step[1:] = 1.0 / (sizes[1:] * n_regions)
     flat_maps = maps.ravel()
     order = _descending(flat_maps) if order is None else order
-    sorted_scores = flat_maps[order]
     sorted_regions = regions[order]
-    fpr = np.cumsum(sorted_regions == 0) / sizes[0]
-    pro = np.minimum(np.cumsum(pro_step[sorted_regions]), 1.0)
+    return _overlap_curve_area(flat_maps[order], sorted_regions == 0, pro_step[sorted_regions], fpr_limit)
+
+
+def _spro(masks: np.ndarray, maps: np.ndarray, regions: Sequence[Regions], fpr_limit: float,
+          order: np.ndarray | None = None) -> float:
+    """Exact AU-sPRO of validated, non-degenerate inputs (see ``spro``); ``order``: a shared descending sort.
+
+    A defect of saturation area s gains 1/s per pixel for its first floor(s) pixels in score order, and the
+    rest of the way to 1 on the next (s need not be whole); its later pixels add nothing. The gains go to
+    each pixel's position in the sort, so defects that overlap (LOCO's files may) each count the pixel.
+    """
+    flat_maps = maps.ravel()
+    order = _descending(flat_maps) if order is None else order
+    position = np.empty(order.size, dtype=np.int64)
+    position[order] = np.arange(order.size)
+    image_pixels = masks[0].size
+    positions, gains = [], []
+    for image, (defects, saturation) in enumerate(regions):
+        for defect, area in zip(defects, saturation):
+            ranked = np.sort(position[np.flatnonzero(defect) + image * image_pixels])
+            whole = int(np.floor(area))  # area <= the defect's pixel count: checked
+            positions += [ranked[:whole], ranked[whole : whole + 1]]
+            gains += [np.full(whole, 1.0 / area), np.full(min(1, len(ranked) - whole), 1.0 - whole / area)]
+    n_defects = sum(len(saturation) for _, saturation in regions)
+    gain = np.bincount(np.concatenate(positions), np.concatenate(gains), minlength=order.size) / n_defects
+    return _overlap_curve_area(flat_maps[order], ~masks.ravel()[order], gain, fpr_limit)
+
+
+def _overlap_curve_area(
+    sorted_scores: np.ndarray, sorted_normal: np.ndarray, overlap_gain: np.ndarray, fpr_limit: float,
+) -> float:
+    """Normalized area up to ``fpr_limit`` under (FPR, mean overlap) read after each tie group of the descending
+    sort: ``sorted_normal`` marks the normal pixels, ``overlap_gain`` what each pixel adds to the mean overlap."""
+    fpr = np.cumsum(sorted_normal) / np.count_nonzero(sorted_normal)
+    overlap = np.minimum(np.cumsum(overlap_gain), 1.0)  # sums of 1/size may overshoot 1 by a rounding
     # A threshold admits all pixels scoring >= it: read the curve at the end of each tie group.
     group_end = np.append(sorted_scores[1:] != sorted_scores[:-1], True)
     fpr = np.concatenate(([0.0], fpr[group_end]))
-    pro = np.concatenate(([0.0], pro[group_end]))
-    return _area_up_to(fpr, pro, fpr_limit) / fpr_limit
+    overlap = np.concatenate(([0.0], overlap[group_end]))
+    return _area_up_to(fpr, overlap, fpr_limit) / fpr_limit
 
 
 def _area_up_to(x: np.ndarray, y: np.ndarray, x_max: float) -> float:
@@ -319,6 +397,26 @@ def _check_pixels(masks: np.ndarray, maps: np.ndarray) -> tuple[np.ndarray, np.n
     maps = _as_finite("maps", maps, ndim=3)
     _check_same_shape("masks", masks, "maps", maps)
     return masks, maps
+
+
+def _check_regions(regions: Sequence[Regions], masks: np.ndarray) -> None:
+    """Each image's defects: bool [R, H, W] with positive saturation areas no larger than the defect, uniting
+    to exactly the image's mask (else the sPRO and its FPR would describe different ground truths)."""
+    if len(regions) != len(masks):
+        raise ValueError(f"regions has {len(regions)} entries but masks has {len(masks)} images; one per image")
+    for image, (defects, saturation) in enumerate(regions):
+        defects, saturation = np.asarray(defects), np.asarray(saturation, dtype=np.float64)
+        where = f"regions[{image}]"
+        if defects.dtype != bool or defects.ndim != 3 or defects.shape[1:] != masks.shape[1:]:
+            raise ValueError(f"{where}: defect masks must be bool [R, {masks.shape[1]}, {masks.shape[2]}], "
+                             f"got {defects.dtype} {list(defects.shape)}")
+        areas = np.count_nonzero(defects, axis=(1, 2))
+        if saturation.shape != areas.shape or not (np.isfinite(saturation) & (saturation > 0)).all():
+            raise ValueError(f"{where}: need one finite saturation area > 0 per defect, got {saturation.tolist()}")
+        if (saturation > areas).any():
+            raise ValueError(f"{where}: saturation areas {saturation.tolist()} exceed the defect areas {areas.tolist()}")
+        if not np.array_equal(defects.any(axis=0), masks[image]):
+            raise ValueError(f"{where}: the defects' union differs from masks[{image}]")
 
 
 def _check_fpr_limit(fpr_limit: float) -> None:

@@ -18,6 +18,7 @@ from anomaly_core import __version__
 from anomaly_core.bank import MemoryBank
 from anomaly_core.coreset import greedy_coreset
 from anomaly_core.data import ImageTransform, Sample, load_mask
+from anomaly_core.data.defects import defect_regions
 from anomaly_core.features import PatchFeatures, coreset_points, coverage_radius_space
 from anomaly_core.metrics import (
     METRIC_NAMES,
@@ -98,13 +99,16 @@ def evaluate(
 
     ``groups`` (``data.metric_groups``: MVTec LOCO's structural and logical anomalies) adds each
     group's metrics as ``<group>/<metric>``, scored on all normal images plus the group's anomalies.
+    Samples that name a defects config (MVTec LOCO) add their defects, for sPRO.
     """
     if not np.array_equal(predictions.sample_indices, np.arange(len(samples))):
         raise ValueError("predictions must cover every test sample exactly once, in index order")
     labels, masks = ground_truth(samples, transform)
     maps = predictions.maps if masks is not None else None
-    report = compute_metrics(labels, predictions.scores, masks, maps, fpr_limit)
-    subsets = group_metrics(group_indices(samples, groups or {}), labels, predictions.scores, masks, maps, fpr_limit)
+    regions = defect_regions(samples, transform) if masks is not None else None
+    report = compute_metrics(labels, predictions.scores, masks, maps, fpr_limit, regions)
+    subsets = group_metrics(group_indices(samples, groups or {}), labels, predictions.scores, masks, maps, fpr_limit,
+                            regions)
     for group, sub in subsets.items():
         report.values.update({grouped_name(group, name): sub.values.get(name) for name in METRIC_NAMES})
         report.notes.update({grouped_name(group, name): note for name, note in sub.notes.items() if name in METRIC_NAMES})

@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 import pathlib
+import shutil
 from collections.abc import Iterator
 from contextlib import contextmanager
+from dataclasses import replace
 from pathlib import Path
 
+import numpy as np
 import pytest
 from PIL import Image
 
@@ -19,6 +22,11 @@ from anomaly_core.data import (
     read_mask,
     read_rgb,
 )
+from anomaly_core.data.checks import check_split
+from anomaly_core.data.images import MAX_MASK_LEVELS, mask_values
+from anomaly_core.extraction import ExtractionSettings, PatchFeatureExtractor
+from anomaly_core.patchcore import build_bank, evaluate
+from anomaly_core.scoring import NearestNeighbourScorer, ScoringParams, predict
 
 TIRE = Path(__file__).parent.parent / "data/tire_small"
 
@@ -318,3 +326,67 @@ def test_bundled_tire_small() -> None:
         mask = read_mask(s.mask_path)
         assert mask.any() and mask.shape == read_rgb(s.image_path).shape[:2]
     assert [s.image_path for s in split.test] == sorted(s.image_path for s in split.test)
+
+
+def visa_from_tire(root: Path, instance_ids: bool) -> tuple[Path, int]:
+    """A VisA-layout tree of tire_small (6 train, 4 good and all 20 anomalous test images), as anomalib reads VisA.
+
+    With ``instance_ids`` each mask numbers its anomalous pixels 1..n in n raster-order runs, n cycling through 4..12
+    (VisA numbers each defect region; up to 12 here); without, the same masks are 0/255. Returns the split CSV
+    and how many masks hold more than 8 values (the count the old reader refused).
+    """
+    split = load_split("mvtec", TIRE, "tire")
+    rows, many = [], 0
+    normal = [("train", s) for s in split.train[:6]] + [("test", s) for s in split.test if s.label == 0][:4]
+    for i, (part, sample) in enumerate(normal):
+        rel = f"tire/Data/Images/Normal/{i:04d}.png"
+        (root / rel).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(sample.image_path, root / rel)
+        rows.append(f"tire,{part},normal,{rel},\n")
+    for i, sample in enumerate(s for s in split.test if s.label == 1):
+        image, mask_rel = f"tire/Data/Images/Anomaly/{i:03d}.png", f"tire/Data/Masks/Anomaly/{i:03d}.png"
+        (root / image).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(sample.image_path, root / image)
+        binary = read_mask(sample.mask_path)
+        coded = np.zeros(binary.shape, np.uint8)
+        if instance_ids:
+            n_ids = 4 + i % 9
+            coded[binary] = 1 + np.arange(binary.sum()) * n_ids // binary.sum()  # runs of equal length, ids 1..n
+            many += n_ids > MAX_MASK_LEVELS
+        else:
+            coded[binary] = 255
+        (root / mask_rel).parent.mkdir(parents=True, exist_ok=True)
+        Image.fromarray(coded).save(root / mask_rel)
+        rows.append(f"tire,test,anomaly,{image},{mask_rel}\n")
+    (root / "split_csv").mkdir()
+    (root / "split_csv/1cls.csv").write_text(VISA_HEADER + "".join(rows))
+    return root / "split_csv/1cls.csv", many
+
+
+def test_visa_instance_masks_read_as_their_binarised_masks(tmp_path: Path) -> None:
+    """VisA's masks number their defect regions (up to 12 values here): every file reads (the old 8-level refusal
+    stopped the run on 8 of them), and a PatchCore run scores exactly as on the same tree with 0/255 masks."""
+    _, many = visa_from_tire(tmp_path / "ids", instance_ids=True)
+    visa_from_tire(tmp_path / "binary", instance_ids=False)
+    ids, binary = (load_split("visa", tmp_path / name, "tire") for name in ("ids", "binary"))
+    assert [s.instance_mask for s in ids.test] == [s.label == 1 for s in ids.test] and len(ids.test) == 24
+    values = [np.unique(mask_values(s.mask_path)) for s in ids.test if s.label]
+    assert max(len(v) for v in values) == 13 and many == 8  # 0 and ids 1..12; 8 masks hold more than 8 ids
+    check_split(ids, str(tmp_path / "ids"), need_test=True)  # decodes every mask: none refused
+    as_levels = replace(ids, test=tuple(replace(s, instance_mask=False) for s in ids.test))
+    with pytest.raises(DatasetError, match=f"{many} unusable file"):  # what the reader did before
+        check_split(as_levels, str(tmp_path / "ids"), need_test=True)
+    for coded, plain in zip(ids.test, binary.test):
+        if coded.label:
+            assert np.array_equal(read_mask(coded.mask_path, instances=True), read_mask(plain.mask_path))
+
+    extractor = PatchFeatureExtractor(ExtractionSettings("tf_efficientnet_lite0", ("blocks.2", "blocks.4"), "package",
+                                                         resize=128, crop=112))
+    bank = build_bank(extractor.extract(ids.train, range(6)), "approximate", 0.1, 128, seed=0,
+                      metadata=extractor.describe())
+    predictions = predict(NearestNeighbourScorer(bank.features, ScoringParams()),
+                          extractor.extract(ids.test, range(24)), 112)
+    on_ids = evaluate(ids.test, predictions, extractor.transform, 0.3)
+    on_binary = evaluate(binary.test, predictions, extractor.transform, 0.3)  # byte-identical images
+    assert on_ids.values == on_binary.values and on_ids.notes == on_binary.notes
+    assert 0.5 < on_ids.values["aupro"] < 1.0 and 0.9 < on_ids.values["pixel_auroc"] < 1.0

@@ -1,16 +1,20 @@
-"""MVTec LOCO AD and AutoVI readers: mask folders read as unions, their errors, and LOCO's metric groups.
+"""MVTec LOCO AD and AutoVI readers: mask folders read as unions, their errors, LOCO's metric groups and its sPRO.
 
 Each test builds a small tree of the real layout (64x64 PNGs): the mask of ``test/<type>/<stem>.png`` is the
-folder ``ground_truth/<type>/<stem>/`` holding one file per defect region.
+folder ``ground_truth/<type>/<stem>/`` holding one file per defect, and a LOCO category has its
+``defects_config.json`` (pixel value -> defect type and saturation).
 """
 
 from __future__ import annotations
 
+import json
 import pathlib
+from bisect import bisect
 from pathlib import Path
 
 import numpy as np
 import pytest
+import torchvision.transforms.functional as TF
 from PIL import Image
 
 from anomaly_core.data import (
@@ -26,11 +30,19 @@ from anomaly_core.data import (
     read_mask,
 )
 from anomaly_core.data.checks import check_split
+from anomaly_core.data.defects import defect_regions, load_defects, load_defects_config, read_defects
 from anomaly_core.metrics import compute_metrics, group_indices, group_metrics
 
 from .test_data_readers import raises_naming
 
 SIZE = 64
+# As the real files: absolute thresholds in pixels, relative ones a fraction of the defect's area. Each 8x8 defect
+# (64 px) saturates at 30 px, at 19 px (0.3 of it, truncated) and at 64 px (its area: the threshold exceeds it).
+LOCO_DEFECTS = [
+    {"defect_name": "missing_juice", "pixel_value": 255, "saturation_threshold": 30, "relative_saturation": False},
+    {"defect_name": "wrong_label", "pixel_value": 77, "saturation_threshold": 0.3, "relative_saturation": True},
+    {"defect_name": "contamination", "pixel_value": 200, "saturation_threshold": 100, "relative_saturation": False},
+]
 
 
 def png(path: Path, array: np.ndarray | None = None, mode: str = "RGB") -> Path:
@@ -68,8 +80,8 @@ def loco(tmp_path: Path) -> Path:
     png(gt / "logical_anomalies/000/000.png", region(0, 0, 255))
     png(gt / "logical_anomalies/001/000.png", region(10, 10, 255))
     png(gt / "logical_anomalies/001/001.png", region(14, 14, 77))  # overlaps the first region
-    png(gt / "structural_anomalies/000/000.png", region(40, 40, 255))
-    (cat / "defects_config.json").write_text('[{"defect_name": "missing", "pixel_value": 255}]')
+    png(gt / "structural_anomalies/000/000.png", region(40, 40, 200))
+    (cat / "defects_config.json").write_text(json.dumps(LOCO_DEFECTS))
     png(tmp_path / "pushpins/train/good/000.png")
     (tmp_path / "license.txt").write_text("CC BY-NC-SA 4.0")
     return tmp_path
@@ -247,16 +259,19 @@ def test_loco_metric_groups_and_their_metrics(loco: Path) -> None:
     scores = np.array([0.1, 0.5, 0.3, 0.9, 0.7])
     transform = ImageTransform(resize=SIZE, crop=SIZE)
     masks = np.stack([load_mask(s, transform).numpy() for s in split.test])
+    regions = defect_regions(split.test, transform)
     maps = np.random.default_rng(0).random(masks.shape) + 0.5 * masks  # anomalous pixels score higher, overlapping
-    reports = group_metrics(indices, labels, scores, masks, maps)
+    reports = group_metrics(indices, labels, scores, masks, maps, 0.3, regions)
     assert sorted(reports) == ["logical", "structural"]
     assert reports["structural"].values["image_auroc"] == 1.0  # 0.7 beats both normal scores
     assert reports["logical"].values["image_auroc"] == 0.75  # 0.3 beats 0.1 but not 0.5; 0.9 beats both
     assert compute_metrics(labels, scores).values["image_auroc"] == pytest.approx(5 / 6)  # "all": the usual report
     for name, hand_taken in (("structural", [0, 1, 4]), ("logical", [0, 1, 2, 3])):
-        expected = compute_metrics(labels[hand_taken], scores[hand_taken], masks[hand_taken], maps[hand_taken])
+        expected = compute_metrics(labels[hand_taken], scores[hand_taken], masks[hand_taken], maps[hand_taken], 0.3,
+                                   [regions[i] for i in hand_taken])
         assert reports[name].values == expected.values and reports[name].notes == expected.notes == {}
         assert 0.5 < reports[name].values["pixel_auroc"] < 1.0 and 0.0 < reports[name].values["aupro"] < 1.0
+        assert 0.0 < reports[name].values["spro"] < 1.0
 
     image_only = group_metrics(indices, labels, scores)
     assert image_only["logical"].values["image_auroc"] == 0.75 and image_only["logical"].values["pixel_auroc"] is None
@@ -284,7 +299,10 @@ def test_evaluate_reports_groups_beside_all_and_the_report_lists_them(loco: Path
     assert report.values["image_auroc"] == pytest.approx(5 / 6)
     assert report.values["logical/image_auroc"] == 0.75 and report.values["structural/image_auroc"] == 1.0
     labels = np.array([s.label for s in split.test])
-    hand = compute_metrics(labels[[0, 1, 2, 3]], scores[[0, 1, 2, 3]], masks[[0, 1, 2, 3]], maps[[0, 1, 2, 3]])
+    logical = [0, 1, 2, 3]
+    hand = compute_metrics(labels[logical], scores[logical], masks[logical], maps[logical], 0.3,
+                           [defect_regions(split.test, transform)[i] for i in logical])
+    assert hand.values["spro"] is not None
     assert {name: report.values[f"logical/{name}"] for name in METRIC_NAMES} == {n: hand.values[n] for n in METRIC_NAMES}
     assert evaluate(split.test, Predictions(scores, maps, np.arange(5)), transform, 0.3).values.keys().isdisjoint(
         {"logical/image_auroc"})  # no groups asked, none computed
@@ -310,3 +328,156 @@ def test_validation_thresholds_use_locos_own_validation_images(loco: Path) -> No
     assert job.split.train == load_split("mvtec_loco", loco, "juice_bottle").train
     assert [Path(s.image_path).relative_to(loco).as_posix() for s in job.validation] == [
         "juice_bottle/validation/good/000.png", "juice_bottle/validation/good/001.png"]
+
+
+# --- MVTec LOCO's defects and sPRO ---------------------------------------------------------
+
+
+def test_loco_defects_and_their_saturation_areas(loco: Path) -> None:
+    """Anomalous samples name the config; each mask file is one defect with its type; saturation areas follow it,
+    at the dataset's size and scaled to the maps' geometry."""
+    split = load_split("mvtec_loco", loco, "juice_bottle")
+    config = str(loco / "juice_bottle/defects_config.json")
+    assert [s.defects_config for s in split.test] == [None, None, config, config, config]
+    assert load_split("mvtec_loco", loco, "pushpins").test == ()  # no anomalies, no config needed
+    two = split.test[3]  # logical_anomalies/001: a 255 defect and an overlapping 77 defect
+    assert [(mask.sum(), kind.name) for mask, kind in read_defects(two)] == [(64, "missing_juice"), (64, "wrong_label")]
+    same = ImageTransform(resize=SIZE, crop=SIZE)
+    masks, areas = load_defects(two, same)
+    assert np.array_equal(masks, [region(10, 10, 1) > 0, region(14, 14, 1) > 0]) and areas.tolist() == [30.0, 19.0]
+    assert load_defects(split.test[4], same)[1].tolist() == [64.0]  # 100 px exceeds the defect: its area
+    # 64 -> 32 -> center 24: a quarter of the pixels; the 255 defect at (10, 10) becomes rows/cols 1..4 of the crop.
+    half = ImageTransform(resize=32, crop=24)
+    masks, areas = load_defects(two, half)
+    assert masks.shape == (2, 24, 24) and masks.sum(axis=(1, 2)).tolist() == [16, 16]
+    assert areas.tolist() == [30 / 4, 4.0]  # absolute: scaled by the area factor; relative: int(0.3 * 16)
+    assert np.array_equal(masks.any(axis=0), load_mask(two, half).numpy())  # the defects unite to the mask
+    corner = load_defects(split.test[2], half)  # the defect at (0, 0) lies in the cropped-off border: it drops out
+    assert corner[0].shape == (0, 24, 24) and not load_mask(split.test[2], half).numpy().any()
+    regions = defect_regions(split.test, same)
+    assert [len(areas) for _, areas in regions] == [0, 0, 1, 2, 1]
+    assert defect_regions(load_split("autovi", loco, "juice_bottle").test, same) is None  # no config named: no sPRO
+
+
+@pytest.mark.parametrize(("height", "width", "resize"), [(64, 64, 32), (1000, 1600, 256), (1600, 1000, 256),
+                                                         (768, 1024, 320)])
+def test_area_scale_is_the_resize_torchvision_does(height: int, width: int, resize: int) -> None:
+    resized = ImageTransform(resize=resize, crop=resize)._geometry(Image.new("L", (width, height)), 0)
+    before_crop = TF.resize(Image.new("L", (width, height)), resize)
+    assert resized.size == (resize, resize)
+    assert ImageTransform(resize=resize, crop=resize).area_scale(height, width) == pytest.approx(
+        before_crop.width * before_crop.height / (width * height), abs=1e-15)
+
+
+def test_loco_without_defects_config_is_one_error_naming_it(loco: Path) -> None:
+    config = loco / "juice_bottle/defects_config.json"
+    config.unlink()
+    with pytest.raises(DatasetError) as info:
+        load_split("mvtec_loco", loco, "juice_bottle")
+    assert str(info.value).startswith(f"missing {config}: MVTec LOCO's sPRO") and "\n" not in str(info.value)
+
+
+@pytest.mark.parametrize(("content", "message"), [
+    ("[{", "not readable as JSON"),
+    ("{}", "must be a non-empty JSON list"),
+    ('[{"defect_name": "a", "pixel_value": 1}]', "entry 0 must be an object with"),
+    ('[{"defect_name": "a", "pixel_value": 0, "saturation_threshold": 5, "relative_saturation": false}]',
+     "pixel_value must be an integer in 1..255, got 0"),
+    ('[{"defect_name": "a", "pixel_value": 3, "saturation_threshold": 1.5, "relative_saturation": true}]',
+     "a relative saturation_threshold must be in (0, 1], got 1.5"),
+    ('[{"defect_name": "a", "pixel_value": 3, "saturation_threshold": 0.5, "relative_saturation": false}]',
+     "an absolute saturation_threshold must be a whole number of pixels > 0, got 0.5"),
+    ('[{"defect_name": "a", "pixel_value": 3, "saturation_threshold": 5, "relative_saturation": "no"}]',
+     "relative_saturation must be true or false"),
+    ('[{"defect_name": "a", "pixel_value": 3, "saturation_threshold": 5, "relative_saturation": false},'
+     ' {"defect_name": "b", "pixel_value": 3, "saturation_threshold": 5, "relative_saturation": false}]',
+     "entry 1 ('b'): pixel_value 3 is already 'a'"),
+])
+def test_malformed_defects_config_is_one_error_naming_it(loco: Path, content: str, message: str) -> None:
+    config = loco / "juice_bottle/defects_config.json"
+    config.write_text(content)
+    with pytest.raises(DatasetError) as info:
+        load_split("mvtec_loco", loco, "juice_bottle")
+    assert str(config) in str(info.value) and message in str(info.value) and "\n" not in str(info.value)
+
+
+def test_mask_value_not_in_defects_config_is_named(loco: Path) -> None:
+    split = load_split("mvtec_loco", loco, "juice_bottle")
+    bad = loco / "juice_bottle/ground_truth/logical_anomalies/001/001.png"
+    png(bad, region(14, 14, 78))
+    config = loco / "juice_bottle/defects_config.json"
+    message = f"mask {bad} has pixel value 78, which {config} does not list (it lists [77, 200, 255])"
+    with pytest.raises(DatasetError) as info:
+        check_split(split, str(loco), need_test=True)  # before any work starts
+    assert str(info.value).endswith(f"1 unusable file(s):\n  {message}")  # the check's list: one line for the file
+    with pytest.raises(DatasetError, match="does not list"):
+        load_defects(split.test[3], ImageTransform(resize=SIZE, crop=SIZE))
+    png(bad, region(14, 14, 77) | region(0, 0, 255))  # two defect types in one file
+    with raises_naming(bad, "holds 2 non-zero values [77, 255]", "one defect"):
+        read_defects(split.test[3])
+    assert load_defects_config(config)[77].relative
+
+
+def official_auc_spros(gt_dirs: list[Path | None], maps: np.ndarray, config: Path) -> dict[float, float]:
+    """MVTec's official LOCO evaluation (mvtec_loco_ad_evaluation) re-stated from its semantics, independent of
+    metrics.spro: png folders read as np.array(Image.open(...)), saturation int(t * area) or min(t, area), binary maps
+    ``map > t`` at every threshold (the limit of its refinement), FP/TN pooled outside each image's defects,
+    mean sPRO over all defects, trapz cut at max_fpr by interpolation, / max_fpr."""
+    types = {entry["pixel_value"]: entry for entry in json.loads(config.read_text())}
+    channels = []  # (image, bool array, saturation area)
+    for image, gt_dir in enumerate(gt_dirs):
+        for png_path in sorted(gt_dir.glob("*.png")) if gt_dir else []:
+            array = np.array(Image.open(png_path))
+            _, defect_id = sorted(np.unique(array))
+            kind, area = types[int(defect_id)], int(array.astype(bool).sum())
+            saturation = (int(kind["saturation_threshold"] * area) if kind["relative_saturation"]
+                          else min(kind["saturation_threshold"], area))
+            channels.append((image, array.astype(bool), saturation))
+    union = np.zeros(maps.shape, bool)
+    for image, array, _ in channels:
+        union[image] |= array
+    thresholds = np.concatenate([np.unique(maps)[::-1], [maps.min() - 1]])  # max: nothing above; below min: all
+    fprs, spros = [], []
+    for threshold in thresholds:
+        binary = np.greater(maps, threshold)
+        fp = np.sum(binary & ~union)
+        fprs.append(fp / np.sum(~union))
+        spros.append(np.mean([min(np.sum(binary[i] & a) / s, 1.0) for i, a, s in channels]))
+    x, y = np.array(fprs), np.array(spros)
+    assert x[0] == 0 and x[-1] == 1
+    aucs = {}
+    for max_fpr in (0.01, 0.05, 0.1, 0.3, 1.0):
+        correction = 0.0
+        if max_fpr not in x:
+            ins = bisect(x, max_fpr)
+            y_interp = y[ins - 1] + (y[ins] - y[ins - 1]) * (max_fpr - x[ins - 1]) / (x[ins] - x[ins - 1])
+            correction = 0.5 * (y_interp + y[ins - 1]) * (max_fpr - x[ins - 1])
+        keep = x <= max_fpr
+        aucs[max_fpr] = (np.sum(0.5 * (y[keep][1:] + y[keep][:-1]) * (x[keep][1:] - x[keep][:-1])) + correction) / max_fpr
+    return aucs
+
+
+def test_loco_spro_matches_the_official_evaluation(loco: Path) -> None:
+    """At the dataset's own geometry (64 px, resize = crop = 64) evaluate's sPRO, for all test images and each group
+    (with the good images, as the official script's subdirectories), equals the official semantics at every limit
+    that script prints; saturated, relative and capped defects and two overlapping types in one image included."""
+    from anomaly_core.metrics import SPRO_FPR_LIMIT, spro
+    from anomaly_core.patchcore import evaluate
+    from anomaly_core.scoring import Predictions
+
+    split = load_split("mvtec_loco", loco, "juice_bottle")
+    transform = ImageTransform(resize=SIZE, crop=SIZE)
+    masks = np.stack([load_mask(s, transform).numpy() for s in split.test])
+    rng = np.random.default_rng(3)
+    maps = np.round(rng.random(masks.shape) + 0.15 * masks, 2).astype(np.float32)  # ties included
+    report = evaluate(split.test, Predictions(np.zeros(5), maps, np.arange(5)), transform, 0.3,
+                      metric_groups("mvtec_loco"))
+    regions = defect_regions(split.test, transform)
+    for group, take in (("", [0, 1, 2, 3, 4]), ("structural/", [0, 1, 4]), ("logical/", [0, 1, 2, 3])):
+        gt_dirs = [Path(split.test[i].mask_path) if split.test[i].mask_path else None for i in take]
+        official = official_auc_spros(gt_dirs, maps[take].astype(np.float64), loco / "juice_bottle/defects_config.json")
+        assert report.values[f"{group}spro"] == pytest.approx(official[SPRO_FPR_LIMIT], abs=1e-12)
+        for max_fpr, expected in official.items():
+            ours = spro(masks[take], maps[take], [regions[i] for i in take], max_fpr)
+            assert ours == pytest.approx(expected, abs=1e-12)
+    assert 0.1 < report.values["spro"] < 0.95 and report.values["spro"] != report.values["aupro"]

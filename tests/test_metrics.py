@@ -1,4 +1,4 @@
-"""Metrics against scikit-learn, hand-derived values and a slow reference AUPRO."""
+"""Metrics against scikit-learn, hand-derived values and slow reference AUPRO and sPRO."""
 
 from __future__ import annotations
 
@@ -16,9 +16,11 @@ from anomaly_core.metrics import (
     MetricReport,
     aupro,
     compute_metrics,
+    group_metrics,
     image_metrics,
     mean_metrics,
     pixel_metrics,
+    spro,
 )
 
 
@@ -46,6 +48,22 @@ def reference_aupro(masks: np.ndarray, maps: np.ndarray, fpr_limit: float) -> fl
         fpr = predicted[~masks].mean()
         pro = np.mean([predicted[i][region].mean() for i, region in regions])
         curve.append((fpr, pro))
+    return reference_area(curve, fpr_limit)
+
+
+def reference_spro(masks: np.ndarray, maps: np.ndarray, regions: list, fpr_limit: float) -> float:
+    """The sPRO definition, literally: per threshold, each defect's min(TP area / saturation area, 1), averaged."""
+    curve = [(0.0, 0.0)]
+    for threshold in np.unique(maps)[::-1]:
+        predicted = maps >= threshold
+        overlaps = [min(np.count_nonzero(predicted[i] & defect) / area, 1.0)
+                    for i, (defects, areas) in enumerate(regions) for defect, area in zip(defects, areas)]
+        curve.append((predicted[~masks].mean(), np.mean(overlaps)))
+    return reference_area(curve, fpr_limit)
+
+
+def reference_area(curve: list[tuple[float, float]], fpr_limit: float) -> float:
+    """Trapezoids of (FPR, overlap) points up to fpr_limit, the last one cut there by interpolation, / fpr_limit."""
     area = 0.0
     for (x0, y0), (x1, y1) in zip(curve, curve[1:]):
         if x0 >= fpr_limit:
@@ -236,6 +254,145 @@ def test_pixel_metrics_without_anomalous_pixels_or_masks():
     assert all(value is None for value in all_anomalous.values())
 
 
+def one_defect_example() -> tuple[np.ndarray, np.ndarray]:
+    """One 3x4 image: defect A in row 0, defect B in row 1 (4 px each), 4 normal pixels in row 2.
+
+    Scores, high to low: A 0.9, A 0.8, N 0.7, N 0.6, N 0.5, B 0.45, A 0.3, A 0.2, B 0.15, B 0.12, B 0.11, N 0.1.
+    """
+    maps = np.array([[[0.9, 0.8, 0.3, 0.2], [0.45, 0.15, 0.12, 0.11], [0.7, 0.6, 0.5, 0.1]]])
+    masks = np.zeros((1, 3, 4), bool)
+    masks[0, :2] = True
+    return masks, maps
+
+
+def defects(masks: np.ndarray, rows: tuple[int, ...], areas: tuple[float, ...]) -> tuple[np.ndarray, np.ndarray]:
+    """The defects of image 0 of ``masks``: one per row in ``rows``, with saturation ``areas``."""
+    found = np.zeros((len(rows), *masks.shape[1:]), bool)
+    for k, row in enumerate(rows):
+        found[k, row] = True
+    return found, np.array(areas, dtype=float)
+
+
+@pytest.mark.parametrize(
+    ("area", "expected"),
+    [
+        # A alone: row 1 counts as normal (8 normal pixels). Curve (FPR, sPRO): 0.9 -> (0, 1/s), 0.8 -> (0, 2/s),
+        # 0.7, 0.6, 0.5, 0.45 -> FPR 0.5, A's last two pixels (0.3, 0.2) at FPR 0.5, then on to (1, 1).
+        # Area: 0.5 * min(2/s, 1) + 0.5 * 1.
+        (2.0, 1.0),  # saturated after two pixels: the whole curve at 1
+        (2.5, 0.5 * 0.8 + 0.5),  # 0.8 until the third pixel (any part of a pixel past 2.5 saturates)
+        (3.0, 0.5 * 2 / 3 + 0.5),
+        (4.0, 0.5 * 0.5 + 0.5),  # saturation area = defect area: the PRO, as aupro gives it
+    ],
+)
+def test_spro_hand_computed_saturation(area, expected):
+    masks, maps = one_defect_example()
+    masks[0, 1] = False  # A only
+    regions = [defects(masks, (0,), (area,))]
+    assert spro(masks, maps, regions, fpr_limit=1.0) == pytest.approx(expected, abs=1e-12)
+    assert reference_spro(masks, maps, regions, 1.0) == pytest.approx(expected, abs=1e-12)
+    if area == 4.0:
+        assert spro(masks, maps, regions, 1.0) == pytest.approx(aupro(masks, maps, 1.0), abs=1e-12)
+
+
+def test_spro_two_defect_types_in_one_image():
+    """A saturates at 2 px, B (one defect of another type) at 1 px: mean of the two defects' sPRO.
+
+    Curve: 0.9 -> (0, 1/4); 0.8 -> (0, 1/2); 0.7, 0.6, 0.5 -> FPR 0.25, 0.5, 0.75 at 1/2; 0.45 (B's first pixel) ->
+    (0.75, 1); 0.1 -> (1, 1). Up to 0.05: 1/2. Up to 1: 0.75 * 1/2 + 0.25 * 1 = 0.625.
+    """
+    masks, maps = one_defect_example()
+    regions = [defects(masks, (0, 1), (2.0, 1.0))]
+    assert spro(masks, maps, regions) == pytest.approx(0.5, abs=1e-12)  # default limit 0.05
+    assert spro(masks, maps, regions, 1.0) == pytest.approx(0.625, abs=1e-12)
+    assert reference_spro(masks, maps, regions, 1.0) == pytest.approx(0.625, abs=1e-12)
+    swapped = [defects(masks, (0, 1), (4.0, 4.0))]  # both unsaturated: B's pixels come late
+    assert spro(masks, maps, swapped, 1.0) == pytest.approx(reference_spro(masks, maps, swapped, 1.0), abs=1e-12)
+    assert spro(masks, maps, swapped, 1.0) < 0.625
+
+
+def random_defects(rng: np.random.Generator, masks: np.ndarray) -> list[tuple[np.ndarray, np.ndarray]]:
+    """Per image: its connected components, one split in two overlapping defects, random saturation areas
+    (whole and fractional, some at the full area) — defects as LOCO files make them."""
+    regions = []
+    for mask in masks:
+        labeled, n = ndimage.label(mask, structure=np.ones((3, 3)))
+        found = [labeled == k for k in range(1, n + 1)]
+        if found and found[0].sum() > 4:  # a second defect over part of the first: LOCO files may overlap
+            rows = np.flatnonzero(found[0].any(axis=1))
+            part = found[0].copy()
+            part[rows[len(rows) // 2 + 1 :]] = False
+            found.append(part)
+        areas = [rng.choice([a.sum(), max(1, a.sum() // 3), rng.uniform(0.5, a.sum())]) for a in found]
+        regions.append((np.array(found, bool).reshape(-1, *mask.shape), np.array(areas, float)))
+    return regions
+
+
+@pytest.mark.parametrize("seed", [3, 4, 5])
+@pytest.mark.parametrize("fpr_limit", [0.01, 0.05, 0.3, 1.0])
+def test_spro_matches_slow_reference(seed, fpr_limit):
+    rng = np.random.default_rng(seed)
+    masks = random_blobs(rng, 6, 24, max_blobs=4)
+    regions = random_defects(rng, masks)
+    maps = np.round(rng.random(masks.shape) * 0.7 + 0.3 * masks, 2)  # ties, grouped as thresholds group them
+    expected = reference_spro(masks, maps, regions, fpr_limit)
+    assert spro(masks, maps, regions, fpr_limit) == pytest.approx(expected, abs=1e-9)
+    full = [(found, found.sum(axis=(1, 2)).astype(float)) for found, _ in regions]
+    assert spro(masks, maps, full, fpr_limit) == pytest.approx(reference_spro(masks, maps, full, fpr_limit), abs=1e-9)
+
+
+def test_spro_of_unsaturated_components_is_aupro():
+    """With every connected component a defect saturating at its full area, sPRO is the PRO, at any limit."""
+    rng = np.random.default_rng(7)
+    masks = random_blobs(rng, 8, 32, max_blobs=4)
+    maps = rng.random(masks.shape) + 0.4 * masks
+    regions = []
+    for mask in masks:
+        labeled, n = ndimage.label(mask, structure=np.ones((3, 3)))
+        found = np.array([labeled == k for k in range(1, n + 1)], bool).reshape(-1, *mask.shape)
+        regions.append((found, found.sum(axis=(1, 2)).astype(float)))
+    for fpr_limit in (0.05, 0.3):
+        assert spro(masks, maps, regions, fpr_limit) == pytest.approx(aupro(masks, maps, fpr_limit), abs=1e-12)
+
+
+def test_spro_in_reports_and_groups():
+    """compute_metrics reports sPRO (at the official limit 0.05) only given regions; groups take their images' own."""
+    rng = np.random.default_rng(8)
+    masks = random_blobs(rng, 6, 16)
+    regions = random_defects(rng, masks)
+    maps = rng.random(masks.shape) + 0.5 * masks
+    labels, scores = masks.any(axis=(1, 2)).astype(int), maps.max(axis=(1, 2))
+    report = compute_metrics(labels, scores, masks, maps, 0.3, regions)
+    assert report.values["spro"] == pytest.approx(reference_spro(masks, maps, regions, 0.05), abs=1e-12)
+    assert report.values["aupro"] == aupro(masks, maps, 0.3) and "spro" not in report.notes
+    plain = compute_metrics(labels, scores, masks, maps)
+    assert plain.values["spro"] is None and "defects_config.json" in plain.notes["spro"]
+    assert {k: v for k, v in plain.values.items() if k != "spro"} == {
+        k: v for k, v in report.values.items() if k != "spro"}
+    take = [0, 1, 4, 5]  # anomalies 0 and 1 (random_blobs marks the first half), normal 4 and 5
+    (sub,) = group_metrics({"g": take}, labels, scores, masks, maps, 0.3, regions).values()
+    assert sub.values["spro"] == pytest.approx(
+        reference_spro(masks[take], maps[take], [regions[i] for i in take], 0.05), abs=1e-12)
+
+
+def test_spro_input_validation():
+    masks, maps = one_defect_example()
+    good = defects(masks, (0, 1), (2.0, 1.0))
+    for regions, match in [
+        ([good, good], "regions has 2 entries but masks has 1"),
+        ([defects(masks, (0,), (2.0,))], "union differs from masks"),  # row 1 anomalous in masks, in no defect
+        ([defects(masks, (0, 1), (5.0, 1.0))], "exceed the defect areas"),
+        ([defects(masks, (0, 1), (0.0, 1.0))], "saturation area > 0"),
+        ([(good[0].astype(np.uint8), good[1])], "must be bool"),
+    ]:
+        with pytest.raises(ValueError, match=match):
+            spro(masks, maps, regions)
+        with pytest.raises(ValueError, match=match):
+            compute_metrics(np.array([1]), np.array([0.9]), masks, maps, 0.3, regions)
+    with pytest.raises(ValueError, match="no normal pixels"):
+        spro(np.ones((1, 1, 2), bool), np.zeros((1, 1, 2)), [(np.ones((1, 1, 2), bool), np.array([1.0]))])
+
+
 # --- validation ------------------------------------------------------------------------------
 
 
@@ -282,7 +439,7 @@ def test_compute_metrics_report_is_json_serializable():
     payload = json.loads(json.dumps(report.to_dict()))
     assert payload["values"]["aupro"] == pytest.approx(7 / 12)
     assert payload["values"]["image_auroc"] is None
-    assert set(payload["notes"]) == {"image_auroc", "image_ap", "image_f1_max", "image_threshold"}
+    assert set(payload["notes"]) == {"image_auroc", "image_ap", "image_f1_max", "image_threshold", "spro"}
     assert set(METRIC_NAMES) <= set(payload["values"])
 
 
@@ -308,13 +465,14 @@ def test_full_size_category_is_fast():
     masks = random_blobs(rng, 150, 224)
     maps = rng.random(masks.shape, dtype=np.float32) + 0.5 * masks
     labels, scores = masks.any(axis=(1, 2)), maps.max(axis=(1, 2))
+    regions = random_defects(rng, masks)
     start = time.perf_counter()
     aupro(masks, maps)
     aupro_seconds = time.perf_counter() - start
     start = time.perf_counter()
-    report = compute_metrics(labels, scores, masks, maps)
+    report = compute_metrics(labels, scores, masks, maps, 0.3, regions)
     total_seconds = time.perf_counter() - start
-    print(f"150x224x224: aupro {aupro_seconds:.2f} s, compute_metrics {total_seconds:.2f} s")
+    print(f"150x224x224: aupro {aupro_seconds:.2f} s, compute_metrics with sPRO {total_seconds:.2f} s")
     assert all(report.values[name] is not None for name in METRIC_NAMES)
     assert aupro_seconds < 5
     assert total_seconds < 15

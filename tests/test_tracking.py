@@ -135,8 +135,10 @@ def test_offline_run_holds_metrics_table_images_and_bank_artifacts(wandb_env, re
 
     summary = recorded["summary"]
     for result in results:
-        for name in METRIC_NAMES:
-            assert summary[f"{result.job.key}/{name}"] == pytest.approx(result.report.values[name])
+        for name in METRIC_NAMES:  # an undefined metric (spro: no LOCO defects here) is left out of the summary
+            value = result.report.values[name]
+            assert summary[f"{result.job.key}/{name}"] == pytest.approx(value) if value is not None else (
+                f"{result.job.key}/{name}" not in summary)
         assert summary[f"{result.job.key}/memory_size"] == len(result.bank.features)
         assert summary[f"{result.job.key}/time/coreset_s"] == 0.5
     mean = mean_metrics([result.report for result in results]).values

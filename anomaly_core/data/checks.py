@@ -2,14 +2,16 @@
 
 Image headers only (no pixel decoding; masks, which are few, are decoded), so a full benchmark's
 thousands of images are checked in seconds: unreadable files (zero bytes, text with an image name), images too small to mean
-anything after resizing, and masks whose size differs from their image. A truncated file whose
-header is intact is caught when it is decoded, with the same kind of error naming it.
+anything after resizing, masks whose size differs from their image, and MVTec LOCO mask files whose pixel
+value its defects_config.json does not list. A truncated file whose header is intact is caught when it is
+decoded, with the same kind of error naming it.
 """
 
 from __future__ import annotations
 
 from typing import Sequence
 
+from .defects import read_defects
 from .images import image_size, read_mask
 from .transforms import mask_size_problem
 from .sample import CategorySplit, DatasetError, Sample
@@ -38,8 +40,10 @@ def check_split(split: CategorySplit, root: str, need_test: bool, extra: Sequenc
                 problem = mask_size_problem(sample, (height, width))
                 if problem:
                     problems.append(problem)
+                elif sample.defects_config:
+                    read_defects(sample)  # one defect type per file, listed in the config: sPRO needs each
                 else:
-                    read_mask(sample.mask_path)  # masks are few and small: decoded now, so a bad one costs no run
+                    read_mask(sample.mask_path, sample.instance_mask)  # masks are few and small: decoded now, so a bad one costs no run
             except DatasetError as error:
                 problems.append(str(error))
     if problems:

@@ -54,7 +54,7 @@ def image_size(path: str | Path) -> tuple[int, int]:
         return im.height, im.width
 
 
-def read_mask(path: str | Path) -> np.ndarray:
+def read_mask(path: str | Path, instances: bool = False) -> np.ndarray:
     """``bool [H, W]``: a pixel is anomalous when any of its channels is > 0 (alpha ignored).
 
     Masks are 0 for normal pixels and one value (or, in class-coded masks, a few values) for
@@ -62,13 +62,17 @@ def read_mask(path: str | Path) -> np.ndarray:
     single meaning of "anomalous", and reading it as ``> 0`` would silently inflate the defect area,
     so a mask with more than ``MAX_MASK_LEVELS`` non-zero levels is refused.
 
+    ``instances`` (VisA, ``Sample.instance_mask``): the mask numbers its defect regions 1, 2, ..., as many
+    as the image has, and is read as ``> 0`` whatever their count, as the VisA authors' and anomalib's
+    preparation scripts binarise it (``mask[mask != 0] = 255``; the same on unsigned values).
+
     A mask folder (MVTec LOCO, AutoVI: one file per defect region, each its own constant value) is
     the union of its files, each read and checked as above; they must all have one size.
     """
     files = mask_files(path)
-    union = _read_mask_file(files[0])
+    union = _read_mask_file(files[0], instances)
     for file in files[1:]:
-        mask = _read_mask_file(file)
+        mask = _read_mask_file(file, instances)
         if mask.shape != union.shape:
             raise DatasetError(f"mask {file} is {mask.shape[0]}x{mask.shape[1]} (HxW) but {files[0]} in the same "
                                f"mask folder is {union.shape[0]}x{union.shape[1]}")
@@ -76,18 +80,23 @@ def read_mask(path: str | Path) -> np.ndarray:
     return union
 
 
-def _read_mask_file(path: Path) -> np.ndarray:
+def mask_values(path: str | Path) -> np.ndarray:
+    """The pixel values of one mask file, ``[H, W]``: grey as stored, colour as its largest channel."""
     with _opened(path) as im:
         if im.mode in ("1", "L", "F", *_WIDE_GRAY):
-            values = np.asarray(im)
-        else:
-            values = np.asarray(im.convert("RGB")).max(axis=2)
-    levels = np.unique(values)
-    levels = levels[levels > 0]
-    if len(levels) > MAX_MASK_LEVELS:
-        raise DatasetError(
-            f"mask {path} is not binary: it holds {len(levels)} non-zero levels ({levels.min()}..{levels.max()}); "
-            f"a mask must be 0 for normal pixels and one value (at most {MAX_MASK_LEVELS}) for anomalous ones; "
-            f"binarise it (e.g. anomalous where >= 128) rather than let every faint pixel count as a defect"
-        )
+            return np.asarray(im)
+        return np.asarray(im.convert("RGB")).max(axis=2)
+
+
+def _read_mask_file(path: Path, instances: bool) -> np.ndarray:
+    values = mask_values(path)
+    if not instances:
+        levels = np.unique(values)
+        levels = levels[levels > 0]
+        if len(levels) > MAX_MASK_LEVELS:
+            raise DatasetError(
+                f"mask {path} is not binary: it holds {len(levels)} non-zero levels ({levels.min()}..{levels.max()}); "
+                f"a mask must be 0 for normal pixels and one value (at most {MAX_MASK_LEVELS}) for anomalous ones; "
+                f"binarise it (e.g. anomalous where >= 128) rather than let every faint pixel count as a defect"
+            )
     return values > 0

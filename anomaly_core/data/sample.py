@@ -27,6 +27,12 @@ class Sample:
     category: str
     defect_type: str  # "good" for normal images
     split: str  # "train" | "test" | "validation" (a format's own held-out normal images: MVTec LOCO)
+    # VisA: the mask holds one id per defect region (1, 2, ...), anomalous wherever it is non-zero however
+    # many ids it holds, rather than a few levels of one value (images.read_mask).
+    instance_mask: bool = False
+    # MVTec LOCO: the category's defects_config.json, which gives each mask file's pixel value a defect
+    # type and the saturation area of its sPRO (data.defects); None where the format has none.
+    defects_config: str | None = None
 
 
 @dataclass(frozen=True)

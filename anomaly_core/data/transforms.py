@@ -64,6 +64,16 @@ class ImageTransform:
             plane /= np.float32(self.std[channel])
         return out
 
+    def area_scale(self, height: int, width: int) -> float:
+        """Pixels of the resized image per pixel of a ``height`` x ``width`` original (the crop cuts, it does not
+        scale): what a pixel count of the original, such as an sPRO saturation area, becomes at the maps' geometry.
+
+        The resized size follows torchvision's ``Resize(int)`` rule (``_compute_resized_output_size``): the
+        shorter side becomes ``resize``, the longer ``int(resize * long / short)``.
+        """
+        short, long = sorted((height, width))
+        return self.resize * int(self.resize * long / short) / (height * width)
+
     def mask(self, mask: np.ndarray) -> torch.Tensor:
         """``bool [H, W]`` -> ``bool [crop, crop]``, aligned with ``image`` of the same size."""
         if mask.ndim != 2:
@@ -88,7 +98,7 @@ def load_mask(sample: Sample, transform: ImageTransform) -> torch.Tensor | None:
     problem = mask_size_problem(sample, image_size(sample.image_path))
     if problem:
         raise DatasetError(problem)
-    return transform.mask(read_mask(sample.mask_path))
+    return transform.mask(read_mask(sample.mask_path, sample.instance_mask))
 
 
 def mask_size_problem(sample: Sample, size: tuple[int, int]) -> str | None:
