@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 import pytest
 
-from anomaly_core.distances import MatrixDevice, expansion_margin, sq_distances
+from anomaly_core.distances import MatrixDevice, check_float32_range, expansion_margin, sq_distances
 from anomaly_core.knn import ExactKnn
 
 # Every code path a screen can take on the CPU: numpy, torch (the GPU's code), and torch with bfloat16
@@ -249,8 +251,101 @@ def test_tf32_is_read_through_either_torch_api(setting):
          "new_ieee": lambda: setattr(matmul, "fp32_precision", "ieee"),
          "matmul_precision_high": lambda: torch.set_float32_matmul_precision("high")}[setting]()
         assert tf32_matmul(torch) == (setting in ("legacy_on", "new_tf32", "matmul_precision_high"))
+        # fp32 screens on CUDA widen their bound for TF32 inputs, cut (not rounded) to 10 mantissa bits;
+        # bf16 screens round their own inputs whatever the switch says.
+        tf32 = setting in ("legacy_on", "new_tf32", "matmul_precision_high")
+        assert MatrixDevice("cuda", precision="fp32").input_roundoff == (2.0**-10 if tf32 else 0.0)
+        assert MatrixDevice("cuda").precision == "bf16" and MatrixDevice("cuda").input_roundoff == 2.0**-8
         exact_fp32()
         assert tf32_matmul(torch) is False and torch.backends.cudnn.conv.fp32_precision == "ieee"
     finally:
         matmul.fp32_precision, torch.backends.cudnn.fp32_precision = saved[0], saved[1]
         torch.set_float32_matmul_precision(saved[2])
+
+
+def padded_tree(squares: np.ndarray) -> np.ndarray:
+    """The formula's sum as specified, written plainly: pad to a power of two with zeros, then halve."""
+    width = 1 << (squares.shape[1] - 1).bit_length()
+    s = np.zeros((len(squares), width))
+    s[:, : squares.shape[1]] = squares
+    while s.shape[1] > 1:
+        s = s[:, : s.shape[1] // 2] + s[:, s.shape[1] // 2 :]
+    return s[:, 0]
+
+
+@pytest.mark.parametrize("dim", [1, 3, 16, 17, 100, 128, 255, 384, 1000, 1024])
+def test_the_exact_formula_is_one_fixed_tree_with_the_same_bits_in_numpy_and_torch(dim: int):
+    """Adversarial rows: offsets far beyond the spread, exact duplicates, neighbours one float32 step apart
+    (near ties), tiny and huge values (inside check_float32_range), across blocks of the formula."""
+    import torch
+
+    rng = np.random.default_rng(dim)
+    n = min(2 * (2**18 // dim) + 7, 6000)  # more than two blocks of the formula where D >= 128
+    scale = np.where(rng.random(n) < 0.5, 1e-15, 1e16)[:, None] if dim < 512 else 1e16
+    a = (1e4 + rng.normal(size=(n, dim))).astype(np.float32)
+    a[: n // 3] = (rng.normal(size=(n // 3, dim)) * scale[: n // 3] if dim < 512 else
+                   rng.normal(size=(n // 3, dim)) * 1e-15).astype(np.float32)
+    b = a[rng.permutation(n)]
+    b[::5] = a[::5]  # duplicates: distance 0
+    b[1::5] = np.nextafter(a[1::5], np.float32(np.inf))  # one step away in every coordinate
+    check_float32_range(np.concatenate([a, b]), "test rows", spread_matters=False)
+    difference = (a - b).astype(np.float64)
+    expected = padded_tree(difference * difference)
+    got = sq_distances(a, b)
+    assert np.array_equal(got, expected)
+    assert np.array_equal(sq_distances(torch.from_numpy(a), torch.from_numpy(b)).numpy(), expected)
+    rows, others = rng.integers(0, n, size=n), rng.integers(0, n, size=n)  # gathered pairs, as screens use them
+    gathered = sq_distances(torch.from_numpy(a), torch.from_numpy(b), torch.from_numpy(rows), torch.from_numpy(others))
+    assert np.array_equal(gathered.numpy(), sq_distances(a[rows], b[others]))
+    assert np.array_equal(sq_distances(a, None), padded_tree(a.astype(np.float64) ** 2))
+    assert np.all(got[::5] == 0) and np.all(got[1::5] > 0)
+    exact = np.array([math.fsum(row) for row in difference * difference])  # the tree is an accurate sum too
+    assert np.all(np.abs(got - exact) <= 1e-14 * exact)
+
+
+def coherent_rounding(dim: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """The bfloat16 screen's worst case: every coordinate just below a bfloat16 midpoint (rounded down by
+    almost half a step, so every rounding error has the same sign relative to its value), rows in ± pairs
+    (the centre is exactly 0, so the product sees these values), and queries equal to rows or twice them
+    (every term of q̃·b̃ positive: the errors add up instead of cancelling)."""
+    rng = np.random.default_rng(seed)
+    below_midpoint = np.float32(1 + 2**-8 - 2**-20)
+    rows = below_midpoint * np.exp2(rng.integers(-2, 3, size=(150, dim))) * rng.choice([-1, 1], size=(150, dim))
+    bank = np.empty((300, dim), np.float32)
+    bank[0::2], bank[1::2] = rows, -rows
+    return bank, np.concatenate([rows[:20], 2 * rows[20:40]]).astype(np.float32)
+
+
+@pytest.mark.parametrize("case", ["coherent", "offset", "near-ties"])
+def test_the_bf16_bound_holds_where_rounding_is_largest(case: str):
+    """bfloat16 operands at D = 1024, pair by pair: |screened - exact| stays under the bound on inputs built
+    to stress it — rounding errors that all add up (where they reach over 90 % of the bound: it is nearly
+    tight, and a bound without the input-rounding term would fail everywhere), a large common offset, and
+    near ties around a point far from the origin — and the search stays exact."""
+    dim = 1024
+    if case == "coherent":
+        bank, queries = coherent_rounding(dim, seed=0)
+    elif case == "offset":
+        rng = np.random.default_rng(1)
+        bank = (1e3 + rng.normal(size=(300, dim))).astype(np.float32)
+        queries = (1e3 + rng.normal(size=(40, dim))).astype(np.float32)
+    else:
+        bank, queries = near_ties_far_from_origin(300, 40, dim, 1e3)
+    knn = ExactKnn(bank, DEVICES["torch-bf16"](), projection_dim=0)
+    error, bound = screened_error(knn, queries)
+    ratio = np.abs(error) / bound
+    assert ratio.max() < 1
+    fp32_only = expansion_margin(dim, 0.0, 2.0**-23) / knn._screen.margin
+    assert ratio.max() > (0.9 if case == "coherent" else fp32_only)
+    distances, indices = knn.search(queries, 3)
+    ref_d, ref_i = brute_force(bank, queries, 3)
+    assert np.array_equal(indices, ref_i) and np.array_equal(distances, ref_d)
+
+
+def test_screen_precision_is_checked():
+    with pytest.raises(ValueError, match="precision must be one of fp32, bf16"):
+        MatrixDevice("cpu", use_torch=True, precision="fp16")
+    with pytest.raises(ValueError, match="precision bf16 runs on the torch path"):
+        MatrixDevice("cpu", precision="bf16")
+    with pytest.raises(ValueError, match="candidates must be >= 0"):
+        ExactKnn(patchcore_like(10, 4, seed=0), candidates=-1)
