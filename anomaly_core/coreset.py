@@ -265,15 +265,15 @@ def greedy_select(shards: Sequence[ShardLike], n_select: int, start_index: int, 
         # Only the strongest fence binds: the largest bound, then the smallest index at that bound.
         fence, fence_index = max(((c.bound, c.bound_index) for c in tops), key=lambda f: (f[0], -f[1]))
         confirmed: list[int] = []
-        while len(picks) < n_select:
-            i = int(np.argmax(values))
-            v, g = float(values[i]), int(indices[i])
-            if v == -np.inf or not (v > fence or (v == fence and g < fence_index)):
-                break  # every candidate is picked, or the next pick could be a point not seen
-            picks.append(g)
+        # Only candidates that could still be picked this round (beating the fence) need new values.
+        live = np.flatnonzero((values > fence) | ((values == fence) & (indices < fence_index)))
+        while len(picks) < n_select and len(live):
+            i = int(live[np.argmax(values[live])])  # every candidate that can be the pick is live
+            picks.append(int(indices[i]))
             confirmed.append(i)
-            np.minimum(values, sq_dists(rows, rows[i]), out=values)
+            values[live] = np.minimum(values[live], sq_dists(rows[live], rows[i]))
             values[i] = -np.inf  # distances are >= 0, so -inf marks the picked
+            live = live[(values[live] > fence) | ((values[live] == fence) & (indices[live] < fence_index))]
         new_idx, new_rows = indices[confirmed], rows[confirmed]
 
 
