@@ -25,7 +25,8 @@ from typing import Any, NamedTuple
 
 import numpy as np
 
-_TREE_BLOCK = 2**18  # float64 values per temporary of the exact formula (2 MiB: stays in the CPU's cache)
+_TREE_BLOCK = 2**18  # float64 values per temporary of the exact formula on a CPU (2 MiB: stays in cache)
+_DEVICE_TREE_BLOCK = 2**26  # on a GPU (512 MiB): few, large kernels
 _TRANSPOSE_BELOW = 32  # the tree's levels narrower than this add contiguous rows of a transposed copy
 _UNIT_ROUNDOFF = 2.0**-24  # float32, round to nearest
 BF16_ROUNDOFF = 2.0**-8  # an operand rounded to bfloat16 (8 significant bits) to nearest
@@ -39,6 +40,7 @@ class _NumpyOps:
 
     float32, float64, int64, bool = np.float32, np.float64, np.int64, np.bool_
     torch = False
+    tree_block = _TREE_BLOCK
 
     def cast(self, x: Any, dtype: Any) -> Any:
         return x.astype(dtype, copy=False)
@@ -114,6 +116,7 @@ class _TorchOps(_NumpyOps):
     def __init__(self, torch: Any, device: Any) -> None:
         self.torch, self.device = torch, device
         self.float32, self.float64, self.int64, self.bool = torch.float32, torch.float64, torch.int64, torch.bool
+        self.tree_block = _TREE_BLOCK if device.type == "cpu" else _DEVICE_TREE_BLOCK
 
     def cast(self, x: Any, dtype: Any) -> Any:
         return x.to(dtype)
@@ -232,7 +235,7 @@ def sq_distances(a: Any, b: Any = None, a_rows: Any = None, b_rows: Any = None) 
     n = len(a) if a_rows is None else len(a_rows)
     dim = a.shape[1]
     out = ops.empty(n, ops.float64)
-    step = max(1, _TREE_BLOCK // max(dim, 1))
+    step = max(1, ops.tree_block // max(dim, 1))
     for lo in range(0, n, step):
         hi = min(lo + step, n)
         rows = a[lo:hi] if a_rows is None else a[a_rows[lo:hi]]
