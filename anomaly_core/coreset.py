@@ -7,14 +7,17 @@ makes the *same picks* with the work shaped as matrix products:
 
 * the driver confirms many picks per round (:func:`greedy_select`), so each shard applies a batch
   of new centres at once; one GEMM per block of points screens every (point, new centre) pair
-  through the expansion ``||x||² - 2x·c + ||c||²`` (BLAS on the CPU, torch on a GPU); on the CPU
-  the blocks go to one-thread workers (``anomaly_core.threads``: why not multi-threaded BLAS);
+  through the expansion ``||x||² - 2x·c + ||c||²`` (BLAS on the CPU; torch on a GPU, bf16 tensor cores
+  by default); on the CPU the blocks go to one-thread workers (``anomaly_core.threads``: why not
+  multi-threaded BLAS), on a GPU the shard's points, values, screens and exact values stay there;
 * the screen is widened by a rigorous bound on its rounding (:func:`expansion_margin`), so it
   only lets through pairs that *might* lower a point's distance — about 7 per point over a whole
   run on real PatchCore features — and only those get their exact distance;
-* every value that decides a pick comes from one row-wise float32 formula (:func:`sq_dists`, no
-  BLAS), so a point's value never depends on which shard holds it, what it was batched with, the
-  thread count or the device.
+* every value that decides a pick comes from one exact formula (:func:`sq_dists`: the fixed-tree
+  float64 sum of :func:`sq_distances`, rounded once to float32 — half the memory of float64 and the
+  candidates' wire format, and still the same bits everywhere), so a point's value never depends on
+  which shard holds it, what it was batched with, the thread count, the device or the screen's
+  precision; the driver's replay uses the same formula.
 
 Why not triangle-inequality pruning (an earlier version): real patch features have a high
 intrinsic dimension — at a 10 % coreset the coverage radius is ~80 % of the points' RMS distance to

@@ -6,11 +6,13 @@ the dimensions by a fixed pairwise tree of float64 additions. Each step is one e
 correctly rounded, in an order fixed by the dimension alone, so a value depends only on its two vectors and
 is the same bit for bit in numpy and in torch, on the CPU or on a GPU, whatever the batching, sharding or
 thread count. (numpy's, BLAS's and a GPU's own sums reassociate by shape, SIMD width and kernel: hence the
-tree. An exact square added by a fused multiply-add rounds as the plain addition does.)
+tree. An exact square added by a fused multiply-add rounds as the plain addition does.) Where a distance is
+wanted, its square root is taken on the host by numpy, correctly rounded: torch's vectorised CPU square
+root is not (it differs from numpy's in the last bit of ~1 % of values), so only [n, k] results cross.
 
 Finding *which* pairs to evaluate uses the expansion ``||x-y||² = ||x||² - 2x·y + ||y||²`` as one matrix
-product (BLAS on the CPU; torch on a GPU, in bfloat16 on tensor cores by default there): 10-1000× faster
-than the exact formula, but rounded differently for every shape and precision. Screens therefore widen
+product (BLAS on the CPU; torch on a GPU, in bfloat16 on tensor cores by default there): far faster than
+the exact formula pair by pair, but rounded differently for every shape and precision. Screens therefore widen
 their tests by a rigorous bound on that rounding (:func:`expansion_margin`), so a screen can only let too
 many pairs through, never too few, and the exact formula then sees every pair that can matter.
 
@@ -350,8 +352,9 @@ class MatrixDevice:
     On the CPU numpy's OpenBLAS is used rather than torch (MKL's sgemm runs at half speed on AMD CPUs);
     ``use_torch=True`` runs the torch code path on the CPU too, which is how the tests cover the path a GPU
     takes. ``precision``: ``fp32`` products, or ``bf16`` — operands rounded to bfloat16 by us, multiplied
-    with float32 accumulation and output (tensor cores on CUDA: ~15× the float32 rate of an H100; on the CPU
-    the same model, exactly: bfloat16 values multiplied in float32). Default: bf16 on CUDA, fp32 elsewhere.
+    with float32 accumulation and output (tensor cores on CUDA, through ``torch.mm(..., out_dtype=float32)``;
+    on the CPU the same model, exactly: bfloat16 values multiplied in float32, which is how the tests cover
+    it). Default: bf16 on CUDA, fp32 elsewhere.
     The precision changes only how many pairs a screen lets through (:func:`expansion_margin` bounds it),
     never a result, so it is recorded nowhere. No global torch setting is read or changed by a product
     except the legacy TF32 switch, which is read to widen the bound (the backbone's process may set it).
