@@ -7,14 +7,17 @@ makes the *same picks* with the work shaped as matrix products:
 
 * the driver confirms many picks per round (:func:`greedy_select`), so each shard applies a batch
   of new centres at once; one GEMM per block of points screens every (point, new centre) pair
-  through the expansion ``||x||² - 2x·c + ||c||²`` (BLAS on the CPU, torch on a GPU); on the CPU
-  the blocks go to one-thread workers (``anomaly_core.threads``: why not multi-threaded BLAS);
+  through the expansion ``||x||² - 2x·c + ||c||²`` (BLAS on the CPU; torch on a GPU, bf16 tensor cores
+  by default); on the CPU the blocks go to one-thread workers (``anomaly_core.threads``: why not
+  multi-threaded BLAS), on a GPU the shard's points, values, screens and exact values stay there;
 * the screen is widened by a rigorous bound on its rounding (:func:`expansion_margin`), so it
   only lets through pairs that *might* lower a point's distance — about 7 per point over a whole
   run on real PatchCore features — and only those get their exact distance;
-* every value that decides a pick comes from one row-wise float32 formula (:func:`sq_dists`, no
-  BLAS), so a point's value never depends on which shard holds it, what it was batched with, the
-  thread count or the device.
+* every value that decides a pick comes from one exact formula (:func:`sq_dists`: the fixed-tree
+  float64 sum of :func:`sq_distances`, rounded once to float32 — half the memory of float64 and the
+  candidates' wire format, and still the same bits everywhere), so a point's value never depends on
+  which shard holds it, what it was batched with, the thread count, the device or the screen's
+  precision; the driver's replay uses the same formula.
 
 Why not triangle-inequality pruning (an earlier version): real patch features have a high
 intrinsic dimension — at a 10 % coreset the coverage radius is ~80 % of the points' RMS distance to
@@ -29,11 +32,11 @@ returns bit-identical picks for any number of shards.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import NamedTuple, Protocol, Sequence
+from typing import Any, NamedTuple, Protocol, Sequence
 
 import numpy as np
 
-from anomaly_core.distances import MatrixDevice, check_float32_range, paired_sq_dists, sq_dists
+from anomaly_core.distances import MatrixDevice, check_float32_range, sq_distances, sq_dists
 from anomaly_core.threads import BlockWorkers, block_starts, run_blocks
 
 
@@ -69,63 +72,63 @@ class ShardLike(Protocol):
 
 
 class GreedyShard:
-    """One shard of the points and each point's squared distance to the nearest centre.
+    """One shard of the points and each point's squared distance to the nearest centre, on a device.
 
-    The points are also kept on ``device`` as the centred, augmented transpose ``[x̃; ||x̃||²; 1]``,
-    so that one product with new centres ``[-2c̃, 1, ||c̃||²(1-κ)]`` gives every screened squared
-    distance already lowered by the centre's share of the rounding bound.
+    The points are also kept on ``device`` as the centred transpose ``x̃`` with norm terms ``||x̃||²``, so
+    that one product with new centres ``-2c̃`` (norm terms ``||c̃||²(1-κ)``) gives every screened squared
+    distance already lowered by the centre's share of the rounding bound. On the torch path the points,
+    values, thresholds, screens and exact values all stay on the device; only the few candidate rows
+    and values the driver asks for come back.
     """
 
     def __init__(
         self,
-        points: np.ndarray,
+        points: Any,
         global_indices: np.ndarray,
         device: MatrixDevice | None = None,
         block: int | None = None,
         threads: int = 1,
     ) -> None:
-        """``threads`` (CPU): blocks of points are screened by that many workers, each on one library
-        thread; on a GPU the whole shard is one product."""
-        points = np.ascontiguousarray(points, dtype=np.float32)
+        """``points``: numpy, or a tensor (kept where it is if that is the device's). ``threads`` (CPU):
+        blocks of points are screened by that many workers, each on one library thread; on a GPU the
+        whole shard is one product."""
+        self.device = device or MatrixDevice()
+        ops = self.device.ops
+        points = self.device.put(points)
         global_indices = np.asarray(global_indices, dtype=np.int64)
         if points.ndim != 2 or len(points) == 0:
-            raise ValueError(f"points must be a non-empty 2-D array, got shape {points.shape}")
+            raise ValueError(f"points must be a non-empty 2-D array, got shape {tuple(points.shape)}")
         if global_indices.shape != (len(points),):
             raise ValueError("global_indices must hold one index per point")
-        if not np.isfinite(points).all():
+        if not ops.all_finite(points):
             raise ValueError("points contain NaN or infinite values")
         check_float32_range(points, "coreset points")
         n, dim = points.shape
-        self.device = device or MatrixDevice()
         # Points per product on the CPU: a [centres, block] temporary of ~1 MB that stays in cache
         # (fewer centres, longer blocks); on a GPU the whole shard at once.
         self._block = block
         self._workers = BlockWorkers(threads if self.device.on_cpu else 1)  # reused every round
         self._x = points
-        self._gidx = global_indices
+        self._gidx = global_indices  # on the host for look-ups, on the device for ordering
+        self._gidx_on_device = ops.asarray(global_indices, ops.int64)
         self._by_gidx = np.argsort(global_indices)
-        self._d = np.full(n, np.inf, np.float32)
-        self._picked = np.zeros(n, dtype=bool)
-        self._mean = points.mean(axis=0, dtype=np.float64).astype(np.float32)
+        self._d = ops.full(n, np.inf, ops.float32)
+        self._picked = ops.full(n, False, ops.bool)
+        self._mean = ops.cast(ops.mean64(points), ops.float32)
         centred = points - self._mean
-        self._sq_norms = np.einsum("ij,ij->i", centred, centred, dtype=np.float64)
-        augmented = np.empty((dim + 2, n), np.float32)
-        for lo in range(0, n, 4096):  # transposed in slabs that stay in cache
-            augmented[:dim, lo : lo + 4096] = centred[lo : lo + 4096].T
-        augmented[dim] = self._sq_norms
-        augmented[dim + 1] = 1.0
-        self._columns = self.device.put(augmented)
+        self._sq_norms = sq_distances(centred)
         self._kappa = self.device.margin(dim)
+        self._columns = self.device.columns(ops.transposed(centred), ops.cast(self._sq_norms, ops.float32))
         self._thresholds = None  # per point, on the device: d + κ·||x̃||² (set by the first centre)
 
     def __len__(self) -> int:
         return len(self._x)
 
     def fetch_rows(self, global_indices: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """The requested global indices this shard holds, and their rows."""
+        """The requested global indices this shard holds, and their rows (numpy)."""
         local = self._local(np.asarray(global_indices, dtype=np.int64))
         local = local[local >= 0]
-        return self._gidx[local], self._x[local]
+        return self._gidx[local], self.device.to_numpy(self._x[self.device.ops.asarray(local, self.device.ops.int64)])
 
     def _local(self, global_indices: np.ndarray) -> np.ndarray:
         """Local positions of global indices, -1 where this shard does not hold them."""
@@ -133,27 +136,25 @@ class GreedyShard:
         local = self._by_gidx[np.minimum(pos, len(self._gidx) - 1)]
         return np.where(self._gidx[local] == global_indices, local, -1)
 
-    def add_centers(self, rows: np.ndarray, global_indices: np.ndarray) -> None:
+    def add_centers(self, rows: Any, global_indices: np.ndarray) -> None:
         """Lower each point's distance to the nearest centre by the new centres, exactly.
 
         A value is a minimum over centres, so a batch is applied at once and the result does
         not depend on how the centres were batched.
         """
-        rows = np.ascontiguousarray(rows, dtype=np.float32)
+        ops = self.device.ops
+        rows = self.device.put(rows)
         local = self._local(np.asarray(global_indices, dtype=np.int64))
-        self._picked[local[local >= 0]] = True
+        self._picked[ops.asarray(local[local >= 0], ops.int64)] = True
         if self._thresholds is None and len(rows):  # the first centre reaches every point
             self._d[:] = sq_dists(self._x, rows[0])
-            self._thresholds = self.device.put(self._threshold(np.arange(len(self._x))))
+            self._thresholds = self._threshold()
             rows = rows[1:]
         if len(rows) == 0:
             return
         centred = rows - self._mean
-        augmented = np.empty((len(rows), rows.shape[1] + 2), np.float32)
-        augmented[:, :-2] = -2.0 * centred
-        augmented[:, -2] = 1.0
-        augmented[:, -1] = np.einsum("ij,ij->i", centred, centred, dtype=np.float64) * (1.0 - self._kappa)
-        augmented = self.device.put(augmented)
+        norms = ops.cast(sq_distances(centred) * (1.0 - self._kappa), ops.float32)
+        operand = self.device.rows(centred * -2.0, norms)
         n = len(self._x)
         if self._block:
             starts = range(0, n, self._block)
@@ -164,46 +165,49 @@ class GreedyShard:
 
         def screen(lo: int) -> None:  # blocks touch disjoint points, so workers never share a value
             hi = lo + starts.step
-            products = self.device.matmul(augmented, self._columns[:, lo:hi])
+            products = self.device.product(operand, self._columns, lo, hi)
             center, point = self.device.below(products, self._thresholds[lo:hi])
             if len(point):
-                self._lower(lo + point, rows[center])
+                self._lower(lo + point, rows, center)
 
         self._workers.map(screen, starts)
 
-    def _threshold(self, points: np.ndarray) -> np.ndarray:
-        """Screened values below which a pair might lower ``d``: ``d + κ·||x̃||²`` (float32, rounded up)."""
-        value = self._d[points].astype(np.float64) + self._kappa * self._sq_norms[points]
-        return np.nextafter(value.astype(np.float32), np.float32(np.inf))
+    def _threshold(self, points: Any = None) -> Any:
+        """Screened values below which a pair might lower ``d``: ``d + κ·||x̃||²`` (float32, rounded up), for
+        ``points`` (default all)."""
+        ops = self.device.ops
+        d, norms = (self._d, self._sq_norms) if points is None else (self._d[points], self._sq_norms[points])
+        return ops.round_up32(ops.cast(d, ops.float64) + self._kappa * norms)
 
-    def _lower(self, points: np.ndarray, centers: np.ndarray) -> None:
-        """Exact values for screened (point, centre) pairs; keep each point's minimum."""
-        values = paired_sq_dists(self._x[points], centers)
+    def _lower(self, points: Any, rows: Any, centers: Any) -> None:
+        """Exact values for screened pairs (``points[i]``, ``rows[centers[i]]``); keep each point's minimum."""
+        ops = self.device.ops
+        values = ops.cast(sq_distances(self._x, rows, points, centers), ops.float32)
         before = self._d[points]
-        np.minimum.at(self._d, points, values)
-        changed = np.unique(points[self._d[points] < before])
+        ops.minimum_at(self._d, points, values)
+        changed = ops.unique(points[self._d[points] < before])
         if len(changed):
-            self.device.assign(self._thresholds, changed, self._threshold(changed))
+            self._thresholds[changed] = self._threshold(changed)
 
     def top_candidates(self, b: int) -> Candidates:
-        """The ``b`` best unpicked points and the order bound for all others."""
+        """The ``b`` best unpicked points and the order bound for all others (numpy)."""
         if b < 0:
             raise ValueError(f"b must be >= 0, got {b}")
+        ops = self.device.ops
         q = b + 1
-        pool = np.flatnonzero(~self._picked)
+        pool = ops.nonzero(~self._picked)[0]
         values = self._d[pool]
         if len(pool) > q:
-            cut = np.partition(values, len(pool) - q)[len(pool) - q]
-            pool = pool[values >= cut]
-            values = self._d[pool]
-        order = np.lexsort((self._gidx[pool], -values))[:q]
-        pool, values = pool[order], values[order]
-        top = pool[:b]
-        if len(pool) > b:
-            bound, bound_index = float(values[b]), int(self._gidx[pool[b]])
+            keep = values >= ops.kth_largest(values, q)
+            pool, values = pool[keep], values[keep]
+        order = ops.lexsort((self._gidx_on_device[pool], -values))[:q]
+        pool, values = pool[order], self.device.to_numpy(values[order])
+        top = self.device.to_numpy(pool)
+        if len(top) > b:
+            bound, bound_index = float(values[b]), int(self._gidx[top[b]])
         else:
             bound, bound_index = -np.inf, -1
-        return Candidates(values[:b], self._gidx[top], self._x[top], bound, bound_index)
+        return Candidates(values[:b], self._gidx[top[:b]], self.device.to_numpy(self._x[pool[:b]]), bound, bound_index)
 
 
 @dataclass(frozen=True)
@@ -264,15 +268,15 @@ def greedy_select(shards: Sequence[ShardLike], n_select: int, start_index: int, 
         # Only the strongest fence binds: the largest bound, then the smallest index at that bound.
         fence, fence_index = max(((c.bound, c.bound_index) for c in tops), key=lambda f: (f[0], -f[1]))
         confirmed: list[int] = []
-        while len(picks) < n_select:
-            i = int(np.argmax(values))
-            v, g = float(values[i]), int(indices[i])
-            if v == -np.inf or not (v > fence or (v == fence and g < fence_index)):
-                break  # every candidate is picked, or the next pick could be a point not seen
-            picks.append(g)
+        # Only candidates that could still be picked this round (beating the fence) need new values.
+        live = np.flatnonzero((values > fence) | ((values == fence) & (indices < fence_index)))
+        while len(picks) < n_select and len(live):
+            i = int(live[np.argmax(values[live])])  # every candidate that can be the pick is live
+            picks.append(int(indices[i]))
             confirmed.append(i)
-            np.minimum(values, sq_dists(rows, rows[i]), out=values)
+            values[live] = np.minimum(values[live], sq_dists(rows[live], rows[i]))
             values[i] = -np.inf  # distances are >= 0, so -inf marks the picked
+            live = live[(values[live] > fence) | ((values[live] == fence) & (indices[live] < fence_index))]
         new_idx, new_rows = indices[confirmed], rows[confirmed]
 
 

@@ -1,22 +1,25 @@
 """kNN patch scoring against a memory bank, image scores and anomaly maps.
 
-Neighbours come from :class:`ExactKnn`: a matrix-product screen on the scorer's device, then
-row-wise distances, so a patch's score depends only on the patch and the bank — not on how many
-other patches were searched with it, on BLAS blocking, thread counts or the device. That keeps
-predictions bit-identical however the test set is sharded across evaluation actors.
+Neighbours come from :class:`ExactKnn`: a matrix-product screen on the scorer's device, then the
+exact formula, so a patch's score depends only on the patch and the bank — not on how many other
+patches were searched with it, on BLAS blocking, thread counts, the device or the screen's precision.
+That keeps predictions bit-identical however the test set is sharded across evaluation actors. Patch
+embeddings may be tensors on the scorer's device (extracted there): the search, the cosine
+normalisation and the re-weighting's neighbours stay there, and only [n, P] patch scores (and per-image
+values) come to the host, where the anomaly maps are made.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Sequence
+from typing import Any, Sequence
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 from scipy.ndimage import gaussian_filter
 
-from anomaly_core.distances import MatrixDevice, row_distances
+from anomaly_core.distances import MatrixDevice, array_ops, distances, sq_distances
 from anomaly_core.features import PatchFeatures
 from anomaly_core.knn import ExactKnn
 from anomaly_core.threads import run_blocks
@@ -52,41 +55,50 @@ class ScoringParams:
             raise ValueError("scoring.reweight_neighbours re-weights the max patch score: it needs image_score=max")
 
 
-def unit_rows(rows: np.ndarray) -> np.ndarray:
-    """Rows scaled to unit length, each from its own values only (shard-independent); zero rows stay zero."""
-    rows = np.asarray(rows, dtype=np.float32)
-    norms = np.sqrt(np.einsum("ij,ij->i", rows.astype(np.float64), rows.astype(np.float64)))
-    return np.ascontiguousarray(rows / np.maximum(norms, 1e-12)[:, None].astype(np.float32), dtype=np.float32)
+def unit_rows(rows: Any) -> Any:
+    """Rows (numpy or a tensor, kept on its device) scaled to unit length in float32; zero rows stay zero.
+
+    Each row from its own values only (shard-independent) and the same bits on every device: its norm by
+    the exact formula (:func:`sq_distances`; the square root on the host, correctly rounded), then one IEEE
+    float64 division and one rounding to float32.
+    """
+    ops = array_ops(rows)
+    rows = ops.cast(rows, ops.float32)
+    norms = np.maximum(np.sqrt(ops.to_numpy(sq_distances(rows))), 1e-12)
+    return ops.cast(ops.cast(rows, ops.float64) / ops.asarray(norms, ops.float64)[:, None], ops.float32)
 
 
 class NearestNeighbourScorer:
     """Holds one memory bank (on its device) and scores patch embeddings against it."""
 
     def __init__(
-        self, bank: np.ndarray, params: ScoringParams, device: MatrixDevice | None = None, threads: int = 1,
+        self, bank: Any, params: ScoringParams, device: MatrixDevice | None = None, threads: int = 1,
     ) -> None:
-        """``threads``: one-thread workers that build the bank's screen."""
+        """``bank``: numpy or a tensor. ``threads``: one-thread workers that build the bank's screen."""
         if bank.ndim != 2 or len(bank) == 0:
-            raise ValueError(f"memory bank must be a non-empty [M, D] array, got shape {bank.shape}")
+            raise ValueError(f"memory bank must be a non-empty [M, D] array, got shape {tuple(bank.shape)}")
         if params.k > len(bank):
             raise ValueError(f"scoring.k={params.k} exceeds the memory bank size {len(bank)}")
         self.cosine = params.distance == "cosine"
         self.knn = ExactKnn(unit_rows(bank) if self.cosine else bank, device, threads=threads)
-        self.bank = self.knn.bank
+        self.bank = self.knn.bank  # on the device
         self.params = params
 
-    def patch_scores(self, embeddings: np.ndarray, threads: int = 1) -> tuple[np.ndarray, np.ndarray]:
-        """Per-patch anomaly scores (mean distance to the k nearest bank rows) and nearest indices."""
+    def patch_scores(self, embeddings: Any, threads: int = 1) -> tuple[np.ndarray, np.ndarray]:
+        """Per-patch anomaly scores (mean distance to the k nearest bank rows) and nearest indices (numpy)."""
+        embeddings = self.knn.device.put(embeddings)
         if self.cosine:
             embeddings = unit_rows(embeddings)
-        distances, indices = self.knn.search(embeddings, self.params.k, threads)
+        found, indices = self.knn.search(embeddings, self.params.k, threads)
         if self.cosine:
-            distances = distances.astype(np.float64) ** 2 / 2  # 1 - cos for unit rows
-        return distances.mean(axis=1), indices[:, 0]
+            found = found ** 2 / 2  # 1 - cos for unit rows
+        return found.mean(axis=1), indices[:, 0]
 
-    def score_images(self, embeddings: np.ndarray, threads: int = 1) -> tuple[np.ndarray, np.ndarray]:
-        """Image scores [n] and patch scores [n, P] of images' patches [n, P, D], in one search."""
+    def score_images(self, embeddings: Any, threads: int = 1) -> tuple[np.ndarray, np.ndarray]:
+        """Image scores [n] and patch scores [n, P] (numpy) of images' patches [n, P, D] (numpy or a tensor),
+        in one search."""
         n, patches, dim = embeddings.shape
+        embeddings = self.knn.device.put(embeddings)
         scores, nearest = self.patch_scores(embeddings.reshape(n * patches, dim), threads)
         scores, nearest = scores.reshape(n, patches), nearest.reshape(n, patches)
         if self.params.image_score == "mean_top_percent":
@@ -98,11 +110,15 @@ class NearestNeighbourScorer:
         if b:
             # Paper eq. 7: damp the max by how isolated its nearest bank row m* is among m*'s own b
             # nearest rows (m* itself first), judged by distances from the anomalous patch.
-            _, support = self.knn.search(self.bank[nearest[np.arange(n), top]], min(b, len(self.bank)), threads)
-            patch = np.ascontiguousarray(embeddings[np.arange(n), top], dtype=np.float32)
+            ops = self.knn.device.ops
+            anchors = ops.asarray(nearest[np.arange(n), top], ops.int64)
+            b = min(b, len(self.bank))
+            _, support = self.knn.search(self.bank[anchors], b, threads)
+            patch = embeddings.reshape(n * patches, dim)[ops.asarray(np.arange(n) * patches + top, ops.int64)]
             patch = unit_rows(patch) if self.cosine else patch
-            distances = row_distances(patch, self.bank[support])
-            weights = np.exp(distances - distances.max(axis=1, keepdims=True))
+            found = distances(patch, self.bank, ops.repeat(ops.arange(n), b),
+                              ops.asarray(support.reshape(-1), ops.int64)).reshape(n, b)
+            weights = np.exp(found - found.max(axis=1, keepdims=True))
             image_scores = (1.0 - weights[:, 0] / weights.sum(axis=1)) * image_scores
         return image_scores, scores
 

@@ -310,7 +310,8 @@ def run(args: argparse.Namespace) -> int:
     engine_json.unlink(missing_ok=True)
     record = check.stage("engine", [sys.executable, "benchmarks/device_check.py", "--device", args.device,
                                     "--batch-size", "64", "--work", str(tire_root), "--n-train", str(n_train),
-                                    "--n-test", str(n_test), "--json", str(engine_json)], cap=120)
+                                    "--n-test", str(n_test), "--json", str(engine_json)],
+                         cap=240)  # with the exact-math check: numpy references on the CPU, two precisions
     if engine_json.is_file():
         engine = json.loads(engine_json.read_text())
         record["result"] = engine
@@ -318,6 +319,12 @@ def run(args: argparse.Namespace) -> int:
               f"forward limit of {_num(engine['pure_forward_images_per_s'])} images/s; coreset "
               f"{_num(engine['coreset']['seconds'])} s; scoring {_num(engine['scoring']['seconds'])} s; total "
               f"{_num(engine['total_s'])} s")
+        for precision, row in engine.get("exact_math", {}).items():
+            if precision in ("bf16", "fp32"):
+                print(f"   exact math {precision}: kNN {_num(row['knn_images_per_s'])} images/s, coreset "
+                      f"{_num(row['coreset_s'])} s, error/bound {row['max_error_over_bound']:.3f}, unproven "
+                      f"{100 * row['unproven_fraction']:.3f} %, equal to numpy: picks "
+                      f"{row['coreset_picks_equal_numpy']}, kNN {row['knn_equal_numpy']}")
         results["cpu_equal"]["engine"] = compare(engine["metrics"], CPU_METRICS[(n_train, n_test)], "engine, no Ray")
 
     cuda = args.device.startswith("cuda")

@@ -13,7 +13,7 @@ from anomaly_core.coreset import (
     start_index_for,
     two_round_coreset,
 )
-from anomaly_core.distances import MatrixDevice, paired_sq_dists, sq_dists
+from anomaly_core.distances import MatrixDevice, sq_distances, sq_dists
 from anomaly_core.features import PatchFeatures, coreset_points
 
 
@@ -106,7 +106,7 @@ def test_sq_dists_value_does_not_depend_on_the_batch():
     c = rng.normal(size=203).astype(np.float32)
     all_rows = sq_dists(x, c)
     index = rng.permutation(len(x))[:5000]
-    assert np.array_equal(sq_dists(x, c, index), all_rows[index])
+    assert np.array_equal(sq_dists(x[index], c), all_rows[index])
     assert all(sq_dists(x[i : i + 1], c)[0] == all_rows[i] for i in range(0, len(x), 997))
 
 
@@ -214,8 +214,9 @@ def test_tiny_shards_and_float64_input_give_the_same_picks():
 @pytest.mark.parametrize(
     "shard_args",
     [{}, {"block": 37}, {"block": 100, "threads": 3}, {"threads": 2}, {"device": MatrixDevice("cpu", use_torch=True)},
-     {"device": MatrixDevice("cpu", use_torch=True), "threads": 3}],
-    ids=["numpy", "small-blocks", "threads", "threads-own-blocks", "torch", "torch-threads"],
+     {"device": MatrixDevice("cpu", use_torch=True), "threads": 3},
+     {"device": MatrixDevice("cpu", use_torch=True, precision="bf16"), "block": 300}],
+    ids=["numpy", "small-blocks", "threads", "threads-own-blocks", "torch", "torch-threads", "torch-bf16"],
 )
 def test_every_screened_value_equals_the_brute_force_minimum(offset: float, shard_args: dict):
     # The screen must never skip a pair that would lower a value: after the run, each shard's
@@ -241,15 +242,16 @@ def test_every_screened_value_equals_the_brute_force_minimum(offset: float, shar
 
 
 def test_paired_distances_are_the_sq_dists_formula_bit_for_bit():
+    """Pairs gathered by index (how a shard computes screened pairs) against one centre at a time."""
     rng = np.random.default_rng(1)
     x = (rng.normal(size=(3000, 131)) * 10 + 3).astype(np.float32)
     centers = x[rng.integers(0, 3000, size=40)]
     pairs_point = rng.integers(0, 3000, size=5000)
     pairs_center = rng.integers(0, 40, size=5000)
-    paired = paired_sq_dists(x[pairs_point], centers[pairs_center])
+    paired = sq_distances(x, centers, pairs_point, pairs_center).astype(np.float32)
     for c in range(40):
         mine = pairs_center == c
-        assert np.array_equal(paired[mine], sq_dists(x, centers[c], pairs_point[mine]))
+        assert np.array_equal(paired[mine], sq_dists(x[pairs_point[mine]], centers[c]))
 
 
 def test_matches_float32_greedy_in_high_dimension():

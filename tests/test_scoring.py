@@ -5,7 +5,7 @@ import pytest
 from scipy.ndimage import gaussian_filter
 
 from anomaly_core.features import PatchFeatures
-from anomaly_core.scoring import NearestNeighbourScorer, ScoringParams, anomaly_map, predict
+from anomaly_core.scoring import NearestNeighbourScorer, ScoringParams, anomaly_map, predict, unit_rows
 
 
 @pytest.fixture
@@ -138,3 +138,24 @@ def test_predictions_do_not_depend_on_the_thread_count(data):
         shared = predict(NearestNeighbourScorer(bank, ScoringParams(reweight_neighbours=3), threads=threads),
                          features, 32, threads)
         assert np.array_equal(shared.scores, alone.scores) and np.array_equal(shared.maps, alone.maps)
+
+
+@pytest.mark.parametrize("params", [ScoringParams(reweight_neighbours=3), ScoringParams(distance="cosine", k=2),
+                                    ScoringParams(distance="cosine", reweight_neighbours=4)],
+                         ids=["euclidean-reweighted", "cosine", "cosine-reweighted"])
+def test_tensor_embeddings_on_the_torch_path_score_like_numpy_bit_for_bit(data, params):
+    """Features extracted on a device are scored there (bf16 screen model, exact values on the device):
+    image and patch scores equal the numpy path's to the last bit, offsets and row lengths varied."""
+    import torch
+
+    from anomaly_core.distances import MatrixDevice
+
+    bank, queries = data
+    scale = np.random.default_rng(2).uniform(0.1, 10, size=(len(bank), 1)).astype(np.float32)
+    bank = bank * scale + 40.0
+    images = queries[:48].reshape(4, 12, 16) + 40.0
+    on_numpy = NearestNeighbourScorer(bank, params).score_images(images)
+    device = MatrixDevice("cpu", use_torch=True, precision="bf16")
+    on_device = NearestNeighbourScorer(torch.from_numpy(bank), params, device).score_images(torch.from_numpy(images))
+    assert np.array_equal(on_numpy[0], on_device[0]) and np.array_equal(on_numpy[1], on_device[1])
+    assert np.array_equal(unit_rows(bank), unit_rows(torch.from_numpy(bank)).numpy())

@@ -82,20 +82,23 @@ def recording(device: MatrixDevice, seen: list) -> MatrixDevice:
     return device
 
 
-@pytest.mark.parametrize("use_torch", [False, True], ids=["numpy", "torch-cpu"])
+@pytest.mark.parametrize("precision", [None, "fp32", "bf16"], ids=["numpy", "torch-cpu", "torch-bf16"])
 @pytest.mark.parametrize("threads", [1, 2])
-def test_coreset_and_knn_products_run_on_one_thread_at_any_count(use_torch: bool, threads: int, monkeypatch):
+def test_coreset_and_knn_products_run_on_one_thread_at_any_count(precision: str | None, threads: int, monkeypatch):
+    """And give the numpy path's picks and neighbours bit for bit, in either screen precision."""
+
+    def device() -> MatrixDevice:
+        return recording(MatrixDevice("cpu", use_torch=precision is not None, precision=precision), seen)
+
     rng = np.random.default_rng(0)
     x = (np.maximum(rng.normal(size=(3000, 12)) @ rng.normal(size=(12, 520)), 0)).astype(np.float32)
     seen: list[dict] = []
     eigh = np.linalg.eigh
     monkeypatch.setattr(np.linalg, "eigh", lambda a: (seen.append(thread_counts()), eigh(a))[1])
     with thread_limit(OUTSIDE):  # the process's count: no product may run at it
-        shard = GreedyShard(x, np.arange(len(x)), recording(MatrixDevice("cpu", use_torch=use_torch), seen),
-                            threads=threads)
+        shard = GreedyShard(x, np.arange(len(x)), device(), threads=threads)
         picks = greedy_select([shard], 200, start_index_for(len(x), 0), batch=32).indices
-        knn = ExactKnn(x[picks], recording(MatrixDevice("cpu", use_torch=use_torch), seen), projection_dim=128,
-                       threads=threads)
+        knn = ExactKnn(x[picks], device(), projection_dim=128, threads=threads)
         found = knn.search(x[::3], 1, threads)
         assert thread_counts()["blas"] == [OUTSIDE]
     assert len(seen) > 10 and all(counts == one_thread() for counts in seen)
