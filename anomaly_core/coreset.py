@@ -54,6 +54,9 @@ class Candidates(NamedTuple):
     rows: np.ndarray  # float32 [b', D]
     bound: float
     bound_index: int
+    # float32 [b', b'] or None: entry [i, j] is ``sq_dists(rows[i:i+1], rows[j])`` (asked for by a lone shard
+    # on a GPU, where one batched computation beats one small one per pick)
+    pairwise: np.ndarray | None = None
 
 
 class ShardLike(Protocol):
@@ -189,8 +192,9 @@ class GreedyShard:
         if len(changed):
             self._thresholds[changed] = self._threshold(changed)
 
-    def top_candidates(self, b: int) -> Candidates:
-        """The ``b`` best unpicked points and the order bound for all others (numpy)."""
+    def top_candidates(self, b: int, pairwise: bool = False) -> Candidates:
+        """The ``b`` best unpicked points and the order bound for all others (numpy); ``pairwise``: with the
+        candidates' exact squared distances to each other, computed where the points are."""
         if b < 0:
             raise ValueError(f"b must be >= 0, got {b}")
         ops = self.device.ops
@@ -207,7 +211,13 @@ class GreedyShard:
             bound, bound_index = float(values[b]), int(self._gidx[top[b]])
         else:
             bound, bound_index = -np.inf, -1
-        return Candidates(values[:b], self._gidx[top[:b]], self.device.to_numpy(self._x[pool[:b]]), bound, bound_index)
+        rows = self._x[pool[:b]]
+        between = None
+        if pairwise and len(rows):
+            count = ops.arange(len(rows) ** 2)  # every (i, j), i-major, as sq_dists(rows[i], rows[j])
+            between = self.device.to_numpy(ops.cast(sq_distances(rows, rows, count // len(rows), count % len(rows)),
+                                                    ops.float32)).reshape(len(rows), len(rows))
+        return Candidates(values[:b], self._gidx[top[:b]], self.device.to_numpy(rows), bound, bound_index, between)
 
 
 @dataclass(frozen=True)
@@ -228,7 +238,8 @@ def start_index_for(n: int, seed: int) -> int:
     return int(np.random.default_rng(seed).integers(n))
 
 
-def greedy_select(shards: Sequence[ShardLike], n_select: int, start_index: int, batch: int = 128) -> GreedyResult:
+def greedy_select(shards: Sequence[ShardLike], n_select: int, start_index: int, batch: int = 128,
+                  pairwise: bool = False) -> GreedyResult:
     """Exact greedy k-center over sharded points, independent of the sharding.
 
     Greedy picks the unpicked point farthest from the picks so far (ties: the smaller
@@ -237,7 +248,14 @@ def greedy_select(shards: Sequence[ShardLike], n_select: int, start_index: int, 
     distances with the shards' formula, for as long as the next pick provably beats every
     point it has not seen; then it sends the confirmed picks to all shards. A round
     confirms at least one pick, usually many.
+
+    ``pairwise`` (one shard only, a :class:`GreedyShard`): the shard also returns its candidates' distances to
+    each other, computed on its device in one go, and the replay reads them instead of computing each pick's
+    on the host (the same formula, so the same values and picks). On a GPU the per-pick host work was what
+    bounded the greedy; on the CPU the incremental form does less arithmetic.
     """
+    if pairwise and len(shards) != 1:
+        raise ValueError("pairwise replay needs exactly one shard (the candidates of others are not on its device)")
     if batch < 1:
         raise ValueError(f"batch must be >= 1, got {batch}")
     if n_select < 1:
@@ -256,7 +274,8 @@ def greedy_select(shards: Sequence[ShardLike], n_select: int, start_index: int, 
         if len(picks) == n_select:
             bounds = [s.top_candidates(0).bound for s in shards]
             return GreedyResult(np.array(picks, np.int64), n_rounds, max(0.0, *bounds))
-        tops = [s.top_candidates(batch) for s in shards]
+        tops = [s.top_candidates(batch, pairwise=True) for s in shards] if pairwise else [
+            s.top_candidates(batch) for s in shards]
         indices = np.concatenate([c.indices for c in tops])
         if len(indices) == 0:
             raise ValueError(f"n_select={n_select} exceeds the number of points")
@@ -265,6 +284,7 @@ def greedy_select(shards: Sequence[ShardLike], n_select: int, start_index: int, 
         indices = indices[order]
         values = np.concatenate([c.values for c in tops])[order]
         rows = np.concatenate([c.rows for c in tops])[order]
+        between = tops[0].pairwise[np.ix_(order, order)] if pairwise else None
         # Only the strongest fence binds: the largest bound, then the smallest index at that bound.
         fence, fence_index = max(((c.bound, c.bound_index) for c in tops), key=lambda f: (f[0], -f[1]))
         confirmed: list[int] = []
@@ -274,7 +294,7 @@ def greedy_select(shards: Sequence[ShardLike], n_select: int, start_index: int, 
             i = int(live[np.argmax(values[live])])  # every candidate that can be the pick is live
             picks.append(int(indices[i]))
             confirmed.append(i)
-            values[live] = np.minimum(values[live], sq_dists(rows[live], rows[i]))
+            values[live] = np.minimum(values[live], between[live, i] if pairwise else sq_dists(rows[live], rows[i]))
             values[i] = -np.inf  # distances are >= 0, so -inf marks the picked
             live = live[(values[live] > fence) | ((values[live] == fence) & (indices[live] < fence_index))]
         new_idx, new_rows = indices[confirmed], rows[confirmed]

@@ -104,7 +104,7 @@ class CoresetHolder(ReportsThreads):
     def select(self, n_select: int, start_index: int, batch: int) -> tuple[np.ndarray, float, int]:
         """The whole greedy where this holder holds every point: picks, squared radius and rounds, with no
         round trip to the driver (the same ``greedy_select``, so the same picks)."""
-        result = greedy_select([self.shard], n_select, start_index, batch=batch)
+        result = greedy_select([self.shard], n_select, start_index, batch=batch, pairwise=not self.shard.device.on_cpu)
         return result.indices, result.coverage_radius_sq, result.n_rounds
 
     def local_greedy(self, n_select: int, seed: int) -> tuple[np.ndarray, np.ndarray]:

@@ -94,6 +94,29 @@ def test_sharded_selection_is_bit_identical_to_single_shard(n_shards: int, batch
     assert sharded.coverage_radius_sq == single.coverage_radius_sq
 
 
+@pytest.mark.parametrize("device", [MatrixDevice(), MatrixDevice("cpu", use_torch=True, precision="bf16")])
+@pytest.mark.parametrize("points", ["ties", "offset"])
+def test_pairwise_replay_picks_exactly_what_the_incremental_replay_picks(device: MatrixDevice, points: str):
+    """A lone shard on a GPU hands the driver its candidates' distances to each other, computed in one go on the
+    device: the same formula, so the same picks and radius, on duplicates and ties and on points far from the
+    origin; a second shard is refused (its candidates are not on the device)."""
+    rng = np.random.default_rng(9)
+    x = (rng.integers(0, 3, size=(700, 5)).astype(np.float32) if points == "ties"
+         else (clustered(900, 40, seed=9) + 5e3).astype(np.float32))
+    start = start_index_for(len(x), seed=1)
+    for batch in (1, 16, 128):
+        incremental = greedy_select([GreedyShard(x, np.arange(len(x)), device)], 300, start, batch=batch)
+        together = greedy_select([GreedyShard(x, np.arange(len(x)), device)], 300, start, batch=batch, pairwise=True)
+        assert together.indices.tolist() == incremental.indices.tolist()
+        assert together.coverage_radius_sq == incremental.coverage_radius_sq and together.n_rounds == incremental.n_rounds
+    candidates = GreedyShard(x, np.arange(len(x)), device)
+    candidates.add_centers(x[start:start + 1], np.array([start]))
+    top = candidates.top_candidates(12, pairwise=True)
+    assert np.array_equal(top.pairwise[:, 3], sq_dists(top.rows, top.rows[3]))
+    with pytest.raises(ValueError, match="exactly one shard"):
+        greedy_select(random_shards(x, 2, seed=0), 10, start, pairwise=True)
+
+
 def test_batched_rounds_confirm_many_picks():
     x = clustered(3000, 64, seed=6)
     result = greedy_coreset(x, n_select=300)
