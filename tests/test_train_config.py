@@ -20,6 +20,7 @@ from cluster.pipeline import CategoryJob
 from cluster.resources import Node
 from cluster.scaling import place, wait_for_bundles
 from cluster.training import build_model, fit_category, pick_device, training_bundles, training_device
+from jobs.resume import resume_config
 from jobs.train import check_training, preflight
 
 RAW = {"datasets": [{"name": "d", "format": "mvtec", "root": "/tmp/x"}],
@@ -163,6 +164,15 @@ def test_explicit_keys_override_the_recipe_and_the_record_says_which():
     assert trained(patience=3).training.weights == "best"  # early stopping exports the epoch it judged best
     assert trained(patience=3, weights="last").training.weights == "last"
     assert trained(monitor="image_auroc").training.mode == "max"
+    # --resume may change patience (the Trainer judges the recorded history again), not what the weights were trained by.
+    dump = config.model_dump(mode="json")
+    for change, allowed in (({"patience": 2}, True), ({"min_delta": 0.1}, True), ({"epochs": 4}, False)):
+        requested = parse_config({**dump, "training": {**dump["training"], **change}}, "c.yaml")
+        if allowed:
+            assert resume_config(config, requested, Path("run")) == requested
+        else:
+            with pytest.raises(ConfigError, match="training.epochs: run has 3, now 4"):
+                resume_config(config, requested, Path("run"))
 
 
 @pytest.mark.parametrize(("training", "message"), [
