@@ -310,13 +310,16 @@ class FeatureBackbone(torch.nn.Module):
         )
 
 
-def trainable_feature_model(name: str, layers: tuple[str, ...], seed: int) -> torch.nn.Module:
+def trainable_feature_model(name: str, layers: tuple[str, ...], seed: int, zero_init_last: bool = True
+                            ) -> torch.nn.Module:
     """A randomly initialised, trainable CNN with ``FeatureBackbone``'s feature stages: a student network.
 
     It is the same timm ``features_only`` model the teacher uses, so student and teacher maps have equal
     shapes. Its init draws from ``seed`` in a forked RNG: the process's RNG is untouched, and every DDP rank
     builds the same student. Blocks after the deepest chosen stage are dropped, because timm's EfficientNet
     feature model runs them anyway: parameters that never receive a gradient make DDP fail at the next step.
+    ``zero_init_last`` is timm's switch for architectures whose residual blocks zero their last BatchNorm
+    weight at init (ResNets; torchvision's do not); the others (EfficientNet) have no such init to switch.
     """
     arch = architecture(name)
     if arch.patch_size is not None:
@@ -325,9 +328,12 @@ def trainable_feature_model(name: str, layers: tuple[str, ...], seed: int) -> to
     available = [info["module"] for info in probe.feature_info.get_dicts()]
     _check_layers(name, layers, available)
     out_indices = tuple(sorted(available.index(layer) for layer in layers))
+    switchable = any(hasattr(module, "zero_init_last") for module in probe.modules())
+    zero_init = {"zero_init_last": zero_init_last} if switchable else {}
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        model = timm.create_model(arch.timm_name, pretrained=False, features_only=True, out_indices=out_indices)
+        model = timm.create_model(arch.timm_name, pretrained=False, features_only=True, out_indices=out_indices,
+                                  **zero_init)
     deepest = available[out_indices[-1]]
     if deepest.startswith("blocks.") and isinstance(getattr(model, "blocks", None), torch.nn.Sequential):
         model.blocks = model.blocks[: int(deepest.removeprefix("blocks.")) + 1]

@@ -6,7 +6,7 @@
 Trains each model with the engine's ``Trainer`` (what a ``jobs.train`` fit task runs) on tire_small's good
 training images (34), at the configs' 256 px by default, with the real Lite0 package teacher unless
 ``--backbone``/``--weights`` say otherwise (``--backbone wide_resnet50_2 --weights random`` costs what the
-reference RD teacher costs). Prints, per model, the first epoch's images/s (it includes CUDA's warm-up) and
+authors' RD teacher, RD4AD's wide_resnet50_2, costs). Prints, per model, the first epoch's images/s (it includes CUDA's warm-up) and
 the median of the later epochs'; ``--json`` also writes them to a file. The loss of every step is read back
 to the host, so each epoch's seconds include all its GPU work.
 """
@@ -27,25 +27,17 @@ sys.path.insert(0, str(REPO))
 from anomaly_core.backbones import architecture  # noqa: E402
 from anomaly_core.data import ImageTransform, load_split  # noqa: E402
 from anomaly_core.extraction import exact_fp32  # noqa: E402
-from anomaly_core.training import (  # noqa: E402
-    ReverseDistillation,
-    ReverseDistillationSettings,
-    Stfpm,
-    StfpmSettings,
-    Trainer,
-    TrainerConfig,
-    load_images,
-)
-
-MODELS = {"reverse_distillation": (ReverseDistillation, ReverseDistillationSettings),
-          "stfpm": (Stfpm, StfpmSettings)}
+from anomaly_core.config import DEFAULT_RECIPES, TRAINING_RECIPES  # noqa: E402
+from anomaly_core.training import MODEL_KINDS, Trainer, TrainerConfig, load_images  # noqa: E402
 
 
 def train_speed(model_name: str, images: torch.Tensor, args: argparse.Namespace) -> dict:
     """Fit ``model_name`` for ``args.epochs`` epochs on ``images``; its per-epoch images/s and losses."""
-    model_class, settings = MODELS[model_name]
-    model = model_class(settings(backbone=args.backbone, layers=(), crop=args.crop), args.weights)
-    batch = args.batch_size or model_class.default_batch_size
+    model_class = MODEL_KINDS[model_name]
+    recipe = TRAINING_RECIPES[model_name][DEFAULT_RECIPES[model_name]].values  # the authors' values
+    model = model_class(model_class.settings_of({**recipe, "backbone": args.backbone, "layers": (), "crop": args.crop,
+                                                  "init_seed": 0}), args.weights)
+    batch = args.batch_size or recipe["batch_size"]
     config = TrainerConfig(epochs=args.epochs, batch_size=batch, log_every_n_steps=10**9, device=args.device)
     result = Trainer(config).fit(model, images)
     rates = [len(images) / epoch["seconds"] for epoch in result.history]
@@ -63,7 +55,7 @@ def main() -> int:
     parser.add_argument("--backbone", default="tf_efficientnet_lite0", help="the frozen teacher")
     parser.add_argument("--weights", default="package", help="package, random or a weights file")
     parser.add_argument("--crop", type=int, default=256, help="image side (resize = crop)")
-    parser.add_argument("--batch-size", type=int, help="default: the method's published batch (RD 8, STFPM 32)")
+    parser.add_argument("--batch-size", type=int, help="default: the authors' recipe's (RD 16, STFPM 32)")
     parser.add_argument("--threads", type=int, help="torch threads (CPU runs)")
     parser.add_argument("--data", type=Path, default=REPO / "data" / "tire_small")
     parser.add_argument("--category", default="tire")
@@ -71,9 +63,9 @@ def main() -> int:
     args = parser.parse_args()
     if args.epochs < 1:
         parser.error("--epochs must be >= 1")
-    unknown = set(args.models.split(",")) - set(MODELS)
+    unknown = set(args.models.split(",")) - set(MODEL_KINDS)
     if unknown:
-        parser.error(f"--models: unknown {sorted(unknown)}; choose from {sorted(MODELS)}")
+        parser.error(f"--models: unknown {sorted(unknown)}; choose from {sorted(MODEL_KINDS)}")
     if args.device.startswith("cuda"):
         if not torch.cuda.is_available():
             parser.error("--device cuda: torch sees no CUDA device here")

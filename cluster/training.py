@@ -23,6 +23,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+import os
 from pathlib import Path
 from typing import Any, Callable
 
@@ -38,14 +39,12 @@ from anomaly_core.extraction import exact_fp32
 from anomaly_core.scoring import Predictions
 from anomaly_core.threads import limit_threads
 from anomaly_core.training import (
-    ReverseDistillation,
-    ReverseDistillationSettings,
-    Stfpm,
-    StfpmSettings,
+    MODEL_KINDS,
     TrainableModel,
     Trainer,
     TrainerCallbacks,
     TrainerConfig,
+    held_out_split,
     load_images,
     load_model_files,
     load_validation_set,
@@ -66,25 +65,21 @@ EVALUATOR_CPUS = 1.0  # the run's one evaluation actor computes every category's
 
 
 def build_model(config: RunConfig) -> TrainableModel:
-    """The configured model with its frozen teacher (``backbone``) at ``preprocess.crop``."""
+    """The configured model (the training values its recipe resolved to) with its frozen teacher (``backbone``)
+    at ``preprocess.crop``; the run seed initialises its trainable weights."""
     training, backbone = config.training, config.backbone
-    common = {"backbone": backbone.name, "layers": tuple(backbone.layers), "crop": config.preprocess.crop,
-              **({"lr": training.lr} if training.lr is not None else {})}
-    if training.model == "reverse_distillation":
-        return ReverseDistillation(ReverseDistillationSettings(**common), backbone.weights)
-    return Stfpm(StfpmSettings(**common), backbone.weights)
-
-
-def batch_size(config: RunConfig) -> int:
-    model = ReverseDistillation if config.training.model == "reverse_distillation" else Stfpm
-    return config.training.batch_size or model.default_batch_size
+    model = MODEL_KINDS[training.model]
+    values = {**training.model_dump(), "backbone": backbone.name, "layers": tuple(backbone.layers),
+              "crop": config.preprocess.crop, "init_seed": config.seed}
+    return model(model.settings_of(values), backbone.weights)
 
 
 def trainer_config(config: RunConfig, device: str) -> TrainerConfig:
     training = config.training
     return TrainerConfig(
-        epochs=training.epochs, batch_size=batch_size(config), seed=config.seed, monitor=training.monitor,
-        mode=training.mode, patience=training.patience, min_delta=training.min_delta,
+        epochs=training.epochs, batch_size=training.batch_size, seed=config.seed, drop_last=training.drop_last,
+        monitor=training.monitor, mode=training.mode, patience=training.patience, min_delta=training.min_delta,
+        weights=training.weights, clip_grad_norm=training.clip_grad_norm,
         log_every_n_steps=training.log_every_n_steps, validate_every_n_epochs=training.validate_every_n_epochs,
         fpr_limit=config.metrics.pro_fpr_limit, device=device,
     )
@@ -124,12 +119,15 @@ def fit_category(config: RunConfig, job: CategoryJob, folder: str, events: Queue
                  ray_train_worker: bool = False) -> None:
     """Train ``job``'s model and write its model files and ``training.json`` (per-epoch history) into ``folder``
     (rank 0); continues from the folder's latest checkpoint if there is one (a resumed run, a retried task
-    or a restarted Ray Train worker group), keeping the step log recorded up to that checkpoint."""
+    or a restarted Ray Train worker group), keeping the step log recorded up to that checkpoint. A recipe's
+    ``held_out_fraction`` of the training images (split by the run seed) is never trained on."""
     limit_threads(threads)
     device = training_device(ray_train_worker)
     model = build_model(config)
     transform = transform_of(config)
-    train = load_images(job.split.train, transform)
+    images = load_images(job.split.train, transform)
+    trained, held_out = held_out_split(len(images), config.training.held_out_fraction or 0.0, config.seed)
+    train = images[trained]
     validation = load_validation_set(job.split.test, transform) if _validates(config) else None
     folder_path = Path(folder)
     latest = folder_path / CHECKPOINTS / "latest.safetensors"
@@ -148,15 +146,19 @@ def fit_category(config: RunConfig, job: CategoryJob, folder: str, events: Queue
 
     trainer = Trainer(trainer_config(config, device), folder_path / CHECKPOINTS,
                       _callbacks(job.key, events, steps, on_checkpoint) if rank == 0 else None)
-    result = trainer.fit(model, train, validation, resume_from=latest if resumed else None)
+    result = trainer.fit(model, train, validation, resume_from=latest if resumed else None,
+                         held_out=images[held_out] if held_out else None)
     if rank == 0:
-        save_model_files(model, folder_path, config.preprocess.resize, result.summary())
+        record = {**result.summary(), "recipe": config.training.recipe_record(config.preprocess),
+                  "held_out_images": [os.path.relpath(job.split.train[i].image_path, job.root) for i in held_out]}
+        save_model_files(model, folder_path, config.preprocess.resize, record)
         write_json(folder_path / HISTORY, {"summary": result.summary(), "history": result.history,
                                            "steps": recorded_steps()})
 
 
 def _validates(config: RunConfig) -> bool:
-    return config.training.monitor != "loss" or config.training.validate_every_n_epochs <= config.training.epochs
+    training = config.training
+    return training.monitor not in ("loss", "held_out_loss") or training.validate_every_n_epochs <= training.epochs
 
 
 def _callbacks(key: str, events: Queue | None, steps: list[dict[str, Any]],

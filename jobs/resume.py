@@ -33,7 +33,8 @@ log = logging.getLogger("jobs.resume")
 RUN_CONFIG = "run_config.yaml"
 # Keys a resume may change: they decide where results are reported or whether features are
 # cached, never what the results are (the cache key covers everything features depend on).
-RESUMABLE_CHANGES = ("wandb.mode", "feature_cache.enabled", "feature_cache.dir")
+# jobs.train judges the recorded history again with a changed patience / min_delta (anomaly_core/training/trainer.py).
+RESUMABLE_CHANGES = ("wandb.mode", "feature_cache.enabled", "feature_cache.dir", "training.patience", "training.min_delta")
 
 
 def recorded_config(run_dir: Path) -> RunConfig:

@@ -694,6 +694,9 @@ def test_train_job_trains_evaluates_like_a_bank_resumes_and_compares_with_patchc
     assert values == evaluate(job.split.test, predictions, transform_of(config), 0.3).values
     summary = json.loads((run_dir / "summary.json").read_text())
     assert summary["job"] == "train" and summary["categories"][0]["timings"]["train_s"] > 0
+    # The recipe and every value it resolved to, in the summary (the run's config) and model.json.
+    assert summary["config"]["training"]["recipe"] == model_json["training"]["recipe"]["name"] == "rd4ad"
+    assert summary["config"]["training"]["lr"] == model_json["training"]["recipe"]["values"]["lr"] == model_json["lr"]
 
     (folder / "metrics.json").unlink()  # the category is unfinished; its checkpoint says training is done
     tensors_mtime = (folder / "model.safetensors").stat().st_mtime_ns

@@ -15,7 +15,7 @@ from anomaly_core.training.checkpoint import (
     save_checkpoint,
 )
 from anomaly_core.training.early_stopping import EarlyStopping
-from anomaly_core.training.images import load_images, load_validation_set
+from anomaly_core.training.images import held_out_split, load_images, load_validation_set
 from anomaly_core.training.model import TrainableModel
 from anomaly_core.training.model_files import (
     MODEL_KINDS,
@@ -31,10 +31,11 @@ from anomaly_core.training.schedules import WarmupStepDecay
 from anomaly_core.training.stfpm import Stfpm, StfpmSettings
 from anomaly_core.training.sync_batchnorm import use_global_batchnorm
 from anomaly_core.training.teacher import DistillationModel, default_layers
-from anomaly_core.training.trainer import FitResult, Trainer, TrainerCallbacks, TrainerConfig
-from anomaly_core.training.validation import ValidationSet, evaluate
+from anomaly_core.training.trainer import HELD_OUT_LOSS, FitResult, Trainer, TrainerCallbacks, TrainerConfig
+from anomaly_core.training.validation import ValidationSet, evaluate, held_out_loss
 
 __all__ = [
+    "HELD_OUT_LOSS",
     "MODEL_KINDS",
     "CheckpointError",
     "DistillationModel",
@@ -57,6 +58,8 @@ __all__ = [
     "check_model_compatible",
     "default_layers",
     "evaluate",
+    "held_out_loss",
+    "held_out_split",
     "load_checkpoint",
     "load_images",
     "load_model_files",

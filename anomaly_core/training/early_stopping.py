@@ -1,9 +1,8 @@
-"""Early stopping on a monitored value, with a state that checkpoints as JSON so a resumed run stops alike."""
+"""Early stopping on a monitored value; a resumed run rebuilds it from the recorded history (trainer.py)."""
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
-from typing import Any
+from dataclasses import dataclass
 
 
 @dataclass
@@ -45,6 +44,3 @@ class EarlyStopping:
     @property
     def should_stop(self) -> bool:
         return self.patience is not None and self.checks_without_improvement >= self.patience
-
-    def state(self) -> dict[str, Any]:
-        return asdict(self)

@@ -22,7 +22,6 @@ class TrainableModel(torch.nn.Module, ABC):
     """
 
     kind: ClassVar[str]  # the name model files record, e.g. "reverse_distillation"
-    default_batch_size: ClassVar[int]  # the global batch size the method was published with
 
     def forward(self, images: torch.Tensor) -> dict[str, torch.Tensor]:
         return self.training_step(images)
@@ -34,6 +33,11 @@ class TrainableModel(torch.nn.Module, ABC):
     @abstractmethod
     def predict(self, images: torch.Tensor) -> dict[str, torch.Tensor]:
         """``"pred_score"`` [B] and ``"anomaly_map"`` [B, H, W] at the input size, for images [B, 3, H, W]."""
+
+    def held_out_loss(self, images: torch.Tensor) -> torch.Tensor:
+        """Per image [B], how badly the model fits normal images it never trained on (lower is better): what
+        the Trainer's ``held_out_loss`` monitor averages. Called in eval mode, without gradients."""
+        raise NotImplementedError(f"{self.kind} defines no held-out loss")
 
     @abstractmethod
     def configure_optimizers(self, epochs: int, steps_per_epoch: int) -> tuple[Optimizer, LRScheduler | None]:

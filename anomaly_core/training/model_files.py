@@ -21,7 +21,7 @@ from anomaly_core.training.model import TrainableModel
 from anomaly_core.training.reverse_distillation import ReverseDistillation
 from anomaly_core.training.stfpm import Stfpm
 
-MODEL_FORMAT = "anomaly-bench-trained-model/1"
+MODEL_FORMAT = "anomaly-bench-trained-model/2"  # 2: recipes (every training value recorded)
 TENSORS_FILE, METADATA_FILE = "model.safetensors", "model.json"
 MODEL_KINDS: dict[str, type[ReverseDistillation] | type[Stfpm]] = {
     ReverseDistillation.kind: ReverseDistillation,
@@ -41,7 +41,8 @@ def save_model_files(
     """Write ``model.safetensors`` and ``model.json`` into ``directory``; returns both paths.
 
     ``resize`` is the transform's shorter-side size (the crop is the model's own); ``training`` summarises
-    the run, e.g. ``FitResult.summary()`` (epochs, best metric).
+    the run, e.g. ``FitResult.summary()`` (epochs, best metric, ``weights_epoch``: the epoch the weights are
+    from) and the recipe that set its values.
     """
     directory = Path(directory)
     tensors_path, json_path = directory / TENSORS_FILE, directory / METADATA_FILE

@@ -3,7 +3,8 @@ treat them exactly like PatchCore's."""
 
 from __future__ import annotations
 
-from typing import Iterable, Sequence
+from contextlib import contextmanager
+from typing import Iterable, Iterator, Sequence
 
 import numpy as np
 import torch
@@ -11,6 +12,20 @@ from torch.nn.parallel import DistributedDataParallel
 
 from anomaly_core.scoring import Predictions
 from anomaly_core.training.model import TrainableModel
+
+
+@contextmanager
+def evaluating(model: TrainableModel | DistributedDataParallel) -> Iterator[tuple[TrainableModel, torch.device]]:
+    """The model itself (unwrapped from DDP) in eval mode without gradients, and its device; its previous
+    mode is restored afterwards."""
+    module = model.module if isinstance(model, DistributedDataParallel) else model
+    was_training = module.training
+    module.eval()
+    try:
+        with torch.no_grad():
+            yield module, next(module.parameters()).device
+    finally:
+        module.train(was_training)
 
 
 def predict_images(
@@ -24,20 +39,13 @@ def predict_images(
     ``sample_indices`` key the rows like PatchCore's (their positions in the split; 0..n-1 by default).
     The model predicts in eval mode, without gradients, and returns to its previous mode afterwards.
     """
-    module = model.module if isinstance(model, DistributedDataParallel) else model
     batches = images.split(batch_size) if isinstance(images, torch.Tensor) else images
-    device = next(module.parameters()).device
-    was_training = module.training
-    module.eval()
     scores, maps = [], []
-    try:
-        with torch.no_grad():
-            for batch in batches:
-                output = module.predict(batch.to(device))
-                scores.append(output["pred_score"].double().cpu().numpy())
-                maps.append(output["anomaly_map"].float().cpu().numpy())
-    finally:
-        module.train(was_training)
+    with evaluating(model) as (module, device):
+        for batch in batches:
+            output = module.predict(batch.to(device))
+            scores.append(output["pred_score"].double().cpu().numpy())
+            maps.append(output["anomaly_map"].float().cpu().numpy())
     if not scores:
         raise ValueError("no images to predict")
     scores_array, maps_array = np.concatenate(scores), np.concatenate(maps)

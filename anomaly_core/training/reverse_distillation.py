@@ -1,4 +1,4 @@
-"""Reverse Distillation (Deng & Li, CVPR 2022; anomalib ``ReverseDistillation``).
+"""Reverse Distillation (Deng & Li, CVPR 2022; hq-deng/RD4AD, anomalib ``ReverseDistillation``).
 
 A frozen teacher encodes the image; a trainable one-class bottleneck (OCBE) fuses the teacher's maps into
 one compact code, and a decoder rebuilds the teacher's maps from it in reverse order (deepest first).
@@ -6,8 +6,11 @@ Trained on normal images only, the decoder reproduces normal features; where the
 the compact code cannot carry, the cosine distance between teacher and decoder maps marks the anomaly.
 
 The bottleneck and decoder mirror the chosen teacher layers: their channels and strides are read from the
-teacher, so the same code serves wide_resnet50_2's layer1-3 (the paper's setting, reproduced block for
-block) and EfficientNet-Lite's stages.
+teacher, so the same code serves wide_resnet50_2's layer1-3 (the authors' setting, block for block as
+RD4AD resnet.py ``BN_layer`` and de_resnet.py ``de_wide_resnet50_2``) and EfficientNet-Lite's stages. The
+loss is RD4AD main.py ``loss_fucntion``, the map test.py ``cal_anomaly_map`` with ``amap_mode="a"`` and
+``gaussian_filter(sigma=4)``. The optimiser's values come from a recipe (``anomaly_core.config``'s
+TRAINING_RECIPES: ``rd4ad``, the authors' main.py, or ``ader``, ADer's rd_256_100e.py).
 """
 
 from __future__ import annotations
@@ -28,23 +31,28 @@ from anomaly_core.training.schedules import WarmupStepDecay
 from anomaly_core.training.teacher import DistillationModel
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class ReverseDistillationSettings:
-    """Everything besides the teacher weights file that fixes a Reverse Distillation model and its training."""
+    """Everything besides the teacher weights file that fixes a Reverse Distillation model and its training.
+
+    The training values have no defaults: a recipe (anomaly_core.config.TRAINING_RECIPES) or the caller
+    names each one, so no value passes for a reference it is not.
+    """
 
     backbone: str = "wide_resnet50_2"
     layers: tuple[str, ...] = ()  # () = teacher.default_layers: layer1-3 for ResNets
     crop: int = 256
-    bottleneck_blocks: int = 3  # residual blocks of the OCBE (paper: 3)
-    decoder_blocks: tuple[int, ...] = (3, 4, 6)  # per decoder stage, deepest first (paper, WRN50: 3, 4, 6)
-    lr: float = 0.005
-    betas: tuple[float, float] = (0.5, 0.999)  # the official code's Adam betas
-    weight_decay: float = 1e-4
-    warmup_epochs: int = 5
-    decay_at: float = 0.8  # fraction of the epochs after which the rate drops by decay_factor
-    decay_factor: float = 0.1
-    blur_sigma: float = 4.0
-    init_seed: int = 0  # bottleneck/decoder initialisation: the same on every rank and every rebuild
+    bottleneck_blocks: int = 3  # residual blocks of the OCBE (RD4AD: 3)
+    decoder_blocks: tuple[int, ...] = (3, 4, 6)  # per decoder stage, deepest first (RD4AD, WRN50: 3, 4, 6)
+    blur_sigma: float = 4.0  # RD4AD test.py and anomalib: gaussian sigma 4
+    lr: float  # Adam
+    betas: tuple[float, float]
+    weight_decay: float
+    warmup_epochs: int  # WarmupStepDecay: linear warm-up epochs, then x decay_factor from decay_at of the epochs
+    decay_at: float
+    decay_factor: float  # 1: no decay
+    align_corners: bool  # of the maps' bilinear upsampling to the image (RD4AD test.py, ADer, anomalib: True)
+    init_seed: int  # bottleneck/decoder initialisation (the run seed): the same on every rank and every rebuild
 
     def __post_init__(self) -> None:
         for name in ("layers", "decoder_blocks", "betas"):  # JSON gives lists back
@@ -63,7 +71,7 @@ class _Bottleneck(nn.Module):
     """A wide ResNet bottleneck (1x1 reduce to half the output width, 3x3, 1x1 expand) with a residual.
 
     ``upsample`` > 1 makes it the decoder's mirror block: the 3x3 (and the shortcut) become transposed
-    convolutions with kernel = stride = ``upsample`` (the official code's deconv2x2).
+    convolutions with kernel = stride = ``upsample`` (RD4AD de_resnet.py ``deconv2x2``).
     """
 
     def __init__(self, in_channels: int, out_channels: int, stride: int = 1, upsample: int = 1) -> None:
@@ -141,7 +149,6 @@ class ReverseDecoder(nn.Module):
 class ReverseDistillation(DistillationModel):
     settings_type: ClassVar[type] = ReverseDistillationSettings
     kind: ClassVar[str] = "reverse_distillation"
-    default_batch_size: ClassVar[int] = 8
 
     def __init__(self, settings: ReverseDistillationSettings, weights: str) -> None:
         super().__init__(settings.backbone, settings.layers, weights, settings.crop)
@@ -163,7 +170,7 @@ class ReverseDistillation(DistillationModel):
             self.bottleneck = OneClassBottleneck(channels, strides, settings.bottleneck_blocks)
             self.decoder = ReverseDecoder(channels, strides, self.bottleneck.out_channels, settings.decoder_blocks)
             for module in [*self.bottleneck.modules(), *self.decoder.modules()]:
-                if isinstance(module, nn.Conv2d):  # the official init (transposed convs keep torch's)
+                if isinstance(module, nn.Conv2d):  # RD4AD's init (transposed convs keep torch's there too)
                     nn.init.kaiming_normal_(module.weight, mode="fan_out", nonlinearity="relu")
 
     def _teacher_and_decoder(self, images: torch.Tensor) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
@@ -186,7 +193,7 @@ class ReverseDistillation(DistillationModel):
         size = images.shape[-2:]
         maps = sum(
             F.interpolate((1 - F.cosine_similarity(t, d, dim=1)).unsqueeze(1), size=size, mode="bilinear",
-                          align_corners=False)[:, 0]
+                          align_corners=self.settings.align_corners)[:, 0]
             for t, d in zip(teacher, decoded)
         )
         sigma = self.settings.blur_sigma

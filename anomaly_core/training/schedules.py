@@ -17,9 +17,9 @@ class WarmupStepDecay:
 
     steps_per_epoch: int
     epochs: int
-    warmup_epochs: int = 5
-    decay_at: float = 0.8
-    decay_factor: float = 0.1
+    warmup_epochs: int
+    decay_at: float
+    decay_factor: float  # 1: a constant rate after the warm-up
 
     def __post_init__(self) -> None:
         if self.steps_per_epoch < 1 or self.epochs < 1 or self.warmup_epochs < 0:

@@ -40,10 +40,16 @@ class DistillationModel(TrainableModel):
     settings: Any
 
     @classmethod
+    def settings_of(cls, values: dict[str, Any]) -> Any:
+        """The model's settings from the entries of ``values`` that name its fields (a resolved training config,
+        a ``describe()`` record); the settings type refuses any missing training value."""
+        names = cls.settings_type.__dataclass_fields__
+        return cls.settings_type(**{key: value for key, value in values.items() if key in names})
+
+    @classmethod
     def from_description(cls, description: dict[str, Any], weights: str) -> DistillationModel:
         """The model a ``describe()`` record (model.json, a checkpoint) describes, its teacher from ``weights``."""
-        names = cls.settings_type.__dataclass_fields__
-        return cls(cls.settings_type(**{key: description[key] for key in names}), weights)
+        return cls(cls.settings_of(description), weights)
 
     def describe(self) -> dict[str, Any]:
         return {"kind": self.kind, **asdict(self.settings), **self.teacher_description()}

@@ -1,4 +1,5 @@
-"""Validation: the project's metrics of a trained model on labelled images, for early stopping and selection."""
+"""Validation: the project's metrics of a trained model on labelled images, or its loss on held-out normal
+images, for early stopping and selection."""
 
 from __future__ import annotations
 
@@ -9,7 +10,7 @@ import torch
 
 from anomaly_core.metrics import MetricReport, compute_metrics
 from anomaly_core.training.model import TrainableModel
-from anomaly_core.training.predict import predict_images
+from anomaly_core.training.predict import evaluating, predict_images
 
 
 @dataclass(frozen=True)
@@ -27,3 +28,10 @@ class ValidationSet:
 def evaluate(model: TrainableModel, validation: ValidationSet, batch_size: int, fpr_limit: float = 0.3) -> MetricReport:
     predictions = predict_images(model, validation.images, batch_size=batch_size)
     return compute_metrics(validation.labels, predictions.scores, validation.masks, predictions.maps, fpr_limit)
+
+
+def held_out_loss(model: TrainableModel, images: torch.Tensor, batch_size: int) -> float:
+    """The model's ``held_out_loss`` averaged over ``images`` (normal images held out of training)."""
+    with evaluating(model) as (module, device):
+        values = [module.held_out_loss(batch.to(device)).double().cpu() for batch in images.split(batch_size)]
+    return float(torch.cat(values).mean())
