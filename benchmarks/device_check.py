@@ -103,7 +103,16 @@ def exact_math(device: str, points: np.ndarray, bank: np.ndarray, queries: np.nd
         started = time.perf_counter()
         picks = greedy_select([GreedyShard(points_t, np.arange(len(points)), math)], n_select, start, batch=128).indices
         synchronize(device)
+        incremental_s = time.perf_counter() - started
+        # As a colocated holder runs it (CoresetHolder.select): the candidates' distances to each other on the
+        # device, and more candidates per round (cluster.coreset_batch=512 in gpu_check's GPU settings).
+        started = time.perf_counter()
+        together = greedy_select([GreedyShard(points_t, np.arange(len(points)), math)], n_select, start, batch=512,
+                                 pairwise=True)
+        synchronize(device)
         coreset_s = time.perf_counter() - started
+        if not np.array_equal(together.indices, reference_picks):
+            failures.append(f"{precision} coreset picks with the pairwise replay differ from numpy's")
         knn = ExactKnn(bank_t, math)
         knn.search(queries_t[:1024], 1)  # warm-up (kernels, workspaces)
         knn.unproven_queries = knn.survivors = 0
@@ -116,7 +125,8 @@ def exact_math(device: str, points: np.ndarray, bank: np.ndarray, queries: np.nd
         same_picks = bool(np.array_equal(picks, reference_picks))
         same_knn = bool(np.array_equal(distances[::every], reference[0]) and np.array_equal(indices[::every],
                                                                                               reference[1]))
-        out[precision] = {"coreset_s": coreset_s, "knn_search_s": search_s, "knn_images_per_s": n_images / search_s,
+        out[precision] = {"coreset_s": coreset_s, "coreset_rounds": together.n_rounds,
+                          "coreset_incremental_batch128_s": incremental_s, "knn_search_s": search_s, "knn_images_per_s": n_images / search_s,
                           "max_error_over_bound": ratio, "unproven_fraction": knn.unproven_queries / len(queries),
                           "survivors_per_query": knn.survivors / len(queries), "extra_candidates": knn.extra,
                           "coreset_picks_equal_numpy": same_picks, "knn_equal_numpy": same_knn}
