@@ -113,6 +113,7 @@ def test_pairwise_replay_picks_exactly_what_the_incremental_replay_picks(device:
     candidates.add_centers(x[start:start + 1], np.array([start]))
     top = candidates.top_candidates(12, pairwise=True)
     assert np.array_equal(top.pairwise[:, 3], sq_dists(top.rows, top.rows[3]))
+    assert np.array_equal(top.pairwise, top.pairwise.T)  # x - y is exactly -(y - x): the replay reads rows
     with pytest.raises(ValueError, match="exactly one shard"):
         greedy_select(random_shards(x, 2, seed=0), 10, start, pairwise=True)
 
