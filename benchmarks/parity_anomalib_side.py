@@ -11,6 +11,7 @@ Usage: .parity-venv/bin/python benchmarks/parity_anomalib_side.py EXCHANGE_DIR
 
 from __future__ import annotations
 
+import copy
 import json
 import os
 import sys
@@ -156,7 +157,7 @@ def reverse_distillation(request: dict, tensors: dict[str, torch.Tensor], out: d
         raise KeyError("the weights file does not fill anomalib's RD encoder")
     unfilled = _load_into(model, load_file(request["trainable_file"]))
     (Path(request["exchange"]) / "rd_unfilled.json").write_text(json.dumps(
-        sorted({key.rsplit(".", 1)[0] for key in unfilled if not key.startswith("encoder.")})))
+        sorted({".".join(key.split(".")[:2]) for key in unfilled if not key.startswith("encoder.")})))
     model.eval()
     captured = {}
     hook = model.bottleneck.bn_layer.register_forward_pre_hook(lambda _, args: captured.update(fused=args[0]))
@@ -183,12 +184,11 @@ def _distillation_outputs(model, loss, tensors, out) -> None:
     model.eval()
     with torch.no_grad():
         result = model(tensors["test_images"])
-    out["pred_score"], out["anomaly_map"] = result.pred_score, result.anomaly_map[:, 0]
-    model.train()
+    out["pred_score"], out["anomaly_map"] = result.pred_score.reshape(-1), result.anomaly_map[:, 0]
+    clone = copy.deepcopy(model).train()  # train-mode BatchNorm would move the running statistics of the model
     with torch.no_grad():
         first = tensors["order/0"][0]
-        out["loss"] = loss(*model(tensors["train_images"][first[first >= 0]])).reshape(1)
-    model.eval()
+        out["loss"] = loss(*clone(tensors["train_images"][first[first >= 0]])).reshape(1)
 
 
 def _train(model, loss, optimizer, tensors, epochs: int, out) -> None:
@@ -209,7 +209,7 @@ def _train(model, loss, optimizer, tensors, epochs: int, out) -> None:
     with torch.no_grad():
         results = [model(batch) for batch in tensors["test_images"].split(8)]
     out["trained/epoch_loss"] = torch.tensor(epoch_losses, dtype=torch.float64)
-    out["trained/pred_score"] = torch.cat([r.pred_score for r in results])
+    out["trained/pred_score"] = torch.cat([r.pred_score.reshape(-1) for r in results])
     out["trained/anomaly_map"] = torch.cat([r.anomaly_map[:, 0] for r in results])
 
 
