@@ -1,0 +1,81 @@
+"""benchmarks/parity_anomalib.py's own logic, without anomalib: the differences it reports, its mapping of our
+Reverse Distillation names onto anomalib's, its reproduction of anomalib's blur, and a section run end to end
+against a stubbed anomalib side whose outputs are ours with a known error planted in them."""
+
+from __future__ import annotations
+
+import copy
+import sys
+
+import numpy as np
+import pytest
+import torch
+from scipy.ndimage import gaussian_filter
+
+from anomaly_core.training import Stfpm, StfpmSettings, predict_images
+
+from .conftest import REPO, TIRE_ROOT
+
+sys.path.insert(0, str(REPO / "benchmarks"))
+import parity_anomalib as parity  # noqa: E402
+
+
+def test_difference_is_the_largest_gap_and_that_gap_over_anomalibs_largest_magnitude():
+    assert parity.difference([1.0, 2.0, -4.0], [1.0, 2.5, -3.0]) == (1.0, pytest.approx(1 / 3))
+    assert parity.difference(np.zeros((2, 2)), np.zeros((2, 2))) == (0.0, 0.0)
+    assert parity.difference([1e-3], [0.0]) == (1e-3, float("inf"))  # a gap against all-zero output is not hidden
+    with pytest.raises(ValueError, match="shapes differ"):
+        parity.difference(np.zeros(4), np.zeros((4, 1)))
+    with pytest.raises(ValueError, match="non-finite"):
+        parity.difference([np.nan], [1.0])
+
+
+def test_rd_names_map_the_ocbe_paths_and_decoder_and_leave_the_differing_stack_out():
+    assert parity.anomalib_rd_name("bottleneck.paths.0.0.0.weight") == "bottleneck.conv1.weight"
+    assert parity.anomalib_rd_name("bottleneck.paths.0.1.1.running_var") == "bottleneck.bn2.running_var"
+    assert parity.anomalib_rd_name("bottleneck.paths.1.0.1.bias") == "bottleneck.bn3.bias"
+    assert parity.anomalib_rd_name("decoder.stages.0.0.body.3.weight") == "decoder.layer1.0.conv2.weight"
+    assert parity.anomalib_rd_name("decoder.stages.2.5.body.7.weight") == "decoder.layer3.5.bn3.weight"
+    assert parity.anomalib_rd_name("decoder.stages.1.0.shortcut.1.bias") == "decoder.layer2.0.upsample.1.bias"
+    assert parity.anomalib_rd_name("bottleneck.stack.0.body.0.weight") is None
+    with pytest.raises(KeyError, match="teacher.model"):
+        parity.anomalib_rd_name("teacher.model.conv1.weight")
+
+
+def test_reproduced_anomalib_blur_is_scipys_mirror_mode_not_our_reflect_mode():
+    """anomalib pads with torch's 'reflect' (the edge pixel not repeated) = scipy's 'mirror'; our maps use scipy's
+    'reflect' (edge repeated). On a map with an edge peak the two differ, inside they agree."""
+    maps = torch.zeros(1, 40, 40)
+    maps[0, 0, 5], maps[0, 20, 20] = 1.0, 0.5
+    reproduced = parity.torch_reflect_blur(maps, 4.0)[0].numpy()
+    np.testing.assert_allclose(reproduced, gaussian_filter(maps[0].numpy(), 4.0, mode="mirror"), atol=1e-7)
+    ours = gaussian_filter(maps[0].numpy(), 4.0, mode="reflect")
+    assert np.abs(reproduced - ours).max() > 1e-3
+
+
+def test_stfpm_section_reports_zero_against_itself_and_exactly_a_planted_error(tmp_path):
+    """The section's whole path (weights file, student file, batch order, exchange, rows) with a stub for anomalib
+    that answers with our own model's outputs, except one map pixel moved by 0.25 and the loss by 1e-3."""
+    args = parity.parse_args(["--resize", "64", "--crop", "64", "--test-limit", "3", "--epochs", "0"])
+    args.data = TIRE_ROOT
+    seen = {}
+
+    def stub(task: str, request: dict, tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        seen.update(task=task, request=request, tensors=tensors)
+        model = Stfpm(StfpmSettings(backbone=request["backbone"], crop=64, weight_decay=1e-3, init_seed=0),
+                      request["weights_file"])
+        predictions = predict_images(model, tensors["test_images"])
+        first = tensors["order/0"][0]
+        loss = copy.deepcopy(model).train().training_step(tensors["train_images"][first[first >= 0]])["loss"]
+        maps = torch.from_numpy(predictions.maps).clone()
+        maps[1, 10, 20] += 0.25
+        return {"pred_score": torch.from_numpy(predictions.scores), "anomaly_map": maps,
+                "loss": loss.detach().reshape(1) + 1e-3}
+
+    rows, _ = parity._stfpm_section(args, stub, tmp_path, "resnet18", "random", None)
+    by_name = {r.quantity: r for r in rows}
+    assert seen["task"] == "stfpm" and seen["request"]["layers"] == ["layer1", "layer2", "layer3"]
+    assert seen["tensors"]["test_images"].shape == (3, 3, 64, 64) and seen["tensors"]["train_images"].shape[0] == 34
+    assert by_name["image score"].max_abs == 0.0
+    assert by_name["anomaly map"].max_abs == pytest.approx(0.25, abs=1e-6)
+    assert by_name["training loss, first batch (train mode)"].max_abs == pytest.approx(1e-3, rel=1e-3)
