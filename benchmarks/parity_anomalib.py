@@ -40,6 +40,7 @@ import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 
 from anomaly_core.backbones import RANDOM_INIT, RANDOM_INIT_SEED, architecture, build_classifier
+from anomaly_core.config import TRAINING_RECIPES
 from anomaly_core.data import ImageTransform, load_split
 from anomaly_core.extraction import ExtractionSettings, PatchFeatureExtractor
 from anomaly_core.features import PatchFeatures
@@ -279,9 +280,11 @@ def _stfpm_section(args, runner: Runner, folder: Path, backbone: str, weights: s
     tag = f"stfpm/{backbone} ({weights})"
     data = train_data or load_data(args.data, args.category, backbone, args.resize, args.crop, args.test_limit)
     path = weights_file(backbone, weights, folder)
-    # anomalib's Stfpm.configure_optimizers: SGD lr 0.4, momentum 0.9, weight_decay 0.001 (ours defaults to 1e-4,
-    # the paper's value): matched here.
-    settings = StfpmSettings(backbone=backbone, crop=data.test.shape[-1], weight_decay=1e-3, init_seed=args.seed)
+    # Our `anomalib` recipe (anomaly_core.config.TRAINING_RECIPES): anomalib's Stfpm.configure_optimizers (SGD lr
+    # 0.4, momentum 0.9, weight_decay 0.001), its half-sum loss and its timm student (zero_init_last).
+    recipe = TRAINING_RECIPES["stfpm"]["anomalib"].values
+    settings = StfpmSettings(backbone=backbone, crop=data.test.shape[-1], init_seed=args.seed,
+                             **{key: recipe[key] for key in ("lr", "momentum", "weight_decay", "loss", "zero_init_last")})
     model = Stfpm(settings, str(path))
     student = {k: v.contiguous() for k, v in model.student.state_dict().items()}
     save_file(student, str(folder / "student.safetensors"))
@@ -317,10 +320,12 @@ def _rd_section(args, runner: Runner, folder: Path, train_data: Data | None) -> 
     data = train_data or load_data(args.data, args.category, backbone, args.resize, args.crop, args.test_limit)
     path = weights_file(backbone, weights, folder)
     # anomalib's ReverseDistillation.configure_optimizers: Adam lr 0.005, betas (0.5, 0.99), no weight decay,
-    # no schedule. Ours is set to the same (its defaults: betas (0.5, 0.999), weight_decay 1e-4, 5 warm-up
-    # epochs, x0.1 after 80 % of the epochs).
-    settings = ReverseDistillationSettings(crop=data.test.shape[-1], betas=(0.5, 0.99), weight_decay=0.0,
-                                           warmup_epochs=0, decay_factor=1.0, init_seed=args.seed)
+    # no schedule: the authors' `rd4ad` recipe but for beta2 (0.999 there), which is set to anomalib's here.
+    recipe = TRAINING_RECIPES["reverse_distillation"]["rd4ad"].values
+    settings = ReverseDistillationSettings(
+        crop=data.test.shape[-1], init_seed=args.seed, betas=(0.5, 0.99),
+        **{key: recipe[key] for key in ("lr", "weight_decay", "warmup_epochs", "decay_at", "decay_factor",
+                                        "align_corners")})
     model = ReverseDistillation(settings, str(path)).eval()
     trainable = {anomalib_rd_name(k): v.contiguous() for k, v in model.trainable_state().items()
                  if anomalib_rd_name(k) is not None}

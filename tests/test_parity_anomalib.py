@@ -12,6 +12,7 @@ import pytest
 import torch
 from scipy.ndimage import gaussian_filter
 
+from anomaly_core.config import TRAINING_RECIPES
 from anomaly_core.training import Stfpm, StfpmSettings, predict_images
 
 from .conftest import REPO, TIRE_ROOT
@@ -62,8 +63,10 @@ def test_stfpm_section_reports_zero_against_itself_and_exactly_a_planted_error(t
 
     def stub(task: str, request: dict, tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         seen.update(task=task, request=request, tensors=tensors)
-        model = Stfpm(StfpmSettings(backbone=request["backbone"], crop=64, weight_decay=1e-3, init_seed=0),
-                      request["weights_file"])
+        recipe = TRAINING_RECIPES["stfpm"]["anomalib"].values  # what the section gives our side
+        model = Stfpm(StfpmSettings(backbone=request["backbone"], crop=64, init_seed=0, **{
+            key: recipe[key] for key in ("lr", "momentum", "weight_decay", "loss", "zero_init_last")}),
+            request["weights_file"])
         predictions = predict_images(model, tensors["test_images"])
         first = tensors["order/0"][0]
         loss = copy.deepcopy(model).train().training_step(tensors["train_images"][first[first >= 0]])["loss"]
