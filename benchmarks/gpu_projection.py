@@ -1,12 +1,15 @@
-"""Where the GPU time of a full benchmark would go: per-stage seconds from measured rates, on 1 and 8 GPUs.
+"""Where the GPU time of a full benchmark would go, and the tire-shaped category's targets on one H100.
 
-Not a measurement: arithmetic over rates, each labelled with where it comes from, printed as the Markdown
-table docs/BENCHMARKS.md carries. Measured rates come from this project's runs (``--decode-json`` from
-``benchmarks/decode_speed.py``; the H200 engine-stage figures of docs/BENCHMARKS.md); projected ones from a
-device's peak and a stated efficiency. A stage's time is its work divided by its rate; stages overlap across
-categories in the pipeline, so a run takes at least its slowest stage ("bound") and at most their sum.
+Not a measurement: arithmetic over work and rates, each labelled with where it comes from, printed as the
+Markdown tables docs/BENCHMARKS.md carries. The work is what the code does, counted on the CPU where it runs
+the same code path (``benchmarks/device_check.py --json``: greedy rounds of the lone colocated holder at 512
+candidates, unproven kNN queries under the bf16 screen, extra candidates); measured rates come from this
+project's runs (``--decode-json`` from ``benchmarks/decode_speed.py``, maps and the replay timed on this CPU);
+projected ones from the H100's peaks and a stated efficiency. It models the colocated design (features stay on
+the GPU that made them: no copies to the host, one holder per GPU running the whole greedy itself). Stages
+overlap across categories, so a run takes at least its slowest stage ("bound") and at most their sum.
 
-    python benchmarks/gpu_projection.py --decode-json decode_speed_cpu.json
+    python benchmarks/gpu_projection.py --decode-json decode_speed_cpu.json --work-json device_check_cpu.json
 """
 
 from __future__ import annotations
@@ -26,54 +29,86 @@ VISA = {"candle": (900, 200), "capsules": (542, 160), "cashew": (450, 150), "che
 # BTAD: 2,830 images in 3 products (VT-ADL, Mishra et al. 2021); the per-product split is an assumption
 # (two thirds train), as are the sizes (600-1600 px PNG/BMP, decoded at the 1024 x 1024 PNG rate).
 BTAD = {"01": (300, 150), "02": (900, 450), "03": (687, 343)}
+TIRE = {"tire": (239, 112)}  # the tire-shaped category of the end-to-end harness and the GPU check
 
-PATCHES = 28 * 28  # WRN50 layer2 at 224 px
+PATCHES = 28 * 28  # WRN50 layer2 / Lite0 blocks.2 at 224 px
 DIM, PROJECTED = 1024, 128  # embedding, approximate coreset's projection
+RATIO = 0.1  # coreset
 FLOP_PER_IMAGE = 18.37e9  # WRN50 to layer3 at 224 (torch FlopCounterMode, counted here)
-H100_FP32_PEAK = 67e12  # dense fp32 without TF32 (TF32 is off: fp32 means fp32)
-EFFICIENCY = 0.6  # assumed share of that peak for cuDNN convolutions and large GEMMs
-HOST_LINK = 20e9  # bytes/s assumed for device <-> host copies (PCIe 5 x16 in practice)
-METRICS_S_PER_IMAGE = 1.3 / 112  # measured: 1.3 s for a 112-image category on the H200 host, one core
-H200_SCREEN_TFLOPS = 0.29e12  # measured on the H200 (2026-11-30), coreset screen as the code then ran it
-PICKS_PER_ROUND = 18_737 / 98  # measured: tire-shaped category, 2 holders, coreset_batch 128 (BENCHMARKS)
-ROUND_TRIP_S = 3.47e-3  # measured here: one round (centres put once, a call to each of 2 holders), no compute
-H200_KNN_IMAGES_S = 42.0  # measured there too, kNN scoring (tire-shaped: 784 patches x 18,737 rows; applied to all)
+H100_FP32_PEAK = 67e12  # dense fp32 without TF32 (the backbone runs fp32: fp32 means fp32)
+H100_BF16_PEAK = 989e12  # dense bf16 tensor cores (the screens' products)
+H100_HBM = 3.35e12  # bytes/s
+EFFICIENCY = 0.6  # assumed share of the fp32 peak for cuDNN convolutions
+SCREEN_EFFICIENCY = 0.3  # assumed share of the bf16 peak for the screens' products (skinny per-round ones too)
+BANDWIDTH_EFFICIENCY = 0.5  # assumed share of HBM bandwidth for elementwise work (exact formula, top-k passes)
+EXACT_BYTES = 30  # bytes moved per (pair, dimension) by the exact formula: gather, difference, float64 square, tree
+ROUND_OVERHEAD_S = 1.5e-3  # assumed per greedy round: ~25 kernel launches and 3 host syncs
+HOST_GEMM_PER_CORE = 60e9  # measured here: sgemm 119 GFLOP/s on 2 cores (approximate's projection runs on the host)
+EXTRACTOR_THREADS = 4  # gpu_check's cluster.cpus_per_actor on a GPU node
+EVALUATORS_PER_NODE = 4  # auto: one CPU each for metrics; the extractor decodes on the rest
+# Measured on this CPU (2-core Xeon, while other work shared it: upper bounds): the pairwise replay's host work
+# per pick and one 224 map (bilinear upsampling + scipy blur); metrics per test image: 1.3 s for 112 images on
+# the H200's host, one core.
+REPLAY_S_PER_PICK = 2.7e-6
+MAP_S = 15.6e-3
+METRICS_S_PER_IMAGE = 1.3 / 112
 
 
-def stages(counts: dict, decode_rate: float, gpus: int, cores_per_gpu: int, math_rate: float,
-           knn_images_s: float | None) -> dict[str, float]:
-    """Seconds per stage for one dataset (``counts``: category -> (train, test))."""
+def stages(counts: dict, decode_rate: float, gpus: int, cores_per_gpu: int, work: dict, method: str) -> dict[str, float]:
+    """Seconds per stage for one dataset (``counts``: category -> (train, test)) with the coreset ``method``."""
     train = sum(n for n, _ in counts.values())
     test = sum(t for _, t in counts.values())
     images = train + test
-    decode_cores = gpus * (cores_per_gpu - 2)  # a holder and an evaluator keep one core each per GPU
-    coreset_flop = sum(2 * (n * PATCHES) * (0.1 * n * PATCHES) * PROJECTED for n, _ in counts.values())
-    knn_flop = sum(2 * (t * PATCHES) * (0.1 * n * PATCHES) * DIM for n, t in counts.values())
+    host_cores = gpus * (cores_per_gpu - EVALUATORS_PER_NODE)
+    dim = PROJECTED if method == "approximate" else DIM
+    points = [n * PATCHES for n, _ in counts.values()]
+    picks = sum(RATIO * n for n in points)
+    rounds = picks / work["picks_per_round"]
+    screen = SCREEN_EFFICIENCY * H100_BF16_PEAK * gpus
+    bandwidth = BANDWIDTH_EFFICIENCY * H100_HBM * gpus
+    queries = [t * PATCHES for _, t in counts.values()]
+    banks = [RATIO * n for n in points]
+    candidates = 1 + work["extra_candidates"]
+    knn = (sum(2 * q * m * DIM for q, m in zip(queries, banks)) / screen  # the bf16 screen
+           + sum(3 * 4 * q * m for q, m in zip(queries, banks)) / bandwidth  # products written, top-k and proof read
+           + sum(q * candidates * DIM * EXACT_BYTES for q in queries) / bandwidth)  # the exact candidates
     return {
-        "decode (CPU)": images / (decode_rate * decode_cores),
+        "decode (CPU)": images / (decode_rate * host_cores),
         "forward": images * FLOP_PER_IMAGE / (EFFICIENCY * H100_FP32_PEAK * gpus),
-        "features to host": images * PATCHES * DIM * 4 / (HOST_LINK * gpus),
-        "coreset": coreset_flop / (math_rate * gpus),
-        # the driver runs one category's greedy at a time: its round trips do not shrink with more GPUs
-        "coreset round trips": sum(0.1 * n * PATCHES for n, _ in counts.values()) / PICKS_PER_ROUND * ROUND_TRIP_S,
-        "kNN scoring": (test / (knn_images_s * gpus)) if knn_images_s else knn_flop / (math_rate * gpus),
-        "metrics (CPU)": test * METRICS_S_PER_IMAGE / min(8 * gpus, decode_cores),
+        "projection (host)": (sum(2 * n * DIM * PROJECTED for n in points) / (HOST_GEMM_PER_CORE * EXTRACTOR_THREADS * gpus)
+                              if method == "approximate" else 0.0),
+        "coreset screen": sum(2 * n * RATIO * n * dim for n in points) / screen,
+        # one greedy at a time per GPU: rounds, their pairwise candidate distances and the host's replay
+        "coreset rounds": (rounds * ROUND_OVERHEAD_S + rounds * work["batch"] ** 2 * dim * EXACT_BYTES / (bandwidth / gpus)
+                           + picks * REPLAY_S_PER_PICK) / min(gpus, len(counts)),
+        "kNN scoring": knn,
+        "maps (CPU)": test * MAP_S / (EXTRACTOR_THREADS * gpus),  # on the colocated extractor's own threads
+        "metrics (CPU)": test * METRICS_S_PER_IMAGE / (EVALUATORS_PER_NODE * gpus),
     }
 
 
-def table(decode: dict[str, float], cores_per_gpu: int) -> str:
+def table(decode: dict[str, float], cores_per_gpu: int, work: dict) -> str:
     datasets = [("MVTec AD", MVTEC_AD_COUNTS, decode["mvtec"]), ("VisA", VISA, decode["visa"]),
                 ("BTAD", BTAD, decode["mvtec"])]
-    rows = ["| dataset | GPUs | math at | " + " | ".join(stages(VISA, 1, 1, cores_per_gpu, 1, None)) +
-            " | bound (slowest) | sum |", "|" + "---|" * 11]
+    names = list(stages(VISA, 1, 1, cores_per_gpu, work, "approximate"))
+    rows = ["| dataset | GPUs | " + " | ".join(names) + " | bound (slowest) | sum |", "|" + "---|" * (len(names) + 4)]
     for name, counts, rate in datasets:
         for gpus in (1, 8):
-            for label, math_rate, knn in (("measured H200 rates", H200_SCREEN_TFLOPS, H200_KNN_IMAGES_S),
-                                          ("60 % of fp32 peak", EFFICIENCY * H100_FP32_PEAK, None)):
-                times = stages(counts, rate, gpus, cores_per_gpu, math_rate, knn)
-                cells = " | ".join(f"{value:.1f}" for value in times.values())
-                rows.append(f"| {name} | {gpus} | {label} | {cells} | {max(times.values()):.1f} | "
-                            f"{sum(times.values()):.1f} |")
+            times = stages(counts, rate, gpus, cores_per_gpu, work, "approximate")
+            cells = " | ".join(f"{value:.2f}" for value in times.values())
+            rows.append(f"| {name} | {gpus} | {cells} | {max(times.values()):.2f} | {sum(times.values()):.2f} |")
+    return "\n".join(rows)
+
+
+def tire_targets(decode: dict[str, float], cores_per_gpu: int, work: dict) -> str:
+    """The tire-shaped category on one H100 against issue 19's targets."""
+    rows = ["| coreset method | coreset s (target <= 0.5) | kNN images/s (target >= 2,000) | category s (target <= 3) |",
+            "|---|---|---|---|"]
+    for method in ("approximate", "exact"):
+        times = stages(TIRE, decode["tire"], 1, cores_per_gpu, work, method)
+        coreset = times["projection (host)"] + times["coreset screen"] + times["coreset rounds"]
+        category = sum(times.values())  # one category: little overlap, so the sum
+        rows.append(f"| {method} | {coreset:.2f} | {TIRE['tire'][1] / times['kNN scoring']:,.0f} | {category:.2f} |")
     return "\n".join(rows)
 
 
@@ -83,11 +118,20 @@ MVTEC_AD_COUNTS = {name: (train, good + sum(defects.values())) for name, (train,
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--decode-json", type=Path, required=True, help="benchmarks/decode_speed.py --json output")
+    parser.add_argument("--work-json", type=Path, required=True, help="benchmarks/device_check.py --json output (CPU)")
     parser.add_argument("--cores-per-gpu", type=int, default=16)
     args = parser.parse_args()
     measured = json.loads(args.decode_json.read_text())
     one_thread = {row["kind"]: row["images_per_s"] for row in measured["decode"] if row["decode_workers"] == 1}
-    print(table(one_thread, args.cores_per_gpu))
+    counted = json.loads(args.work_json.read_text())["exact_math"]["bf16"]
+    points = json.loads(args.work_json.read_text())["coreset"]["points"]
+    work = {"picks_per_round": RATIO * points / counted["coreset_rounds"], "batch": 512,
+            "extra_candidates": counted["extra_candidates"]}
+    print(f"work counted on the CPU: {work['picks_per_round']:.0f} picks per round at 512 candidates, "
+          f"+{work['extra_candidates']} candidates, {counted['unproven_fraction']:.2%} unproven queries (bf16)\n")
+    print(table(one_thread, args.cores_per_gpu, work))
+    print()
+    print(tire_targets(one_thread, args.cores_per_gpu, work))
 
 
 if __name__ == "__main__":
