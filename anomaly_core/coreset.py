@@ -17,7 +17,7 @@ makes the *same picks* with the work shaped as matrix products:
   float64 sum of :func:`sq_distances`, rounded once to float32 — half the memory of float64 and the
   candidates' wire format, and still the same bits everywhere), so a point's value never depends on
   which shard holds it, what it was batched with, the thread count, the device or the screen's
-  precision; the driver's replay uses the same formula.
+  precision; the driver's replay uses the same formula, behind the same screen over its candidates' pairs.
 
 Why not triangle-inequality pruning (an earlier version): real patch features have a high
 intrinsic dimension — at a 10 % coreset the coverage radius is ~80 % of the points' RMS distance to
