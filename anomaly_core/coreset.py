@@ -17,7 +17,7 @@ makes the *same picks* with the work shaped as matrix products:
   float64 sum of :func:`sq_distances`, rounded once to float32 — half the memory of float64 and the
   candidates' wire format, and still the same bits everywhere), so a point's value never depends on
   which shard holds it, what it was batched with, the thread count, the device or the screen's
-  precision; the driver's replay uses the same formula.
+  precision; the driver's replay uses the same formula, behind the same screen over its candidates' pairs.
 
 Why not triangle-inequality pruning (an earlier version): real patch features have a high
 intrinsic dimension — at a 10 % coreset the coverage radius is ~80 % of the points' RMS distance to
@@ -36,7 +36,7 @@ from typing import Any, NamedTuple, Protocol, Sequence
 
 import numpy as np
 
-from anomaly_core.distances import MatrixDevice, check_float32_range, sq_distances, sq_dists
+from anomaly_core.distances import MatrixDevice, Operand, check_float32_range, sq_distances, sq_dists
 from anomaly_core.threads import BlockWorkers, block_starts, run_blocks
 
 
@@ -74,12 +74,44 @@ class ShardLike(Protocol):
     def top_candidates(self, b: int) -> Candidates: ...
 
 
+class CentreScreen:
+    """Points kept for screening products against centres: the centred transpose ``x̃`` with norm terms
+    ``||x̃||²``, so that one product with centres ``-2c̃`` (norm terms ``||c̃||²(1-κ)``) gives every screened
+    squared distance already lowered by the centre's share of the rounding bound (:func:`expansion_margin`
+    through the device's margin). A (point, centre) pair whose product is not below the point's
+    :meth:`limits` cannot lower that point's value: its exact squared distance is at least the value.
+    """
+
+    def __init__(self, points: Any, device: MatrixDevice) -> None:
+        """``points``: float32 on ``device``, already checked by :func:`check_float32_range`."""
+        ops = device.ops
+        self.device = device
+        self._mean = ops.cast(ops.mean64(points), ops.float32)
+        centred = points - self._mean
+        self.sq_norms = sq_distances(centred)  # float64 [n], exact
+        self.kappa = device.margin(points.shape[1])
+        self.columns = device.columns(ops.transposed(centred), ops.cast(self.sq_norms, ops.float32))
+
+    def centres(self, rows: Any) -> Operand:
+        """The left operand of products against :attr:`columns` for centres ``rows`` (float32 on the device)."""
+        ops = self.device.ops
+        centred = rows - self._mean
+        norms = ops.cast(sq_distances(centred) * (1.0 - self.kappa), ops.float32)
+        return self.device.rows(centred * -2.0, norms)
+
+    def limits(self, values: Any, points: Any = None) -> Any:
+        """Screened values below which a pair might lower ``values`` (the points' float32 values, or those of
+        ``points`` only): ``value + κ·||x̃||²``, float32 rounded up."""
+        ops = self.device.ops
+        norms = self.sq_norms if points is None else self.sq_norms[points]
+        return ops.round_up32(ops.cast(values, ops.float64) + self.kappa * norms)
+
+
 class GreedyShard:
     """One shard of the points and each point's squared distance to the nearest centre, on a device.
 
-    The points are also kept on ``device`` as the centred transpose ``x̃`` with norm terms ``||x̃||²``, so
-    that one product with new centres ``-2c̃`` (norm terms ``||c̃||²(1-κ)``) gives every screened squared
-    distance already lowered by the centre's share of the rounding bound. On the torch path the points,
+    The points are also kept on ``device`` as a :class:`CentreScreen`, so that one product per block of
+    points screens every (point, new centre) pair. On the torch path the points,
     values, thresholds, screens and exact values all stay on the device; only the few candidate rows
     and values the driver asks for come back.
     """
@@ -106,7 +138,7 @@ class GreedyShard:
         if not ops.all_finite(points):
             raise ValueError("points contain NaN or infinite values")
         check_float32_range(points, "coreset points")
-        n, dim = points.shape
+        n = len(points)
         # Points per product on the CPU: a [centres, block] temporary of ~1 MB that stays in cache
         # (fewer centres, longer blocks); on a GPU the whole shard at once.
         self._block = block
@@ -117,12 +149,8 @@ class GreedyShard:
         self._by_gidx = np.argsort(global_indices)
         self._d = ops.full(n, np.inf, ops.float32)
         self._picked = ops.full(n, False, ops.bool)
-        self._mean = ops.cast(ops.mean64(points), ops.float32)
-        centred = points - self._mean
-        self._sq_norms = sq_distances(centred)
-        self._kappa = self.device.margin(dim)
-        self._columns = self.device.columns(ops.transposed(centred), ops.cast(self._sq_norms, ops.float32))
-        self._thresholds = None  # per point, on the device: d + κ·||x̃||² (set by the first centre)
+        self._screen = CentreScreen(points, self.device)
+        self._thresholds = None  # per point, on the device: the screen's limits of d (set by the first centre)
 
     def __len__(self) -> int:
         return len(self._x)
@@ -151,13 +179,11 @@ class GreedyShard:
         self._picked[ops.asarray(local[local >= 0], ops.int64)] = True
         if self._thresholds is None and len(rows):  # the first centre reaches every point
             self._d[:] = sq_dists(self._x, rows[0])
-            self._thresholds = self._threshold()
+            self._thresholds = self._screen.limits(self._d)
             rows = rows[1:]
         if len(rows) == 0:
             return
-        centred = rows - self._mean
-        norms = ops.cast(sq_distances(centred) * (1.0 - self._kappa), ops.float32)
-        operand = self.device.rows(centred * -2.0, norms)
+        operand = self._screen.centres(rows)
         n = len(self._x)
         if self._block:
             starts = range(0, n, self._block)
@@ -168,19 +194,12 @@ class GreedyShard:
 
         def screen(lo: int) -> None:  # blocks touch disjoint points, so workers never share a value
             hi = lo + starts.step
-            products = self.device.product(operand, self._columns, lo, hi)
+            products = self.device.product(operand, self._screen.columns, lo, hi)
             center, point = self.device.below(products, self._thresholds[lo:hi])
             if len(point):
                 self._lower(lo + point, rows, center)
 
         self._workers.map(screen, starts)
-
-    def _threshold(self, points: Any = None) -> Any:
-        """Screened values below which a pair might lower ``d``: ``d + κ·||x̃||²`` (float32, rounded up), for
-        ``points`` (default all)."""
-        ops = self.device.ops
-        d, norms = (self._d, self._sq_norms) if points is None else (self._d[points], self._sq_norms[points])
-        return ops.round_up32(ops.cast(d, ops.float64) + self._kappa * norms)
 
     def _lower(self, points: Any, rows: Any, centers: Any) -> None:
         """Exact values for screened pairs (``points[i]``, ``rows[centers[i]]``); keep each point's minimum."""
@@ -188,9 +207,9 @@ class GreedyShard:
         values = ops.cast(sq_distances(self._x, rows, points, centers), ops.float32)
         before = self._d[points]
         ops.minimum_at(self._d, points, values)
-        changed = ops.unique(points[self._d[points] < before])
+        changed = points[self._d[points] < before]  # a point may repeat: each copy is given the same limit
         if len(changed):
-            self._thresholds[changed] = self._threshold(changed)
+            self._thresholds[changed] = self._screen.limits(self._d[changed], changed)
 
     def top_candidates(self, b: int, pairwise: bool = False) -> Candidates:
         """The ``b`` best unpicked points and the order bound for all others (numpy); ``pairwise``: with the
@@ -299,7 +318,9 @@ def _replay(values: np.ndarray, indices: np.ndarray, rows: np.ndarray, between: 
 
     With ``between`` (the candidates' distances to each other) a step is a few whole-array operations over
     the candidates: ~3 µs, where the per-pick bookkeeping was the greedy's cost on a GPU. Without it, only the
-    candidates that can still beat the fence get each pick's distance, computed here.
+    candidates that can still beat the fence get each pick's distance, computed here, and only where one
+    product per round over every pair of candidates (:class:`CentreScreen`) leaves open that the pick lowers
+    their value: usually for none of them, so most picks cost no exact distance at all.
     """
     confirmed: list[int] = []
     if between is not None:
@@ -314,13 +335,34 @@ def _replay(values: np.ndarray, indices: np.ndarray, rows: np.ndarray, between: 
         return confirmed
     # Only candidates that could still be picked this round (beating the fence) need new values.
     live = np.flatnonzero((values > fence) | ((values == fence) & (indices < fence_index)))
+    screen = _replay_screen(rows) if len(live) > 1 else None
+    products = screen.device.product(screen.centres(rows), screen.columns) if screen else None  # [pick, candidate]
+    limits = screen.limits(values) if screen else None  # float32: screens with stale (larger) limits still hold
     while len(confirmed) < most and len(live):
         i = int(live[np.argmax(values[live])])  # every candidate that can be the pick is live
         confirmed.append(i)
-        values[live] = np.minimum(values[live], sq_dists(rows[live], rows[i]))
-        values[i] = -np.inf
+        values[i] = -np.inf  # distances are >= 0, so -inf marks the picked
+        if screen is None:
+            near = live
+        else:
+            limits[i] = -np.inf
+            near = live[products[i, live] < limits[live]]
+        if len(near):
+            values[near] = np.minimum(values[near], sq_dists(rows[near], rows[i]))
+            if screen is not None:
+                limits[near] = screen.limits(values[near], near)
         live = live[(values[live] > fence) | ((values[live] == fence) & (indices[live] < fence_index))]
     return confirmed
+
+
+def _replay_screen(rows: np.ndarray) -> CentreScreen | None:
+    """A numpy screen of the candidates against each other, or None where their values are too close together
+    for its bound (the same refusal as a shard's: :func:`check_float32_range`), so every pair is computed."""
+    try:
+        check_float32_range(rows, "candidates")
+    except ValueError:
+        return None
+    return CentreScreen(rows, MatrixDevice())
 
 
 def _validated(features: np.ndarray) -> np.ndarray:

@@ -27,9 +27,8 @@ from typing import Any, NamedTuple
 
 import numpy as np
 
-_TREE_BLOCK = 2**18  # float64 values per temporary of the exact formula on a CPU (2 MiB: stays in cache)
+_TREE_BLOCK = 2**15  # float64 values per temporary of the exact formula on a CPU (256 KiB: stays in L2)
 _DEVICE_TREE_BLOCK = 2**26  # on a GPU (512 MiB): few, large kernels
-_TRANSPOSE_BELOW = 32  # the tree's levels narrower than this add contiguous rows of a transposed copy
 _UNIT_ROUNDOFF = 2.0**-24  # float32, round to nearest
 BF16_ROUNDOFF = 2.0**-8  # an operand rounded to bfloat16 (8 significant bits) to nearest
 TF32_ROUNDOFF = 2.0**-10  # an operand cut to TF32 (11 significant bits) by truncation, as tensor cores may
@@ -47,9 +46,10 @@ class _NumpyOps:
     def cast(self, x: Any, dtype: Any) -> Any:
         return x.astype(dtype, copy=False)
 
-    def square64(self, x: Any) -> Any:
-        """A new float64 array of the exact squares of float32 ``x``."""
-        return np.square(x, dtype=np.float64)
+    def squares_transposed(self, x: Any) -> Any:
+        """A new C-contiguous float64 [D, r] array of the exact squares of float32 ``x`` [r, D], in one pass."""
+        out = np.empty(x.shape[::-1], np.float64)
+        return np.square(x.T, out=out, dtype=np.float64)  # dtype: square in float64, not float32 then cast
 
     def transposed(self, x: Any) -> Any:
         return np.ascontiguousarray(x.T)
@@ -123,8 +123,9 @@ class _TorchOps(_NumpyOps):
     def cast(self, x: Any, dtype: Any) -> Any:
         return x.to(dtype)
 
-    def square64(self, x: Any) -> Any:
-        squares = x.to(self.float64, copy=True)
+    def squares_transposed(self, x: Any) -> Any:
+        squares = self.torch.empty(tuple(x.shape[::-1]), dtype=self.float64, device=self.device)
+        squares.copy_(x.T)
         return squares.mul_(squares)
 
     def transposed(self, x: Any) -> Any:
@@ -207,23 +208,18 @@ def array_ops(x: Any) -> _NumpyOps:
     return _NUMPY
 
 
-def _tree_sums(squares: Any, ops: _NumpyOps) -> Any:
-    """Row sums of float64 ``squares`` [r, D] by the fixed pairwise tree: pad to a power of two with zeros,
-    then ``s = s[:, :h] + s[:, h:]`` until one column is left (the zeros are never added: ``x + 0 == x``).
-    Wide levels add column halves in place; narrow ones contiguous rows of the transposed rest."""
-    width = squares.shape[1]
-    while width > _TRANSPOSE_BELOW:
-        half = 1 << (width - 1).bit_length() >> 1
-        low = squares[:, : width - half]
-        low += squares[:, half:width]
-        width = half
-    rest = ops.transposed(squares[:, :width])
+def _tree_sums(squares: Any) -> Any:
+    """Column sums of float64 ``squares`` [D, r] (one column per pair) by the fixed pairwise tree: pad to a
+    power of two with zeros, then ``s = s[:h] + s[h:]`` until one row is left (the zeros are never added:
+    ``x + 0 == x``). Every level is one elementwise addition of contiguous rows, which is why the squares
+    are laid out transposed."""
+    width = squares.shape[0]
     while width > 1:
         half = 1 << (width - 1).bit_length() >> 1
-        low = rest[: width - half]
-        low += rest[half:width]
+        low = squares[: width - half]
+        low += squares[half:width]
         width = half
-    return rest[0]
+    return squares[0]
 
 
 def sq_distances(a: Any, b: Any = None, a_rows: Any = None, b_rows: Any = None) -> Any:
@@ -247,7 +243,7 @@ def sq_distances(a: Any, b: Any = None, a_rows: Any = None, b_rows: Any = None) 
             diff = rows - b
         else:
             diff = rows - (b[lo:hi] if b_rows is None else b[b_rows[lo:hi]])
-        out[lo:hi] = _tree_sums(ops.square64(ops.cast(diff, ops.float32)), ops)
+        out[lo:hi] = _tree_sums(ops.squares_transposed(ops.cast(diff, ops.float32)))
     return out
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
+import anomaly_core.coreset as coreset
 from anomaly_core.coreset import (
     GreedyShard,
     coverage_radius,
@@ -116,6 +117,58 @@ def test_pairwise_replay_picks_exactly_what_the_incremental_replay_picks(device:
     assert np.array_equal(top.pairwise, top.pairwise.T)  # x - y is exactly -(y - x): the replay reads rows
     with pytest.raises(ValueError, match="exactly one shard"):
         greedy_select(random_shards(x, 2, seed=0), 10, start, pairwise=True)
+
+
+def near_tie_candidates(kind: str) -> np.ndarray:
+    """Candidate rows where a screen's rounding matters most: two tight groups far apart (norms about their
+    mean dwarf the distances within a group), with exact duplicates and neighbours one float32 step away in
+    every coordinate; or a small integer grid."""
+    rng = np.random.default_rng(21)
+    if kind == "grid":
+        return rng.integers(0, 3, size=(150, 6)).astype(np.float32)
+    x = (clustered(150, 64, seed=21) * np.float32(1e-2) + np.float32(3e3)).astype(np.float32)
+    x[::2] -= np.float32(6e3)
+    x[100:120] = x[:20]
+    x[120:140] = np.nextafter(x[20:40], np.float32(np.inf))
+    return x
+
+
+@pytest.mark.parametrize("kind", ["grid", "offset"])
+def test_replay_screen_passes_every_pair_that_lowers_a_value_by_one_step(kind: str):
+    """The driver's screen against the exact formula where it is tightest: for each pick, every candidate's
+    value set one float32 step above its exact distance to the pick (so the pick lowers it) must pass."""
+    rows = near_tie_candidates(kind)
+    screen = coreset._replay_screen(rows)
+    products = screen.device.product(screen.centres(rows), screen.columns)
+    for pick in range(len(rows)):
+        exact = sq_dists(rows, rows[pick])
+        assert np.all(products[pick] < screen.limits(np.nextafter(exact, np.float32(np.inf))))
+    assert coreset._replay_screen(np.eye(4, 8, dtype=np.float32) * np.float32(1e-17)) is None  # squares underflow
+
+
+@pytest.mark.parametrize("kind", ["grid", "offset"])
+def test_screened_replay_confirms_what_computing_every_pair_confirms(kind: str, monkeypatch):
+    """Values that a pick lowers by one step, leaves equal, or does not reach: the same picks in the same order
+    and the same values as the replay that computes every live candidate's distance to every pick."""
+    rows = near_tie_candidates(kind)
+    rng = np.random.default_rng(22)
+    indices = np.arange(len(rows)) * 3
+    start = sq_dists(rows, rows[7])
+    start[::3] = np.nextafter(start[::3], np.float32(np.inf))  # lowered by that pick, by one step
+    start[1::3] = np.maximum(start[1::3], sq_dists(rows[1::3], rows[40]))  # left equal by pick 40, or above it
+    start += rng.integers(0, 2, size=len(rows)).astype(np.float32) * start.max()  # half of them far ahead
+    rounds = ((-np.inf, len(rows) // 2), (float(np.quantile(start, 0.1)), len(rows)))  # (fence, most)
+    runs = {}
+    for screened in (True, False):
+        if not screened:
+            monkeypatch.setattr(coreset, "_replay_screen", lambda rows: None)
+        for fence, most in rounds:
+            values = start.copy()
+            runs[screened, fence] = coreset._replay(values, indices, rows, None, fence, 3 * 75, most), values
+    for fence, most in rounds:
+        (confirmed, values), (every_pair, every_value) = runs[True, fence], runs[False, fence]
+        assert confirmed == every_pair and len(confirmed) >= min(most, 10)
+        assert np.array_equal(values, every_value) and np.isfinite(values).sum() >= len(rows) - most
 
 
 def test_batched_rounds_confirm_many_picks():
