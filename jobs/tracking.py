@@ -67,7 +67,6 @@ FINISH_TIMEOUT_S = 120.0
 MASK_CLASSES = {0: "normal", 1: "anomalous"}
 CATEGORY_STEP = "category_index"  # a benchmark's per-category history: one step per finished category
 SYSTEM_STEP = "system/time_s"  # the actors' system samples: seconds since the run started
-VALIDATION_LOSSES = ("loss", "held_out_loss")  # the training monitors where lower is better
 
 T = TypeVar("T")
 
@@ -220,8 +219,6 @@ class Tracker:
             epoch, step = f"{key}/train/epoch", f"{key}/train/step"
             for name in METRIC_NAMES:
                 self.run.define_metric(f"{key}/val/{name}", step_metric=epoch, summary="max")
-            for name in VALIDATION_LOSSES:
-                self.run.define_metric(f"{key}/val/{name}", step_metric=epoch, summary="min")
             self.run.define_metric(f"{key}/train/epoch_loss", step_metric=epoch, summary="min")
             self.run.define_metric(f"{key}/train/loss", step_metric=step, summary="min")
         self.run.define_metric(SYSTEM_STEP, hidden=True)

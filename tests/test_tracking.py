@@ -395,6 +395,7 @@ def test_training_events_become_step_curves_validations_and_checkpoint_artifacts
     assert checkpoints == [2, 4]  # after each epoch's latest checkpoint (2 steps an epoch), the step log is saved
     run_dir = tmp_path / "train-run"
     with Tracker(WandbConfig(mode="offline", project="anomaly-test"), "train", run_dir) as tracker:
+        tracker.define_metrics("reverse_distillation (tf_efficientnet_lite0)", ["tire_small/tire"])
         for event in events:
             tracker.log_training(event)
     recorded = read_offline_run(run_dir)
@@ -408,6 +409,15 @@ def test_training_events_become_step_curves_validations_and_checkpoint_artifacts
     summary = recorded["summary"]
     assert summary["mean/val/image_auroc"] == pytest.approx(validations[-1]["metrics"]["image_auroc"])
     assert summary["tire_small/tire/val/best_loss"] == pytest.approx(validations[-1]["best"])
+    # W&B's own summaries: the best validation (max for AUROC-like metrics, min for losses) and the lowest loss
+    aurocs = [event["metrics"]["image_auroc"] for event in validations]
+    assert summary["tire_small/tire/val/image_auroc"] == {"max": pytest.approx(max(aurocs))}
+    epoch_losses = [event["loss"] for event in events if event["kind"] == "epoch"]
+    assert summary["tire_small/tire/train/epoch_loss"] == {"min": pytest.approx(min(epoch_losses))}
+    assert summary["tire_small/tire/train/loss"] == {"min": pytest.approx(min(expected))}
+    axes = {item.name or item.glob_name: item for item in recorded["metrics"] if not item.expanded_from_glob}
+    assert axes["tire_small/tire/val/image_auroc"].step_metric == "tire_small/tire/train/epoch"
+    assert axes["tire_small/tire/train/loss"].step_metric == "tire_small/tire/train/step"
     checkpoints = [artifact for artifact in recorded["artifacts"] if artifact.type == CHECKPOINT_ARTIFACT_TYPE]
     assert len(checkpoints) == 2 and all(artifact.name == "checkpoint-tire_small-tire" for artifact in checkpoints)
     assert [json.loads(artifact.metadata)["epoch"] for artifact in checkpoints] == [0, 1]
