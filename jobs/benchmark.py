@@ -227,6 +227,7 @@ def run_ensemble(config: RunConfig, run_dir: Path, todo: Sequence[CategoryJob], 
             tracker.log_bank(result.job, folder, member=label)
             log.info("%s member %s done: %s", result.job.key, label, _headline(result))
         cluster["members"][label] = run.stats
+        tracker.log_system(run.system)
     progress("done", {})
     for job in todo:
         members = [finished_category(run_dir, job, label) for label in labels]
