@@ -161,7 +161,8 @@ def run(config: RunConfig, run_name: str | None = None, only: set[str] | None = 
                     results.append(released(result))
             cluster["object_store"] = store.summary()
             if not config.ensemble:
-                tracker.log_system(pipeline.system_samples())
+                if tracker.active:  # no calls to the actors for W&B's sake where it is off
+                    tracker.log_system(pipeline.system_samples())
                 cluster.update({"plan": pipeline.plan.summary(), **pipeline.actor_stats(),
                                 "feature_cache": pipeline.cache_stats})
             peak_rss_mb = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)  # KiB on Linux
