@@ -11,9 +11,9 @@ and as history ``category/<metric>`` on the ``category_index`` step axis, stage 
 best scored test images as heat-map overlays with the ground-truth and predicted masks (``examples``, on
 the same axis); at the end a results table of one row per category with method, backbone and dataset
 columns (the means are in the summary), bar charts over it, throughput per extractor actor, peak memory,
-run time and reserved GPU-seconds, the report's figures, and each actor's system metrics against time. Each category's memory bank is an artifact of
-type ``memory-bank``, so a later job can ``use_bank`` it by name and W&B records the lineage; the
-finished run folder's results (summary, report, CSVs, figures, per-category JSON) are one
+run time and reserved GPU-seconds, the report's figures, and each actor's system metrics against time.
+Each category's memory bank is an artifact of type ``memory-bank``, so a later job can ``use_bank`` it by
+name and W&B records the lineage; the finished run folder's results (summary, report, CSVs, figures, per-category JSON) are one
 ``benchmark-results`` artifact, so a run on a cluster without shared storage keeps them.
 """
 
@@ -378,7 +378,9 @@ class Tracker:
         seconds = summary.get("timings", {}).get("total_s")
         if seconds is not None:
             totals["run/time_s"] = seconds
-            totals["run/gpu_s"] = round(seconds * reserved_gpus(cluster), 3)
+            gpus = reserved_gpus(cluster)
+            if gpus is not None:
+                totals["run/gpu_s"] = round(seconds * gpus, 3)
         totals.update({f"actors/{position}/images_per_s": stats.get("images_per_s")
                        for position, stats in enumerate(extractors)})
         if cluster.get("driver_peak_rss_mb") is not None:
@@ -476,8 +478,9 @@ def _curve_chart(key: str, x: np.ndarray, y: np.ndarray, names: tuple[str, str],
     )
 
 
-def reserved_gpus(cluster: dict[str, Any]) -> float:
-    """GPUs the run's resource plan reserved (an ensemble's members run one after another: the most any did)."""
+def reserved_gpus(cluster: dict[str, Any]) -> float | None:
+    """GPUs the run's resource plan reserved (an ensemble's members run one after another: the most any did);
+    None without a plan (a training run's GPUs are Ray Train's, not recorded in the summary)."""
     plans = [cluster["plan"]] if "plan" in cluster else [member["plan"] for member in cluster.get("members", {}).values()
                                                          if "plan" in member]
-    return max((sum(actor.get("gpus", 0.0) for actor in plan.get("actors", [])) for plan in plans), default=0.0)
+    return max((sum(actor.get("gpus", 0.0) for actor in plan.get("actors", [])) for plan in plans), default=None)

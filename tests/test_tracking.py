@@ -27,7 +27,7 @@ from anomaly_core.config import WandbConfig
 from anomaly_core.metrics import METRIC_NAMES, mean_metrics
 from jobs.report import figure_paths, write_category_figure, write_report
 from jobs.tracking import (BANK_ARTIFACT_TYPE, RUN_FOLDER_ARTIFACT_TYPE, Tracker, TrackingError, api_key_configured,
-                           artifact_name, resolve_mode)
+                           artifact_name, reserved_gpus, resolve_mode)
 from tests.test_report import TRANSFORM, fake_results
 
 REPO = Path(__file__).resolve().parent.parent
@@ -423,3 +423,11 @@ def test_training_events_become_step_curves_validations_and_checkpoint_artifacts
     assert [json.loads(artifact.metadata)["epoch"] for artifact in checkpoints] == [0, 1]
     assert all({"latest", "best"} <= set(artifact.aliases) for artifact in checkpoints)  # the loss fell both epochs
     assert json.loads(checkpoints[1].metadata)["image_auroc"] == pytest.approx(validations[1]["metrics"]["image_auroc"])
+
+
+def test_reserved_gpus_come_from_the_resource_plan_only():
+    plan = lambda *gpus: {"actors": [{"gpus": share} for share in gpus]}  # noqa: E731
+    assert reserved_gpus({"plan": plan(0.5, 0.5, 0.25)}) == 1.25
+    assert reserved_gpus({"members": {"a": {"plan": plan(1, 1)}, "b": {"plan": plan(0.5)}}}) == 2  # one after another
+    assert reserved_gpus({"plan": plan()}) == 0  # a CPU-only run costs no GPU time
+    assert reserved_gpus({"resources": {"GPU": 8.0}}) is None  # a training run: no plan, no claim
