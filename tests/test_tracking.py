@@ -286,7 +286,7 @@ def test_every_job_imports_where_wandb_is_not_installed():
     """The offline GPU image has no wandb (benchmarks/gpu_check.sh runs the jobs there with --wandb off):
     no job or cluster module may import it when loaded, only when tracking starts."""
     script = ("import sys; sys.modules['wandb'] = None  # import wandb now raises ImportError\n"
-              "import jobs.benchmark, jobs.build_bank, jobs.compare, jobs.evaluate, jobs.predict, jobs.train\n"
+              "import jobs.benchmark, jobs.build_bank, jobs.compare, jobs.evaluate, jobs.predict, jobs.train, jobs.workspace\n"
               "import cluster.training\nprint('imported')")
     done = subprocess.run([sys.executable, "-c", script], cwd=REPO, capture_output=True, text=True, timeout=120,
                           env={"PATH": "/usr/bin:/bin", "PYTHONPATH": str(REPO)})
