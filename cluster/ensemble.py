@@ -41,6 +41,7 @@ class MemberRun:
                  resource_wait_s: float = 0.0) -> None:
         self.config, self.label, self.on_event, self.resource_wait_s = config, label, on_event, resource_wait_s
         self.stats: dict[str, Any] = {}
+        self.system: dict[str, list[list[dict]]] = {}  # the actors' system samples (cluster.system_stats)
 
     def _event(self, kind: str, info: dict) -> None:
         if kind != "done":  # the ensemble's progress ends after its last member, not after each
@@ -51,6 +52,7 @@ class MemberRun:
         try:
             yield from pipeline.run(jobs)
             self.stats = {"plan": pipeline.plan.summary(), **pipeline.actor_stats(), "feature_cache": pipeline.cache_stats}
+            self.system = pipeline.system_samples()
         finally:
             pipeline.close()
 

@@ -29,6 +29,7 @@ from anomaly_core.scoring import NearestNeighbourScorer, Predictions, ScoringPar
 from anomaly_core.threads import limit_threads
 from anomaly_core.distances import MatrixDevice
 from cluster.devices import ReportsThreads, math_device
+from cluster.system_stats import SamplesSystem
 
 
 class Scoring:
@@ -80,9 +81,10 @@ class Scoring:
         }
 
 
-class Evaluator(ReportsThreads):
+class Evaluator(ReportsThreads, SamplesSystem):
     def __init__(self) -> None:
         self.scoring = Scoring(math_device())
+        self.start_sampling()
 
     def score(
         self, key: str, bank: list[ray.ObjectRef], params: ScoringParams, features: PatchFeatures, crop: int,

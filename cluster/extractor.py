@@ -24,9 +24,10 @@ from anomaly_core.extraction import STAGES, ExtractionSettings, PatchFeatureExtr
 from anomaly_core.features import PatchFeatures
 from anomaly_core.threads import limit_threads
 from cluster.devices import ReportsThreads
+from cluster.system_stats import SamplesSystem
 
 
-class Extractor(ReportsThreads):
+class Extractor(ReportsThreads, SamplesSystem):
     """Holds the model; ``extract`` embeds a shard, decoding the next batches while one runs."""
 
     def __init__(self, settings: ExtractionSettings, threads: int, decode_workers: int) -> None:
@@ -39,6 +40,7 @@ class Extractor(ReportsThreads):
         self.images_done = 0
         self.busy_seconds = 0.0
         self.stages = dict.fromkeys(STAGES, 0.0)
+        self.start_sampling()
 
     def describe(self) -> dict:
         return {**self.extractor.describe(), "device": str(self.extractor.device), "pid": os.getpid()}

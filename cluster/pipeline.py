@@ -398,6 +398,11 @@ class BenchmarkPipeline:
             "evaluators": ray.get([actor.stats.remote() for actor in self.evaluators]),
         }
 
+    def system_samples(self) -> dict[str, list[list[dict]]]:
+        """Each actor's system samples since the last call (``cluster.system_stats``), by role and position."""
+        return {role: ray.get([actor.system_samples.remote() for actor in actors])
+                for role, actors in (("extractor", self.extractors), ("evaluator", self.evaluators))}
+
 
 def _stored(ref: ray.ObjectRef) -> Shard:
     """A shard already in the object store (a feature-cache hit): nothing to extract, no extraction time."""

@@ -29,6 +29,7 @@ from cluster.ensemble import MemberRun, ensemble_result
 from cluster.pipeline import BenchmarkPipeline, CategoryJob, CategoryResult
 from cluster.store_stats import StoreMonitor
 from jobs.cli import add_config_arguments, check_writable, config_from_args, config_overrides, load_config
+from jobs.compare import method_of
 from jobs.errors import run_job
 from jobs.outputs import format_table, released, run_directory, summary, write_category, write_yaml
 from jobs.preflight import preflight
@@ -129,6 +130,7 @@ def run(config: RunConfig, run_name: str | None = None, only: set[str] | None = 
     started = time.perf_counter()
     results: list[CategoryResult] = []
     tracker = Tracker(config.wandb, "benchmark", run_dir, config.model_dump(mode="json"))
+    tracker.define_metrics(method_of({"config": config.model_dump(mode="json")}))
     cluster: dict[str, Any] = {}
     passes = len(config.members())  # an ensemble's categories pass through one pipeline per member
     with tracker, Progress(todo, stall_s=config.cluster.stall_warning_s, passes=passes) as progress:
@@ -159,6 +161,8 @@ def run(config: RunConfig, run_name: str | None = None, only: set[str] | None = 
                     results.append(released(result))
             cluster["object_store"] = store.summary()
             if not config.ensemble:
+                if tracker.active:  # no calls to the actors for W&B's sake where it is off
+                    tracker.log_system(pipeline.system_samples())
                 cluster.update({"plan": pipeline.plan.summary(), **pipeline.actor_stats(),
                                 "feature_cache": pipeline.cache_stats})
             peak_rss_mb = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)  # KiB on Linux
@@ -224,6 +228,7 @@ def run_ensemble(config: RunConfig, run_dir: Path, todo: Sequence[CategoryJob], 
             tracker.log_bank(result.job, folder, member=label)
             log.info("%s member %s done: %s", result.job.key, label, _headline(result))
         cluster["members"][label] = run.stats
+        tracker.log_system(run.system)
     progress("done", {})
     for job in todo:
         members = [finished_category(run_dir, job, label) for label in labels]

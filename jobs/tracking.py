@@ -5,13 +5,15 @@ first failure logs a single warning and turns tracking off for the rest of the j
 ``run.finish`` get short timeouts, and ``online`` without credentials is refused up front instead of
 prompting for a key. Mode ``off`` never calls into wandb: no run, no service process, no files.
 
-What a benchmark run holds: per category its metrics as summary values ``<dataset>/<category>/<metric>``,
-stage timings, ROC and PR curves (W&B's own area-under-curve chart, drawn from tables we compute, which
-needs no pandas), and the worst and best scored test images as heat-map overlays with the ground-truth
-and predicted masks; at the end a results table with a mean row, bar charts over it, throughput per
-extractor actor, peak memory and the report's figures. Each category's memory bank is an artifact of
-type ``memory-bank``, so a later job can ``use_bank`` it by name and W&B records the lineage; the
-finished run folder's results (summary, report, CSVs, figures, per-category JSON) are one
+What a benchmark run holds: per category its metrics as summary values ``<dataset>/<category>/<metric>``
+and as history ``category/<metric>`` on the ``category_index`` step axis, stage timings, ROC and PR curves
+(W&B's own area-under-curve chart, drawn from tables we compute, which needs no pandas), and the worst and
+best scored test images as heat-map overlays with the ground-truth and predicted masks (``examples``, on
+the same axis); at the end a results table of one row per category with method, backbone and dataset
+columns (the means are in the summary), bar charts over it, throughput per extractor actor, peak memory,
+run time and reserved GPU-seconds, the report's figures, and each actor's system metrics against time.
+Each category's memory bank is an artifact of type ``memory-bank``, so a later job can ``use_bank`` it by
+name and W&B records the lineage; the finished run folder's results (summary, report, CSVs, figures, per-category JSON) are one
 ``benchmark-results`` artifact, so a run on a cluster without shared storage keeps them.
 """
 
@@ -33,6 +35,7 @@ from sklearn.metrics import precision_recall_curve, roc_curve
 from anomaly_core.config import WandbConfig
 from anomaly_core.data import ImageTransform, load_mask, read_rgb
 from anomaly_core.metrics import METRIC_NAMES, THRESHOLD_NAMES, grouped_names
+from jobs.compare import method_of
 from jobs.report import (
     bank_rows_and_sha256,
     display_image,
@@ -62,6 +65,8 @@ DEFAULT_HOST = "https://api.wandb.ai"
 INIT_TIMEOUT_S = 30.0
 FINISH_TIMEOUT_S = 120.0
 MASK_CLASSES = {0: "normal", 1: "anomalous"}
+CATEGORY_STEP = "category_index"  # a benchmark's per-category history: one step per finished category
+SYSTEM_STEP = "system/time_s"  # the actors' system samples: seconds since the run started
 
 T = TypeVar("T")
 
@@ -132,6 +137,8 @@ def _guarded(method: Callable[..., T]) -> Callable[..., T | None]:
 class Tracker:
     """One W&B run for one job; every method is a no-op once tracking is off."""
 
+    _categories_logged = 0  # the next category's ``category_index``
+
     def __init__(
         self,
         settings: WandbConfig,
@@ -195,6 +202,29 @@ class Tracker:
                 pass
 
     @_guarded
+    def define_metrics(self, method: str, trained_keys: Sequence[str] = ()) -> None:
+        """Step axes and summaries for dashboards, and the run's ``method`` in its config (runs are grouped
+        by it): a benchmark's per-category values and heat maps on the ``category_index`` axis (the summary
+        keeps the worst and best category: min and max); each trained category's validation metrics and
+        epoch losses on its epoch axis, the summary keeping the best (max for AUROC-like metrics, min for
+        losses); the actors' system metrics against the seconds since the run started."""
+        self.run.config.update({"method": method}, allow_val_change=True)
+        self.run.define_metric(CATEGORY_STEP, hidden=True)
+        self.run.define_metric("category", step_metric=CATEGORY_STEP, summary="none")
+        self.run.define_metric("examples", step_metric=CATEGORY_STEP)
+        for name in METRIC_NAMES:
+            self.run.define_metric(f"category/{name}", step_metric=CATEGORY_STEP, summary="min,max")
+        for key in trained_keys:
+            # Exact names win over the category's ``<key>/*`` axis that ``log_training`` defines.
+            epoch, step = f"{key}/train/epoch", f"{key}/train/step"
+            for name in METRIC_NAMES:
+                self.run.define_metric(f"{key}/val/{name}", step_metric=epoch, summary="max")
+            self.run.define_metric(f"{key}/train/epoch_loss", step_metric=epoch, summary="min")
+            self.run.define_metric(f"{key}/train/loss", step_metric=step, summary="min")
+        self.run.define_metric(SYSTEM_STEP, hidden=True)
+        self.run.define_metric("system/*", step_metric=SYSTEM_STEP)
+
+    @_guarded
     def log_category(self, result: "CategoryResult", transform: ImageTransform) -> None:
         """Metrics, timings, ROC/PR curves and example overlays of one finished category."""
         key = result.job.key
@@ -205,16 +235,18 @@ class Tracker:
         summary[f"{key}/memory_size"] = bank_rows_and_sha256(result)[0]
         self.run.summary.update(summary)
         labels = np.asarray([sample.label for sample in result.test_samples])
-        logged: dict[str, Any] = {}
+        logged: dict[str, Any] = {CATEGORY_STEP: self._categories_logged, "category": key,
+                                  **{f"category/{name}": values[name] for name in METRIC_NAMES
+                                     if values.get(name) is not None}}
+        self._categories_logged += 1
         if labels.min() != labels.max():
             logged[f"{key}/roc"] = _curve_chart(key, *roc_curve(labels, result.predictions.scores)[:2],
                                                 ("fpr", "tpr"), f"{key}: image ROC")
             precision, recall, _ = precision_recall_curve(labels, result.predictions.scores)
             logged[f"{key}/pr"] = _curve_chart(key, recall, precision, ("recall", "precision"), f"{key}: image PR")
         if self.settings.log_images:
-            logged[f"{key}/examples"] = self._examples(result, transform)
-        if logged:
-            self.run.log(logged)
+            logged["examples"] = self._examples(result, transform)
+        self.run.log(logged)
 
     def _examples(self, result: "CategoryResult", transform: ImageTransform) -> list[Any]:
         import wandb
@@ -234,7 +266,7 @@ class Tracker:
             if predicted is not None:
                 masks["prediction"] = {"mask_data": predicted.astype(np.uint8), "class_labels": MASK_CLASSES}
             overlay = heatmap_overlay(display_image(read_rgb(sample.image_path), transform), maps[index], vmin, vmax)
-            caption = (f"{kind}: {sample.defect_type}/{Path(sample.image_path).name} "
+            caption = (f"{result.job.key} {kind}: {sample.defect_type}/{Path(sample.image_path).name} "
                        f"label {sample.label} score {result.predictions.scores[index]:.4f}")
             images.append(wandb.Image(overlay, caption=caption, masks=masks or None))
         return images
@@ -314,16 +346,21 @@ class Tracker:
 
     @_guarded
     def log_run(self, results: Sequence["CategoryResult"], summary: dict[str, Any], figures: dict[str, Path]) -> None:
-        """End of a benchmark: results table with a mean row, bar charts, throughput, memory, figures."""
+        """End of a benchmark: a results table of one row per category (method, backbone, dataset, metrics,
+        timings), bar charts over it, throughput, memory, figures; the means, the run's time and its
+        reserved GPU-seconds (GPUs the plan reserved x run time) in the summary."""
         import wandb
 
+        method = method_of(summary)
         rows = [{**metrics, **timings} for metrics, timings in zip(metric_rows(results), timing_rows(results))]
-        columns = ["dataset", "category", *METRIC_NAMES, "memory_size", *timing_keys(results)]
+        mean = rows.pop() if rows else {}  # the last row is the mean: a summary value, not a category
+        columns = ["method", "backbone", "dataset", "category", *METRIC_NAMES, "memory_size", *timing_keys(results)]
+        for row, result in zip(rows, results):
+            row.update(method=method, backbone=result.bank.metadata.get("backbone"))
         table = wandb.Table(columns=columns, data=[[row.get(column) for column in columns] for row in rows])
         logged: dict[str, Any] = {"results": table}
         for name in ("image_auroc", "pixel_auroc"):
-            bars = [[f"{row['dataset']}/{row['category']}" if row["category"] else "mean", row[name]]
-                    for row in rows if row[name] is not None]
+            bars = [[f"{row['dataset']}/{row['category']}", row[name]] for row in rows if row[name] is not None]
             if bars:
                 bar_table = wandb.Table(columns=["category", name], data=bars)
                 logged[f"charts/{name}"] = wandb.plot.bar(bar_table, "category", name, title=f"{name} per category")
@@ -331,18 +368,36 @@ class Tracker:
         extractors = cluster.get("extractors", [])
         if extractors:
             fields = sorted({name for stats in extractors for name in stats})
-            actor_rows = [[position, *(stats.get(name) for name in fields), _rate(stats)]
-                          for position, stats in enumerate(extractors)]
-            logged["actors"] = wandb.Table(columns=["actor", *fields, "images_per_s"], data=actor_rows)
+            actor_rows = [[position, *(stats.get(name) for name in fields)] for position, stats in enumerate(extractors)]
+            logged["actors"] = wandb.Table(columns=["actor", *fields], data=actor_rows)
         logged.update({f"figures/{name}": wandb.Image(str(path)) for name, path in figures.items() if Path(path).is_file()})
         self.run.log(logged)
-        mean = rows[-1] if rows else {}
-        totals = {f"mean/{name}": mean[name] for name in METRIC_NAMES if mean.get(name) is not None}
+        totals: dict[str, Any] = {"method": method}
+        totals.update({f"mean/{name}": mean[name] for name in METRIC_NAMES if mean.get(name) is not None})
         totals.update({f"timings/{name}": value for name, value in summary.get("timings", {}).items()})
-        totals.update({f"actors/{position}/images_per_s": _rate(stats) for position, stats in enumerate(extractors)})
+        seconds = summary.get("timings", {}).get("total_s")
+        if seconds is not None:
+            totals["run/time_s"] = seconds
+            gpus = reserved_gpus(cluster)
+            if gpus is not None:
+                totals["run/gpu_s"] = round(seconds * gpus, 3)
+        totals.update({f"actors/{position}/images_per_s": stats.get("images_per_s")
+                       for position, stats in enumerate(extractors)})
         if cluster.get("driver_peak_rss_mb") is not None:
             totals["memory/driver_peak_rss_mb"] = cluster["driver_peak_rss_mb"]
         self.run.summary.update(totals)
+
+    @_guarded
+    def log_system(self, samples: dict[str, list[list[dict[str, Any]]]]) -> None:
+        """The actors' system samples (``BenchmarkPipeline.system_samples``: by role, then actor position) as
+        ``system/<role>_<position>/<name>`` against ``system/time_s``, the seconds since the run started."""
+        started = self.run.start_time
+        timeline = sorted(((sample["time"], f"system/{role}_{position}", sample)
+                           for role, actors in samples.items() for position, actor in enumerate(actors)
+                           for sample in actor), key=lambda entry: entry[:2])
+        for moment, prefix, sample in timeline:
+            values = {f"{prefix}/{name}": value for name, value in sample.items() if name != "time"}
+            self.run.log({SYSTEM_STEP: round(moment - started, 3), **values})
 
     @_guarded
     def log_run_folder(self, run_dir: Path) -> None:
@@ -423,6 +478,9 @@ def _curve_chart(key: str, x: np.ndarray, y: np.ndarray, names: tuple[str, str],
     )
 
 
-def _rate(stats: dict[str, Any]) -> float | None:
-    busy = stats.get("busy_s")
-    return round(stats["images"] / busy, 3) if busy and stats.get("images") is not None else None
+def reserved_gpus(cluster: dict[str, Any]) -> float | None:
+    """GPUs the run's resource plan reserved (an ensemble's members run one after another: the most any did);
+    None without a plan (a training run's GPUs are Ray Train's, not recorded in the summary)."""
+    plans = [cluster["plan"]] if "plan" in cluster else [member["plan"] for member in cluster.get("members", {}).values()
+                                                         if "plan" in member]
+    return max((sum(actor.get("gpus", 0.0) for actor in plan.get("actors", [])) for plan in plans), default=None)

@@ -43,6 +43,7 @@ from cluster.training import (
 )
 from jobs.benchmark import print_done, run_main, start_run, write_run
 from jobs.cli import single_backbone
+from jobs.compare import method_of
 from jobs.outputs import category_folder, released, write_category
 from jobs.preflight import check_jobs
 from jobs.ray_runtime import resource_wait_s, start_ray
@@ -111,6 +112,7 @@ def run(config: RunConfig, run_name: str | None = None, only: set[str] | None = 
     transform = transform_of(config)
     results: list[CategoryResult] = []
     with Tracker(config.wandb, "train", run_dir, config.model_dump(mode="json")) as tracker:
+        tracker.define_metrics(method_of({"config": config.model_dump(mode="json"), "job": "train"}), [job.key for job in todo])
         for result in kept.values():
             tracker.log_category(result, transform)
             results.append(released(result))

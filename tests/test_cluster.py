@@ -133,6 +133,10 @@ def test_cluster_run_equals_single_process_engine(ray_cluster, tire_job, referen
     assert all(len(where["gpu_ids"]) == 1 for where in placed)  # each holds (a share of) one GPU
     (result,) = list(pipeline.run([tire_job]))
     assert result.bank.sha256 == reference["bank"].sha256
+    samples = pipeline.system_samples()  # each actor sampled itself on its own thread while it worked
+    assert [len(samples["extractor"]), len(samples["evaluator"])] == [n_extractors, len(pipeline.evaluators)]
+    assert all(max(sample["cpu_percent"] for sample in actor) > 0 and min(sample["rss_mib"] for sample in actor) > 100
+               for actor in samples["extractor"])
     assert np.array_equal(result.predictions.scores, reference["predictions"].scores)
     assert np.array_equal(result.predictions.maps, reference["predictions"].maps)
     assert result.report.values == reference["report"].values

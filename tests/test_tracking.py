@@ -27,7 +27,7 @@ from anomaly_core.config import WandbConfig
 from anomaly_core.metrics import METRIC_NAMES, mean_metrics
 from jobs.report import figure_paths, write_category_figure, write_report
 from jobs.tracking import (BANK_ARTIFACT_TYPE, RUN_FOLDER_ARTIFACT_TYPE, Tracker, TrackingError, api_key_configured,
-                           artifact_name, resolve_mode)
+                           artifact_name, reserved_gpus, resolve_mode)
 from tests.test_report import TRANSFORM, fake_results
 
 REPO = Path(__file__).resolve().parent.parent
@@ -60,13 +60,15 @@ def read_records(path: Path):
 
 
 def read_offline_run(run_dir: Path) -> dict:
-    """The run record, final summary, history rows and artifacts of the one offline run under ``run_dir``."""
+    """The run record, final config, summary, history rows, artifacts and metric definitions of the one
+    offline run under ``run_dir``."""
     [log_file] = (run_dir / "wandb").glob("offline-run-*/run-*.wandb")
-    run, summary, history, artifacts = None, {}, [], []
+    run, summary, history, artifacts, metrics, config = None, {}, [], [], [], {}
     for record in read_records(log_file):
         kind = record.WhichOneof("record_type")
         if kind == "run":
             run = record.run
+            config.update({item.key: json.loads(item.value_json) for item in run.config.update})
         elif kind == "summary":
             for item in record.summary.update:
                 summary[item.key or "/".join(item.nested_key)] = json.loads(item.value_json)
@@ -74,7 +76,12 @@ def read_offline_run(run_dir: Path) -> dict:
             history.append({item.key or "/".join(item.nested_key): json.loads(item.value_json) for item in record.history.item})
         elif kind == "artifact":
             artifacts.append(record.artifact)
-    return {"run": run, "summary": summary, "history": history, "artifacts": artifacts, "files": log_file.parent / "files"}
+        elif kind == "metric":
+            metrics.append(record.metric)
+        elif kind == "config":  # a change of the config after init
+            config.update({item.key: json.loads(item.value_json) for item in record.config.update})
+    return {"run": run, "summary": summary, "history": history, "artifacts": artifacts, "metrics": metrics,
+            "config": config, "files": log_file.parent / "files"}
 
 
 @pytest.fixture
@@ -97,10 +104,26 @@ def results(tire_root):
     return fake_results(tire_root)
 
 
+SYSTEM_SAMPLES = {  # what BenchmarkPipeline.system_samples returns: by role, then actor position
+    "extractor": [[{"time": 5.0, "cpu_percent": 180.0, "rss_mib": 900.0, "gpu_memory_mib": 512.0, "gpu_percent": 71.0},
+                   {"time": 7.0, "cpu_percent": 95.5, "rss_mib": 910.0, "gpu_memory_mib": 640.0, "gpu_percent": 88.0}]],
+    "evaluator": [[{"time": 6.0, "cpu_percent": 40.0, "rss_mib": 300.0}], [{"time": 4.0, "cpu_percent": 12.5, "rss_mib": 280.0}]],
+}
+
+
 def _track_benchmark(tracker: Tracker, results, run_dir: Path) -> dict:
     summary = {"timings": {"total_s": 9.5, "images_per_s": 3.2},
-               "cluster": {"extractors": [{"images": 30, "busy_s": 6.0}, {"images": 24, "busy_s": 8.0}],
-                           "driver_peak_rss_mb": 812.5}}
+               "cluster": {"extractors": [{"images": 30, "busy_s": 6.0, "images_per_s": 5.0},
+                                          {"images": 24, "busy_s": 8.0, "images_per_s": 3.0}],
+                           "plan": {"actors": [{"role": "extractor", "gpus": 0.5}, {"role": "extractor", "gpus": 0.5},
+                                               {"role": "evaluator", "gpus": 0.25}]},
+                           "driver_peak_rss_mb": 812.5},
+               "config": {"backbone": {"name": "tf_efficientnet_lite0"}}}
+    tracker.define_metrics("patchcore (tf_efficientnet_lite0)")
+    if tracker.active:
+        started = tracker.run.start_time  # the samples' wall times, as seconds after the run's start
+        tracker.log_system({role: [[{**sample, "time": started + sample["time"]} for sample in actor] for actor in actors]
+                            for role, actors in SYSTEM_SAMPLES.items()})
     for result in results:
         folder = run_dir / result.job.dataset / result.job.split.category
         result.bank.metadata["thresholds"] = {"image": result.report.values["image_threshold"],
@@ -130,8 +153,9 @@ def test_offline_run_holds_metrics_table_images_and_bank_artifacts(wandb_env, re
     run = recorded["run"]
     assert (run.project, run.job_type, run.run_group, list(run.tags)) == ("anomaly-test", "benchmark", "nightly", ["ci", "tire"])
     assert run.display_name == "bench-1"
-    config = {item.key: json.loads(item.value_json) for item in run.config.update}
+    config = recorded["config"]
     assert config["name"] == "bench" and config["seed"] == 7
+    assert config["method"] == "patchcore (tf_efficientnet_lite0)"  # what the workspace groups runs by
 
     summary = recorded["summary"]
     for result in results:
@@ -146,30 +170,57 @@ def test_offline_run_holds_metrics_table_images_and_bank_artifacts(wandb_env, re
     assert summary["timings/total_s"] == 9.5
     assert summary["actors/0/images_per_s"] == 5.0 and summary["actors/1/images_per_s"] == 3.0
     assert summary["memory/driver_peak_rss_mb"] == 812.5
+    assert summary["method"] == "patchcore (tf_efficientnet_lite0)"
+    assert summary["run/time_s"] == 9.5 and summary["run/gpu_s"] == pytest.approx(9.5 * 1.25)  # 1.25 GPUs reserved
+    aurocs = [result.report.values["image_auroc"] for result in results]
+    assert summary["category/image_auroc"] == {"min": pytest.approx(min(aurocs)), "max": pytest.approx(max(aurocs))}
+
+    # One history row per category on the category_index axis: its metrics and its heat maps
+    categories = [row for row in recorded["history"] if "category_index" in row]
+    assert [(row["category_index"], row["category"]) for row in categories] == list(enumerate(r.job.key for r in results))
+    assert [row["category/image_auroc"] for row in categories] == pytest.approx(aurocs)
+    assert all(("category/spro" in row) == (result.report.values["spro"] is not None)
+               for row, result in zip(categories, results))
+    axes = {item.name or item.glob_name: item for item in recorded["metrics"] if not item.expanded_from_glob}
+    assert axes["category/image_auroc"].step_metric == axes["examples"].step_metric == "category_index"
+    assert (axes["category/aupro"].summary.min, axes["category/aupro"].summary.max) == (True, True)
+    assert axes["system/*"].step_metric == "system/time_s"
+
+    # The actors' system samples, merged in time order, against seconds since the run started
+    system = [row for row in recorded["history"] if "system/time_s" in row]
+    assert [row["system/time_s"] for row in system] == pytest.approx([4.0, 5.0, 6.0, 7.0], abs=1e-3)
+    assert system[0] == {"system/time_s": pytest.approx(4.0, abs=1e-3), "system/evaluator_1/cpu_percent": 12.5,
+                         "system/evaluator_1/rss_mib": 280.0, **{k: v for k, v in system[0].items() if k.startswith("_")}}
+    assert system[3]["system/extractor_0/gpu_percent"] == 88.0 and system[3]["system/extractor_0/gpu_memory_mib"] == 640.0
+    assert system[2]["system/evaluator_0/cpu_percent"] == 40.0 and "system/evaluator_0/gpu_percent" not in system[2]
 
     files = recorded["files"]
     [table_file] = (files / "media" / "table").glob("results_*.table.json")
     table = json.loads(table_file.read_text())
-    assert table["columns"][:2 + len(METRIC_NAMES)] == ["dataset", "category", *METRIC_NAMES]
+    assert table["columns"][:4 + len(METRIC_NAMES)] == ["method", "backbone", "dataset", "category", *METRIC_NAMES]
     assert {"memory_size", "extract_train_s", "coreset_s", "evaluate_s", "metrics_s"} <= set(table["columns"])
-    rows = {(row[0], row[1]): dict(zip(table["columns"], row)) for row in table["data"]}
-    assert set(rows) == {(r.job.dataset, r.job.split.category) for r in results} | {("mean", "")}
-    assert rows[("mean", "")]["pixel_auroc"] == pytest.approx(mean["pixel_auroc"])
+    rows = {(row[2], row[3]): dict(zip(table["columns"], row)) for row in table["data"]}
+    assert list(rows) == [(r.job.dataset, r.job.split.category) for r in results]  # no mean row: it is in the summary
+    assert {(row["method"], row["backbone"]) for row in rows.values()} == {("patchcore (tf_efficientnet_lite0)",
+                                                                             "tf_efficientnet_lite0")}
     assert rows[("visa", "tire")]["aupro"] == pytest.approx(results[2].report.values["aupro"])
+    [actors_file] = (files / "media" / "table").glob("actors_*.table.json")
+    actors = json.loads(actors_file.read_text())
+    assert actors["columns"] == ["actor", "busy_s", "images", "images_per_s"]  # each field once
     bars = json.loads(next((files / "media" / "table" / "charts").glob("image_auroc_table_*.json")).read_text())
-    assert [row[0] for row in bars["data"]] == [r.job.key for r in results] + ["mean"]
+    assert [row[0] for row in bars["data"]] == [r.job.key for r in results]
     for result in results:
         roc = json.loads(next((files / "media" / "table" / result.job.key).glob("roc_table_*.json")).read_text())
         assert roc["columns"] == ["class", "fpr", "tpr"] and roc["data"][-1][1:] == [1.0, 1.0]
 
-    examples = [row for row in recorded["history"] if f"{results[1].job.key}/examples/filenames" in row]
-    [row] = examples
-    filenames = row[f"{results[1].job.key}/examples/filenames"]
+    row = categories[1]
+    filenames = row["examples/filenames"]
     assert len(filenames) == 4  # two worst and two best
+    assert all(caption.startswith(f"{results[1].job.key} ") for caption in row["examples/captions"])
     for name in filenames:
         with Image.open(files / name) as image:
             assert image.size == (112, 112) and image.mode == "RGB"
-    masks = row[f"{results[1].job.key}/examples/all_masks"]
+    masks = row["examples/all_masks"]
     assert all({"ground_truth", "prediction"} <= set(entry) for entry in masks)
     assert all((files / entry["prediction"]["path"]).is_file() for entry in masks)
     figures = sorted(p.name.split("_")[0] for p in (files / "media" / "images" / "figures").glob("*.png"))
@@ -235,7 +286,7 @@ def test_every_job_imports_where_wandb_is_not_installed():
     """The offline GPU image has no wandb (benchmarks/gpu_check.sh runs the jobs there with --wandb off):
     no job or cluster module may import it when loaded, only when tracking starts."""
     script = ("import sys; sys.modules['wandb'] = None  # import wandb now raises ImportError\n"
-              "import jobs.benchmark, jobs.build_bank, jobs.compare, jobs.evaluate, jobs.predict, jobs.train\n"
+              "import jobs.benchmark, jobs.build_bank, jobs.compare, jobs.evaluate, jobs.predict, jobs.train, jobs.workspace\n"
               "import cluster.training\nprint('imported')")
     done = subprocess.run([sys.executable, "-c", script], cwd=REPO, capture_output=True, text=True, timeout=120,
                           env={"PATH": "/usr/bin:/bin", "PYTHONPATH": str(REPO)})
@@ -344,6 +395,7 @@ def test_training_events_become_step_curves_validations_and_checkpoint_artifacts
     assert checkpoints == [2, 4]  # after each epoch's latest checkpoint (2 steps an epoch), the step log is saved
     run_dir = tmp_path / "train-run"
     with Tracker(WandbConfig(mode="offline", project="anomaly-test"), "train", run_dir) as tracker:
+        tracker.define_metrics("reverse_distillation (tf_efficientnet_lite0)", ["tire_small/tire"])
         for event in events:
             tracker.log_training(event)
     recorded = read_offline_run(run_dir)
@@ -357,8 +409,25 @@ def test_training_events_become_step_curves_validations_and_checkpoint_artifacts
     summary = recorded["summary"]
     assert summary["mean/val/image_auroc"] == pytest.approx(validations[-1]["metrics"]["image_auroc"])
     assert summary["tire_small/tire/val/best_loss"] == pytest.approx(validations[-1]["best"])
+    # W&B's own summaries: the best validation (max for AUROC-like metrics, min for losses) and the lowest loss
+    aurocs = [event["metrics"]["image_auroc"] for event in validations]
+    assert summary["tire_small/tire/val/image_auroc"] == {"max": pytest.approx(max(aurocs))}
+    epoch_losses = [event["loss"] for event in events if event["kind"] == "epoch"]
+    assert summary["tire_small/tire/train/epoch_loss"] == {"min": pytest.approx(min(epoch_losses))}
+    assert summary["tire_small/tire/train/loss"] == {"min": pytest.approx(min(expected))}
+    axes = {item.name or item.glob_name: item for item in recorded["metrics"] if not item.expanded_from_glob}
+    assert axes["tire_small/tire/val/image_auroc"].step_metric == "tire_small/tire/train/epoch"
+    assert axes["tire_small/tire/train/loss"].step_metric == "tire_small/tire/train/step"
     checkpoints = [artifact for artifact in recorded["artifacts"] if artifact.type == CHECKPOINT_ARTIFACT_TYPE]
     assert len(checkpoints) == 2 and all(artifact.name == "checkpoint-tire_small-tire" for artifact in checkpoints)
     assert [json.loads(artifact.metadata)["epoch"] for artifact in checkpoints] == [0, 1]
     assert all({"latest", "best"} <= set(artifact.aliases) for artifact in checkpoints)  # the loss fell both epochs
     assert json.loads(checkpoints[1].metadata)["image_auroc"] == pytest.approx(validations[1]["metrics"]["image_auroc"])
+
+
+def test_reserved_gpus_come_from_the_resource_plan_only():
+    plan = lambda *gpus: {"actors": [{"gpus": share} for share in gpus]}  # noqa: E731
+    assert reserved_gpus({"plan": plan(0.5, 0.5, 0.25)}) == 1.25
+    assert reserved_gpus({"members": {"a": {"plan": plan(1, 1)}, "b": {"plan": plan(0.5)}}}) == 2  # one after another
+    assert reserved_gpus({"plan": plan()}) == 0  # a CPU-only run costs no GPU time
+    assert reserved_gpus({"resources": {"GPU": 8.0}}) is None  # a training run: no plan, no claim
