@@ -20,6 +20,7 @@ from pydantic import (
 )
 
 from anomaly_core.augment import Augmentation
+from anomaly_core.data.anomalydino import CATEGORIES, PRESETS
 from anomaly_core.metrics import METRIC_NAMES
 
 
@@ -166,6 +167,19 @@ class AugmentConfig(_Strict):
     def _valid(self) -> "AugmentConfig":
         Augmentation(**self.model_dump())  # its rules, checked where the config enters
         return self
+
+
+class AnomalyDinoConfig(_Strict):
+    """AnomalyDINO's preprocessing (anomaly_core/data/anomalydino.py): the PCA background mask on the test images'
+    patches and the eight reference rotations of the training images, per category. ``auto`` takes the value of
+    the authors' per-category table under ``preset`` (MVTec AD and VisA categories only)."""
+
+    preset: Literal[PRESETS] = "agnostic"  # the authors' default
+    masking: bool | Literal["auto"] = "auto"
+    rotation: bool | Literal["auto"] = "auto"
+    # On the first principal component of an image's patches: the authors' 10 is for DINOv2 tokens; another
+    # backbone's tokens (or random weights) have another scale.
+    threshold: float = Field(10.0, allow_inf_nan=False)
 
 
 class FeatureCacheConfig(_Strict):
@@ -355,6 +369,7 @@ class RunConfig(_Strict):
     augment: AugmentConfig = AugmentConfig()
     cluster: ClusterConfig = ClusterConfig()
     feature_cache: FeatureCacheConfig = FeatureCacheConfig()
+    anomalydino: AnomalyDinoConfig | None = None  # None: no AnomalyDINO preprocessing
     training: TrainingConfig | None = None  # jobs.train's model; jobs.benchmark builds banks and ignores it
     wandb: WandbConfig = WandbConfig()
 
@@ -380,6 +395,28 @@ class RunConfig(_Strict):
                              "works on host pixels")
         if self.preprocess.gpu_jpeg_decode and not self.cluster.gpus_per_extractor:
             raise ValueError("preprocess.gpu_jpeg_decode needs GPU extractors: set cluster.gpus_per_extractor > 0")
+        return self
+
+    @model_validator(mode="after")
+    def _anomalydino_fits(self) -> "RunConfig":
+        """The authors' table covers their datasets only; rotations are the bank's training copies."""
+        section = self.anomalydino
+        if section is None:
+            return self
+        if "auto" in (section.masking, section.rotation):
+            for dataset in self.datasets:
+                table = CATEGORIES.get(dataset.format)
+                unknown = [c for c in dataset.categories or () if table is not None and c not in table]
+                if table is None or unknown:
+                    what = f"format {dataset.format!r}" if table is None else f"categories {unknown}"
+                    raise ValueError(f"anomalydino: masking/rotation auto read the authors' table ({', '.join(CATEGORIES)} "
+                                     f"categories), which lacks dataset {dataset.name}'s {what}: set anomalydino.masking "
+                                     "and anomalydino.rotation to true or false")
+        if section.rotation is not False and self.augment.copies:
+            raise ValueError("anomalydino.rotation puts rotated copies of the training images in the bank: it does "
+                             "not combine with augment.copies > 0 (set one of them off)")
+        if section.rotation is not False and self.preprocess.gpu_jpeg_decode:
+            raise ValueError("anomalydino.rotation rotates host pixels: it does not combine with preprocess.gpu_jpeg_decode")
         return self
 
     @model_validator(mode="after")

@@ -89,6 +89,39 @@ def preset(preprocess: str, dataset_format: str, category: str) -> AnomalyDinoPr
     return AnomalyDinoPreprocess(masking=masking, rotation=rotation)
 
 
+def resolve(preprocess: str, masking: bool | str, rotation: bool | str, dataset_format: str, category: str,
+            threshold: float = 10.0) -> AnomalyDinoPreprocess:
+    """One category's settings: ``masking`` / ``rotation`` true or false as given, ``"auto"`` from the preset's
+    table (``preset``), which is only consulted where one of them is auto; ``threshold`` on the component."""
+    if masking == "auto" or rotation == "auto":
+        table = preset(preprocess, dataset_format, category)
+        masking = table.masking if masking == "auto" else masking
+        rotation = table.rotation if rotation == "auto" else rotation
+    return AnomalyDinoPreprocess(masking=masking, rotation=rotation, threshold=threshold)
+
+
+@dataclass(frozen=True)
+class ReferenceRotations:
+    """The reference rotations as training copies: the pipeline's augmented-copy mechanism (``augment.Augmentation``
+    has the same ``copies``/``enabled``/``to_dict``/``seed``/``apply``) extracts copy ``c`` of every training image
+    rotated by ``REFERENCE_ANGLES[c]``, so the bank holds ``len(REFERENCE_ANGLES)`` times the training patches."""
+
+    copies: int = len(REFERENCE_ANGLES) - 1  # beside the original (angle 0)
+    enabled: bool = True
+
+    def to_dict(self) -> dict:
+        return {"reference_angles": list(REFERENCE_ANGLES)}
+
+    def seed(self, base: int, index: int, copy: int) -> int:
+        """A copy's parameter is its angle's position: nothing random, the same on every shard."""
+        if not 1 <= copy <= self.copies:
+            raise ValueError(f"reference rotations are copies 1..{self.copies}, got copy={copy}")
+        return copy
+
+    def apply(self, rgb: np.ndarray, seed: int) -> np.ndarray:
+        return rotate_as_authors(rgb, REFERENCE_ANGLES[seed])
+
+
 def background_mask(tokens: np.ndarray, grid: tuple[int, int], settings: AnomalyDinoPreprocess) -> np.ndarray:
     """``[h * w, D]`` patch tokens of one image -> ``bool [h * w]``, True on the object (their masking_type True).
 
