@@ -25,6 +25,10 @@ from anomaly_core.extraction import ExtractionSettings, PatchFeatureExtractor
 from anomaly_core.features import PatchFeatures
 from anomaly_core.patchcore import anomalydino_preprocess, bank_scoring_params, category_record, scoring_params, train_copies
 from anomaly_core.scoring import NearestNeighbourScorer, anomaly_map, predict
+from cluster.pipeline import CategoryJob
+from jobs.preflight import check_jobs
+
+from .conftest import TIRE_ROOT
 
 MASK = AnomalyDinoPreprocess(masking=True)
 
@@ -146,8 +150,11 @@ def test_config_resolves_the_table_per_category_and_names_the_key_on_bad_values(
         _config({"masking": True}, fmt="btad")
     with pytest.raises(ConfigError, match=r"categories \['tire'\]"):
         _config({}, categories=["capsule", "tire"])
-    with pytest.raises(ValueError, match="no category 'tire'"):  # categories found at run time: preflight's check
-        anomalydino_preprocess(config, "mvtec", "tire")
+    # categories found under the root: the pre-work check names the category
+    job = CategoryJob("tire_small", str(TIRE_ROOT), load_split("mvtec", TIRE_ROOT, "tire"))
+    with pytest.raises(ConfigError, match="^tire_small/tire: AnomalyDINO's mvtec table has no category 'tire'"):
+        check_jobs(config, [job], need_test=True)
+    check_jobs(_config({"masking": True, "rotation": True}), [job], need_test=True)
 
 
 def test_rotations_are_the_training_copies_of_rotated_categories_only():
