@@ -17,6 +17,7 @@ Their default preset is ``agnostic``: the table's masking and the eight rotation
 
 from __future__ import annotations
 
+import threading
 from dataclasses import asdict, dataclass
 
 import numpy as np
@@ -37,6 +38,9 @@ CATEGORIES = {"mvtec": _MVTEC, "visa": _VISA}  # keyed by the project's dataset 
 MASKED = {"mvtec": frozenset({"capsule", "hazelnut", "pill", "screw", "toothbrush"}), "visa": frozenset(_VISA)}
 # Their rotation_default for "informed": MVTec AD's hazelnut and screw lie in any orientation; VisA: none.
 INFORMED_ROTATION = {"mvtec": frozenset({"hazelnut", "screw"}), "visa": frozenset()}
+# threadpool_limits changes the process's BLAS thread count: two scoring threads (a colocated extractor's)
+# would otherwise restore each other's count mid-SVD.
+_ONE_THREAD = threading.Lock()
 PRESETS = ("agnostic", "informed", "masking_only", "agnostic_no_mask", "informed_no_mask")
 
 
@@ -131,7 +135,7 @@ def background_mask(tokens: np.ndarray, grid: tuple[int, int], settings: Anomaly
     height, width = grid
     if tokens.ndim != 2 or tokens.shape[0] != height * width:
         raise ValueError(f"expected [{height * width}, D] tokens for a {height}x{width} grid, got {list(tokens.shape)}")
-    with threadpool_limits(1):
+    with _ONE_THREAD, threadpool_limits(1):
         first = PCA(n_components=1, svd_solver="full").fit_transform(tokens.astype(np.float32))[:, 0]
     mask = (first > settings.threshold).reshape(grid)
     top, bottom = int(height * settings.border), int(height * (1 - settings.border))
