@@ -21,6 +21,7 @@ from anomaly_core.data.anomalydino import (
     preset,
     reference_copies,
 )
+from anomaly_core.distances import MatrixDevice
 from anomaly_core.extraction import ExtractionSettings, PatchFeatureExtractor
 from anomaly_core.features import PatchFeatures
 from anomaly_core.patchcore import anomalydino_preprocess, bank_scoring_params, category_record, scoring_params, train_copies
@@ -201,9 +202,10 @@ def test_masked_patches_score_zero_before_the_image_score_and_the_maps(vit_token
     predictions = predict(masked, test, 112)
     np.testing.assert_array_equal(predictions.scores, image_scores)
     np.testing.assert_array_equal(predictions.maps[0], anomaly_map(patches[0], test.grid, 112, 4.0))
-    # a tensor of the tokens (a device's) gives the same bits
-    on_tensor = masked.score_images(torch.from_numpy(test.embeddings), grid=test.grid)
-    assert all(np.array_equal(a, b) for a, b in zip(on_tensor, (image_scores, patches)))
+    # the torch path a GPU scorer takes (tokens as a tensor on its device, the mask's patches brought down): same bits
+    on_torch = NearestNeighbourScorer(train.flat(), masked_params, MatrixDevice("cpu", use_torch=True))
+    tensor_scores = on_torch.score_images(torch.from_numpy(test.embeddings), grid=test.grid)
+    assert all(np.array_equal(a, b) for a, b in zip(tensor_scores, (image_scores, patches)))
     with pytest.raises(ValueError, match="pass grid"):
         masked.score_images(test.embeddings)
     # jobs.predict's scoring from a bank's record: the same mask
