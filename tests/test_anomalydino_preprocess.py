@@ -144,7 +144,9 @@ def test_config_resolves_the_table_per_category_and_names_the_key_on_bad_values(
                             ({"masking": "sometimes"}, {}, "anomalydino.masking"),
                             ({"threshold": float("nan")}, {}, "anomalydino.threshold"),
                             ({"rotatoin": True}, {}, "anomalydino.rotatoin"),
-                            ({"masking": True}, {"augment": {"copies": 1, "hflip": True}}, "augment.copies")):
+                            ({"masking": True}, {"augment": {"copies": 1, "hflip": True}}, "augment.copies"),
+                            ({"masking": False}, {"preprocess": {"gpu_jpeg_decode": True},
+                                                  "cluster": {"gpus_per_extractor": 1}}, "gpu_jpeg_decode")):
         with pytest.raises(ConfigError, match=key):
             _config(raw, **extra)
     with pytest.raises(ConfigError, match="lacks dataset d's format 'btad'.*anomalydino.masking"):
