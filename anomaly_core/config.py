@@ -20,7 +20,6 @@ from pydantic import (
 )
 
 from anomaly_core.augment import Augmentation
-from anomaly_core.data.anomalydino import CATEGORIES, PRESETS
 from anomaly_core.metrics import METRIC_NAMES
 
 
@@ -174,12 +173,27 @@ class AnomalyDinoConfig(_Strict):
     patches and the eight reference rotations of the training images, per category. ``auto`` takes the value of
     the authors' per-category table under ``preset`` (MVTec AD and VisA categories only)."""
 
-    preset: Literal[PRESETS] = "agnostic"  # the authors' default
+    preset: str = "agnostic"  # the authors' default
     masking: bool | Literal["auto"] = "auto"
     rotation: bool | Literal["auto"] = "auto"
     # On the first principal component of an image's patches: the authors' 10 is for DINOv2 tokens; another
     # backbone's tokens (or random weights) have another scale.
     threshold: float = Field(10.0, allow_inf_nan=False)
+
+    @field_validator("preset")
+    @classmethod
+    def _known_preset(cls, value: str) -> str:
+        if value not in _anomalydino().PRESETS:
+            raise ValueError(f"must be one of {', '.join(_anomalydino().PRESETS)}, got {value!r}")
+        return value
+
+
+def _anomalydino() -> Any:
+    """The table's module, imported where a config has the section: anomaly_core.data pulls in the image stack
+    (torchvision), which a config alone does not need."""
+    from anomaly_core.data import anomalydino
+
+    return anomalydino
 
 
 class FeatureCacheConfig(_Strict):
@@ -404,12 +418,13 @@ class RunConfig(_Strict):
         if section is None:
             return self
         if "auto" in (section.masking, section.rotation):
+            tables = _anomalydino().CATEGORIES
             for dataset in self.datasets:
-                table = CATEGORIES.get(dataset.format)
+                table = tables.get(dataset.format)
                 unknown = [c for c in dataset.categories or () if table is not None and c not in table]
                 if table is None or unknown:
                     what = f"format {dataset.format!r}" if table is None else f"categories {unknown}"
-                    raise ValueError(f"anomalydino: masking/rotation auto read the authors' table ({', '.join(CATEGORIES)} "
+                    raise ValueError(f"anomalydino: masking/rotation auto read the authors' table ({', '.join(tables)} "
                                      f"categories), which lacks dataset {dataset.name}'s {what}: set anomalydino.masking "
                                      "and anomalydino.rotation to true or false")
         if section.rotation is not False and self.augment.copies:
