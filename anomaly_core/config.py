@@ -171,7 +171,9 @@ class AugmentConfig(_Strict):
 class AnomalyDinoConfig(_Strict):
     """AnomalyDINO's preprocessing (anomaly_core/data/anomalydino.py): the PCA background mask on the test images'
     patches and the eight reference rotations of the training images, per category. ``auto`` takes the value of
-    the authors' per-category table under ``preset`` (MVTec AD and VisA categories only)."""
+    the authors' per-category table under ``preset`` (MVTec AD and VisA categories only). The mask is computed on
+    the patch features the scorer gets: the raw tokens where the embedding keeps them as they are (patch_size 1,
+    pretrain_dim = target_dim = the token width, as configs/anomalydino.yaml)."""
 
     preset: str = "agnostic"  # the authors' default
     masking: bool | Literal["auto"] = "auto"

@@ -111,7 +111,10 @@ class ReferenceRotations:
     rotated by ``REFERENCE_ANGLES[c]``, so the bank holds ``len(REFERENCE_ANGLES)`` times the training patches."""
 
     copies: int = len(REFERENCE_ANGLES) - 1  # beside the original (angle 0)
-    enabled: bool = True
+
+    @property
+    def enabled(self) -> bool:
+        return True
 
     def to_dict(self) -> dict:
         return {"reference_angles": list(REFERENCE_ANGLES)}
