@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import asdict, dataclass
-from typing import Any
+from typing import Any, Protocol
 
 import numpy as np
 from PIL import Image
@@ -24,6 +24,23 @@ from anomaly_core.seeding import derive_seed
 
 MIN_BLUR_SIGMA = 0.1
 _LUMA = (0.299, 0.587, 0.114)  # ITU-R 601-2, as torchvision's and PIL's grayscale
+
+
+class TrainCopies(Protocol):
+    """Copies of the training images in the bank, made from the decoded pixels: ``Augmentation``, or AnomalyDINO's
+    ``data.anomalydino.ReferenceRotations``. Copy ``c`` (1..``copies``) of image ``index`` is
+    ``apply(rgb, seed(base, index, c))``, so it depends on neither shard nor actor."""
+
+    copies: int
+
+    @property
+    def enabled(self) -> bool: ...
+
+    def to_dict(self) -> dict[str, Any]: ...
+
+    def seed(self, base_seed: int, index: int, copy: int) -> int: ...
+
+    def apply(self, rgb: np.ndarray, seed: int) -> np.ndarray: ...
 
 
 @dataclass(frozen=True)
@@ -70,6 +87,13 @@ class Augmentation:
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
+
+    def seed(self, base_seed: int, index: int, copy: int) -> int:
+        """Copy ``copy`` of training image ``index``'s seed (``augment_seed``); the extractor passes it to ``apply``."""
+        return augment_seed(base_seed, index, copy)
+
+    def apply(self, rgb: np.ndarray, seed: int) -> np.ndarray:
+        return augment_image(rgb, self, seed)
 
 
 @dataclass(frozen=True)

@@ -36,10 +36,11 @@ COMPATIBILITY_KEYS = (
     "feature_dim",
     "fp16",
     "gpu_jpeg_decode",
+    "anomalydino",  # AnomalyDINO's per-category masking and rotation (None: off)
 )
 # What a bank that predates a key recorded implicitly (fp16 was always off, the patch stride 1, JPEGs decoded
-# by PIL, before each was recorded).
-IMPLICIT_METADATA = {"fp16": False, "patch_stride": 1, "gpu_jpeg_decode": False}
+# by PIL, no AnomalyDINO preprocessing, before each was recorded).
+IMPLICIT_METADATA = {"fp16": False, "patch_stride": 1, "gpu_jpeg_decode": False, "anomalydino": None}
 
 
 class BankError(ValueError):

@@ -168,6 +168,36 @@ class AugmentConfig(_Strict):
         return self
 
 
+class AnomalyDinoConfig(_Strict):
+    """AnomalyDINO's preprocessing (anomaly_core/data/anomalydino.py): the PCA background mask on the test images'
+    patches and the eight reference rotations of the training images, per category. ``auto`` takes the value of
+    the authors' per-category table under ``preset`` (MVTec AD and VisA categories only). The mask is computed on
+    the patch features the scorer gets: the raw tokens where the embedding keeps them as they are (patch_size 1,
+    pretrain_dim = target_dim = the token width, as configs/anomalydino.yaml)."""
+
+    preset: str = "agnostic"  # the authors' default
+    masking: bool | Literal["auto"] = "auto"
+    rotation: bool | Literal["auto"] = "auto"
+    # On the first principal component of an image's patches: the authors' 10 is for DINOv2 tokens; another
+    # backbone's tokens (or random weights) have another scale.
+    threshold: float = Field(10.0, allow_inf_nan=False)
+
+    @field_validator("preset")
+    @classmethod
+    def _known_preset(cls, value: str) -> str:
+        if value not in _anomalydino().PRESETS:
+            raise ValueError(f"must be one of {', '.join(_anomalydino().PRESETS)}, got {value!r}")
+        return value
+
+
+def _anomalydino() -> Any:
+    """The table's module, imported where a config has the section: anomaly_core.data pulls in the image stack
+    (torchvision), which a config alone does not need."""
+    from anomaly_core.data import anomalydino
+
+    return anomalydino
+
+
 class FeatureCacheConfig(_Strict):
     # Extracted features kept per (dataset, category, split, model, image size, weights, image list,
     # augmentation): a run that changes only coreset or scoring knobs skips extraction.
@@ -355,6 +385,7 @@ class RunConfig(_Strict):
     augment: AugmentConfig = AugmentConfig()
     cluster: ClusterConfig = ClusterConfig()
     feature_cache: FeatureCacheConfig = FeatureCacheConfig()
+    anomalydino: AnomalyDinoConfig | None = None  # None: no AnomalyDINO preprocessing
     training: TrainingConfig | None = None  # jobs.train's model; jobs.benchmark builds banks and ignores it
     wandb: WandbConfig = WandbConfig()
 
@@ -380,6 +411,29 @@ class RunConfig(_Strict):
                              "works on host pixels")
         if self.preprocess.gpu_jpeg_decode and not self.cluster.gpus_per_extractor:
             raise ValueError("preprocess.gpu_jpeg_decode needs GPU extractors: set cluster.gpus_per_extractor > 0")
+        return self
+
+    @model_validator(mode="after")
+    def _anomalydino_fits(self) -> "RunConfig":
+        """The authors' table covers their datasets only; rotations are the bank's training copies."""
+        section = self.anomalydino
+        if section is None:
+            return self
+        if "auto" in (section.masking, section.rotation):
+            tables = _anomalydino().CATEGORIES
+            for dataset in self.datasets:
+                table = tables.get(dataset.format)
+                unknown = [c for c in dataset.categories or () if table is not None and c not in table]
+                if table is None or unknown:
+                    what = f"format {dataset.format!r}" if table is None else f"categories {unknown}"
+                    raise ValueError(f"anomalydino: masking/rotation auto read the authors' table ({', '.join(tables)} "
+                                     f"categories), which lacks dataset {dataset.name}'s {what}: set anomalydino.masking "
+                                     "and anomalydino.rotation to true or false")
+        if section.rotation is not False and self.augment.copies:
+            raise ValueError("anomalydino.rotation puts rotated copies of the training images in the bank: it does "
+                             "not combine with augment.copies > 0 (set one of them off)")
+        if section.rotation is not False and self.preprocess.gpu_jpeg_decode:
+            raise ValueError("anomalydino.rotation rotates host pixels: it does not combine with preprocess.gpu_jpeg_decode")
         return self
 
     @model_validator(mode="after")

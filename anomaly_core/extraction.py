@@ -23,7 +23,7 @@ from typing import Any, Iterator, Sequence
 import numpy as np
 import torch
 
-from anomaly_core.augment import Augmentation, augment_image
+from anomaly_core.augment import TrainCopies
 from anomaly_core.backbones import FeatureBackbone
 from anomaly_core.data import ImageTransform, Sample, read_rgb
 from anomaly_core.data.device_decode import decode_batch, read_for_device
@@ -152,12 +152,12 @@ class PatchFeatureExtractor:
         }
 
     def load_batch(
-        self, samples: Sequence[Sample], augmentation: Augmentation | None = None, seeds: Sequence[int] = ()
+        self, samples: Sequence[Sample], augmentation: TrainCopies | None = None, seeds: Sequence[int] = ()
     ) -> torch.Tensor:
         """Decode, augment (when given: sample i with ``seeds[i]``) and transform images, as ``extract`` does."""
         return self._decode(samples, augmentation, seeds).result()[0]
 
-    def _decode(self, samples: Sequence[Sample], augmentation: Augmentation | None, seeds: Sequence[int]
+    def _decode(self, samples: Sequence[Sample], augmentation: TrainCopies | None, seeds: Sequence[int]
                 ) -> "_Decoding":
         """Queue one decode task per image; each writes its own slot of the (pinned, for a GPU) batch, or with
         ``gpu_jpeg_decode`` of a list of what ``device_decode.read_for_device`` reads."""
@@ -173,14 +173,14 @@ class PatchFeatureExtractor:
                  for i, (sample, seed) in enumerate(zip(samples, seeds, strict=True))]
         return _Decoding(images, tasks)
 
-    def _load_into(self, slot: np.ndarray, sample: Sample, augmentation: Augmentation | None, seed: int) -> float:
+    def _load_into(self, slot: np.ndarray, sample: Sample, augmentation: TrainCopies | None, seed: int) -> float:
         """One image into its batch slot (PIL and numpy release the GIL); returns this thread's CPU seconds.
 
         Augmentation runs on the decoded original-resolution image, before the resize/crop."""
         started = time.thread_time()
         rgb = read_rgb(sample.image_path)
         if augmentation is not None:
-            rgb = augment_image(rgb, augmentation, seed)
+            rgb = augmentation.apply(rgb, seed)
         self.transform.array(rgb, out=slot)
         return time.thread_time() - started
 
@@ -224,7 +224,7 @@ class PatchFeatureExtractor:
         self,
         samples: Sequence[Sample],
         indices: Sequence[int],
-        augmentation: Augmentation | None = None,
+        augmentation: TrainCopies | None = None,
         seeds: Sequence[int] | None = None,
         keep_on_device: bool = False,
     ) -> PatchFeatures:
@@ -239,7 +239,7 @@ class PatchFeatureExtractor:
         i-1's features only after queueing batch i, so the GPU always has work queued.
 
         With ``augmentation``, sample i is first augmented with ``seeds[i]``: the caller passes
-        ``augment.augment_seed(base, train_index, copy)`` per sample (so a copy does not depend on the
+        ``augmentation.seed(base, train_index, copy)`` per sample (so a copy does not depend on the
         shard it is in) and offsets ``indices`` so copies do not collide with the originals, e.g.
         ``copy * n_train + train_index``. Without it, extraction is exactly the un-augmented one.
         """
@@ -290,7 +290,7 @@ class PatchFeatureExtractor:
         return PatchFeatures(out, grid, np.asarray(indices, dtype=np.int64), seconds, stages)
 
     def decoded_batches(
-        self, samples: Sequence[Sample], augmentation: Augmentation | None = None, seeds: Sequence[int] | None = None,
+        self, samples: Sequence[Sample], augmentation: TrainCopies | None = None, seeds: Sequence[int] | None = None,
         stages: dict[str, float] | None = None,
     ) -> Iterator[tuple[int, torch.Tensor | list]]:
         """``(first row, batch)`` for each ``batch_size`` chunk of ``samples`` in order, decoded ``prefetch``

@@ -15,9 +15,11 @@ from typing import Any
 import numpy as np
 
 from anomaly_core import __version__
+from anomaly_core.augment import TrainCopies
 from anomaly_core.bank import MemoryBank
 from anomaly_core.coreset import greedy_coreset
 from anomaly_core.data import ImageTransform, Sample, load_mask
+from anomaly_core.data.anomalydino import AnomalyDinoPreprocess, ReferenceRotations, resolve
 from anomaly_core.data.defects import defect_regions
 from anomaly_core.features import PatchFeatures, coreset_points, coverage_radius_space
 from anomaly_core.metrics import (
@@ -115,5 +117,38 @@ def evaluate(
     return report
 
 
-def scoring_params(config: Any) -> ScoringParams:
-    return ScoringParams(**config.scoring.model_dump())
+def anomalydino_preprocess(config: Any, dataset_format: str, category: str) -> AnomalyDinoPreprocess | None:
+    """A category's AnomalyDINO preprocessing from the config's ``anomalydino`` section; None where it is absent."""
+    section = config.anomalydino
+    if section is None:
+        return None
+    return resolve(section.preset, section.masking, section.rotation, dataset_format, category, section.threshold)
+
+
+def category_record(config: Any, dataset_format: str, category: str) -> dict[str, Any]:
+    """The per-category settings a bank records and inference must match (``bank.COMPATIBILITY_KEYS``)."""
+    settings = anomalydino_preprocess(config, dataset_format, category)
+    return {"anomalydino": settings.to_dict() if settings is not None else None}
+
+
+def train_copies(config: Any, augmentation: TrainCopies, dataset_format: str, category: str) -> TrainCopies:
+    """The copies of a category's training images in its bank: AnomalyDINO's reference rotations where they are
+    on (the config refuses them together with ``augment``), else ``augmentation``."""
+    settings = anomalydino_preprocess(config, dataset_format, category)
+    return ReferenceRotations() if settings is not None and settings.rotation else augmentation
+
+
+def scoring_params(config: Any, settings: AnomalyDinoPreprocess | None = None) -> ScoringParams:
+    """The config's scoring, with a category's background mask where ``settings`` has masking on."""
+    return ScoringParams(**config.scoring.model_dump(), background_mask=_masking(settings))
+
+
+def bank_scoring_params(metadata: dict[str, Any]) -> ScoringParams:
+    """The scoring a saved bank records (``scoring``, and its ``anomalydino`` settings' mask)."""
+    recorded = metadata.get("anomalydino")
+    settings = AnomalyDinoPreprocess(**recorded) if recorded else None
+    return ScoringParams(**metadata.get("scoring", {}), background_mask=_masking(settings))
+
+
+def _masking(settings: AnomalyDinoPreprocess | None) -> AnomalyDinoPreprocess | None:
+    return settings if settings is not None and settings.masking else None

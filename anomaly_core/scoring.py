@@ -6,7 +6,9 @@ patches were searched with it, on BLAS blocking, thread counts, the device or th
 That keeps predictions bit-identical however the test set is sharded across evaluation actors. Patch
 embeddings may be tensors on the scorer's device (extracted there): the search, the cosine
 normalisation and the re-weighting's neighbours stay there, and only [n, P] patch scores (and per-image
-values) come to the host, where the anomaly maps are made.
+values) come to the host, where the anomaly maps are made. AnomalyDINO's background mask
+(``ScoringParams.background_mask``) needs each image's own patches on the host: they come down one image
+at a time.
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ import torch
 import torch.nn.functional as F
 from scipy.ndimage import gaussian_filter
 
+from anomaly_core.data.anomalydino import AnomalyDinoPreprocess, background_mask, mask_patch_scores
 from anomaly_core.distances import MatrixDevice, array_ops, distances, sq_distances
 from anomaly_core.features import PatchFeatures
 from anomaly_core.knn import ExactKnn
@@ -37,6 +40,9 @@ class ScoringParams:
     # (AnomalyDINO: 1 %), at least one patch.
     image_score: str = "max"
     top_percent: float = 1.0
+    # AnomalyDINO's PCA background mask (its ``masking`` on): test patches off the object score 0 before the
+    # image score and the maps. None: every patch counts.
+    background_mask: AnomalyDinoPreprocess | None = None
 
     def __post_init__(self) -> None:
         if self.k < 1:
@@ -53,6 +59,8 @@ class ScoringParams:
             raise ValueError(f"scoring.top_percent must be in (0, 100], got {self.top_percent}")
         if self.reweight_neighbours and self.image_score != "max":
             raise ValueError("scoring.reweight_neighbours re-weights the max patch score: it needs image_score=max")
+        if self.background_mask is not None and not self.background_mask.masking:
+            raise ValueError("ScoringParams.background_mask is for categories with anomalydino masking on")
 
 
 def unit_rows(rows: Any) -> Any:
@@ -94,13 +102,22 @@ class NearestNeighbourScorer:
             found = found ** 2 / 2  # 1 - cos for unit rows
         return found.mean(axis=1), indices[:, 0]
 
-    def score_images(self, embeddings: Any, threads: int = 1) -> tuple[np.ndarray, np.ndarray]:
+    def score_images(self, embeddings: Any, threads: int = 1, grid: tuple[int, int] | None = None
+                     ) -> tuple[np.ndarray, np.ndarray]:
         """Image scores [n] and patch scores [n, P] (numpy) of images' patches [n, P, D] (numpy or a tensor),
-        in one search."""
+        in one search. ``grid``: the patches' (h, w), needed by the background mask."""
         n, patches, dim = embeddings.shape
+        settings = self.params.background_mask
+        if settings is not None and grid is None:
+            raise ValueError("the background mask needs the images' patch grid: pass grid")
         embeddings = self.knn.device.put(embeddings)
         scores, nearest = self.patch_scores(embeddings.reshape(n * patches, dim), threads)
         scores, nearest = scores.reshape(n, patches), nearest.reshape(n, patches)
+        if settings is not None:
+            ops = self.knn.device.ops
+            masks = np.stack([background_mask(ops.to_numpy(ops.cast(embeddings[i], ops.float32)), grid, settings)
+                              for i in range(n)])
+            scores = mask_patch_scores(scores, masks)
         if self.params.image_score == "mean_top_percent":
             count = max(1, int(patches * self.params.top_percent / 100))
             return np.sort(scores, axis=1)[:, patches - count:].mean(axis=1), scores
@@ -142,7 +159,7 @@ class Predictions:
 def predict(scorer: NearestNeighbourScorer, features: PatchFeatures, crop: int, threads: int = 1) -> Predictions:
     """Image scores and blurred anomaly maps of every image, searched together (shard-independent); the
     search and the maps on ``threads`` one-thread workers (a map depends only on its image's scores)."""
-    scores, patch_scores = scorer.score_images(features.embeddings, threads)
+    scores, patch_scores = scorer.score_images(features.embeddings, threads, features.grid)
     maps = run_blocks(threads, lambda image: anomaly_map(image, features.grid, crop, scorer.params.blur_sigma),
                       list(patch_scores))
     return Predictions(scores.astype(np.float64), np.stack(maps), features.sample_indices.copy())

@@ -32,7 +32,7 @@ from typing import Any, Sequence
 
 import ray
 
-from anomaly_core.augment import Augmentation
+from anomaly_core.augment import TrainCopies
 from anomaly_core.data import Sample
 from anomaly_core.features import PatchFeatures
 from anomaly_core.scoring import Predictions, ScoringParams
@@ -68,7 +68,7 @@ class ColocatedExtractor(Extractor, CoresetHolder):
 
     @ray.method(num_returns=2, concurrency_group="extract")
     def extract(
-        self, samples: Sequence[Sample], indices: Sequence[int], augmentation: Augmentation | None = None,
+        self, samples: Sequence[Sample], indices: Sequence[int], augmentation: TrainCopies | None = None,
         seeds: Sequence[int] | None = None, token: str | None = None,
     ) -> tuple[PatchFeatures | HeldShard, dict[str, Any]]:
         """As ``Extractor.extract``; with a ``token``, the features stay here and a ``HeldShard`` is returned."""

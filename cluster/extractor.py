@@ -18,7 +18,7 @@ from typing import Any, Sequence
 import ray
 import torch
 
-from anomaly_core.augment import Augmentation
+from anomaly_core.augment import TrainCopies
 from anomaly_core.data import Sample
 from anomaly_core.extraction import STAGES, ExtractionSettings, PatchFeatureExtractor
 from anomaly_core.features import PatchFeatures
@@ -51,7 +51,7 @@ class Extractor(ReportsThreads, SamplesSystem):
 
     @ray.method(num_returns=2)
     def extract(
-        self, samples: Sequence[Sample], indices: Sequence[int], augmentation: Augmentation | None = None,
+        self, samples: Sequence[Sample], indices: Sequence[int], augmentation: TrainCopies | None = None,
         seeds: Sequence[int] | None = None,
     ) -> tuple[PatchFeatures, dict[str, Any]]:
         """The shard's features (of augmented copies when ``augmentation`` and per-image ``seeds`` are
@@ -60,7 +60,7 @@ class Extractor(ReportsThreads, SamplesSystem):
         features = self._extract(samples, indices, augmentation, seeds)
         return features, {"seconds": features.seconds, "stages": features.stages}
 
-    def _extract(self, samples: Sequence[Sample], indices: Sequence[int], augmentation: Augmentation | None,
+    def _extract(self, samples: Sequence[Sample], indices: Sequence[int], augmentation: TrainCopies | None,
                  seeds: Sequence[int] | None, keep_on_device: bool = False) -> PatchFeatures:
         """A shard's features, counted in this actor's throughput and stage times."""
         features = self.extractor.extract(samples, indices, augmentation=augmentation, seeds=seeds,

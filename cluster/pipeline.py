@@ -19,7 +19,7 @@ from typing import Any, Callable, Iterator, Sequence
 import ray
 
 from anomaly_core import __version__
-from anomaly_core.augment import Augmentation, augment_seed
+from anomaly_core.augment import Augmentation, TrainCopies
 from anomaly_core.bank import MemoryBank, check_compatible
 from anomaly_core.config import RunConfig
 from anomaly_core.data import CategorySplit, ImageTransform, Sample, metric_groups
@@ -27,7 +27,15 @@ from anomaly_core.extraction import ExtractionSettings
 from anomaly_core.feature_cache import FeatureCache, cache_fields, cache_key
 from anomaly_core.features import coverage_radius_space
 from anomaly_core.metrics import MetricReport
-from anomaly_core.patchcore import augment_base_seed, coreset_seed, scoring_params, train_list_sha256
+from anomaly_core.patchcore import (
+    anomalydino_preprocess,
+    augment_base_seed,
+    category_record,
+    coreset_seed,
+    scoring_params,
+    train_copies,
+    train_list_sha256,
+)
 from anomaly_core.scoring import Predictions, merge_predictions
 from anomaly_core.thresholds import validation_thresholds
 from cluster.cache_writer import write_entry
@@ -134,36 +142,43 @@ class BenchmarkPipeline:
         self._cache_queued: list[tuple[str, dict, list[Shard]]] = []  # written once their shards are submitted
         self._train_bytes: dict[str, int | None] = {}  # object-store bytes of each category's training features
 
-    def _submit(self, samples: Sequence[Sample], copy: int = 0, seed: int = 0) -> list[Shard]:
+    def _submit(self, samples: Sequence[Sample], copies: TrainCopies | None = None, copy: int = 0,
+                seed: int = 0) -> list[Shard]:
         """Queue a sample list's shards for the next free extractor (``cluster.dispatch``).
 
-        ``copy`` >= 1: the list's augmented copy number ``copy`` (training images only), keyed
+        ``copy`` >= 1: the list's copy number ``copy`` of ``copies`` (training images only), keyed
         ``copy * len(samples) + index`` and seeded per (``seed``, index, copy), so neither depends on sharding.
         """
         n_shards = shard_count(len(samples), self.settings.batch_size, len(self.extractors))
         shards = []
         for shard in plan_shards(len(samples), self.settings.batch_size, n_shards):
             batch, indices = [samples[i] for i in shard], [copy * len(samples) + i for i in shard]
-            augment = (self.augmentation, [augment_seed(seed, i, copy) for i in shard]) if copy else (None, None)
+            augment = (copies, [copies.seed(seed, i, copy) for i in shard]) if copy else (None, None)
             held = (uuid.uuid4().hex,) if self.keep_features else ()  # the token the extractor keeps it under
             shards.append(self.dispatch.put(batch, indices, *augment, *held))
         return shards
 
     def _extract(self, job: CategoryJob, split: str, samples: Sequence[Sample]) -> list[Shard]:
-        """A split's shards from the extractors: the training images with their augmented copies."""
+        """A split's shards from the extractors: the training images with their copies (``_copies``)."""
         shards = self._submit(samples)
-        if split == "train" and self.augmentation.enabled:
+        copies = self._copies(job)
+        if split == "train" and copies.enabled:
             seed = augment_base_seed(self.config.seed, job.dataset, job.split.category)
-            for copy in range(1, self.augmentation.copies + 1):
-                shards += self._submit(samples, copy, seed)
+            for copy in range(1, copies.copies + 1):
+                shards += self._submit(samples, copies, copy, seed)
         return shards
+
+    def _copies(self, job: CategoryJob) -> TrainCopies:
+        """The copies of the category's training images that join its bank (the engine's ``train_copies``)."""
+        return train_copies(self.config, self.augmentation, job.split.dataset, job.split.category)
 
     def _features(self, job: CategoryJob, split: str, samples: Sequence[Sample]) -> list[Shard]:
         """A split's feature shards: from the feature cache when it holds them, else queued on the
         extractors (and, with the cache on, written to it once extracted)."""
         if self.cache is None or not samples:
             return self._extract(job, split, samples)
-        augmented = self.augmentation.to_dict() if split == "train" and self.augmentation.enabled else None
+        copies = self._copies(job)
+        augmented = copies.to_dict() if split == "train" and copies.enabled else None
         fields = cache_fields(self.description, job.dataset, job.split.category, split, samples, augmented)
         key = cache_key(fields)
         if key in self.cache:
@@ -265,12 +280,14 @@ class BenchmarkPipeline:
             owners=[shard.slot for shard in train_shards] if self.plan.colocate else (),
         )
         self._train_bytes[job.key] = object_bytes(train_refs)
+        copies = self._copies(job)
         metadata = {
             **{key: value for key, value in self.description.items() if key not in ("device", "pid")},
             "dataset": job.dataset,
             "category": job.split.category,
             "n_train_images": len(job.split.train),
-            **({"augment": self.augmentation.to_dict()} if self.augmentation.enabled else {}),
+            **({"augment": copies.to_dict()} if copies.enabled else {}),
+            **category_record(self.config, job.split.dataset, job.split.category),
             "train_list_sha256": train_list_sha256(job.split.train, job.root),
             "coreset": {"method": coreset.method, "ratio": coreset.ratio, "projection_dim": coreset.projection_dim,
                         "seed": seed, "distributed": coreset.distributed, **info["coreset"],
@@ -294,7 +311,8 @@ class BenchmarkPipeline:
 
         ``coreset_follows``: another category's coreset will share the nodes meanwhile (fewer threads).
         """
-        check_compatible(bank.metadata, self.description, f"for {job.key}")
+        check_compatible(bank.metadata, {**self.description, **category_record(self.config, job.split.dataset,
+                                                                                 job.split.category)}, f"for {job.key}")
         test_shards = test_shards if test_shards is not None else self._features(job, "test", job.split.test)
         validation_shards = (validation_shards if validation_shards is not None
                              else self._features(job, "validation", job.validation))
@@ -303,7 +321,8 @@ class BenchmarkPipeline:
         self._next_evaluator += 1
         threads = self._evaluator_threads(slot, coreset_follows)
         bank_ref = bank_reference(bank.features)
-        params, crop = scoring_params(self.config), self.settings.crop
+        params = scoring_params(self.config, anomalydino_preprocess(self.config, job.split.dataset, job.split.category))
+        crop = self.settings.crop
         evaluator = self.evaluators[slot]
 
         def score(shard: Shard, ref: ray.ObjectRef) -> ray.ObjectRef:

@@ -14,7 +14,7 @@ from pathlib import Path
 from anomaly_core.bank import BankError, check_compatible, load_bank
 from anomaly_core.config import ConfigError
 from anomaly_core.extraction import ExtractionSettings
-from anomaly_core.patchcore import train_list_sha256
+from anomaly_core.patchcore import category_record, train_list_sha256
 from cluster.pipeline import BenchmarkPipeline
 from jobs.benchmark import single_job
 from jobs.cli import category_parser, check_writable, config_from_args, single_backbone
@@ -42,7 +42,8 @@ def evaluate(args: argparse.Namespace) -> Path:
         bank = load_bank(tracker.use_bank(args.bank) if is_wandb_ref(args.bank) else Path(args.bank))
         # Settings mismatches fail here, before any actor starts; weights and normalisation are
         # checked against the loaded model once the pipeline is up.
-        check_compatible(bank.metadata, ExtractionSettings.from_config(config).declared(), args.bank)
+        check_compatible(bank.metadata, {**ExtractionSettings.from_config(config).declared(),
+                                         **category_record(config, job.split.dataset, job.split.category)}, args.bank)
         grid = preflight(config, [job], need_test=True)
         if job.validation and bank.metadata.get("train_list_sha256") != train_list_sha256(job.split.train, job.root):
             raise ConfigError(f"thresholds.source=validation: {args.bank} was not built from the training images this "

@@ -3,7 +3,8 @@
     python -m jobs.predict --bank <folder|bank.safetensors|wandb:entity/project/name:alias> --input <image|folder>
                            [--out DIR] [--weights PATH] [--threshold X] [--wandb off|offline|online|auto]
 
-The extractor is rebuilt from the bank's own metadata (backbone, layers, weights, preprocessing) and
+The extractor is rebuilt from the bank's own metadata (backbone, layers, weights, preprocessing), and
+the scoring too (AnomalyDINO's background mask where the bank records masking), and the extractor is
 then checked against it, so a bank is never scored with features it was not built from. A trained
 model's folder (jobs.train: ``model.safetensors`` + ``model.json``) works the same way. Single
 process, no Ray: the engine functions of ``anomaly_core.patchcore`` do the work, as in a benchmark.
@@ -35,7 +36,8 @@ from anomaly_core.config import WandbConfig
 from anomaly_core.data import IMAGE_EXTENSIONS, ImageTransform, image_size, read_rgb
 from anomaly_core.extraction import ExtractionSettings, PatchFeatureExtractor
 from anomaly_core.features import PatchFeatures
-from anomaly_core.scoring import NearestNeighbourScorer, Predictions, ScoringParams, predict
+from anomaly_core.patchcore import bank_scoring_params
+from anomaly_core.scoring import NearestNeighbourScorer, Predictions, predict
 from anomaly_core.training import load_model_files, read_model_metadata
 from anomaly_core.training import predict_images as predict_model
 from anomaly_core.training.model_files import METADATA_FILE
@@ -162,7 +164,7 @@ class ImageScorer:
 def bank_scorer(bank: MemoryBank, extractor: PatchFeatureExtractor, source: str) -> ImageScorer:
     # A single process with the machine to itself: the search and the maps get every core it may use.
     threads = len(os.sched_getaffinity(0))
-    scorer = NearestNeighbourScorer(bank.features, ScoringParams(**bank.metadata.get("scoring", {})), threads=threads)
+    scorer = NearestNeighbourScorer(bank.features, bank_scoring_params(bank.metadata), threads=threads)
 
     def score(images: torch.Tensor, start: int) -> Predictions:
         embeddings, grid = extractor.embed_batch(images)

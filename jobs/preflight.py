@@ -3,7 +3,7 @@
 * the model: backbone name, layers and weights are built once on the driver's CPU (the actors would
   otherwise die one by one, each with a remote traceback), and one blank image gives the patch grid;
 * the data: every category's files (``anomaly_core.data.checks``: headers, sizes, masks), and test
-  images where the job scores them;
+  images where the job scores them; per-category settings the config resolves by category;
 * the numbers that depend on both: ``scoring.k`` against the bank each category will get;
 * the output folder: created and written to now, not after the whole pipeline has run.
 """
@@ -21,6 +21,7 @@ from anomaly_core.config import ConfigError, RunConfig
 from anomaly_core.coreset import coreset_size
 from anomaly_core.data.checks import check_split
 from anomaly_core.extraction import ExtractionSettings, PatchFeatureExtractor
+from anomaly_core.patchcore import category_record
 from cluster.pipeline import CategoryJob
 
 log = logging.getLogger("jobs.preflight")
@@ -40,9 +41,14 @@ def check_model(config: RunConfig, key: str = "backbone") -> tuple[int, int]:
 
 
 def check_jobs(config: RunConfig, jobs: Sequence[CategoryJob], need_test: bool) -> None:
-    """Every category's files (held-out images too)."""
+    """Every category's files (held-out images too), and its per-category settings (an ``anomalydino`` table
+    that lacks the category)."""
     for job in jobs:
         check_split(job.split, job.root, need_test, extra=job.validation)
+        try:
+            category_record(config, job.split.dataset, job.split.category)
+        except ValueError as error:
+            raise ConfigError(f"{job.key}: {error}") from None
 
 
 def check_k(config: RunConfig, jobs: Sequence[CategoryJob], grid: tuple[int, int], key: str) -> None:

@@ -17,6 +17,7 @@ Their default preset is ``agnostic``: the table's masking and the eight rotation
 
 from __future__ import annotations
 
+import threading
 from dataclasses import asdict, dataclass
 
 import numpy as np
@@ -37,6 +38,9 @@ CATEGORIES = {"mvtec": _MVTEC, "visa": _VISA}  # keyed by the project's dataset 
 MASKED = {"mvtec": frozenset({"capsule", "hazelnut", "pill", "screw", "toothbrush"}), "visa": frozenset(_VISA)}
 # Their rotation_default for "informed": MVTec AD's hazelnut and screw lie in any orientation; VisA: none.
 INFORMED_ROTATION = {"mvtec": frozenset({"hazelnut", "screw"}), "visa": frozenset()}
+# threadpool_limits changes the process's BLAS thread count: two scoring threads (a colocated extractor's)
+# would otherwise restore each other's count mid-SVD.
+_ONE_THREAD = threading.Lock()
 PRESETS = ("agnostic", "informed", "masking_only", "agnostic_no_mask", "informed_no_mask")
 
 
@@ -89,6 +93,42 @@ def preset(preprocess: str, dataset_format: str, category: str) -> AnomalyDinoPr
     return AnomalyDinoPreprocess(masking=masking, rotation=rotation)
 
 
+def resolve(preprocess: str, masking: bool | str, rotation: bool | str, dataset_format: str, category: str,
+            threshold: float = 10.0) -> AnomalyDinoPreprocess:
+    """One category's settings: ``masking`` / ``rotation`` true or false as given, ``"auto"`` from the preset's
+    table (``preset``), which is only consulted where one of them is auto; ``threshold`` on the component."""
+    if masking == "auto" or rotation == "auto":
+        table = preset(preprocess, dataset_format, category)
+        masking = table.masking if masking == "auto" else masking
+        rotation = table.rotation if rotation == "auto" else rotation
+    return AnomalyDinoPreprocess(masking=masking, rotation=rotation, threshold=threshold)
+
+
+@dataclass(frozen=True)
+class ReferenceRotations:
+    """The reference rotations as training copies: the pipeline's augmented-copy mechanism (``augment.Augmentation``
+    has the same ``copies``/``enabled``/``to_dict``/``seed``/``apply``) extracts copy ``c`` of every training image
+    rotated by ``REFERENCE_ANGLES[c]``, so the bank holds ``len(REFERENCE_ANGLES)`` times the training patches."""
+
+    copies: int = len(REFERENCE_ANGLES) - 1  # beside the original (angle 0)
+
+    @property
+    def enabled(self) -> bool:
+        return True
+
+    def to_dict(self) -> dict:
+        return {"reference_angles": list(REFERENCE_ANGLES)}
+
+    def seed(self, base: int, index: int, copy: int) -> int:
+        """A copy's parameter is its angle's position: nothing random, the same on every shard."""
+        if not 1 <= copy <= self.copies:
+            raise ValueError(f"reference rotations are copies 1..{self.copies}, got copy={copy}")
+        return copy
+
+    def apply(self, rgb: np.ndarray, seed: int) -> np.ndarray:
+        return rotate_as_authors(rgb, REFERENCE_ANGLES[seed])
+
+
 def background_mask(tokens: np.ndarray, grid: tuple[int, int], settings: AnomalyDinoPreprocess) -> np.ndarray:
     """``[h * w, D]`` patch tokens of one image -> ``bool [h * w]``, True on the object (their masking_type True).
 
@@ -98,7 +138,7 @@ def background_mask(tokens: np.ndarray, grid: tuple[int, int], settings: Anomaly
     height, width = grid
     if tokens.ndim != 2 or tokens.shape[0] != height * width:
         raise ValueError(f"expected [{height * width}, D] tokens for a {height}x{width} grid, got {list(tokens.shape)}")
-    with threadpool_limits(1):
+    with _ONE_THREAD, threadpool_limits(1):
         first = PCA(n_components=1, svd_solver="full").fit_transform(tokens.astype(np.float32))[:, 0]
     mask = (first > settings.threshold).reshape(grid)
     top, bottom = int(height * settings.border), int(height * (1 - settings.border))
