@@ -365,8 +365,8 @@ def _rd_section(args, runner: Runner, folder: Path, train_data: Data | None) -> 
         ours = model.predict(data.test)
         loss = model.training_step(data.test)["loss"]
         rows.append(row(tag, "anomaly map from the same features", ours["anomaly_map"], out["given/anomaly_map"],
-                        "recipe: ours bilinear align_corners=False + scipy gaussian (edge repeated); anomalib "
-                        "align_corners=True (as the official RD4AD) + GaussianBlur2d (torch reflect)"))
+                        f"recipe: ours bilinear align_corners={settings.align_corners} + scipy gaussian (edge "
+                        "repeated); anomalib align_corners=True (as the official RD4AD) + GaussianBlur2d (torch reflect)"))
         reproduced = torch_reflect_blur(sum(
             F.interpolate((1 - F.cosine_similarity(t, d, dim=1))[:, None], size=data.test.shape[-2:],
                           mode="bilinear", align_corners=True)[:, 0] for t, d in zip(teacher, decoded)), 4.0)
