@@ -22,7 +22,7 @@ from jobs.errors import run_job
 from jobs.preflight import preflight
 from jobs.outputs import format_table, write_category
 from jobs.ray_runtime import resource_wait_s, start_ray
-from jobs.tracking import Tracker, TrackingError, is_wandb_ref
+from jobs.tracking import Tracker, TrackingError, run_tags
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -38,8 +38,9 @@ def evaluate(args: argparse.Namespace) -> Path:
     job = single_job(config, args.dataset, args.category)
     out = args.out or Path(config.output_dir) / "evaluate"
     check_writable(out, "--out" if args.out else "output_dir")
-    with Tracker(config.wandb, "evaluate", out, config.model_dump(mode="json")) as tracker:
-        bank = load_bank(tracker.use_bank(args.bank) if is_wandb_ref(args.bank) else Path(args.bank))
+    with Tracker(config.wandb, "evaluate", out, config.model_dump(mode="json"), name=f"evaluate {job.key} "
+                 f"{config.backbone.name}", group=config.name, tags=run_tags(config)) as tracker:
+        bank = load_bank(tracker.use_input(args.bank))
         # Settings mismatches fail here, before any actor starts; weights and normalisation are
         # checked against the loaded model once the pipeline is up.
         check_compatible(bank.metadata, ExtractionSettings.from_config(config).declared(), args.bank)
@@ -52,8 +53,12 @@ def evaluate(args: argparse.Namespace) -> Path:
             raise ConfigError(f"scoring.k={config.scoring.k} exceeds the bank {args.bank}: {len(bank.features)} rows")
         if tuple(bank.metadata.get("grid", grid)) != tuple(grid):
             raise BankError(f"{args.bank} was built on a {bank.metadata['grid']} patch grid; this config gives {list(grid)}")
+        tracker.use_dataset(job)
+        tracker.use_backbone(bank.metadata)
+        tracker.log_resolved({"bank": {"source": str(args.bank), "bank_sha256": bank.sha256}})
         start_ray()
         pipeline = BenchmarkPipeline(config, resource_wait_s=resource_wait_s(config.cluster))
+        tracker.log_resolved({"plan": pipeline.plan.summary()})
         result = pipeline.collect(pipeline.submit_evaluation(job, bank))
         pipeline.finish_cache_writes()
         folder = write_category(out, result, config)
