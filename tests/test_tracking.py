@@ -499,3 +499,48 @@ def test_a_wandb_reference_is_accepted_by_what_it_is(wandb_env, tmp_path):
     with pytest.raises(TrackingError, match="of type 'dataset'; a job scores with memory-bank or trained-model"):
         tracker.use_input("wandb:me/proj/dataset-mvtec-tire:latest")
     assert requested == ["me/proj/model-mvtec-tire:best", "me/proj/bank-mvtec-tire:v3", "me/proj/dataset-mvtec-tire:latest"]
+
+
+def test_evaluate_scores_a_trained_model_and_declares_it(wandb_env, tire_root, tmp_path):
+    """jobs.evaluate with a trained model's folder (an untrained Reverse Distillation at 64 px: the numbers only
+    have to be the model's): metrics from its predictions, its files copied and annotated there, not in place,
+    and a W&B run named for what ran that declares the model as the version its files make."""
+    import yaml
+    from sklearn.metrics import roc_auc_score
+
+    from anomaly_core.config import parse_config
+    from anomaly_core.training import save_model_files
+    from cluster.training import build_model
+    from jobs.evaluate import main
+    from jobs.tracking import folder_artifact
+
+    raw = {"name": "rd-eval", "datasets": [{"name": "tire_small", "format": "mvtec", "root": str(tire_root)}],
+           "backbone": {"name": "tf_efficientnet_lite0", "layers": [], "weights": "package"},
+           "preprocess": {"resize": 64, "crop": 64}, "training": {"model": "reverse_distillation", "epochs": 1}}
+    (tmp_path / "rd.yaml").write_text(yaml.safe_dump(raw))
+    source = tmp_path / "train-run" / "tire_small" / "tire"
+    save_model_files(build_model(parse_config(raw, "t")), source, 64, {"best_epoch": None, "weights_epoch": 0})
+    before = (source / "model.json").read_text()
+    out = tmp_path / "eval"
+    assert main(["--config", str(tmp_path / "rd.yaml"), "--category", "tire", "--bank", str(source), "--out", str(out),
+                 "--wandb", "offline"]) == 0
+    folder = out / "tire_small" / "tire"
+    metrics = json.loads((folder / "metrics.json").read_text())
+    records = json.loads((folder / "predictions" / "predictions.json").read_text())
+    labels = [int("/good/" not in record["image_path"]) for record in records]
+    assert metrics["values"]["image_auroc"] == pytest.approx(roc_auc_score(labels, [r["pred_score"] for r in records]))
+    assert metrics["bank_sha256"] == json.loads(before)["tensors_sha256"]
+    assert (source / "model.json").read_text() == before  # the source is left as it was
+    assert "thresholds" in json.loads((folder / "model.json").read_text())
+
+    recorded = read_offline_run(out)
+    run = recorded["run"]
+    assert (run.display_name, run.run_group) == ("evaluate tire_small/tire tf_efficientnet_lite0", "rd-eval")
+    assert list(run.tags) == ["reverse_distillation", "tf_efficientnet_lite0", "tire_small", "cpu"]
+    [model] = [artifact for artifact in recorded["artifacts"] if artifact.type == MODEL_ARTIFACT_TYPE]
+    expected = folder_artifact(source, "tire_small", "tire")
+    expected.finalize()
+    assert (model.name, model.digest) == ("model-tire_small-tire", expected.digest)
+    inputs = {artifact.type for artifact in recorded["artifacts"] if artifact.use_after_commit}
+    assert inputs == {MODEL_ARTIFACT_TYPE, DATASET_ARTIFACT_TYPE, WEIGHTS_ARTIFACT_TYPE}
+    assert recorded["summary"]["tire_small/tire/image_auroc"] == pytest.approx(metrics["values"]["image_auroc"])
