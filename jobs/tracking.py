@@ -39,6 +39,7 @@ import numpy as np
 from sklearn.metrics import precision_recall_curve, roc_curve
 
 from anomaly_core.backbones import RANDOM_INIT
+from anomaly_core.bank import atomic_write
 from anomaly_core.config import RunConfig, WandbConfig
 from anomaly_core.data import ImageTransform, load_mask, read_rgb
 from anomaly_core.metrics import METRIC_NAMES, THRESHOLD_NAMES, grouped_names
@@ -179,7 +180,7 @@ class Tracker:
         self.run: Any = None
         self._training_axes: set[str] = set()  # categories whose training metrics have their own step axis
         self._validations: dict[str, dict[str, float]] = {}  # each category's latest validation metrics
-        self._declared: set[str] = set()  # input artifacts already declared (name + digest source)
+        self._declared: set[str] = set()  # input artifacts already declared, as name@digest
         if self.mode == "off":
             return
         if self.mode == "online" and not api_key_configured():
@@ -208,7 +209,7 @@ class Tracker:
                 settings=wandb.Settings(init_timeout=init_timeout, finish_timeout=finish_timeout),
             )
             if keep_id and run_id is None:
-                id_file.write_text(self.run.id + "\n")
+                atomic_write(id_file, lambda tmp: Path(tmp).write_text(self.run.id + "\n"))
         except Exception as error:
             self._disable(f"wandb.init failed: {error}")
 
