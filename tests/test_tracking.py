@@ -67,11 +67,14 @@ def read_offline_run(run_dir: Path, log_file: Path | None = None) -> dict:
     (or of the transaction log ``log_file``)."""
     if log_file is None:
         [log_file] = (run_dir / "wandb").glob("offline-run-*/run-*.wandb")
-    run, summary, history, artifacts = None, {}, [], []
+    run, summary, history, artifacts, config = None, {}, [], [], {}
     for record in read_records(log_file):
         kind = record.WhichOneof("record_type")
         if kind == "run":
             run = record.run
+            config.update({item.key: json.loads(item.value_json) for item in run.config.update})
+        elif kind == "config":  # later updates (config.update)
+            config.update({item.key: json.loads(item.value_json) for item in record.config.update})
         elif kind == "summary":
             for item in record.summary.update:
                 summary[item.key or "/".join(item.nested_key)] = json.loads(item.value_json)
@@ -79,7 +82,8 @@ def read_offline_run(run_dir: Path, log_file: Path | None = None) -> dict:
             history.append({item.key or "/".join(item.nested_key): json.loads(item.value_json) for item in record.history.item})
         elif kind == "artifact":
             artifacts.append(record.artifact)
-    return {"run": run, "summary": summary, "history": history, "artifacts": artifacts, "files": log_file.parent / "files"}
+    return {"run": run, "summary": summary, "history": history, "artifacts": artifacts, "config": config,
+            "files": log_file.parent / "files"}
 
 
 @pytest.fixture
@@ -461,10 +465,7 @@ def test_local_inputs_are_declared_as_the_versions_that_logged_them(wandb_env, r
     assert [json.loads(artifact.metadata)["sha256"] for artifact in weights] == ["cd" * 32, "ab" * 32]  # none for random
     assert len({artifact.digest for artifact in weights}) == 2
     config = {item.key: json.loads(item.value_json) for item in recorded["run"].config.update}
-    final = {}
-    for row in read_records(next((tmp_path / "consumer" / "wandb").glob("offline-run-*/run-*.wandb"))):
-        if row.WhichOneof("record_type") == "config":
-            final.update({item.key: json.loads(item.value_json) for item in row.config.update})
+    final = recorded["config"]
     assert final["resolved_backbones"] == {
         "tf_efficientnet_lite0": {"layers": ["blocks.1"], "weights": "package", "weights_sha256": "ab" * 32},
         "wide_resnet50_2": {"layers": [], "weights": None, "weights_sha256": "random"}}
