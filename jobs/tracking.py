@@ -432,6 +432,8 @@ class Tracker:
 
     @_guarded
     def _use_folder(self, folder: Path) -> None:
+        if not any((folder / name).is_file() for name in ("bank.json", MODEL_METADATA_FILE)):
+            return  # not a bank or model folder: the job's own loading says so, tracking stays on
         metadata = _folder_metadata(folder)
         self._use(folder_artifact(folder, metadata.get("dataset") or folder.parent.name,
                                   metadata.get("category") or folder.name))

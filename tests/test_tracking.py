@@ -545,3 +545,13 @@ def test_evaluate_scores_a_trained_model_and_declares_it(wandb_env, tire_root, t
     inputs = {artifact.type for artifact in recorded["artifacts"] if artifact.use_after_commit}
     assert inputs == {MODEL_ARTIFACT_TYPE, DATASET_ARTIFACT_TYPE, WEIGHTS_ARTIFACT_TYPE}
     assert recorded["summary"]["tire_small/tire/image_auroc"] == pytest.approx(metrics["values"]["image_auroc"])
+
+
+def test_a_folder_that_is_no_bank_leaves_tracking_on(wandb_env, tmp_path, caplog):
+    """The job's own loading reports a wrong --bank; declaring it must not turn tracking off first."""
+    with caplog.at_level(logging.WARNING, logger="jobs.tracking"):
+        with Tracker(WandbConfig(mode="offline"), "evaluate", tmp_path / "run") as tracker:
+            assert tracker.use_input(tmp_path / "nothing-here") == tmp_path / "nothing-here"
+            assert tracker.active
+    assert not caplog.records
+    assert read_offline_run(tmp_path / "run")["artifacts"] == []
