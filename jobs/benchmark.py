@@ -25,7 +25,7 @@ from anomaly_core.config import ConfigError, RunConfig
 from anomaly_core.data import ImageTransform, list_categories, load_split, load_validation
 from anomaly_core.ensemble import member_labels
 from anomaly_core.thresholds import hold_out
-from cluster.ensemble import MemberRun, ensemble_result
+from cluster.ensemble import ENSEMBLE_KEY, MemberRun, ensemble_result
 from cluster.pipeline import BenchmarkPipeline, CategoryJob, CategoryResult
 from cluster.store_stats import StoreMonitor
 from jobs.cli import add_config_arguments, check_writable, config_from_args, config_overrides, load_config
@@ -37,7 +37,7 @@ from jobs.progress import Progress
 from jobs.ray_runtime import resource_wait_s, start_ray
 from jobs.report import figure_paths, write_category_figure, write_report
 from jobs.resume import RUN_CONFIG, finished_category, recorded_config, resume_config
-from jobs.tracking import Tracker
+from jobs.tracking import Tracker, run_tags
 
 log = logging.getLogger("jobs.benchmark")
 
@@ -129,12 +129,13 @@ def run(config: RunConfig, run_name: str | None = None, only: set[str] | None = 
                  len(todo))
     started = time.perf_counter()
     results: list[CategoryResult] = []
-    tracker = Tracker(config.wandb, "benchmark", run_dir, config.model_dump(mode="json"))
+    tracker = tracked_run(config, "benchmark", run_dir, f"benchmark {config.name}", jobs)
     tracker.define_metrics(method_of({"config": config.model_dump(mode="json")}))
     cluster: dict[str, Any] = {}
     passes = len(config.members())  # an ensemble's categories pass through one pipeline per member
     with tracker, Progress(todo, stall_s=config.cluster.stall_warning_s, passes=passes) as progress:
         for result in kept.values():
+            use_backbones(tracker, result)
             kept_transform = image_transform(result.bank.metadata)
             tracker.log_category(result, kept_transform)
             if not figure_paths(run_dir, [result])[f"samples/{result.job.key}"].is_file():
@@ -149,12 +150,14 @@ def run(config: RunConfig, run_name: str | None = None, only: set[str] | None = 
                     pipeline = BenchmarkPipeline(config, on_event=progress,
                                                  resource_wait_s=resource_wait_s(config.cluster))
                     progress.waiting = pipeline.waiting_for
+                    tracker.log_resolved({"plan": pipeline.plan.summary()})
                     computed = pipeline.run(todo)
                 for result in computed:
                     transform = image_transform(result.bank.metadata)
                     write_category_figure(run_dir, result, transform)
                     folder = write_category(run_dir, result, config)
                     tracker.log_category(result, transform)
+                    use_backbones(tracker, result)
                     if not config.ensemble:  # an ensemble's members logged their banks as they finished
                         tracker.log_bank(result.job, folder)
                     log.info("%s done: %s -> %s", result.job.key, _headline(result), folder)
@@ -193,6 +196,22 @@ def start_run(config: RunConfig, run_name: str | None, only: set[str] | None, re
     return config, jobs, run_dir, kept
 
 
+def tracked_run(config: RunConfig, job_type: str, run_dir: Path, name: str, jobs: Sequence[CategoryJob]) -> Tracker:
+    """The W&B run of a whole-run job: grouped by the config's name, tagged with what ran, its images declared
+    as inputs; the run folder keeps its id, so a ``--resume`` continues the same W&B run."""
+    tracker = Tracker(config.wandb, job_type, run_dir, config.model_dump(mode="json"), name=name, group=config.name,
+                      tags=run_tags(config), keep_id=True)
+    for job in jobs:
+        tracker.use_dataset(job)
+    return tracker
+
+
+def use_backbones(tracker: Tracker, result: CategoryResult) -> None:
+    """The backbone of a category's bank (each member's, for an ensemble's record) into the W&B run."""
+    for metadata in result.bank.metadata.get(ENSEMBLE_KEY) or [result.bank.metadata]:
+        tracker.use_backbone(metadata)
+
+
 def write_run(config: RunConfig, run_dir: Path, jobs: Sequence[CategoryJob], results: list[CategoryResult],
               seconds: float, extra: dict[str, Any], tracker: Tracker) -> Path:
     """A finished run's summary.json, report and W&B summary, categories in the configured order; returns report.md."""
@@ -229,6 +248,7 @@ def run_ensemble(config: RunConfig, run_dir: Path, todo: Sequence[CategoryJob], 
             log.info("%s member %s done: %s", result.job.key, label, _headline(result))
         cluster["members"][label] = run.stats
         tracker.log_system(run.system)
+        tracker.log_resolved({f"plan_{label}": run.stats["plan"]})
     progress("done", {})
     for job in todo:
         members = [finished_category(run_dir, job, label) for label in labels]

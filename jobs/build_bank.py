@@ -16,7 +16,7 @@ from jobs.cli import category_parser, check_writable, config_from_args, single_b
 from jobs.errors import run_job
 from jobs.preflight import preflight
 from jobs.ray_runtime import resource_wait_s, start_ray
-from jobs.tracking import Tracker
+from jobs.tracking import Tracker, run_tags
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -33,11 +33,15 @@ def build(args: argparse.Namespace) -> Path:
     check_writable(out, "--out" if args.out else "output_dir")
     preflight(config, [job], need_test=False)
     start_ray()
-    with Tracker(config.wandb, "build_bank", out, config.model_dump(mode="json")) as tracker:
+    with Tracker(config.wandb, "build_bank", out, config.model_dump(mode="json"), name=f"build_bank {job.key} "
+                 f"{config.backbone.name}", group=config.name, tags=run_tags(config)) as tracker:
+        tracker.use_dataset(job)
         pipeline = BenchmarkPipeline(config, resource_wait_s=resource_wait_s(config.cluster))
+        tracker.log_resolved({"plan": pipeline.plan.summary()})
         bank = pipeline.build_bank(job)
         pipeline.finish_cache_writes()
         tensors, _ = save_bank(bank, out)
+        tracker.use_backbone(bank.metadata)
         tracker.log_bank(job, out)
     print(f"{job.key}: {len(bank.features)} x {bank.features.shape[1]} bank -> {tensors} (sha256 {bank.sha256[:12]})")
     return tensors

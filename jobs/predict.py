@@ -234,8 +234,9 @@ def run(args: argparse.Namespace) -> Path:
     else:
         settings = WandbConfig(mode=args.wandb or "off")
     config = {key: str(value) if isinstance(value, Path) else value for key, value in vars(args).items()}
-    with Tracker(settings, job_type="predict", run_dir=out_dir, config=config) as tracker:
-        bank_path = tracker.use_bank(args.bank) if is_wandb_ref(args.bank) else Path(args.bank)
+    name = f"predict {str(args.bank).rstrip('/').rsplit('/', 1)[-1]} {Path(args.input).name}"
+    with Tracker(settings, job_type="predict", run_dir=out_dir, config=config, name=name) as tracker:
+        bank_path = tracker.use_input(args.bank)
         source = str(args.bank)
         if (bank_path / METADATA_FILE).is_file():  # a trained model's folder (jobs.train)
             scorer, metadata = model_scorer(bank_path, args.weights, args.device)
@@ -244,6 +245,7 @@ def run(args: argparse.Namespace) -> Path:
             bank = load_bank(bank_path)
             metadata, digest = bank.metadata, bank.metadata.get("bank_sha256")
             scorer = bank_scorer(bank, rebuild_extractor(metadata, args.weights, source, args.device), source)
+        tracker.use_backbone(metadata)
         limits = thresholds(metadata, args.threshold, source)
         records = predict_images(scorer, root, images, limits, out_dir)
         write_json(out_dir / "predictions.json", {

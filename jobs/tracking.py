@@ -12,9 +12,17 @@ best scored test images as heat-map overlays with the ground-truth and predicted
 the same axis); at the end a results table of one row per category with method, backbone and dataset
 columns (the means are in the summary), bar charts over it, throughput per extractor actor, peak memory,
 run time and reserved GPU-seconds, the report's figures, and each actor's system metrics against time.
-Each category's memory bank is an artifact of type ``memory-bank``, so a later job can ``use_bank`` it by
-name and W&B records the lineage; the finished run folder's results (summary, report, CSVs, figures, per-category JSON) are one
+Each category's memory bank is an artifact of type ``memory-bank`` (a trained model one of type
+``trained-model``); the finished run folder's results (summary, report, CSVs, figures, per-category JSON) are one
 ``benchmark-results`` artifact, so a run on a cluster without shared storage keeps them.
+
+Every run has an identity (a name saying what ran, the config's name as its group, tags for method,
+backbone, datasets and device kind) and declares what it consumed, so W&B's lineage graph is whole: the
+bank or model it scored with (a ``wandb:`` reference, or a local folder declared as the very artifact its
+files make, which W&B resolves to the version that logged them), each category's images (their list and
+root, no image uploaded) and the backbone weights (by sha256).
+Values resolved at run time (the actor plan, the layers and weights a backbone resolved to) are added to
+the run's config once known.
 """
 
 from __future__ import annotations
@@ -32,10 +40,14 @@ from urllib.parse import urlsplit
 import numpy as np
 from sklearn.metrics import precision_recall_curve, roc_curve
 
-from anomaly_core.config import WandbConfig
+from anomaly_core.backbones import RANDOM_INIT
+from anomaly_core.bank import atomic_write
+from anomaly_core.config import RunConfig, WandbConfig
 from anomaly_core.data import ImageTransform, load_mask, read_rgb
 from anomaly_core.metrics import METRIC_NAMES, THRESHOLD_NAMES, grouped_names
 from jobs.compare import method_of
+from anomaly_core.patchcore import train_list_sha256
+from anomaly_core.training.model_files import METADATA_FILE as MODEL_METADATA_FILE
 from jobs.report import (
     bank_rows_and_sha256,
     display_image,
@@ -55,6 +67,10 @@ BANK_ARTIFACT_TYPE = "memory-bank"
 RUN_FOLDER_ARTIFACT_TYPE = "benchmark-results"
 CHECKPOINT_ARTIFACT_TYPE = "model-checkpoint"
 MODEL_ARTIFACT_TYPE = "trained-model"
+INPUT_ARTIFACT_TYPES = (BANK_ARTIFACT_TYPE, MODEL_ARTIFACT_TYPE)  # what a job can score with
+DATASET_ARTIFACT_TYPE = "dataset"
+WEIGHTS_ARTIFACT_TYPE = "backbone-weights"
+RUN_ID_FILE = "wandb/run_id"  # a resumable run's W&B id, under its run folder: --resume reopens that run
 # What of a run folder travels as its results artifact: everything but the banks (each is its own
 # artifact already), the anomaly maps (large; re-creatable from the bank) and W&B's own files.
 RUN_FOLDER_FILES = ("summary.json", "report.md", "metrics.csv", "timings.csv", "run_config.yaml", "figures/**/*.png",
@@ -118,6 +134,15 @@ def parse_wandb_ref(ref: str) -> tuple[str, str, str]:
     return entity, project, version
 
 
+def run_tags(config: RunConfig) -> list[str]:
+    """The tags every run of ``config`` gets: method, backbone(s), datasets and device kind (cpu / gpu)."""
+    method = config.training.model if config.training is not None else "patchcore"
+    backbones = [backbone.name for backbone in config.ensemble] or [config.backbone.name]
+    gpu = config.cluster.gpus_per_extractor > 0 or (config.training is not None and config.training.gpus_per_worker > 0)
+    return [method, *(["ensemble"] if config.ensemble else []), *backbones,
+            *(dataset.name for dataset in config.datasets), "gpu" if gpu else "cpu"]
+
+
 def _guarded(method: Callable[..., T]) -> Callable[..., T | None]:
     """Run a tracking method only while tracking is on; any error turns tracking off with one warning."""
 
@@ -145,15 +170,24 @@ class Tracker:
         job_type: str,
         run_dir: Path,
         config: dict[str, Any] | None = None,
+        *,
+        name: str | None = None,
+        group: str | None = None,
+        tags: Sequence[str] = (),
+        keep_id: bool = False,
         init_timeout: float = INIT_TIMEOUT_S,
         finish_timeout: float = FINISH_TIMEOUT_S,
     ) -> None:
+        """``name`` (default: the run folder's), ``group`` (``wandb.group`` wins) and ``tags`` (added to
+        ``wandb.tags``) say what ran. With ``keep_id`` the run's id is kept in ``<run_dir>/wandb/run_id``, and
+        a run folder that has one reopens that W&B run (``resume="allow"``): a resumed job continues its run."""
         self.settings = settings
         self.run_dir = Path(run_dir)
         self.mode = resolve_mode(settings.mode)
         self.run: Any = None
         self._training_axes: set[str] = set()  # categories whose training metrics have their own step axis
         self._validations: dict[str, dict[str, float]] = {}  # each category's latest validation metrics
+        self._declared: set[str] = set()  # input artifacts already declared, as name@digest
         if self.mode == "off":
             return
         if self.mode == "online" and not api_key_configured():
@@ -165,18 +199,24 @@ class Tracker:
             import wandb
 
             self.run_dir.mkdir(parents=True, exist_ok=True)
+            id_file = self.run_dir / RUN_ID_FILE
+            run_id = id_file.read_text().strip() if keep_id and id_file.is_file() else None
             self.run = wandb.init(
                 project=settings.project,
                 entity=settings.entity,
-                group=settings.group,
-                tags=list(settings.tags) or None,
+                group=settings.group or group,
+                tags=list(dict.fromkeys([*settings.tags, *tags])) or None,
                 job_type=job_type,
-                name=self.run_dir.name,
+                name=name or self.run_dir.name,
                 config=config,
                 dir=str(self.run_dir),
                 mode=self.mode,
+                id=run_id,
+                resume="allow" if run_id else None,
                 settings=wandb.Settings(init_timeout=init_timeout, finish_timeout=finish_timeout),
             )
+            if keep_id and run_id is None:
+                atomic_write(id_file, lambda tmp: Path(tmp).write_text(self.run.id + "\n"))
         except Exception as error:
             self._disable(f"wandb.init failed: {error}")
 
@@ -274,19 +314,11 @@ class Tracker:
     @_guarded
     def log_bank(self, job: "CategoryJob", folder: Path, member: str | None = None) -> None:
         """The category's bank.safetensors + bank.json as a ``memory-bank`` artifact (an ensemble ``member``'s:
-        one artifact per member)."""
-        import wandb
-
-        folder = Path(folder)
-        metadata = json.loads((folder / "bank.json").read_text())
-        dataset, category = job.dataset, job.split.category
-        name = artifact_name("bank", dataset, category, *([member] if member else []))
-        artifact = wandb.Artifact(name, type=BANK_ARTIFACT_TYPE, metadata=metadata)
-        for name in ("bank.safetensors", "bank.json"):
-            # The files are written atomically and never changed afterwards: no staging copy needed.
-            artifact.add_file(str(folder / name), name=name, policy="immutable")
-        backbone = str(metadata.get("backbone", "unknown"))
-        self.run.log_artifact(artifact, aliases=[artifact_name(dataset, category, backbone), "latest"])
+        one artifact per member), aliased by dataset, category and backbone, and by this run's name."""
+        artifact = folder_artifact(folder, job.dataset, job.split.category, member)
+        backbone = str(artifact.metadata.get("backbone", "unknown"))
+        aliases = [artifact_name(job.dataset, job.split.category, backbone), "latest", self._run_alias()]
+        self.run.log_artifact(artifact, aliases=aliases)
 
     @_guarded
     def log_training(self, event: dict[str, Any]) -> None:
@@ -333,16 +365,15 @@ class Tracker:
 
     @_guarded
     def log_model(self, job: "CategoryJob", folder: Path) -> None:
-        """A trained category's model.safetensors + model.json as a ``trained-model`` artifact."""
-        import wandb
+        """A trained category's model.safetensors + model.json as a ``trained-model`` artifact; aliased ``best``
+        when its weights are the best validated epoch's."""
+        artifact = folder_artifact(folder, job.dataset, job.split.category)
+        training = artifact.metadata.get("training") or {}
+        best = training.get("best_epoch") is not None and training.get("best_epoch") == training.get("weights_epoch")
+        self.run.log_artifact(artifact, aliases=["latest", self._run_alias(), *(["best"] if best else [])])
 
-        folder = Path(folder)
-        metadata = json.loads((folder / "model.json").read_text())
-        artifact = wandb.Artifact(artifact_name("model", job.dataset, job.split.category), type=MODEL_ARTIFACT_TYPE,
-                                  metadata=metadata)
-        for name in ("model.safetensors", "model.json"):
-            artifact.add_file(str(folder / name), name=name, policy="immutable")
-        self.run.log_artifact(artifact, aliases=["latest"])
+    def _run_alias(self) -> str:
+        return artifact_name(self.run.name or self.run_dir.name)
 
     @_guarded
     def log_run(self, results: Sequence["CategoryResult"], summary: dict[str, Any], figures: dict[str, Path]) -> None:
@@ -425,21 +456,101 @@ class Tracker:
         self.run.log({"predictions": wandb.Table(columns=columns, data=data)})
         self.run.summary.update({"images": len(records), "anomalous": sum(r["pred_label"] for r in records)})
 
-    def use_bank(self, ref: str) -> Path:
-        """Download a ``wandb:<entity>/<project>/<name>:<alias>`` bank into the run folder (lineage recorded).
+    def use_input(self, source: str | Path) -> Path:
+        """The bank or trained model a job scores with, declared as this run's input; returns its local path.
 
-        Unlike logging, this cannot degrade gracefully: without the bank there is nothing to score with.
+        A ``wandb:<entity>/<project>/<name>:<alias>`` reference is downloaded into the run folder (either
+        type); unlike logging, that cannot degrade gracefully: without it there is nothing to score with. A
+        local folder (or its bank.safetensors) is declared as the artifact its files make: the same name and
+        digest as when a job logged it, so W&B links this run to that version.
         """
-        entity, project, version = parse_wandb_ref(ref)
+        if not is_wandb_ref(source):
+            path = Path(source)
+            self._use_folder(path if path.is_dir() else path.parent)
+            return path
+        entity, project, version = parse_wandb_ref(source)
         if self.run is None or self.mode != "online":
-            raise TrackingError(f"resolving {ref} needs an online W&B run (--wandb online or auto with an API key); "
+            raise TrackingError(f"resolving {source} needs an online W&B run (--wandb online or auto with an API key); "
                                 f"tracking here is {self.mode}")
         try:
-            artifact = self.run.use_artifact(f"{entity}/{project}/{version}", type=BANK_ARTIFACT_TYPE)
+            artifact = self.run.use_artifact(f"{entity}/{project}/{version}")
+        except Exception as error:
+            raise TrackingError(f"cannot find W&B artifact {source}: {error}") from error
+        if artifact.type not in INPUT_ARTIFACT_TYPES:
+            raise TrackingError(f"W&B artifact {source} is of type {artifact.type!r}; a job scores with "
+                                f"{' or '.join(INPUT_ARTIFACT_TYPES)}")
+        try:
             folder = artifact.download(root=str(self.run_dir / "artifacts" / artifact_name(version)))
         except Exception as error:
-            raise TrackingError(f"cannot download W&B bank {ref}: {error}") from error
+            raise TrackingError(f"cannot download W&B {artifact.type} {source}: {error}") from error
         return Path(folder)
+
+    @_guarded
+    def _use_folder(self, folder: Path) -> None:
+        if not any((folder / name).is_file() for name in ("bank.json", MODEL_METADATA_FILE)):
+            return  # not a bank or model folder: the job's own loading says so, tracking stays on
+        metadata = _folder_metadata(folder)
+        self._use(folder_artifact(folder, metadata.get("dataset") or folder.parent.name,
+                                  metadata.get("category") or folder.name))
+
+    @_guarded
+    def use_dataset(self, job: "CategoryJob") -> None:
+        """A category's images as an input: an artifact of the image list (paths relative to the root, per
+        split), the root's path in its metadata. No image is uploaded or read (a ``file://`` reference to the
+        root would make W&B hash every file under it); a changed list is a new version."""
+        import wandb
+
+        splits = {"train": job.split.train, "test": job.split.test, "validation": job.validation or []}
+        images = {split: [_relative(sample.image_path, job.root) for sample in samples] for split, samples in splits.items()}
+        metadata = {"root": job.root, "dataset": job.dataset, "category": job.split.category,
+                    **{f"n_{split}": len(paths) for split, paths in images.items()},
+                    "train_list_sha256": train_list_sha256(job.split.train, job.root)}
+        artifact = wandb.Artifact(artifact_name("dataset", job.dataset, job.split.category), type=DATASET_ARTIFACT_TYPE,
+                                  metadata=metadata)
+        with artifact.new_file("images.json") as handle:
+            json.dump(images, handle)
+        self._use(artifact)
+
+    @_guarded
+    def use_backbone(self, metadata: dict[str, Any]) -> None:
+        """The backbone a bank or model was built with: its weights as an input (an artifact holding their sha256;
+        none for random initialisation) and, in the run config's ``resolved_backbones``, the layers and weights
+        it resolved to (``layers: []`` means the architecture's default)."""
+        import wandb
+
+        name, digest = str(metadata["backbone"]), str(metadata["weights_sha256"])
+        backbones = dict(self.run.config.get("resolved_backbones") or {})
+        backbones[name] = {"layers": list(metadata["layers"]), "weights": metadata.get("weights"), "weights_sha256": digest}
+        self.run.config.update({"resolved_backbones": backbones}, allow_val_change=True)
+        if digest == RANDOM_INIT:
+            return
+        artifact = wandb.Artifact(artifact_name("weights", name), type=WEIGHTS_ARTIFACT_TYPE,
+                                  metadata={"backbone": name, "weights": metadata.get("weights"), "sha256": digest})
+        with artifact.new_file("sha256.txt") as handle:
+            handle.write(digest + "\n")
+        self._use(artifact)
+
+    @_guarded
+    def log_resolved(self, values: dict[str, Any]) -> None:
+        """Values resolved at run time (the actor plan, threads, devices) into the run's config, as ``resolved_<key>``."""
+        self.run.config.update({f"resolved_{key}": value for key, value in values.items()}, allow_val_change=True)
+
+    def _use(self, artifact: Any) -> None:
+        """Declare ``artifact`` as an input of this run, once per name and content.
+
+        Online this is ``use_artifact``. Offline W&B refuses ``use_artifact``, so the artifact is recorded the
+        way ``use_artifact`` records a new artifact (logged, then used once committed): ``wandb sync`` then
+        creates the same input edge.
+        """
+        artifact.finalize()
+        key = f"{artifact.name}@{artifact.digest}"
+        if key in self._declared:
+            return
+        self._declared.add(key)
+        if self.mode == "online":
+            self.run.use_artifact(artifact)
+        else:
+            self.run._log_artifact(artifact, use_after_commit=True)
 
     def finish(self, exit_code: int = 0) -> None:
         """Close the run (bounded by the finish timeout); safe to call twice."""
@@ -451,6 +562,34 @@ class Tracker:
         except Exception as error:
             log.warning("W&B run did not finish cleanly (%s); its files stay under %s for `wandb sync`",
                         str(error).splitlines()[0] if str(error) else type(error).__name__, self.run_dir)
+
+
+def folder_artifact(folder: Path, dataset: str, category: str, member: str | None = None) -> Any:
+    """The artifact of a bank folder (``bank-<dataset>-<category>[-<member>]``, type ``memory-bank``) or of a
+    trained model's (``model-<dataset>-<category>``, type ``trained-model``), its JSON as metadata. Logging a
+    folder and declaring it as an input build the same artifact, so both name the same version."""
+    import wandb
+
+    folder = Path(folder)
+    metadata = _folder_metadata(folder)
+    model = (folder / MODEL_METADATA_FILE).is_file()
+    kind, prefix, files = ((MODEL_ARTIFACT_TYPE, "model", ("model.safetensors", MODEL_METADATA_FILE)) if model else
+                           (BANK_ARTIFACT_TYPE, "bank", ("bank.safetensors", "bank.json")))
+    artifact = wandb.Artifact(artifact_name(prefix, dataset, category, *([member] if member else [])), type=kind,
+                              metadata=metadata)
+    for file in files:
+        # The files are written atomically and never changed afterwards: no staging copy needed.
+        artifact.add_file(str(folder / file), name=file, policy="immutable")
+    return artifact
+
+
+def _folder_metadata(folder: Path) -> dict[str, Any]:
+    model = Path(folder) / MODEL_METADATA_FILE
+    return json.loads((model if model.is_file() else Path(folder) / "bank.json").read_text())
+
+
+def _relative(path: str | Path, root: str) -> str:
+    return str(path).removeprefix(str(root)).lstrip("/")
 
 
 def _finish(run: Any, exit_code: int) -> None:

@@ -41,7 +41,7 @@ from cluster.training import (
     threads_of,
     transform_of,
 )
-from jobs.benchmark import print_done, run_main, start_run, write_run
+from jobs.benchmark import print_done, run_main, start_run, tracked_run, write_run
 from jobs.cli import single_backbone
 from jobs.compare import method_of
 from jobs.outputs import category_folder, released, write_category
@@ -111,9 +111,11 @@ def run(config: RunConfig, run_name: str | None = None, only: set[str] | None = 
     started = time.perf_counter()
     transform = transform_of(config)
     results: list[CategoryResult] = []
-    with Tracker(config.wandb, "train", run_dir, config.model_dump(mode="json")) as tracker:
+    categories = ",".join(job.key for job in jobs) if len(jobs) <= 3 else f"{len(jobs)} categories"
+    with tracked_run(config, "train", run_dir, f"train {config.training.model} {categories}", jobs) as tracker:
         tracker.define_metrics(method_of({"config": config.model_dump(mode="json"), "job": "train"}), [job.key for job in todo])
         for result in kept.values():
+            tracker.use_backbone(result.bank.metadata)
             tracker.log_category(result, transform)
             results.append(released(result))
         if todo:
@@ -142,6 +144,7 @@ def train_and_evaluate(config: RunConfig, run_dir: Path, todo: list[CategoryJob]
     drain = EventLog(events, tracker, config.training.epochs)
     predict_task = ray.remote(predict_category)
     options, threads = task_options(config), threads_of(config)
+    tracker.log_resolved({"task_options": options, "threads": threads})
     folders = {job.key: str(category_folder(run_dir, job)) for job in todo}
     started = {job.key: time.perf_counter() for job in todo}
     evaluator = evaluator_actor(config.cluster.max_restarts).options(**pinned(placement)).remote()
@@ -173,6 +176,7 @@ def train_and_evaluate(config: RunConfig, run_dir: Path, todo: list[CategoryJob]
                             figure_paths(run_dir, [result])[f"training/{job.key}"])
             write_category(run_dir, result, config)
             tracker.log_category(result, transform)
+            tracker.use_backbone(result.bank.metadata)
             tracker.log_model(job, folder)
             log.info("%s done: %s -> %s", job.key, ", ".join(f"{name}={report.values[name]:.3f}" for name in
                                                            ("image_auroc", "pixel_auroc", "aupro")

@@ -59,8 +59,10 @@ from jobs import predict as predict_job
 from jobs import train as train_job
 from jobs.outputs import write_category
 from jobs.resume import finished_category
+from jobs.tracking import BANK_ARTIFACT_TYPE
 
 from .conftest import REPO, TIRE_ROOT
+from .test_tracking import read_offline_run, wandb_env  # noqa: F401 - wandb_env is a fixture
 
 
 def tire_config(**cluster):
@@ -372,21 +374,36 @@ def test_infeasible_plan_fails_before_any_work(ray_cluster, tmp_path, capsys):
     assert not (tmp_path / "r" / "summary.json").exists()
 
 
-def test_build_bank_then_evaluate_jobs(ray_cluster, tmp_path, capsys):
+def test_build_bank_then_evaluate_jobs(ray_cluster, wandb_env, tmp_path, capsys):
     """jobs.build_bank writes a bank that jobs.evaluate scores; a bank built at another size is refused.
 
     Evaluated with another scoring than it was built with, the bank written beside the metrics records
     that scoring: the thresholds it carries are on that scoring's scale, and jobs.predict scores with it.
+    Tracked offline, the evaluate run declares as its input the very bank version the build_bank run logged,
+    and both runs' configs hold the actor plan they ran with.
     """
     config_path = tmp_path / "tire.yaml"
     config_path.write_text(json.dumps(tire_config(num_extractors=1).model_dump(mode="json")))  # JSON is YAML
     common = ["--config", str(config_path), "--category", "tire", "--set", f"output_dir={tmp_path}"]
-    assert build_bank_job.main(common + ["--out", str(tmp_path / "bank")]) == 0
+    assert build_bank_job.main(common + ["--out", str(tmp_path / "bank"), "--wandb", "offline"]) == 0
     bank = load_bank(tmp_path / "bank")
     assert bank.metadata["category"] == "tire" and bank.metadata["scoring"]["reweight_neighbours"] == 0
     reweighted = common + ["--bank", str(tmp_path / "bank"), "--out", str(tmp_path / "eval"),
-                           "--set", "scoring.reweight_neighbours=3"]
+                           "--set", "scoring.reweight_neighbours=3", "--wandb", "offline"]
     assert evaluate_job.main(reweighted) == 0
+    built, evaluated = read_offline_run(tmp_path / "bank"), read_offline_run(tmp_path / "eval")
+    assert (built["run"].display_name, evaluated["run"].display_name) == (
+        "build_bank tire_small/tire tf_efficientnet_lite0", "evaluate tire_small/tire tf_efficientnet_lite0")
+    assert built["run"].run_group == evaluated["run"].run_group == "cluster-test"
+    assert list(built["run"].tags) == ["patchcore", "tf_efficientnet_lite0", "tire_small", "gpu"]
+    [logged] = [artifact for artifact in built["artifacts"] if artifact.type == BANK_ARTIFACT_TYPE]
+    [used] = [artifact for artifact in evaluated["artifacts"] if artifact.type == BANK_ARTIFACT_TYPE]
+    assert (used.name, used.digest, used.use_after_commit) == (logged.name, logged.digest, True)
+    assert evaluated["config"]["resolved_bank"] == {"source": str(tmp_path / "bank"), "bank_sha256": bank.sha256}
+    for recorded in (built, evaluated):
+        plan = recorded["config"]["resolved_plan"]
+        assert [actor["role"] for actor in plan["actors"]].count("extractor") == 1 and "colocate" in plan
+        assert recorded["config"]["resolved_backbones"]["tf_efficientnet_lite0"]["layers"] == ["blocks.2", "blocks.4"]
     folder = tmp_path / "eval" / "tire_small" / "tire"
     metrics = json.loads((folder / "metrics.json").read_text())["values"]
     assert metrics["image_auroc"] > 0.65 and metrics["pixel_auroc"] > 0.93

@@ -171,3 +171,25 @@ def test_names_with_spaces_and_non_ascii(bank_dir, split, tmp_path):
     assert main(["--bank", str(bank_dir), "--input", str(folder), "--out", str(out)]) == 0
     record = json.loads((out / "predictions.json").read_text())["predictions"][0]
     assert record["image_path"] == str(folder / "bild 1 é.png") and (out / record["overlay"]).is_file()
+
+
+def test_tracked_prediction_declares_the_bank_it_used(bank_dir, split, tmp_path, monkeypatch):
+    """With --wandb offline the run is named for the bank and input, and declares the bank as the version its
+    files make (the one jobs.build_bank logged) and the weights by sha256."""
+    from jobs.tracking import BANK_ARTIFACT_TYPE, WEIGHTS_ARTIFACT_TYPE, folder_artifact
+    from tests.test_tracking import read_offline_run
+
+    monkeypatch.setenv("WANDB_DIR", str(tmp_path / "wandb_home"))
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    out = tmp_path / "out"
+    image = split.test[0].image_path
+    assert main(["--bank", str(bank_dir), "--input", image, "--out", str(out), "--wandb", "offline"]) == 0
+    recorded = read_offline_run(out)
+    assert recorded["run"].display_name == f"predict {bank_dir.name} {image.rsplit('/', 1)[1]}"
+    [bank] = [artifact for artifact in recorded["artifacts"] if artifact.type == BANK_ARTIFACT_TYPE]
+    expected = folder_artifact(bank_dir, "mvtec", "tire")
+    expected.finalize()
+    assert (bank.name, bank.digest, bank.use_after_commit) == ("bank-mvtec-tire", expected.digest, True)
+    [weights] = [artifact for artifact in recorded["artifacts"] if artifact.type == WEIGHTS_ARTIFACT_TYPE]
+    assert json.loads(weights.metadata)["sha256"] == load_bank(bank_dir).metadata["weights_sha256"]
+    assert recorded["summary"]["images"] == 1

@@ -16,6 +16,7 @@ import struct
 import subprocess
 import sys
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -25,9 +26,11 @@ from PIL import Image
 from anomaly_core.bank import save_bank, write_json
 from anomaly_core.config import WandbConfig
 from anomaly_core.metrics import METRIC_NAMES, mean_metrics
+from cluster.pipeline import CategoryJob
 from jobs.report import figure_paths, write_category_figure, write_report
-from jobs.tracking import (BANK_ARTIFACT_TYPE, RUN_FOLDER_ARTIFACT_TYPE, Tracker, TrackingError, api_key_configured,
-                           artifact_name, reserved_gpus, resolve_mode)
+from jobs.tracking import (BANK_ARTIFACT_TYPE, DATASET_ARTIFACT_TYPE, MODEL_ARTIFACT_TYPE, RUN_FOLDER_ARTIFACT_TYPE,
+                           RUN_ID_FILE, WEIGHTS_ARTIFACT_TYPE, Tracker, TrackingError, api_key_configured, artifact_name,
+                           reserved_gpus, resolve_mode, run_tags)
 from tests.test_report import TRANSFORM, fake_results
 
 REPO = Path(__file__).resolve().parent.parent
@@ -59,10 +62,11 @@ def read_records(path: Path):
             break
 
 
-def read_offline_run(run_dir: Path) -> dict:
+def read_offline_run(run_dir: Path, log_file: Path | None = None) -> dict:
     """The run record, final config, summary, history rows, artifacts and metric definitions of the one
-    offline run under ``run_dir``."""
-    [log_file] = (run_dir / "wandb").glob("offline-run-*/run-*.wandb")
+    offline run under ``run_dir`` (or of the transaction log ``log_file``)."""
+    if log_file is None:
+        [log_file] = (run_dir / "wandb").glob("offline-run-*/run-*.wandb")
     run, summary, history, artifacts, metrics, config = None, {}, [], [], [], {}
     for record in read_records(log_file):
         kind = record.WhichOneof("record_type")
@@ -230,7 +234,8 @@ def test_offline_run_holds_metrics_table_images_and_bank_artifacts(wandb_env, re
     assert [artifact.name for artifact in banks] == ["bank-mvtec_ad-tire", "bank-mvtec_ad-tire_hard", "bank-visa-tire"]
     for artifact, result in zip(banks, results):
         folder = run_dir / result.job.dataset / result.job.split.category
-        assert set(artifact.aliases) == {"latest", f"{result.job.dataset}-{result.job.split.category}-tf_efficientnet_lite0"}
+        assert set(artifact.aliases) == {"latest", "bench-1",  # the run's name
+                                         f"{result.job.dataset}-{result.job.split.category}-tf_efficientnet_lite0"}
         assert json.loads(artifact.metadata) == json.loads((folder / "bank.json").read_text())
         contents = {entry.path: entry for entry in artifact.manifest.contents}
         assert set(contents) == {"bank.safetensors", "bank.json"}
@@ -351,12 +356,12 @@ def test_auto_mode_goes_online_only_with_local_credentials(tmp_path):
         resolve_mode("disabled")
 
 
-def test_use_bank_needs_a_wellformed_reference_and_online_tracking(wandb_env, tmp_path):
+def test_use_input_needs_a_wellformed_reference_and_online_tracking(wandb_env, tmp_path):
     with Tracker(WandbConfig(mode="offline"), "predict", tmp_path / "run") as tracker:
         with pytest.raises(TrackingError, match="must look like"):
-            tracker.use_bank("wandb:bank-mvtec-tire:latest")
+            tracker.use_input("wandb:bank-mvtec-tire:latest")
         with pytest.raises(TrackingError, match="needs an online W&B run"):
-            tracker.use_bank("wandb:me/proj/bank-mvtec-tire:latest")
+            tracker.use_input("wandb:me/proj/bank-mvtec-tire:latest")
     assert artifact_name("bank", "my data", "cat/1") == "bank-my-data-cat-1"
     assert np.all([c.isalnum() or c in "-_." for c in artifact_name("x:y", "a b")])
 
@@ -431,3 +436,186 @@ def test_reserved_gpus_come_from_the_resource_plan_only():
     assert reserved_gpus({"members": {"a": {"plan": plan(1, 1)}, "b": {"plan": plan(0.5)}}}) == 2  # one after another
     assert reserved_gpus({"plan": plan()}) == 0  # a CPU-only run costs no GPU time
     assert reserved_gpus({"resources": {"GPU": 8.0}}) is None  # a training run: no plan, no claim
+
+
+def test_runs_have_an_identity_and_a_resumed_run_reopens_its_wandb_run(wandb_env, tmp_path):
+    """Name, default group (the config's name; wandb.group wins), automatic tags after the user's, and with
+    ``keep_id`` the run id kept in the run folder: a second job on that folder continues the same W&B run."""
+    from anomaly_core.config import parse_config
+
+    config = parse_config({"name": "nightly", "datasets": [{"name": "tire_small", "format": "mvtec", "root": "data/x"},
+                                                             {"name": "visa", "format": "visa", "root": "data/y"}],
+                           "backbone": {"name": "wide_resnet50_2", "weights": "random"},
+                           "cluster": {"gpus_per_extractor": 1}}, "t")
+    assert run_tags(config) == ["patchcore", "wide_resnet50_2", "tire_small", "visa", "gpu"]
+    run_dir = tmp_path / "bench"
+    settings = WandbConfig(mode="offline", project="anomaly-test", tags=["ci", "gpu"])
+    with Tracker(settings, "benchmark", run_dir, name="benchmark nightly", group=config.name, tags=run_tags(config),
+                 keep_id=True) as tracker:
+        first_id = tracker.run.id
+    run = read_offline_run(run_dir)["run"]
+    assert (run.display_name, run.run_group, run.run_id) == ("benchmark nightly", "nightly", first_id)
+    assert list(run.tags) == ["ci", "gpu", "patchcore", "wide_resnet50_2", "tire_small", "visa"]  # no duplicate
+    assert (run_dir / RUN_ID_FILE).read_text().strip() == first_id
+    with Tracker(settings, "benchmark", run_dir, name="benchmark nightly", keep_id=True) as tracker:
+        assert tracker.run.id == first_id
+    logs = sorted((run_dir / "wandb").glob("offline-run-*/run-*.wandb"))
+    assert len(logs) == 2 and {log.name for log in logs} == {f"run-{first_id}.wandb"}  # `wandb sync` appends
+    with Tracker(WandbConfig(mode="offline", group="mine"), "evaluate", tmp_path / "eval", group="nightly") as tracker:
+        assert tracker.run.group == "mine" and tracker.run.id != first_id  # no keep_id: a new run
+    assert not (tmp_path / "eval" / RUN_ID_FILE).exists()
+
+
+def _model_folder(folder: Path, best_epoch: int) -> Path:
+    """A trained model's files as jobs.train writes them (their contents do not matter to W&B)."""
+    folder.mkdir(parents=True)
+    (folder / "model.safetensors").write_bytes(b"tensors" * 100)
+    write_json(folder / "model.json", {"kind": "reverse_distillation", "backbone": "tf_efficientnet_lite0",
+                                       "layers": ["blocks.1"], "weights": "package", "weights_sha256": "ab" * 32,
+                                       "training": {"best_epoch": best_epoch, "weights_epoch": 4}})
+    return folder
+
+
+def test_local_inputs_are_declared_as_the_versions_that_logged_them(wandb_env, results, tmp_path):
+    """A bank and a trained model logged by one offline run, then consumed from their local folders by another:
+    the second run records them as inputs with the same name, type and digest (the same W&B version), its
+    category's images as a reference artifact, the weights by sha256, and the resolved values in its config.
+    (Offline W&B cannot look an artifact up by name; ``wandb:`` references are covered below.)"""
+    job = results[0].job
+    bank_folder = tmp_path / "outputs" / job.dataset / job.split.category
+    result = results[0]
+    result.bank.metadata.update(layers=["blocks.2"], weights="package", weights_sha256="cd" * 32)
+    save_bank(result.bank, bank_folder)
+    model_folder = _model_folder(tmp_path / "train-run" / job.dataset / job.split.category, best_epoch=4)
+    with Tracker(WandbConfig(mode="offline", project="anomaly-test"), "train", tmp_path / "producer",
+                 name="train rd tire") as tracker:
+        tracker.log_bank(job, bank_folder)
+        tracker.log_model(job, model_folder)
+    logged = {artifact.type: artifact for artifact in read_offline_run(tmp_path / "producer")["artifacts"]}
+    assert set(logged[MODEL_ARTIFACT_TYPE].aliases) == {"latest", "best", "train-rd-tire"}
+
+    fewer = CategoryJob(job.dataset, job.root, replace(job.split, train=job.split.train[:3]))
+    with Tracker(WandbConfig(mode="offline", project="anomaly-test"), "evaluate", tmp_path / "consumer") as tracker:
+        assert tracker.use_input(bank_folder / "bank.safetensors") == bank_folder / "bank.safetensors"
+        assert tracker.use_input(str(model_folder)) == model_folder
+        tracker.use_dataset(job)
+        tracker.use_dataset(job)  # declared once
+        tracker.use_dataset(fewer)  # another image list: another version
+        tracker.use_backbone(result.bank.metadata)
+        tracker.use_backbone(json.loads((model_folder / "model.json").read_text()))
+        tracker.use_backbone({"backbone": "wide_resnet50_2", "layers": [], "weights_sha256": "random"})
+        tracker.log_resolved({"plan": {"extractor_threads": 2, "decode_workers": [1, 1], "colocate": False}})
+        assert tracker.active
+    recorded = read_offline_run(tmp_path / "consumer")
+    used = recorded["artifacts"]
+    assert all(artifact.use_after_commit for artifact in used)
+    for kind in (BANK_ARTIFACT_TYPE, MODEL_ARTIFACT_TYPE):
+        [artifact] = [artifact for artifact in used if artifact.type == kind]
+        assert (artifact.name, artifact.digest) == (logged[kind].name, logged[kind].digest)
+        assert artifact.digest  # a content digest, so W&B resolves it to the logged version
+
+    datasets = [artifact for artifact in used if artifact.type == DATASET_ARTIFACT_TYPE]
+    assert [artifact.name for artifact in datasets] == [f"dataset-{job.dataset}-{job.split.category}"] * 2
+    assert datasets[0].digest != datasets[1].digest
+    entries = {entry.path: entry for entry in datasets[0].manifest.contents}
+    assert set(entries) == {"images.json"}  # no image
+    images = json.loads(Path(entries["images.json"].local_path).read_text())
+    assert images["train"] == [str(Path(s.image_path).relative_to(job.root)) for s in job.split.train]
+    assert len(images["test"]) == len(job.split.test) and images["validation"] == []
+    metadata = json.loads(datasets[0].metadata)
+    assert (metadata["n_train"], metadata["root"]) == (len(job.split.train), job.root)
+
+    weights = [artifact for artifact in used if artifact.type == WEIGHTS_ARTIFACT_TYPE]
+    assert [json.loads(artifact.metadata)["sha256"] for artifact in weights] == ["cd" * 32, "ab" * 32]  # none for random
+    assert len({artifact.digest for artifact in weights}) == 2
+    config = {item.key: json.loads(item.value_json) for item in recorded["run"].config.update}
+    final = recorded["config"]
+    assert final["resolved_backbones"] == {
+        "tf_efficientnet_lite0": {"layers": ["blocks.1"], "weights": "package", "weights_sha256": "ab" * 32},
+        "wide_resnet50_2": {"layers": [], "weights": None, "weights_sha256": "random"}}
+    assert final["resolved_plan"] == {"extractor_threads": 2, "decode_workers": [1, 1], "colocate": False}
+    assert "resolved_plan" not in config  # added after the start, as a job resolves it
+
+
+class FakeArtifact:
+    def __init__(self, kind: str, files: Path) -> None:
+        self.type, self.files = kind, files
+
+    def download(self, root: str) -> str:
+        return str(self.files)
+
+
+def test_a_wandb_reference_is_accepted_by_what_it_is(wandb_env, tmp_path):
+    """``use_artifact`` by name needs the W&B server (offline it is refused), so the run is a stand-in here:
+    a trained model and a bank are both accepted, anything else is refused naming its type."""
+    model = _model_folder(tmp_path / "model", best_epoch=1)
+    requested = []
+
+    class OnlineRun:
+        def use_artifact(self, name: str) -> FakeArtifact:
+            requested.append(name)
+            kind = name.split("/")[-1].split("-")[0]
+            return FakeArtifact({"model": MODEL_ARTIFACT_TYPE, "bank": BANK_ARTIFACT_TYPE}.get(kind, kind), model)
+
+    tracker = Tracker(WandbConfig(mode="off"), "predict", tmp_path / "run")
+    tracker.run, tracker.mode = OnlineRun(), "online"
+    assert tracker.use_input("wandb:me/proj/model-mvtec-tire:best") == model
+    assert tracker.use_input("wandb:me/proj/bank-mvtec-tire:v3") == model
+    with pytest.raises(TrackingError, match="of type 'dataset'; a job scores with memory-bank or trained-model"):
+        tracker.use_input("wandb:me/proj/dataset-mvtec-tire:latest")
+    assert requested == ["me/proj/model-mvtec-tire:best", "me/proj/bank-mvtec-tire:v3", "me/proj/dataset-mvtec-tire:latest"]
+
+
+def test_evaluate_scores_a_trained_model_and_declares_it(wandb_env, tire_root, tmp_path):
+    """jobs.evaluate with a trained model's folder (an untrained Reverse Distillation at 64 px: the numbers only
+    have to be the model's): metrics from its predictions, its files copied and annotated there, not in place,
+    and a W&B run named for what ran that declares the model as the version its files make."""
+    import yaml
+    from sklearn.metrics import roc_auc_score
+
+    from anomaly_core.config import parse_config
+    from anomaly_core.training import save_model_files
+    from cluster.training import build_model
+    from jobs.evaluate import main
+    from jobs.tracking import folder_artifact
+
+    raw = {"name": "rd-eval", "datasets": [{"name": "tire_small", "format": "mvtec", "root": str(tire_root)}],
+           "backbone": {"name": "tf_efficientnet_lite0", "layers": [], "weights": "package"},
+           "preprocess": {"resize": 64, "crop": 64}, "training": {"model": "reverse_distillation", "epochs": 1}}
+    (tmp_path / "rd.yaml").write_text(yaml.safe_dump(raw))
+    source = tmp_path / "train-run" / "tire_small" / "tire"
+    save_model_files(build_model(parse_config(raw, "t")), source, 64, {"best_epoch": None, "weights_epoch": 0})
+    before = (source / "model.json").read_text()
+    out = tmp_path / "eval"
+    assert main(["--config", str(tmp_path / "rd.yaml"), "--category", "tire", "--bank", str(source), "--out", str(out),
+                 "--wandb", "offline"]) == 0
+    folder = out / "tire_small" / "tire"
+    metrics = json.loads((folder / "metrics.json").read_text())
+    records = json.loads((folder / "predictions" / "predictions.json").read_text())
+    labels = [int("/good/" not in record["image_path"]) for record in records]
+    assert metrics["values"]["image_auroc"] == pytest.approx(roc_auc_score(labels, [r["pred_score"] for r in records]))
+    assert metrics["bank_sha256"] == json.loads(before)["tensors_sha256"]
+    assert (source / "model.json").read_text() == before  # the source is left as it was
+    assert "thresholds" in json.loads((folder / "model.json").read_text())
+
+    recorded = read_offline_run(out)
+    run = recorded["run"]
+    assert (run.display_name, run.run_group) == ("evaluate tire_small/tire tf_efficientnet_lite0", "rd-eval")
+    assert list(run.tags) == ["reverse_distillation", "tf_efficientnet_lite0", "tire_small", "cpu"]
+    [model] = [artifact for artifact in recorded["artifacts"] if artifact.type == MODEL_ARTIFACT_TYPE]
+    expected = folder_artifact(source, "tire_small", "tire")
+    expected.finalize()
+    assert (model.name, model.digest) == ("model-tire_small-tire", expected.digest)
+    inputs = {artifact.type for artifact in recorded["artifacts"] if artifact.use_after_commit}
+    assert inputs == {MODEL_ARTIFACT_TYPE, DATASET_ARTIFACT_TYPE, WEIGHTS_ARTIFACT_TYPE}
+    assert recorded["summary"]["tire_small/tire/image_auroc"] == pytest.approx(metrics["values"]["image_auroc"])
+
+
+def test_a_folder_that_is_no_bank_leaves_tracking_on(wandb_env, tmp_path, caplog):
+    """The job's own loading reports a wrong --bank; declaring it must not turn tracking off first."""
+    with caplog.at_level(logging.WARNING, logger="jobs.tracking"):
+        with Tracker(WandbConfig(mode="offline"), "evaluate", tmp_path / "run") as tracker:
+            assert tracker.use_input(tmp_path / "nothing-here") == tmp_path / "nothing-here"
+            assert tracker.active
+    assert not caplog.records
+    assert read_offline_run(tmp_path / "run")["artifacts"] == []
