@@ -255,7 +255,7 @@ def test_autovi_region_file_is_one_value(autovi: Path) -> None:
         assert np.array_equal(load_mask(sample, transform).numpy(), expected)
     png(file, np.maximum(region(50, 50, 128, shape=(SIZE, SIZE, 3)), region(40, 10, 255, shape=(SIZE, SIZE, 3))))
     assert read_mask(file).sum() == 128  # two levels: the "levels" rule of MVTec AD accepts it
-    message = f"mask {file} holds 2 non-zero values (128..255); a file of an AutoVI mask folder is one defect region"
+    message = f"mask {file} holds 2 non-zero values (128..255); a file of a MVTec LOCO or AutoVI mask folder is one defect region"
     with raises_naming(message):
         load_mask(sample, transform)
     with pytest.raises(DatasetError, match="1 unusable file") as info:

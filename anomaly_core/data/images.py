@@ -57,7 +57,7 @@ def image_size(path: str | Path) -> tuple[int, int]:
 def read_mask(path: str | Path, rule: MaskRule = "levels") -> np.ndarray:
     """``bool [H, W]`` by the format's ``rule`` (``Sample.mask_rule``), each as its dataset's authors read their masks.
 
-    ``"levels"`` (MVTec AD, a user's folder): anomalous where any channel is > 0 (alpha ignored). Masks are 0 for
+    ``"levels"`` (MVTec AD, a user's folder, a plain ``read_mask``): anomalous where any channel is > 0 (alpha ignored). Masks are 0 for
     normal pixels and one value (or, in class-coded masks, a few values) for anomalous ones; a grey gradient (a soft
     or resampled mask, or a photo saved as a mask) has no single meaning of "anomalous", and reading it as ``> 0``
     would silently inflate the defect area, so a mask with more than ``MAX_MASK_LEVELS`` non-zero levels is refused.
@@ -73,8 +73,9 @@ def read_mask(path: str | Path, rule: MaskRule = "levels") -> np.ndarray:
     ``Mask(to_image(image.convert("L")) / 255, dtype=uint8)``, which truncates) keeps only 255, so the grey
     compression fringe some BTAD masks carry stays normal. A mask with non-zero pixels but none at 255 is refused.
 
-    ``"one_value"`` (AutoVI): ``> 0``, each file of a mask folder 0 and one value: AutoVI's evaluation code (MVTec
-    LOCO's, ``image.py`` ``GroundTruthChannel.create_from_integer_array``) asserts exactly that, then reads it as bool.
+    ``"one_value"`` (AutoVI, MVTec LOCO): ``> 0``, each file of a mask folder 0 and one value: AutoVI's evaluation
+    code, MVTec LOCO's adapted (``src/image.py`` ``GroundTruthChannel.create_from_integer_array``), asserts exactly
+    that, then reads the file as bool. (LOCO's files are also checked against its defects_config.json: data.defects.)
 
     A mask folder (MVTec LOCO, AutoVI: one file per defect region) is the union of its files, each read and checked
     as above; they must all have one size.
@@ -120,5 +121,5 @@ def _read_mask_file(path: Path, rule: MaskRule) -> np.ndarray:
         )
     if rule == "one_value" and len(levels) > 1:
         raise DatasetError(f"mask {path} holds {len(levels)} non-zero values ({levels.min()}..{levels.max()}); a file "
-                           f"of an AutoVI mask folder is one defect region: 0 and one value")
+                           f"of a MVTec LOCO or AutoVI mask folder is one defect region: 0 and one value")
     return values > 0

@@ -17,9 +17,9 @@ IMAGE_EXTENSIONS = frozenset({".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff"})
 
 
 # How a mask file's pixels become anomalous or not, as each dataset's authors read their masks (images.read_mask):
-# "levels" > 0 with at most a few non-zero levels (MVTec AD, LOCO's union, a user's folder), "nonzero" > 0 whatever
-# the levels (VisA's region ids, MVTec 3D-AD), "white" grey == 255 (BTAD, as anomalib reads it), "one_value" > 0
-# with one non-zero value per file (AutoVI's region files), an int t: > t (a user's folder, ``mask_threshold``).
+# "levels" > 0 with at most a few non-zero levels (MVTec AD, a user's folder), "nonzero" > 0 whatever the levels
+# (VisA's region ids, MVTec 3D-AD), "white" grey == 255 (BTAD, as anomalib reads it), "one_value" > 0 with one
+# non-zero value per file (MVTec LOCO's and AutoVI's region files), an int t: > t (a user's folder, mask_threshold).
 MaskRule = Literal["levels", "nonzero", "white", "one_value"] | int
 
 
