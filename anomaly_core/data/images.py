@@ -57,10 +57,11 @@ def image_size(path: str | Path) -> tuple[int, int]:
 def read_mask(path: str | Path, rule: MaskRule = "levels") -> np.ndarray:
     """``bool [H, W]`` by the format's ``rule`` (``Sample.mask_rule``), each as its dataset's authors read their masks.
 
-    ``"levels"`` (MVTec AD, a user's folder, a plain ``read_mask``): anomalous where any channel is > 0 (alpha ignored). Masks are 0 for
-    normal pixels and one value (or, in class-coded masks, a few values) for anomalous ones; a grey gradient (a soft
-    or resampled mask, or a photo saved as a mask) has no single meaning of "anomalous", and reading it as ``> 0``
-    would silently inflate the defect area, so a mask with more than ``MAX_MASK_LEVELS`` non-zero levels is refused.
+    ``"levels"`` (MVTec AD, a user's folder, a plain ``read_mask``): anomalous where any channel is > 0 (alpha
+    ignored). Masks are 0 for normal pixels and one value (or, in class-coded masks, a few values) for anomalous
+    ones; a grey gradient (a soft or resampled mask, or a photo saved as a mask) has no single meaning of
+    "anomalous", and reading it as ``> 0`` would silently inflate the defect area, so a mask with more than
+    ``MAX_MASK_LEVELS`` non-zero levels is refused.
     An int ``t`` (the folder format's ``mask_threshold``): ``> t``, a binarisation the user chose.
 
     ``"nonzero"``: ``> 0`` whatever the levels. VisA numbers its defect regions 1, 2, ..., and the VisA authors' and
