@@ -36,6 +36,18 @@ class DatasetConfig(_Strict):
     format: Literal["mvtec", "mvtec3d", "mvtec_loco", "autovi", "visa", "btad", "folder", "synthetic"]
     root: str
     categories: list[str] | None = None  # None = every category found under root
+    # folder format only: read its masks as anomalous where > this grey value (0..255) instead of refusing grey
+    # masks; every other format reads its masks as its authors define them (anomaly_core.data.images.read_mask)
+    mask_threshold: int | None = Field(None, ge=0, le=255, strict=True)
+
+    @field_validator("mask_threshold")
+    @classmethod
+    def _folder_only(cls, value: int | None, info: ValidationInfo) -> int | None:
+        fmt = info.data.get("format")  # absent when invalid, and then reported on its own
+        if value is not None and fmt not in (None, "folder"):
+            raise ValueError(f"only the folder format takes a mask_threshold; {fmt} masks are read as the "
+                             f"dataset's authors define them")
+        return value
 
 
 class BackboneConfig(_Strict):

@@ -60,8 +60,8 @@ def category_jobs(config: RunConfig, only: set[str] | None) -> list[CategoryJob]
         if only:
             wanted = [category for category in wanted if category in only or f"{dataset.name}/{category}" in only]
         root = str(Path(dataset.root).resolve())
-        jobs += [with_validation(config, CategoryJob(dataset.name, root, load_split(dataset.format, dataset.root, category)))
-                 for category in wanted]
+        splits = [load_split(dataset.format, dataset.root, category, dataset.mask_threshold) for category in wanted]
+        jobs += [with_validation(config, CategoryJob(dataset.name, root, split)) for split in splits]
     unknown = sorted((only or set()) - known)
     if unknown:
         raise ConfigError(f"categories {unknown} not found in the configured datasets (have {sorted(known)})")

@@ -91,3 +91,33 @@ def test_submitted_jobs_write_relative_outputs_somewhere_durable(tmp_path):
     assert durable_output_dir(config, submitted).output_dir == str(Path("~/anomaly-bench/outputs").expanduser().resolve())
     absolute = config.model_copy(update={"output_dir": str(tmp_path / "abs")})
     assert durable_output_dir(absolute, submitted).output_dir == str(tmp_path / "abs")
+
+
+@pytest.mark.parametrize(
+    "dataset,message",
+    [
+        ("{name: t, format: folder, root: data/tire_small, mask_threshold: 256}",
+         "datasets.0.mask_threshold: Input should be less than or equal to 255"),
+        ("{name: t, format: folder, root: data/tire_small, mask_threshold: -1}",
+         "datasets.0.mask_threshold: Input should be greater than or equal to 0"),
+        ("{name: t, format: folder, root: data/tire_small, mask_threshold: 0.5}",
+         "datasets.0.mask_threshold: Input should be a valid integer"),
+        ("{name: t, format: folder, root: data/tire_small, mask_threshold: true}",
+         "datasets.0.mask_threshold: Input should be a valid integer"),
+        ("{name: t, format: btad, root: data/tire_small, mask_threshold: 127}",
+         "datasets.0.mask_threshold: Value error, only the folder format takes a mask_threshold; btad masks"),
+    ],
+)
+def test_bad_mask_threshold_names_its_key(dataset, message):
+    with pytest.raises(ConfigError, match=message):
+        load_config(REPO / "configs" / "demo.yaml", [f"datasets=[{dataset}]"])
+
+
+def test_mask_threshold_reaches_the_folder_reader():
+    from jobs.benchmark import category_jobs
+
+    for threshold, rule in (("null", "levels"), ("0", 0), ("200", 200)):
+        config = load_config(REPO / "configs" / "demo.yaml",
+                             [f"datasets=[{{name: t, format: folder, root: data/tire_small, mask_threshold: {threshold}}}]"])
+        (job,) = category_jobs(config, None)
+        assert {s.mask_rule for s in job.split.test if s.label} == {rule} and len(job.split.test) == 28

@@ -16,6 +16,7 @@ from PIL import Image
 from anomaly_core.data import (
     DATASET_FORMATS,
     DatasetError,
+    ImageTransform,
     Sample,
     list_categories,
     load_split,
@@ -26,7 +27,8 @@ from anomaly_core.data.checks import check_split
 from anomaly_core.data.images import MAX_MASK_LEVELS, mask_values
 from anomaly_core.extraction import ExtractionSettings, PatchFeatureExtractor
 from anomaly_core.patchcore import build_bank, evaluate
-from anomaly_core.scoring import NearestNeighbourScorer, ScoringParams, predict
+from anomaly_core.scoring import NearestNeighbourScorer, Predictions, ScoringParams, predict
+from anomaly_core.data import load_mask
 
 TIRE = Path(__file__).parent.parent / "data/tire_small"
 
@@ -369,16 +371,16 @@ def test_visa_instance_masks_read_as_their_binarised_masks(tmp_path: Path) -> No
     _, many = visa_from_tire(tmp_path / "ids", instance_ids=True)
     visa_from_tire(tmp_path / "binary", instance_ids=False)
     ids, binary = (load_split("visa", tmp_path / name, "tire") for name in ("ids", "binary"))
-    assert [s.instance_mask for s in ids.test] == [s.label == 1 for s in ids.test] and len(ids.test) == 24
+    assert [s.mask_rule for s in ids.test] == ["nonzero" if s.label else "levels" for s in ids.test] and len(ids.test) == 24
     values = [np.unique(mask_values(s.mask_path)) for s in ids.test if s.label]
     assert max(len(v) for v in values) == 13 and many == 8  # 0 and ids 1..12; 8 masks hold more than 8 ids
     check_split(ids, str(tmp_path / "ids"), need_test=True)  # decodes every mask: none refused
-    as_levels = replace(ids, test=tuple(replace(s, instance_mask=False) for s in ids.test))
+    as_levels = replace(ids, test=tuple(replace(s, mask_rule="levels") for s in ids.test))
     with pytest.raises(DatasetError, match=f"{many} unusable file"):  # what the reader did before
         check_split(as_levels, str(tmp_path / "ids"), need_test=True)
     for coded, plain in zip(ids.test, binary.test):
         if coded.label:
-            assert np.array_equal(read_mask(coded.mask_path, instances=True), read_mask(plain.mask_path))
+            assert np.array_equal(read_mask(coded.mask_path, "nonzero"), read_mask(plain.mask_path))
 
     extractor = PatchFeatureExtractor(ExtractionSettings("tf_efficientnet_lite0", ("blocks.2", "blocks.4"), "package",
                                                          resize=128, crop=112))
@@ -390,3 +392,120 @@ def test_visa_instance_masks_read_as_their_binarised_masks(tmp_path: Path) -> No
     on_binary = evaluate(binary.test, predictions, extractor.transform, 0.3)  # byte-identical images
     assert on_ids.values == on_binary.values and on_ids.notes == on_binary.notes
     assert 0.5 < on_ids.values["aupro"] < 1.0 and 0.9 < on_ids.values["pixel_auroc"] < 1.0
+
+
+# Where each format keeps the tire images: (train, normal test, anomalous test, its mask) as format strings of the
+# category folder and the file stem; the MVTec 3D-AD one also has the all-zero gt/ of its good test images.
+AUTHOR_LAYOUTS = {
+    "btad": ("train/ok/{}.png", "test/ok/{}.png", "test/ko/{}.png", "ground_truth/ko/{}.{}"),
+    "mvtec3d": ("train/good/rgb/{}.png", "test/good/rgb/{}.png", "test/cut/rgb/{}.png", "test/cut/gt/{}.{}"),
+}
+
+
+def authors_tree(root: Path, fmt: str, dirty: bool) -> int:
+    """tire_small (6 train, 4 good and all 20 anomalous test images) in ``fmt``'s layout; returns how many of its
+    masks the old reader refused as not binary.
+
+    Clean masks are the real 0/255 ones. Dirty ones carry what the format's authors read away: BTAD masks a grey
+    fringe of values 1..254 around each defect (some masks are BMP, as in BTAD), which anomalib's ``== 255`` drops;
+    MVTec 3D-AD masks their defect pixels at 1..255 (many levels), which MVTec's ``> 0`` reads as the same pixels.
+    """
+    split = load_split("mvtec", TIRE, "tire")
+    train, good, bad, mask_name = AUTHOR_LAYOUTS[fmt]
+    cat = root / "tire"
+    normal = [(train, s) for s in split.train[:6]] + [(good, s) for s in split.test if s.label == 0][:4]
+    anomalous = [(bad, s) for s in split.test if s.label == 1]
+    refused = 0
+    for i, (where, sample) in enumerate(normal + anomalous):
+        (cat / where.format(f"{i:03d}")).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(sample.image_path, cat / where.format(f"{i:03d}"))
+        if sample.label == 0 and where == good and fmt == "mvtec3d":
+            img(cat / f"test/good/gt/{i:03d}.png", 0)
+        if sample.label == 0:
+            continue
+        binary = read_mask(sample.mask_path)
+        values = np.where(binary, 255, 0).astype(np.uint8)
+        if dirty and fmt == "btad":
+            rows, cols = np.indices(binary.shape)
+            ring = ~binary
+            for dr, dc in ((-2, 0), (2, 0), (0, -2), (0, 2), (-1, -1), (1, 1)):
+                ring &= ~np.roll(np.roll(binary, dr, 0), dc, 1)
+            fringe = ~binary & ~ring
+            values[fringe] = 1 + (rows + 3 * cols)[fringe] % 254
+        elif dirty:
+            values[binary] = 1 + np.arange(binary.sum()) % 255
+        refused += dirty and len(np.unique(values)) - 1 > MAX_MASK_LEVELS
+        path = cat / mask_name.format(f"{i:03d}", "bmp" if fmt == "btad" and i % 3 == 0 else "png")
+        path.parent.mkdir(parents=True, exist_ok=True)
+        Image.fromarray(values).save(path)
+    return refused
+
+
+@pytest.mark.parametrize("fmt", ["btad", "mvtec3d"])
+def test_masks_read_as_their_authors_binarise_them(tmp_path: Path, fmt: str) -> None:
+    """BTAD's grey-fringed and MVTec 3D-AD's many-level masks (every one refused before) read as the clean 0/255
+    masks, and every metric equals the clean tree's, bit for bit, on the same predictions."""
+    refused = authors_tree(tmp_path / "dirty", fmt, dirty=True)
+    authors_tree(tmp_path / "clean", fmt, dirty=False)
+    dirty, clean = (load_split(fmt, tmp_path / name, "tire") for name in ("dirty", "clean"))
+    assert len(dirty.test) == 24 and refused == 20
+    check_split(dirty, str(tmp_path / "dirty"), need_test=True)  # decodes every mask: none refused
+    as_levels = replace(dirty, test=tuple(replace(s, mask_rule="levels") for s in dirty.test))
+    with pytest.raises(DatasetError, match=f"{refused} unusable file"):  # what the reader did before
+        check_split(as_levels, str(tmp_path / "dirty"), need_test=True)
+    transform = ImageTransform(resize=128, crop=112)
+    for a, b in zip(dirty.test, clean.test):
+        assert a.label == 0 or not np.array_equal(mask_values(a.mask_path), mask_values(b.mask_path))
+        assert np.array_equal(load_mask(a, transform).numpy(), load_mask(b, transform).numpy())
+    # Maps that find the clean defects, blurred by seeded noise: metrics between 0.5 and 1, not degenerate.
+    rng = np.random.default_rng(0)
+    maps = np.stack([load_mask(s, transform).numpy() * 0.5 + rng.random((112, 112)) for s in clean.test])
+    predictions = Predictions(maps.max(axis=(1, 2)).astype(np.float64), maps.astype(np.float32), np.arange(24))
+    on_dirty = evaluate(dirty.test, predictions, transform, 0.3)
+    on_clean = evaluate(clean.test, predictions, transform, 0.3)
+    assert on_dirty.values == on_clean.values and on_dirty.notes == on_clean.notes
+    assert 0.5 < on_dirty.values["aupro"] < 1.0 and 0.5 < on_dirty.values["pixel_auroc"] < 1.0
+
+
+def big(path: Path, array: np.ndarray | None = None) -> Path:
+    """A 32x32 image (the smallest the pre-work check accepts), or ``array`` (a mask) saved as is."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    (Image.new("RGB", (32, 32), (128, 128, 128)) if array is None else Image.fromarray(array)).save(path)
+    return path
+
+
+def test_btad_mask_without_any_255_is_refused(tmp_path: Path) -> None:
+    """A BTAD mask whose defect is 1 (a 0/1 mask) would mark nothing as anomalib reads it: one line naming it."""
+    big(tmp_path / "01/train/ok/000.png")
+    big(tmp_path / "01/test/ko/000.png")
+    mask = big(tmp_path / "01/ground_truth/ko/000.png", np.tile(np.array([0, 1], np.uint8), (32, 16)))
+    split = load_split("btad", tmp_path, "01")
+    with raises_naming(mask, "none at 255"):
+        read_mask(mask, "white")
+    with pytest.raises(DatasetError, match="1 unusable file"):
+        check_split(split, str(tmp_path), need_test=True)
+    row = np.resize(np.array([0, 254, 255, 1, 255, 0, 17, 200], np.uint8), 32)
+    big(mask, np.tile(row, (32, 1)))
+    check_split(split, str(tmp_path), need_test=True)
+    assert read_mask(mask, "white").tolist() == [[v == 255 for v in row]] * 32
+    assert read_mask(mask).tolist() == [[v > 0 for v in row]] * 32  # "levels": every non-zero pixel
+
+
+FOLDER_GREY = np.tile(np.arange(0, 256, 16, dtype=np.uint8), (32, 2))  # 15 non-zero levels 16..240, 32x32
+
+
+def test_folder_refuses_grey_masks_unless_a_mask_threshold_binarises_them(tmp_path: Path) -> None:
+    big(tmp_path / "c/train/good/0.png")
+    big(tmp_path / "c/test/cut/0.png")
+    mask = big(tmp_path / "c/ground_truth/cut/0_mask.png", FOLDER_GREY)
+    split = load_split("folder", tmp_path, "c")
+    with pytest.raises(DatasetError, match="is not binary.*mask_threshold"):
+        check_split(split, str(tmp_path), need_test=True)
+    for threshold in (0, 127, 240, 255):
+        chosen = load_split("folder", tmp_path, "c", mask_threshold=threshold)
+        assert [s.mask_rule for s in chosen.test] == [threshold]
+        check_split(chosen, str(tmp_path), need_test=True)
+        assert np.array_equal(read_mask(mask, threshold), FOLDER_GREY > threshold)
+    assert read_mask(mask, 127).sum() == 32 * 2 * 8  # the 8 levels 128, 144, ..., 240, twice in each row
+    with raises_naming("mask_threshold is for the folder format only; btad"):
+        load_split("btad", tmp_path, "c", mask_threshold=127)

@@ -241,6 +241,28 @@ def test_autovi_missing_mask_folder_and_unknown_category(autovi: Path) -> None:
         load_split("autovi", autovi, "pipe_clip")
 
 
+def test_autovi_region_file_is_one_value(autovi: Path) -> None:
+    """AutoVI's evaluation code asserts each region file is 0 and one value: whichever value, it reads as its region
+    (as the 255 one), and a file of two values is refused, naming it, where the other formats would accept it."""
+    split = load_split("autovi", autovi, "pipe_clip")
+    assert [s.mask_rule for s in split.test if s.label] == ["one_value"] * 3
+    transform = ImageTransform(resize=SIZE, crop=SIZE)
+    sample = next(s for s in split.test if s.mask_path and s.mask_path.endswith("0003"))
+    file = autovi / "pipe_clip/ground_truth/unclipped/0003/0001.png"
+    expected = (region(30, 30, 255) > 0) | (region(50, 50, 255) > 0)
+    for value in (128, 1, 77):  # 128: the fixture's own
+        png(file, region(50, 50, value, shape=(SIZE, SIZE, 3)))
+        assert np.array_equal(load_mask(sample, transform).numpy(), expected)
+    png(file, np.maximum(region(50, 50, 128, shape=(SIZE, SIZE, 3)), region(40, 10, 255, shape=(SIZE, SIZE, 3))))
+    assert read_mask(file).sum() == 128  # two levels: the "levels" rule of MVTec AD accepts it
+    message = f"mask {file} holds 2 non-zero values (128..255); a file of a MVTec LOCO or AutoVI mask folder is one defect region"
+    with raises_naming(message):
+        load_mask(sample, transform)
+    with pytest.raises(DatasetError, match="1 unusable file") as info:
+        check_split(split, str(autovi), need_test=True)
+    assert message in str(info.value)
+
+
 def test_missing_root(tmp_path: Path) -> None:
     for fmt in ("mvtec_loco", "autovi"):
         with raises_naming(tmp_path / "nope", "does not exist"):

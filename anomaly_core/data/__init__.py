@@ -33,9 +33,18 @@ def list_categories(fmt: str, root: str | Path) -> list[str]:
     return _reader(fmt).list_categories(root)
 
 
-def load_split(fmt: str, root: str | Path, category: str) -> CategorySplit:
-    """Train and test samples of one category, each sorted by path relative to ``root``."""
-    return _reader(fmt).load_split(root, category)
+def load_split(fmt: str, root: str | Path, category: str, mask_threshold: int | None = None) -> CategorySplit:
+    """Train and test samples of one category, each sorted by path relative to ``root``.
+
+    ``mask_threshold`` (folder format only: the other formats read masks as their authors define them) reads
+    its masks as anomalous where ``> mask_threshold``.
+    """
+    if mask_threshold is None:
+        return _reader(fmt).load_split(root, category)
+    if fmt != "folder":
+        raise DatasetError(f"mask_threshold is for the folder format only; {fmt} masks are read as its authors "
+                           f"define them")
+    return _reader(fmt).load_split(root, category, mask_threshold)
 
 
 def load_validation(fmt: str, root: str | Path, category: str) -> tuple[Sample, ...]:

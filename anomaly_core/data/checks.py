@@ -43,7 +43,7 @@ def check_split(split: CategorySplit, root: str, need_test: bool, extra: Sequenc
                 elif sample.defects_config:
                     read_defects(sample)  # one defect type per file, listed in the config: sPRO needs each
                 else:
-                    read_mask(sample.mask_path, sample.instance_mask)  # masks are few and small: decoded now, so a bad one costs no run
+                    read_mask(sample.mask_path, sample.mask_rule)  # masks are few and small: decoded now, so a bad one costs no run
             except DatasetError as error:
                 problems.append(str(error))
     if problems:

@@ -13,6 +13,7 @@ from pathlib import Path
 from .sample import (
     CategorySplit,
     DatasetError,
+    MaskRule,
     Sample,
     check_orphan_masks,
     dataset_root,
@@ -36,6 +37,7 @@ class TreeLayout:
     mask_suffixes: tuple[str, ...] = ("_mask",)  # mask file stem = image stem + suffix
     masks_required: bool = True
     mask_folders: bool = False  # a mask is a folder (named like a mask file's stem) of files to unite
+    mask_rule: MaskRule = "levels"  # how the format's authors binarise its masks (images.read_mask)
 
     def list_categories(self, root: str | Path) -> list[str]:
         """Subdirectories of the root that hold a ``train/`` directory, sorted."""
@@ -69,7 +71,8 @@ class TreeLayout:
                     name = f"{path.stem}{self.mask_suffixes[0]}"
                     expected = f"a folder {mask_dir / name} of masks" if self.mask_folders else mask_dir / f"{name}.png"
                     raise DatasetError(f"missing mask for anomalous image {path}: expected {expected}")
-                test.append(Sample(str(path), 1, str(mask) if mask else None, category, defect, "test"))
+                test.append(Sample(str(path), 1, str(mask) if mask else None, category, defect, "test",
+                                   mask_rule=self.mask_rule))
             check_orphan_masks(masks, [path.stem for path in images], self.mask_suffixes, cat / self.test_images.format(defect=defect))
         return make_split(self.fmt, base, category, train, test)
 

@@ -3,10 +3,10 @@
 ``<cat>/train/good/*.png``, ``<cat>/validation/good/*.png``, ``<cat>/test/good/*.png``, anomalies in
 ``<cat>/test/{logical,structural}_anomalies/NNN.png``; the mask of ``test/<type>/NNN.png`` is the folder
 ``<cat>/ground_truth/<type>/NNN/`` of one file per defect (``000.png``, ``001.png``, ..., each 0 and one
-pixel value), read as their union for every pixel metric. ``<cat>/defects_config.json`` gives each pixel value
-a defect type and the saturation area of the dataset's own pixel metric, sPRO (``data.defects``,
-``metrics.spro``): a category with anomalous test images must have it, and their samples name it
-(``Sample.defects_config``).
+pixel value, ``mask_rule="one_value"``), read as their union for every pixel metric.
+``<cat>/defects_config.json`` gives each pixel value a defect type and the saturation area of the dataset's own
+pixel metric, sPRO (``data.defects``, ``metrics.spro``): a category with anomalous test images must have it, and
+their samples name it (``Sample.defects_config``).
 
 The validation/ images are extra normal images; they stay out of the train set, so the bank is built
 from train/good as in the dataset's own protocol and anomalib's loader. ``load_validation`` returns them
@@ -27,7 +27,7 @@ from .defects import CONFIG_NAME, load_defects_config
 from .mvtec import TreeLayout
 from .sample import CategorySplit, Sample, dataset_root, list_images
 
-LAYOUT = TreeLayout("mvtec_loco", mask_suffixes=("",), mask_folders=True)
+LAYOUT = TreeLayout("mvtec_loco", mask_suffixes=("",), mask_folders=True, mask_rule="one_value")
 list_categories = LAYOUT.list_categories
 
 METRIC_GROUPS: dict[str, tuple[str, ...]] = {

@@ -11,8 +11,16 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Literal
 
 IMAGE_EXTENSIONS = frozenset({".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff"})
+
+
+# How a mask file's pixels become anomalous or not, as each dataset's authors read their masks (images.read_mask):
+# "levels" > 0 with at most a few non-zero levels (MVTec AD, a user's folder), "nonzero" > 0 whatever the levels
+# (VisA's region ids, MVTec 3D-AD), "white" grey == 255 (BTAD, as anomalib reads it), "one_value" > 0 with one
+# non-zero value per file (MVTec LOCO's and AutoVI's region files), an int t: > t (a user's folder, mask_threshold).
+MaskRule = Literal["levels", "nonzero", "white", "one_value"] | int
 
 
 class DatasetError(ValueError):
@@ -27,9 +35,8 @@ class Sample:
     category: str
     defect_type: str  # "good" for normal images
     split: str  # "train" | "test" | "validation" (a format's own held-out normal images: MVTec LOCO)
-    # VisA: the mask holds one id per defect region (1, 2, ...), anomalous wherever it is non-zero however
-    # many ids it holds, rather than a few levels of one value (images.read_mask).
-    instance_mask: bool = False
+    # The format's reading of its masks (see MaskRule), set by its reader.
+    mask_rule: MaskRule = "levels"
     # MVTec LOCO: the category's defects_config.json, which gives each mask file's pixel value a defect
     # type and the saturation area of its sPRO (data.defects); None where the format has none.
     defects_config: str | None = None

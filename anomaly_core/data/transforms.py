@@ -98,7 +98,7 @@ def load_mask(sample: Sample, transform: ImageTransform) -> torch.Tensor | None:
     problem = mask_size_problem(sample, image_size(sample.image_path))
     if problem:
         raise DatasetError(problem)
-    return transform.mask(read_mask(sample.mask_path, sample.instance_mask))
+    return transform.mask(read_mask(sample.mask_path, sample.mask_rule))
 
 
 def mask_size_problem(sample: Sample, size: tuple[int, int]) -> str | None:

@@ -5,7 +5,7 @@ Columns ``object,split,label,image,mask``; ``label`` is ``normal`` or ``anomaly`
 type, so anomalous samples get ``defect_type="anomaly"``.
 
 A VisA mask numbers the image's defect regions 1, 2, ... (one value per region, as many as there are);
-its samples carry ``instance_mask`` so it reads as ``> 0`` however many values it holds, as the VisA
+its samples carry ``mask_rule="nonzero"`` so it reads as ``> 0`` however many values it holds, as the VisA
 authors' and anomalib's preparation scripts binarise it (``mask[mask != 0] = 255``: amazon-science/spot-diff
 utils/prepare_data.py, anomalib src/anomalib/data/datamodules/image/visa.py ``apply_cls1_split``). Neither
 uses the ids afterwards: anomalib's PRO takes the connected components of the binarised mask as its
@@ -65,7 +65,7 @@ def _sample(base: Path, where: str, row: dict[str, str]) -> Sample:
     mask = base / row["mask"]
     if not mask.is_file():
         raise DatasetError(f"{where}: mask file not found: {mask}")
-    return Sample(str(image), 1, str(mask), row["object"], "anomaly", split, instance_mask=True)
+    return Sample(str(image), 1, str(mask), row["object"], "anomaly", split, mask_rule="nonzero")
 
 
 def load_split(root: str | Path, category: str) -> CategorySplit:
