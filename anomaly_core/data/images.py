@@ -57,7 +57,7 @@ def image_size(path: str | Path) -> tuple[int, int]:
 def read_mask(path: str | Path, rule: MaskRule = "levels") -> np.ndarray:
     """``bool [H, W]`` by the format's ``rule`` (``Sample.mask_rule``), each as its dataset's authors read their masks.
 
-    ``"levels"`` (MVTec AD, a user's folder, a plain ``read_mask``): anomalous where any channel is > 0 (alpha
+    ``"levels"`` (a user's folder, a plain ``read_mask``): anomalous where any channel is > 0 (alpha
     ignored). Masks are 0 for normal pixels and one value (or, in class-coded masks, a few values) for anomalous
     ones; a grey gradient (a soft or resampled mask, or a photo saved as a mask) has no single meaning of
     "anomalous", and reading it as ``> 0`` would silently inflate the defect area, so a mask with more than
@@ -65,7 +65,10 @@ def read_mask(path: str | Path, rule: MaskRule = "levels") -> np.ndarray:
     An int ``t`` (the folder format's ``mask_threshold``): ``> t``, a binarisation the user chose.
 
     ``"nonzero"``: ``> 0`` whatever the levels. VisA numbers its defect regions 1, 2, ..., and the VisA authors' and
-    anomalib's preparation scripts binarise it as ``mask[mask != 0] = 255``. MVTec 3D-AD's official evaluation code
+    anomalib's preparation scripts binarise it as ``mask[mask != 0] = 255``. MVTec AD's evaluation code (Bergmann and
+    Sattlegger, 2021, read through a third-party copy: ``eval_segmentation`` takes ``ground_truth > 0`` for the pixel
+    AUROC, ``compute_pro`` the connected components of the non-zero pixels, ``np.any(x > 0)`` the image label) and
+    MVTec 3D-AD's official evaluation code
     (``evaluate_experiment.py``: ``np.any(x > 0)`` for the label, ``pro_curve_util.compute_pro`` takes the connected
     components of the non-zero pixels) reads its ``gt/*.png`` the same way.
 

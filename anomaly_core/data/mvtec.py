@@ -77,6 +77,6 @@ class TreeLayout:
         return make_split(self.fmt, base, category, train, test)
 
 
-LAYOUT = TreeLayout("mvtec")
+LAYOUT = TreeLayout("mvtec", mask_rule="nonzero")  # as MVTec's evaluation code reads them (images.read_mask)
 list_categories = LAYOUT.list_categories
 load_split = LAYOUT.load_split
