@@ -54,8 +54,8 @@ class Candidates(NamedTuple):
     rows: np.ndarray  # float32 [b', D]
     bound: float
     bound_index: int
-    # float32 [b', b'] or None: entry [i, j] is ``sq_dists(rows[i:i+1], rows[j])`` (asked for by a lone shard
-    # on a GPU, where one batched computation beats one small one per pick)
+    # float32 [b', b'] or None: entry [i, j] is ``sq_dists(rows[j:j+1], rows[i])``, or +inf where that provably
+    # does not lower candidate j's value (asked for by a lone shard on a GPU: GreedyShard._between)
     pairwise: np.ndarray | None = None
 
 
@@ -213,7 +213,7 @@ class GreedyShard:
 
     def top_candidates(self, b: int, pairwise: bool = False) -> Candidates:
         """The ``b`` best unpicked points and the order bound for all others (numpy); ``pairwise``: with the
-        candidates' exact squared distances to each other, computed where the points are."""
+        candidates' distances to each other, computed where the points are (:meth:`_between`)."""
         if b < 0:
             raise ValueError(f"b must be >= 0, got {b}")
         ops = self.device.ops
@@ -224,19 +224,40 @@ class GreedyShard:
             keep = values >= ops.kth_largest(values, q)
             pool, values = pool[keep], values[keep]
         order = ops.lexsort((self._gidx_on_device[pool], -values))[:q]
-        pool, values = pool[order], self.device.to_numpy(values[order])
-        top = self.device.to_numpy(pool)
+        pool, on_device = pool[order], values[order]
+        values, top = self.device.to_numpy(on_device), self.device.to_numpy(pool)
         if len(top) > b:
             bound, bound_index = float(values[b]), int(self._gidx[top[b]])
         else:
             bound, bound_index = -np.inf, -1
         rows = self._x[pool[:b]]
-        between = None
-        if pairwise and len(rows):
-            count = ops.arange(len(rows) ** 2)  # every (i, j), i-major, as sq_dists(rows[i], rows[j])
-            between = self.device.to_numpy(ops.cast(sq_distances(rows, rows, count // len(rows), count % len(rows)),
-                                                    ops.float32)).reshape(len(rows), len(rows))
+        between = self._between(rows, on_device[:b]) if pairwise and len(rows) else None
         return Candidates(values[:b], self._gidx[top[:b]], self.device.to_numpy(rows), bound, bound_index, between)
+
+
+    def _between(self, rows: Any, values: Any) -> np.ndarray:
+        """``[b, b]`` float32, row ``i`` for pick ``i``: ``sq_dists(rows[j:j+1], rows[i])`` wherever one product of
+        the candidates against each other (:class:`CentreScreen`, on the device) leaves open that pick ``i`` lowers
+        candidate ``j``'s value (``values``, which only fall during the replay, so their limits stay valid); +inf
+        where it proves it cannot, which the replay's minimum ignores. The exact formula thus runs for a few pairs
+        rather than b² (at 1024-d, b² pairs cost more than the rest of a round on a GPU). Where the candidates are
+        too close together for the screen's bound (:func:`check_float32_range`), every pair is computed."""
+        ops = self.device.ops
+        count = len(rows)
+        try:
+            check_float32_range(rows, "candidates")
+            screen = CentreScreen(rows, self.device)
+        except ValueError:
+            screen = None
+        if screen is None:
+            every = ops.arange(count * count)
+            pick, point = every // count, every % count
+        else:
+            products = self.device.product(screen.centres(rows), screen.columns)  # [pick, candidate]
+            pick, point = ops.nonzero(products < screen.limits(values)[None, :])
+        between = ops.full((count, count), np.inf, ops.float32)
+        between[pick, point] = ops.cast(sq_distances(rows, rows, pick, point), ops.float32)
+        return self.device.to_numpy(between)
 
 
 @dataclass(frozen=True)
@@ -330,7 +351,7 @@ def _replay(values: np.ndarray, indices: np.ndarray, rows: np.ndarray, between: 
             if v == -np.inf or not (v > fence or (v == fence and indices[i] < fence_index)):
                 break
             confirmed.append(i)
-            np.minimum(values, between[i], out=values)  # symmetric: row i holds the distances to pick i
+            np.minimum(values, between[i], out=values)  # row i: pick i's distances (+inf: cannot lower)
             values[i] = -np.inf  # distances are >= 0, so -inf marks the picked
         return confirmed
     # Only candidates that could still be picked this round (beating the fence) need new values.

@@ -111,10 +111,14 @@ def test_pairwise_replay_picks_exactly_what_the_incremental_replay_picks(device:
         assert together.indices.tolist() == incremental.indices.tolist()
         assert together.coverage_radius_sq == incremental.coverage_radius_sq and together.n_rounds == incremental.n_rounds
     candidates = GreedyShard(x, np.arange(len(x)), device)
-    candidates.add_centers(x[start:start + 1], np.array([start]))
-    top = candidates.top_candidates(12, pairwise=True)
-    assert np.array_equal(top.pairwise[:, 3], sq_dists(top.rows, top.rows[3]))
-    assert np.array_equal(top.pairwise, top.pairwise.T)  # x - y is exactly -(y - x): the replay reads rows
+    greedy_select([candidates], 200, start)  # mid-greedy: values well below the candidates' spacing
+    top = candidates.top_candidates(40, pairwise=True)
+    exact = np.stack([sq_dists(top.rows, row) for row in top.rows])  # [pick, candidate]
+    computed = np.isfinite(top.pairwise)
+    assert np.array_equal(top.pairwise[computed], exact[computed])  # the formula itself wherever computed
+    assert (exact[~computed] >= top.values[None, :].repeat(len(exact), 0)[~computed]).all()  # +inf: cannot lower
+    if points == "offset":  # clustered: most candidates are farther from each other than from their centres
+        assert computed.sum() < computed.size / 2
     with pytest.raises(ValueError, match="exactly one shard"):
         greedy_select(random_shards(x, 2, seed=0), 10, start, pairwise=True)
 
