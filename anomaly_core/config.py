@@ -292,7 +292,8 @@ class TrainingConfig(_Strict):
         entry = MODELS[self.model]
         recipe_name = self.recipe or entry.default_recipe
         foreign = [(key, other) for other, other_entry in MODELS.items() if other != self.model
-                   for key in other_entry.recipe_keys if key not in entry.recipe_keys and getattr(self, key) is not None]
+                   for key in other_entry.recipe_keys
+                   if key not in entry.recipe_keys and getattr(self, key) is not None]
         if foreign:
             key, other = foreign[0]
             raise ValueError(f"training.{key} applies to {other}, not {self.model}")

@@ -1,11 +1,12 @@
 """The trained models, by name: one table that config validation, recipes, model construction and model files
 all read, so ``cluster/`` and ``jobs/`` never branch on a model's name.
 
-A new trained model is a module with a ``TrainableModel`` subclass (training step -> ``{"loss": ...}``;
-``predict`` -> ``pred_score``, ``anomaly_map``; ``settings_of``, ``describe`` / ``from_description`` and a
-``kind`` equal to its name here) and one ``ModelEntry`` in ``MODELS``. The table lives outside
-``anomaly_core.training`` because the config validates ``training.model`` against it, and validating a config
-must not import torch: an entry names its class by import path, imported on first use.
+A new trained model is a module with a ``TrainableModel`` (training step -> ``{"loss": ...}``; ``predict`` ->
+``pred_score``, ``anomaly_map``; a ``kind`` equal to its name here), usually a ``DistillationModel``, which adds
+the frozen teacher that model files are checked against and ``settings_of`` / ``from_description`` (its settings
+dataclass from a resolved config or a ``model.json``), and one ``ModelEntry`` in ``MODELS``. The table lives
+outside ``anomaly_core.training`` because the config validates ``training.model`` against it, and validating a
+config must not import torch: an entry names its class by import path, imported on first use.
 """
 
 from __future__ import annotations

@@ -131,9 +131,9 @@ def test_the_table_decides_which_keys_and_models_a_config_may_name(toy_registere
 
 
 def test_a_recipe_that_leaves_out_a_value_is_refused_when_registered():
+    short = {key: value for key, value in TOY_RECIPE.items() if key not in ("monitor", "weights")}
     with pytest.raises(ValueError, match="recipe 'short' of .* leaves out monitor, weights"):
-        ModelEntry(ToyModel, {"toy": Recipe("x", TOY_RECIPE),
-                              "short": Recipe("y", {k: v for k, v in TOY_RECIPE.items() if k not in ("monitor", "weights")})},
+        ModelEntry(ToyModel, {"toy": Recipe("x", TOY_RECIPE), "short": Recipe("y", short)},
                    reference="none", code="none", config="none")
 
 
