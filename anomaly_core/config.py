@@ -6,7 +6,6 @@ coreset, k = 1). Unknown keys are errors, so a typo never silently falls back to
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from typing import Any, Literal
 
 from pydantic import (
@@ -21,6 +20,7 @@ from pydantic import (
 
 from anomaly_core.augment import Augmentation
 from anomaly_core.metrics import METRIC_NAMES
+from anomaly_core.registry import IMAGE_SIZE, MODELS
 
 
 class ConfigError(ValueError):
@@ -217,71 +217,17 @@ class FeatureCacheConfig(_Strict):
     dir: str = "~/.cache/anomaly-bench/features"  # on the driver's node, like output_dir
 
 
-@dataclass(frozen=True)
-class Recipe:
-    """A trained model's named defaults and the code they were read from (``source``: repository, file, what)."""
-
-    source: str
-    values: dict[str, Any]  # TrainingConfig keys, plus the image size (preprocess.resize / crop)
-
-
-# Where the authors' code and a library disagree, the authors' code is the default and the other is offered by
-# name. Each value was read in the file named (RD4AD 6554076, STFPM 2598a5e, ADer 902937a, anomalib b723368).
-TRAINING_RECIPES: dict[str, dict[str, Recipe]] = {
-    "reverse_distillation": {
-        "rd4ad": Recipe(
-            "hq-deng/RD4AD main.py train(): batch 16, Adam(lr=0.005, betas=(0.5, 0.999)) without weight decay or "
-            "scheduler (a constant rate), 200 epochs, 256 px (Resize + CenterCrop 256), DataLoader drop_last "
-            "False, the last epoch's weights; test.py cal_anomaly_map: bilinear align_corners=True",
-            {"epochs": 200, "batch_size": 16, "drop_last": False, "lr": 0.005, "betas": (0.5, 0.999),
-             "weight_decay": 0.0, "warmup_epochs": 0, "decay_at": 1.0, "decay_factor": 1.0, "clip_grad_norm": 0.0,
-             "align_corners": True, "monitor": "loss", "weights": "last", "resize": 256, "crop": 256}),
-        "ader": Recipe(
-            "zhangzjn/ADer configs/benchmark/rd/rd_256_100e.py: batch 16, Adam lr 0.005 betas (0.5, 0.999), no "
-            "warm-up, x0.1 at 80 % of 100 epochs (per step), 256 px; its weight_decay = 0.05 never enters "
-            "optim.kwargs, so Adam runs without; configs/__base__/cfg_common.py: gradient norm clipped at 5 "
-            "(trainer/_base_trainer.py backward_term), drop_last True; util/metric.py cal_anomaly_map: "
-            "align_corners=True. ADer trains one model on all categories at once; here its values train one per category",
-            {"epochs": 100, "batch_size": 16, "drop_last": True, "lr": 0.005, "betas": (0.5, 0.999),
-             "weight_decay": 0.0, "warmup_epochs": 0, "decay_at": 0.8, "decay_factor": 0.1, "clip_grad_norm": 5.0,
-             "align_corners": True, "monitor": "loss", "weights": "last", "resize": 256, "crop": 256}),
-    },
-    "stfpm": {
-        "stfpm": Recipe(
-            "gdwang08/STFPM main.py: batch 32, SGD(lr=0.4, momentum=0.9, weight_decay=1e-4), 100 epochs, Resize "
-            "256, drop_last False; train_val: loss = sum over channels, mean over pixels and images; student "
-            "torchvision resnet18(pretrained=False) (no zero-initialised BatchNorm); the weights of the epoch whose "
-            "mean anomaly map on train_test_split(test_size=0.2) of train/good is lowest",
-            {"epochs": 100, "batch_size": 32, "drop_last": False, "lr": 0.4, "momentum": 0.9, "weight_decay": 1e-4,
-             "clip_grad_norm": 0.0, "loss": "mean", "zero_init_last": False, "held_out_fraction": 0.2,
-             "monitor": "held_out_loss", "weights": "best", "resize": 256, "crop": 256}),
-        "anomalib": Recipe(
-            "open-edge-platform/anomalib src/anomalib/models/image/stfpm: lightning_model.py SGD(lr=0.4, "
-            "momentum=0.9, weight_decay=0.001), loss.py 0.5 / (h w) x MSELoss(reduction='sum') (summed over the "
-            "batch), torch_model.py a timm student (zero_init_last); examples/configs/model/stfpm.yaml 100 epochs "
-            "(its EarlyStopping on the test set's pixel AUROC is training.monitor/patience here); "
-            "data/datamodules/image/mvtecad.py batch 32; anomalib_module.py 256 x 256; the last epoch's weights",
-            {"epochs": 100, "batch_size": 32, "drop_last": False, "lr": 0.4, "momentum": 0.9, "weight_decay": 1e-3,
-             "clip_grad_norm": 0.0, "loss": "half_sum", "zero_init_last": True, "held_out_fraction": 0.0,
-             "monitor": "loss", "weights": "last", "resize": 256, "crop": 256}),
-    },
-}
-DEFAULT_RECIPES = {"reverse_distillation": "rd4ad", "stfpm": "stfpm"}  # the authors' code
-_IMAGE_SIZE = ("resize", "crop")  # recipe values that fill preprocess, not the training section
-_RECIPE_KEYS = {model: sorted({key for recipe in recipes.values() for key in recipe.values} - set(_IMAGE_SIZE))
-                for model, recipes in TRAINING_RECIPES.items()}
-
-
 class TrainingConfig(_Strict):
     """A model trained per category (anomaly_core/training), read by jobs.train only: the teacher is ``backbone``,
     the image size ``preprocess``; PatchCore's sections (embedding, coreset, scoring, augment) do not apply.
 
-    Every recipe key left unset (null) takes the value of ``recipe`` (TRAINING_RECIPES), and so does an unset
+    ``model`` names an entry of anomaly_core.registry.MODELS. Every recipe key left unset (null) takes the value
+    of ``recipe`` (that entry's recipes), and so does an unset
     ``preprocess.resize`` / ``crop``; the validated config holds every resolved value, and ``recipe_record``
     says which of them differ from the recipe's.
     """
 
-    model: Literal["reverse_distillation", "stfpm"]
+    model: str  # a name in anomaly_core.registry.MODELS
     recipe: str | None = None  # None: the authors' code (rd4ad, stfpm); or ader (RD), anomalib (STFPM)
     epochs: int | None = Field(None, ge=1)
     batch_size: int | None = Field(None, ge=1)  # global
@@ -320,13 +266,20 @@ class TrainingConfig(_Strict):
     ddp_workers: int = Field(2, ge=1)
     ddp_categories: list[str] = Field(default_factory=list)  # "category" or "dataset/category"
 
+    @field_validator("model")
+    @classmethod
+    def _model_known(cls, value: str) -> str:
+        if value not in MODELS:
+            raise ValueError(f"unknown model {value!r}; known: {', '.join(MODELS)}")
+        return value
+
     @field_validator("recipe")
     @classmethod
     def _recipe_known(cls, value: str | None, info: ValidationInfo) -> str | None:
         model = info.data.get("model")
-        if value is not None and model is not None and value not in TRAINING_RECIPES[model]:
-            default = DEFAULT_RECIPES[model]
-            others = [name for name in TRAINING_RECIPES[model] if name != default]
+        if value is not None and model is not None and value not in MODELS[model].recipes:
+            default = MODELS[model].default_recipe
+            others = [name for name in MODELS[model].recipes if name != default]
             raise ValueError(f"unknown recipe {value!r} for {model}; choose {default} (the authors' code, the "
                              f"default) or {', '.join(others)}")
         return value
@@ -348,15 +301,17 @@ class TrainingConfig(_Strict):
     @model_validator(mode="after")
     def _resolve_recipe(self) -> "TrainingConfig":
         """Fill every unset recipe key from the recipe; refuse keys of the other model and contradictions."""
-        recipe_name = self.recipe or DEFAULT_RECIPES[self.model]
-        foreign = [(key, other) for other, keys in _RECIPE_KEYS.items() if other != self.model for key in keys
-                   if key not in _RECIPE_KEYS[self.model] and getattr(self, key) is not None]
+        entry = MODELS[self.model]
+        recipe_name = self.recipe or entry.default_recipe
+        foreign = [(key, other) for other, other_entry in MODELS.items() if other != self.model
+                   for key in other_entry.recipe_keys
+                   if key not in entry.recipe_keys and getattr(self, key) is not None]
         if foreign:
             key, other = foreign[0]
             raise ValueError(f"training.{key} applies to {other}, not {self.model}")
-        recipe = TRAINING_RECIPES[self.model][recipe_name].values
+        recipe = entry.recipes[recipe_name].values
         filled: dict[str, Any] = {"recipe": recipe_name}
-        for key in _RECIPE_KEYS[self.model]:
+        for key in entry.recipe_keys:
             if getattr(self, key) is None:
                 filled[key] = recipe[key]
         if self.weights is None and self.patience is not None:
@@ -372,8 +327,8 @@ class TrainingConfig(_Strict):
 
     def recipe_record(self, preprocess: PreprocessConfig) -> dict[str, Any]:
         """What model.json records: the recipe, its source, every resolved value, and those that differ from it."""
-        recipe = TRAINING_RECIPES[self.model][self.recipe]
-        values = {key: getattr(preprocess if key in _IMAGE_SIZE else self, key) for key in recipe.values}
+        recipe = MODELS[self.model].recipes[self.recipe]
+        values = {key: getattr(preprocess if key in IMAGE_SIZE else self, key) for key in recipe.values}
         changed = {key: {"config": value, "recipe": recipe.values[key]} for key, value in values.items()
                    if value != recipe.values[key]}
         return {"name": self.recipe, "source": recipe.source, "values": values, "changed": changed}
@@ -453,8 +408,8 @@ class RunConfig(_Strict):
         """A trained model's unset preprocess.resize / crop are its recipe's (PatchCore's 256 -> 224 are not)."""
         if self.training is None:
             return self
-        recipe = TRAINING_RECIPES[self.training.model][self.training.recipe]
-        size = {key: recipe.values[key] for key in _IMAGE_SIZE if key not in self.preprocess.model_fields_set}
+        recipe = MODELS[self.training.model].recipes[self.training.recipe]
+        size = {key: recipe.values[key] for key in IMAGE_SIZE if key not in self.preprocess.model_fields_set}
         if not size:
             return self
         preprocess = self.preprocess.model_copy(update=size)

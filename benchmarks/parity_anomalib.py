@@ -40,11 +40,11 @@ import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 
 from anomaly_core.backbones import RANDOM_INIT, RANDOM_INIT_SEED, architecture, build_classifier
-from anomaly_core.config import TRAINING_RECIPES
 from anomaly_core.data import ImageTransform, load_split
 from anomaly_core.extraction import ExtractionSettings, PatchFeatureExtractor
 from anomaly_core.features import PatchFeatures
 from anomaly_core.patchcore import build_bank, evaluate
+from anomaly_core.registry import MODELS
 from anomaly_core.scoring import NearestNeighbourScorer, Predictions, ScoringParams, predict
 from anomaly_core.training import (
     ReverseDistillation,
@@ -280,9 +280,9 @@ def _stfpm_section(args, runner: Runner, folder: Path, backbone: str, weights: s
     tag = f"stfpm/{backbone} ({weights})"
     data = train_data or load_data(args.data, args.category, backbone, args.resize, args.crop, args.test_limit)
     path = weights_file(backbone, weights, folder)
-    # Our `anomalib` recipe (anomaly_core.config.TRAINING_RECIPES): anomalib's Stfpm.configure_optimizers (SGD lr
+    # Our `anomalib` recipe (anomaly_core.registry.MODELS): anomalib's Stfpm.configure_optimizers (SGD lr
     # 0.4, momentum 0.9, weight_decay 0.001), its half-sum loss and its timm student (zero_init_last).
-    recipe = TRAINING_RECIPES["stfpm"]["anomalib"].values
+    recipe = MODELS["stfpm"].recipes["anomalib"].values
     settings = StfpmSettings(backbone=backbone, crop=data.test.shape[-1], init_seed=args.seed,
                              **{key: recipe[key] for key in ("lr", "momentum", "weight_decay", "loss", "zero_init_last")})
     model = Stfpm(settings, str(path))
@@ -321,7 +321,7 @@ def _rd_section(args, runner: Runner, folder: Path, train_data: Data | None) -> 
     path = weights_file(backbone, weights, folder)
     # anomalib's ReverseDistillation.configure_optimizers: Adam lr 0.005, betas (0.5, 0.99), no weight decay,
     # no schedule: the authors' `rd4ad` recipe but for beta2 (0.999 there), which is set to anomalib's here.
-    recipe = TRAINING_RECIPES["reverse_distillation"]["rd4ad"].values
+    recipe = MODELS["reverse_distillation"].recipes["rd4ad"].values
     settings = ReverseDistillationSettings(
         crop=data.test.shape[-1], init_seed=args.seed, betas=(0.5, 0.99),
         **{key: recipe[key] for key in ("lr", "weight_decay", "warmup_epochs", "decay_at", "decay_factor",

@@ -27,14 +27,14 @@ sys.path.insert(0, str(REPO))
 from anomaly_core.backbones import architecture  # noqa: E402
 from anomaly_core.data import ImageTransform, load_split  # noqa: E402
 from anomaly_core.extraction import exact_fp32  # noqa: E402
-from anomaly_core.config import DEFAULT_RECIPES, TRAINING_RECIPES  # noqa: E402
-from anomaly_core.training import MODEL_KINDS, Trainer, TrainerConfig, load_images  # noqa: E402
+from anomaly_core.registry import MODELS  # noqa: E402
+from anomaly_core.training import Trainer, TrainerConfig, load_images  # noqa: E402
 
 
 def train_speed(model_name: str, images: torch.Tensor, args: argparse.Namespace) -> dict:
     """Fit ``model_name`` for ``args.epochs`` epochs on ``images``; its per-epoch images/s and losses."""
-    model_class = MODEL_KINDS[model_name]
-    recipe = TRAINING_RECIPES[model_name][DEFAULT_RECIPES[model_name]].values  # the authors' values
+    model_class = MODELS[model_name].model_class()
+    recipe = MODELS[model_name].recipes[MODELS[model_name].default_recipe].values  # the authors' values
     model = model_class(model_class.settings_of({**recipe, "backbone": args.backbone, "layers": (), "crop": args.crop,
                                                   "init_seed": 0}), args.weights)
     batch = args.batch_size or recipe["batch_size"]
@@ -63,9 +63,9 @@ def main() -> int:
     args = parser.parse_args()
     if args.epochs < 1:
         parser.error("--epochs must be >= 1")
-    unknown = set(args.models.split(",")) - set(MODEL_KINDS)
+    unknown = set(args.models.split(",")) - set(MODELS)
     if unknown:
-        parser.error(f"--models: unknown {sorted(unknown)}; choose from {sorted(MODEL_KINDS)}")
+        parser.error(f"--models: unknown {sorted(unknown)}; choose from {sorted(MODELS)}")
     if args.device.startswith("cuda"):
         if not torch.cuda.is_available():
             parser.error("--device cuda: torch sees no CUDA device here")

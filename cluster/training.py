@@ -36,10 +36,10 @@ from anomaly_core.bank import write_json
 from anomaly_core.config import RunConfig
 from anomaly_core.data import ImageTransform
 from anomaly_core.extraction import exact_fp32
+from anomaly_core.registry import MODELS
 from anomaly_core.scoring import Predictions
 from anomaly_core.threads import limit_threads
 from anomaly_core.training import (
-    MODEL_KINDS,
     TrainableModel,
     Trainer,
     TrainerCallbacks,
@@ -65,13 +65,8 @@ EVALUATOR_CPUS = 1.0  # the run's one evaluation actor computes every category's
 
 
 def build_model(config: RunConfig) -> TrainableModel:
-    """The configured model (the training values its recipe resolved to) with its frozen teacher (``backbone``)
-    at ``preprocess.crop``; the run seed initialises its trainable weights."""
-    training, backbone = config.training, config.backbone
-    model = MODEL_KINDS[training.model]
-    values = {**training.model_dump(), "backbone": backbone.name, "layers": tuple(backbone.layers),
-              "crop": config.preprocess.crop, "init_seed": config.seed}
-    return model(model.settings_of(values), backbone.weights)
+    """The configured model: ``training.model``'s entry in the registry builds it."""
+    return MODELS[config.training.model].build(config)
 
 
 def trainer_config(config: RunConfig, device: str) -> TrainerConfig:

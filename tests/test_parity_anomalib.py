@@ -12,7 +12,7 @@ import pytest
 import torch
 from scipy.ndimage import gaussian_filter
 
-from anomaly_core.config import TRAINING_RECIPES
+from anomaly_core.registry import MODELS
 from anomaly_core.training import Stfpm, StfpmSettings, predict_images
 
 from .conftest import REPO, TIRE_ROOT
@@ -63,7 +63,7 @@ def test_stfpm_section_reports_zero_against_itself_and_exactly_a_planted_error(t
 
     def stub(task: str, request: dict, tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         seen.update(task=task, request=request, tensors=tensors)
-        recipe = TRAINING_RECIPES["stfpm"]["anomalib"].values  # what the section gives our side
+        recipe = MODELS["stfpm"].recipes["anomalib"].values  # what the section gives our side
         model = Stfpm(StfpmSettings(backbone=request["backbone"], crop=64, init_seed=0, **{
             key: recipe[key] for key in ("lr", "momentum", "weight_decay", "loss", "zero_init_last")}),
             request["weights_file"])

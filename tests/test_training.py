@@ -21,10 +21,9 @@ from safetensors.torch import load_file, save_file
 from sklearn.model_selection import train_test_split
 
 from anomaly_core.backbones import TF_LITE_MEAN, TF_LITE_STD
-from anomaly_core.config import DEFAULT_RECIPES, TRAINING_RECIPES
 from anomaly_core.data import ImageTransform, load_split
+from anomaly_core.registry import MODELS
 from anomaly_core.training import (
-    MODEL_KINDS,
     CheckpointError,
     ModelFilesError,
     ReverseDistillation,
@@ -57,8 +56,8 @@ TEACHER = "tf_efficientnet_lite0"
 def make_model(kind: str, recipe: str | None = None, weights: str = "package", **settings) -> ReverseDistillation | Stfpm:
     """``kind`` ("rd" or "stfpm") with a recipe's training values (the authors' by default), ``settings`` on top."""
     name = "reverse_distillation" if kind == "rd" else "stfpm"
-    model = MODEL_KINDS[name]
-    values = TRAINING_RECIPES[name][recipe or DEFAULT_RECIPES[name]].values
+    model = MODELS[name].model_class()
+    values = MODELS[name].recipes[recipe or MODELS[name].default_recipe].values
     return model(model.settings_of({**values, "backbone": TEACHER, "crop": CROP, "init_seed": 0, **settings}), weights)
 
 

@@ -18,7 +18,6 @@ from anomaly_core.training.early_stopping import EarlyStopping
 from anomaly_core.training.images import held_out_split, load_images, load_validation_set
 from anomaly_core.training.model import TrainableModel
 from anomaly_core.training.model_files import (
-    MODEL_KINDS,
     ModelFilesError,
     check_model_compatible,
     load_model_files,
@@ -36,7 +35,6 @@ from anomaly_core.training.validation import ValidationSet, evaluate, held_out_l
 
 __all__ = [
     "HELD_OUT_LOSS",
-    "MODEL_KINDS",
     "CheckpointError",
     "DistillationModel",
     "EarlyStopping",

@@ -17,16 +17,11 @@ from safetensors.torch import load_file, save_file
 
 from anomaly_core.backbones import file_sha256
 from anomaly_core.bank import atomic_write, write_json
+from anomaly_core.registry import MODELS
 from anomaly_core.training.model import TrainableModel
-from anomaly_core.training.reverse_distillation import ReverseDistillation
-from anomaly_core.training.stfpm import Stfpm
 
 MODEL_FORMAT = "anomaly-bench-trained-model/2"  # 2: recipes (every training value recorded)
 TENSORS_FILE, METADATA_FILE = "model.safetensors", "model.json"
-MODEL_KINDS: dict[str, type[ReverseDistillation] | type[Stfpm]] = {
-    ReverseDistillation.kind: ReverseDistillation,
-    Stfpm.kind: Stfpm,
-}
 # Keys the caller's inference configuration is compared on (bank.json's names where they exist).
 COMPATIBILITY_KEYS = ("kind", "backbone", "layers", "weights_sha256", "resize", "crop", "mean", "std")
 
@@ -66,9 +61,9 @@ def read_model_metadata(directory: Path) -> dict[str, Any]:
     if not isinstance(metadata, dict) or metadata.get("format") != MODEL_FORMAT:
         found = metadata.get("format") if isinstance(metadata, dict) else type(metadata).__name__
         raise ModelFilesError(f"{json_path}: format {found!r} is not {MODEL_FORMAT!r}")
-    if metadata.get("kind") not in MODEL_KINDS:
+    if metadata.get("kind") not in MODELS:
         raise ModelFilesError(f"{json_path}: unknown model kind {metadata.get('kind')!r}; "
-                              f"known: {', '.join(MODEL_KINDS)}")
+                              f"known: {', '.join(MODELS)}")
     return metadata
 
 
@@ -110,7 +105,7 @@ def load_model_files(directory: Path, teacher_weights: str, expected: dict[str, 
     if file_sha256(tensors_path) != metadata.get("tensors_sha256"):
         raise ModelFilesError(f"{tensors_path} does not match the tensors_sha256 recorded in {METADATA_FILE} "
                               f"(the file is damaged, or not the model this {METADATA_FILE} describes)")
-    model = MODEL_KINDS[metadata["kind"]].from_description(metadata, teacher_weights)
+    model = MODELS[metadata["kind"]].model_class().from_description(metadata, teacher_weights)
     if model.teacher.weights_sha256 != metadata["weights_sha256"]:
         raise ModelFilesError(f"teacher weights {teacher_weights!r} (sha256 {model.teacher.weights_sha256}) are "
                               f"not the ones {directory} was trained with (sha256 {metadata['weights_sha256']})")

@@ -9,8 +9,8 @@ The bottleneck and decoder mirror the chosen teacher layers: their channels and 
 teacher, so the same code serves wide_resnet50_2's layer1-3 (the authors' setting, block for block as
 RD4AD resnet.py ``BN_layer`` and de_resnet.py ``de_wide_resnet50_2``) and EfficientNet-Lite's stages. The
 loss is RD4AD main.py ``loss_fucntion``, the map test.py ``cal_anomaly_map`` with ``amap_mode="a"`` and
-``gaussian_filter(sigma=4)``. The optimiser's values come from a recipe (``anomaly_core.config``'s
-TRAINING_RECIPES: ``rd4ad``, the authors' main.py, or ``ader``, ADer's rd_256_100e.py).
+``gaussian_filter(sigma=4)``. The optimiser's values come from a recipe (its entry in
+``anomaly_core.registry.MODELS``: ``rd4ad``, the authors' main.py, or ``ader``, ADer's rd_256_100e.py).
 """
 
 from __future__ import annotations
@@ -35,7 +35,7 @@ from anomaly_core.training.teacher import DistillationModel
 class ReverseDistillationSettings:
     """Everything besides the teacher weights file that fixes a Reverse Distillation model and its training.
 
-    The training values have no defaults: a recipe (anomaly_core.config.TRAINING_RECIPES) or the caller
+    The training values have no defaults: a recipe (anomaly_core.registry.MODELS) or the caller
     names each one, so no value passes for a reference it is not.
     """
 

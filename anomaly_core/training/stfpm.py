@@ -5,7 +5,7 @@ channel-normalised feature pyramid on normal images. It never learns what anomal
 teacher, so their features disagree there.
 
 The authors' code and anomalib train it differently; each form is a setting, and the recipes of
-``anomaly_core.config.TRAINING_RECIPES`` (``stfpm``, the authors', and ``anomalib``) choose them:
+``anomaly_core.registry.MODELS`` (``stfpm``, the authors', and ``anomalib``) choose them:
 
 - ``loss``: per layer, the squared distance d = ||t/|t| - s/|s|||^2 summed over channels, averaged over
   pixels, then ``"mean"`` over the images (gdwang08/STFPM main.py ``train_val``:
@@ -46,7 +46,7 @@ LOSSES = ("mean", "half_sum")
 class StfpmSettings:
     """Everything besides the teacher weights file that fixes an STFPM model and its training.
 
-    The training values have no defaults: a recipe (anomaly_core.config.TRAINING_RECIPES) or the caller
+    The training values have no defaults: a recipe (anomaly_core.registry.MODELS) or the caller
     names each one, so no value passes for a reference it is not.
     """
 

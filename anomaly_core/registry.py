@@ -1,0 +1,128 @@
+"""The trained models, by name: one table that config validation, recipes, model construction and model files
+all read, so ``cluster/`` and ``jobs/`` never branch on a model's name.
+
+A new trained model is a module with a ``TrainableModel`` (training step -> ``{"loss": ...}``; ``predict`` ->
+``pred_score``, ``anomaly_map``; a ``kind`` equal to its name here), usually a ``DistillationModel``, which adds
+the frozen teacher that model files are checked against and ``settings_of`` / ``from_description`` (its settings
+dataclass from a resolved config or a ``model.json``), and one ``ModelEntry`` in ``MODELS``. The table lives
+outside ``anomaly_core.training`` because the config validates ``training.model`` against it, and validating a
+config must not import torch: an entry names its class by import path, imported on first use.
+"""
+
+from __future__ import annotations
+
+import importlib
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from anomaly_core.config import RunConfig
+    from anomaly_core.training.model import TrainableModel
+
+IMAGE_SIZE = ("resize", "crop")  # recipe values that fill preprocess, not the training section
+# What the Trainer reads from every model's training section (cluster.training.trainer_config): each recipe names them.
+TRAINER_KEYS = ("epochs", "batch_size", "drop_last", "clip_grad_norm", "monitor", "weights")
+
+
+@dataclass(frozen=True)
+class Recipe:
+    """A trained model's named defaults and the code they were read from (``source``: repository, file, what)."""
+
+    source: str
+    values: dict[str, Any]  # TrainingConfig keys, plus the image size (preprocess.resize / crop)
+
+
+@dataclass(frozen=True)
+class ModelEntry:
+    """One trained model: its class, its recipes (the first the default: the authors' code), where it comes from."""
+
+    model: str | type  # "module:Class" (imported on first use, see the module docstring), or the class itself
+    recipes: dict[str, Recipe]
+    reference: str  # the paper
+    code: str  # the code followed (the default recipe's)
+    config: str  # an example config in configs/
+    recipe_keys: tuple[str, ...] = field(init=False)  # the training keys its recipes set
+
+    def __post_init__(self) -> None:
+        """Refuse a recipe that leaves out a value the others (or the Trainer) need: no value may pass for a
+        reference it is not."""
+        keys = [set(recipe.values) for recipe in self.recipes.values()]
+        required = set().union(*keys) | set(TRAINER_KEYS) | set(IMAGE_SIZE)
+        for name, recipe in self.recipes.items():
+            missing = sorted(required - set(recipe.values))
+            if missing:
+                raise ValueError(f"recipe {name!r} of {self.model} leaves out {', '.join(missing)}")
+        object.__setattr__(self, "recipe_keys", tuple(sorted(required - set(IMAGE_SIZE))))
+
+    @property
+    def default_recipe(self) -> str:
+        return next(iter(self.recipes))
+
+    def model_class(self) -> type[TrainableModel]:
+        if isinstance(self.model, type):
+            return self.model
+        module, _, name = self.model.partition(":")
+        return getattr(importlib.import_module(module), name)
+
+    def build(self, config: RunConfig) -> TrainableModel:
+        """The configured model (the training values its recipe resolved to) with its frozen teacher
+        (``backbone``) at ``preprocess.crop``; the run seed initialises its trainable weights."""
+        model, backbone = self.model_class(), config.backbone
+        values = {**config.training.model_dump(), "backbone": backbone.name, "layers": tuple(backbone.layers),
+                  "crop": config.preprocess.crop, "init_seed": config.seed}
+        return model(model.settings_of(values), backbone.weights)
+
+
+# Where the authors' code and a library disagree, the authors' code is the default and the other is offered by
+# name. Each value was read in the file named (RD4AD 6554076, STFPM 2598a5e, ADer 902937a, anomalib b723368).
+MODELS: dict[str, ModelEntry] = {
+    "reverse_distillation": ModelEntry(
+        "anomaly_core.training.reverse_distillation:ReverseDistillation",
+        {
+            "rd4ad": Recipe(
+                "hq-deng/RD4AD main.py train(): batch 16, Adam(lr=0.005, betas=(0.5, 0.999)) without weight decay or "
+                "scheduler (a constant rate), 200 epochs, 256 px (Resize + CenterCrop 256), DataLoader drop_last "
+                "False, the last epoch's weights; test.py cal_anomaly_map: bilinear align_corners=True",
+                {"epochs": 200, "batch_size": 16, "drop_last": False, "lr": 0.005, "betas": (0.5, 0.999),
+                 "weight_decay": 0.0, "warmup_epochs": 0, "decay_at": 1.0, "decay_factor": 1.0, "clip_grad_norm": 0.0,
+                 "align_corners": True, "monitor": "loss", "weights": "last", "resize": 256, "crop": 256}),
+            "ader": Recipe(
+                "zhangzjn/ADer configs/benchmark/rd/rd_256_100e.py: batch 16, Adam lr 0.005 betas (0.5, 0.999), no "
+                "warm-up, x0.1 at 80 % of 100 epochs (per step), 256 px; its weight_decay = 0.05 never enters "
+                "optim.kwargs, so Adam runs without; configs/__base__/cfg_common.py: gradient norm clipped at 5 "
+                "(trainer/_base_trainer.py backward_term), drop_last True; util/metric.py cal_anomaly_map: "
+                "align_corners=True. ADer trains one model on all categories at once; here its values train one per category",
+                {"epochs": 100, "batch_size": 16, "drop_last": True, "lr": 0.005, "betas": (0.5, 0.999),
+                 "weight_decay": 0.0, "warmup_epochs": 0, "decay_at": 0.8, "decay_factor": 0.1, "clip_grad_norm": 5.0,
+                 "align_corners": True, "monitor": "loss", "weights": "last", "resize": 256, "crop": 256}),
+        },
+        reference="Deng & Li, Anomaly Detection via Reverse Distillation from One-Class Embedding, CVPR 2022",
+        code="hq-deng/RD4AD",
+        config="configs/reverse_distillation.yaml",
+    ),
+    "stfpm": ModelEntry(
+        "anomaly_core.training.stfpm:Stfpm",
+        {
+            "stfpm": Recipe(
+                "gdwang08/STFPM main.py: batch 32, SGD(lr=0.4, momentum=0.9, weight_decay=1e-4), 100 epochs, Resize "
+                "256, drop_last False; train_val: loss = sum over channels, mean over pixels and images; student "
+                "torchvision resnet18(pretrained=False) (no zero-initialised BatchNorm); the weights of the epoch whose "
+                "mean anomaly map on train_test_split(test_size=0.2) of train/good is lowest",
+                {"epochs": 100, "batch_size": 32, "drop_last": False, "lr": 0.4, "momentum": 0.9, "weight_decay": 1e-4,
+                 "clip_grad_norm": 0.0, "loss": "mean", "zero_init_last": False, "held_out_fraction": 0.2,
+                 "monitor": "held_out_loss", "weights": "best", "resize": 256, "crop": 256}),
+            "anomalib": Recipe(
+                "open-edge-platform/anomalib src/anomalib/models/image/stfpm: lightning_model.py SGD(lr=0.4, "
+                "momentum=0.9, weight_decay=0.001), loss.py 0.5 / (h w) x MSELoss(reduction='sum') (summed over the "
+                "batch), torch_model.py a timm student (zero_init_last); examples/configs/model/stfpm.yaml 100 epochs "
+                "(its EarlyStopping on the test set's pixel AUROC is training.monitor/patience here); "
+                "data/datamodules/image/mvtecad.py batch 32; anomalib_module.py 256 x 256; the last epoch's weights",
+                {"epochs": 100, "batch_size": 32, "drop_last": False, "lr": 0.4, "momentum": 0.9, "weight_decay": 1e-3,
+                 "clip_grad_norm": 0.0, "loss": "half_sum", "zero_init_last": True, "held_out_fraction": 0.0,
+                 "monitor": "loss", "weights": "last", "resize": 256, "crop": 256}),
+        },
+        reference="Wang et al., Student-Teacher Feature Pyramid Matching for Anomaly Detection, BMVC 2021",
+        code="gdwang08/STFPM",
+        config="configs/stfpm.yaml",
+    ),
+}
