@@ -200,7 +200,7 @@ def test_colocated_extractor_restarted_after_a_crash_extracts_its_lost_shard_aga
     settings = ExtractionSettings.from_config(tire_config())
     actor = colocated_actor(1).options(num_cpus=0.5).remote(settings, 1, 1)
     try:
-        train = tire_job.split.train
+        train = tire_job.split.train  # the reference's 12 images, in one batch-aligned shard
         receipt, _ = actor.extract.remote(list(train), list(range(len(train))), None, None, "shard-0")
         assert ray.get(receipt).token == "shard-0"
         assert ray.get(actor.held_bytes.remote()) == reference["train"].embeddings.nbytes
@@ -510,6 +510,9 @@ def test_anomalydino_vit_bank_on_the_cluster_equals_the_single_process_engine(ra
     raw["backbone"]["weights"] = "random"
     raw["anomalydino"].update(masking=True, rotation=True, threshold=1.0)
     config = parse_config(raw, "anomalydino-test")
+    # 4 training images: with their 7 rotations each, 32 extractions on each side (the bank's size is 8x theirs)
+    tire_job = CategoryJob(tire_job.dataset, tire_job.root, CategorySplit(
+        tire_job.split.dataset, tire_job.split.category, tire_job.split.train[:4], tire_job.split.test))
     (result,) = BenchmarkPipeline(config).run([tire_job])
     settings_dino = anomalydino_preprocess(config, "mvtec", "tire")
     assert result.bank.metadata["anomalydino"] == settings_dino.to_dict()
