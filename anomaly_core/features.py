@@ -42,26 +42,6 @@ class PatchFeatures:
         return PatchFeatures(self.embeddings.cpu().numpy(), self.grid, self.sample_indices, self.seconds, self.stages)
 
 
-def concat_rows(blocks: Sequence[np.ndarray]) -> np.ndarray:
-    """Row blocks concatenated where they are: host arrays with numpy, device tensors on their device."""
-    if all(isinstance(block, np.ndarray) for block in blocks):
-        return np.concatenate(blocks)
-    import torch  # only a process holding device tensors gets here
-
-    return torch.cat(list(blocks))
-
-
-def host_rows(rows: np.ndarray, index: np.ndarray | None = None) -> np.ndarray:
-    """``rows`` (or ``rows[index]``) as a host float32 array, copied from the device where they are on one."""
-    if isinstance(rows, np.ndarray):
-        return rows if index is None else rows[index]
-    import torch
-
-    if index is not None:
-        rows = rows[torch.from_numpy(np.asarray(index, dtype=np.int64)).to(rows.device)]
-    return rows.cpu().numpy()
-
-
 def merge_features(parts: Sequence[PatchFeatures]) -> PatchFeatures:
     """Concatenate shards sorted by sample index: the result is independent of completion order."""
     if not parts:

@@ -20,7 +20,8 @@ import ray
 from ray.exceptions import RayActorError, RayTaskError
 
 from anomaly_core.coreset import Candidates, GreedyShard, coreset_size, greedy_coreset, greedy_select, start_index_for
-from anomaly_core.features import PatchFeatures, concat_rows, coreset_points, host_rows
+from anomaly_core.distances import array_ops
+from anomaly_core.features import PatchFeatures, coreset_points
 from anomaly_core.threads import limit_threads
 from cluster.devices import ReportsThreads, math_device, pinned
 from cluster.resources import Placement
@@ -52,7 +53,8 @@ class CoresetHolder(ReportsThreads):
         self.threads = threads
         features = self._features(parts)
         self.grid = features[0].grid
-        self.original = concat_rows([part.flat() for part in features])
+        rows = [part.flat() for part in features]  # host arrays, or tensors on this process's GPU (colocated)
+        self.original = array_ops(rows[0]).concat(rows)
         self.indices = np.concatenate([global_patch_indices(part) for part in features])
         # Exact greedy runs on the rows themselves: share them instead of holding a second copy.
         self.points = self.original if method != "approximate" else np.concatenate(
@@ -99,7 +101,8 @@ class CoresetHolder(ReportsThreads):
     def original_rows(self, global_indices: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """Bank rows (un-projected, on the host) for the requested indices this holder owns."""
         local = np.flatnonzero(np.isin(self.indices, global_indices))
-        return self.indices[local], host_rows(self.original, local)
+        ops = array_ops(self.original)
+        return self.indices[local], ops.to_numpy(self.original[ops.asarray(local, ops.int64)])
 
     def select(self, n_select: int, start_index: int, batch: int) -> tuple[np.ndarray, float, int]:
         """The whole greedy where this holder holds every point: picks, squared radius and rounds, with no
@@ -109,7 +112,7 @@ class CoresetHolder(ReportsThreads):
 
     def local_greedy(self, n_select: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
         """First round of the two-round mode: exact greedy inside this shard only."""
-        points = host_rows(self.points)
+        points = array_ops(self.points).to_numpy(self.points)
         local = greedy_coreset(points, n_select=min(n_select, len(points)), seed=seed, threads=self.threads).indices
         return self.indices[local], points[local]
 
