@@ -265,6 +265,9 @@ class TrainingConfig(_Strict):
     cpus_per_worker: float = Field(1.0, gt=0.0)
     ddp_workers: int = Field(2, ge=1)
     ddp_categories: list[str] = Field(default_factory=list)  # "category" or "dataset/category"
+    # Auxiliary image folders by name (the registry entry's auxiliary: dtd, imagenette), filled from
+    # configs/paths.yaml's datasets mapping; each folder is checked to exist before any work starts.
+    auxiliary: dict[str, str] = Field(default_factory=dict)
 
     @field_validator("model")
     @classmethod
@@ -309,6 +312,15 @@ class TrainingConfig(_Strict):
         if foreign:
             key, other = foreign[0]
             raise ValueError(f"training.{key} applies to {other}, not {self.model}")
+        missing = [name for name in entry.auxiliary if not self.auxiliary.get(name)]
+        if missing:
+            raise ValueError(f"training.auxiliary.{missing[0]}: {self.model} trains with the {missing[0]} image "
+                             f"folder; set datasets.{missing[0]} in configs/paths.yaml (or --set "
+                             f"training.auxiliary.{missing[0]}=DIR)")
+        unused = sorted(set(self.auxiliary) - set(entry.auxiliary))
+        if unused:
+            raise ValueError(f"training.auxiliary.{unused[0]}: {self.model} uses no {unused[0]} folder"
+                             + (f" (it uses {', '.join(entry.auxiliary)})" if entry.auxiliary else ""))
         recipe = entry.recipes[recipe_name].values
         filled: dict[str, Any] = {"recipe": recipe_name}
         for key in entry.recipe_keys:

@@ -2,9 +2,9 @@
 all read, so ``cluster/`` and ``jobs/`` never branch on a model's name.
 
 A new trained model is a module with a ``TrainableModel`` (training step -> ``{"loss": ...}``; ``predict`` ->
-``pred_score``, ``anomaly_map``; a ``kind`` equal to its name here), usually a ``DistillationModel``, which adds
-the frozen teacher that model files are checked against and ``settings_of`` / ``from_description`` (its settings
-dataclass from a resolved config or a ``model.json``), and one ``ModelEntry`` in ``MODELS``. The table lives
+``pred_score``, ``anomaly_map``; a ``kind`` equal to its name here; a settings dataclass that ``settings_of`` /
+``from_description`` fill from a resolved config or a ``model.json``; the ``provenance`` model files are checked
+against), often a ``DistillationModel`` (a frozen CNN teacher), and one ``ModelEntry`` in ``MODELS``. The table lives
 outside ``anomaly_core.training`` because the config validates ``training.model`` against it, and validating a
 config must not import torch: an entry names its class by import path, imported on first use.
 """
@@ -41,6 +41,12 @@ class ModelEntry:
     reference: str  # the paper
     code: str  # the code followed (the default recipe's)
     config: str  # an example config in configs/
+    # Whether config.backbone names its pretrained part (a teacher, an encoder): then model files are checked
+    # against it. False for a model trained from scratch (DRAEM), whose configs' backbone is ignored.
+    uses_backbone: bool = True
+    # Auxiliary image folders it trains with, by name (dtd for DRAEM, imagenette for EfficientAD): each must be
+    # in training.auxiliary, which configs/paths.yaml fills from its datasets mapping.
+    auxiliary: tuple[str, ...] = ()
     recipe_keys: tuple[str, ...] = field(init=False)  # the training keys its recipes set
 
     def __post_init__(self) -> None:
@@ -65,11 +71,11 @@ class ModelEntry:
         return getattr(importlib.import_module(module), name)
 
     def build(self, config: RunConfig) -> TrainableModel:
-        """The configured model (the training values its recipe resolved to) with its frozen teacher
-        (``backbone``) at ``preprocess.crop``; the run seed initialises its trainable weights."""
+        """The configured model (the training values its recipe resolved to, the auxiliary folders) with its
+        pretrained part (``backbone``) at ``preprocess.crop``; the run seed initialises its trainable weights."""
         model, backbone = self.model_class(), config.backbone
         values = {**config.training.model_dump(), "backbone": backbone.name, "layers": tuple(backbone.layers),
-                  "crop": config.preprocess.crop, "init_seed": config.seed}
+                  "crop": config.preprocess.crop, "init_seed": config.seed}  # auxiliary: training.auxiliary
         return model(model.settings_of(values), backbone.weights)
 
 

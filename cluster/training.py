@@ -31,7 +31,6 @@ import ray
 import torch
 from ray.util.queue import Queue
 
-from anomaly_core.backbones import architecture
 from anomaly_core.bank import write_json
 from anomaly_core.config import RunConfig
 from anomaly_core.data import ImageTransform
@@ -81,9 +80,9 @@ def trainer_config(config: RunConfig, device: str) -> TrainerConfig:
 
 
 def transform_of(config: RunConfig) -> ImageTransform:
-    """The teacher's input transform (its architecture's normalisation) at the configured sizes."""
-    arch = architecture(config.backbone.name)
-    return ImageTransform(resize=config.preprocess.resize, crop=config.preprocess.crop, mean=arch.mean, std=arch.std)
+    """The model's input transform (its normalisation, usually its pretrained backbone's) at the configured sizes."""
+    mean, std = MODELS[config.training.model].model_class().normalisation(config.backbone.name)
+    return ImageTransform(resize=config.preprocess.resize, crop=config.preprocess.crop, mean=mean, std=std)
 
 
 def pick_device(has_gpu: bool, ray_train_device: Callable[[], torch.device] | None) -> str:
@@ -182,7 +181,9 @@ def _plain(record: dict[str, Any]) -> dict[str, Any]:
 def predict_category(config: RunConfig, job: CategoryJob, folder: str, threads: int) -> Predictions:
     """The test set's scores and maps from the model files in ``folder`` (refused if they do not fit ``config``)."""
     limit_threads(threads)
-    expected = {"resize": config.preprocess.resize, "crop": config.preprocess.crop, "backbone": config.backbone.name}
+    expected = {"resize": config.preprocess.resize, "crop": config.preprocess.crop}
+    if MODELS[config.training.model].uses_backbone:
+        expected["backbone"] = config.backbone.name
     model = load_model_files(Path(folder), config.backbone.weights, expected).to(training_device())
     return predict_images(model, load_images(job.split.test, transform_of(config)))
 

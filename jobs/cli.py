@@ -117,6 +117,9 @@ def check_paths(config: RunConfig, source: str) -> None:
                 f"{source}: datasets.{position}.root: dataset folder not found: {dataset.root} "
                 f"(dataset {dataset.name!r})"
             )
+    for name, folder in (config.training.auxiliary if config.training else {}).items():
+        if not Path(folder).expanduser().is_dir():
+            raise ConfigError(f"{source}: training.auxiliary.{name}: folder not found: {folder}")
     for key, backbone in config.backbones():
         weights = backbone.weights
         if weights not in (RANDOM_INIT, PACKAGE_WEIGHTS) and not Path(weights).expanduser().is_file():

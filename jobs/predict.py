@@ -176,11 +176,11 @@ def bank_scorer(bank: MemoryBank, extractor: PatchFeatureExtractor, source: str)
 
 
 def model_scorer(folder: Path, weights: str | None, device: str) -> tuple[ImageScorer, dict[str, Any]]:
-    """A trained model (jobs.train's ``model.safetensors`` + ``model.json``), its teacher rebuilt from ``weights``
-    (default: the recorded location) and checked by sha256."""
+    """A trained model (jobs.train's ``model.safetensors`` + ``model.json``), its teacher (if it has one) rebuilt
+    from ``weights`` (default: the recorded location) and checked by sha256."""
     metadata = read_model_metadata(folder)
-    weights = weights or metadata.get("weights")
-    if not weights:
+    weights = weights or metadata.get("weights") or ""
+    if not weights and metadata.get("weights_sha256") is not None:
         raise PredictError(f"{folder} does not record the teacher weights it was trained with; pass --weights PATH")
     model = load_model_files(folder, weights).to(device)
     transform = ImageTransform(resize=metadata["resize"], crop=metadata["crop"], mean=tuple(metadata["mean"]),

@@ -2,6 +2,7 @@
 
     datasets:                        # dataset name (datasets[].name of a config) -> its root folder
       mvtec_ad: /data/mvtec_anomaly_detection
+      dtd: /data/dtd                 # auxiliary folders a trained model names (training.auxiliary)
     backbones: /models/backbones     # searched when backbone.weights is "search"
 
 The file next to the ``--config`` file is read when it exists (``--paths FILE`` or
@@ -19,6 +20,7 @@ from typing import Any
 import yaml
 
 from anomaly_core.config import BackboneConfig, ConfigError, RunConfig
+from anomaly_core.registry import MODELS
 from anomaly_core.weight_files import SEARCH, find_weights
 
 PATHS_FILE = "paths.yaml"
@@ -32,13 +34,22 @@ class SitePaths:
     backbones: str | None = None
 
     def apply_roots(self, raw: dict[str, Any]) -> dict[str, Any]:
-        """``raw`` (a config mapping) with the roots of the datasets this file names."""
+        """``raw`` (a config mapping) with the roots of the datasets this file names, and the auxiliary folders
+        (DTD, Imagenette) its trained model needs and the config leaves unset (``training.auxiliary``)."""
         entries = raw.get("datasets")
-        if not self.datasets or not isinstance(entries, list):
+        if not self.datasets:
             return raw
-        updated = [{**entry, "root": self.datasets[entry["name"]]}
-                   if isinstance(entry, dict) and entry.get("name") in self.datasets else entry for entry in entries]
-        return {**raw, "datasets": updated}
+        if isinstance(entries, list):
+            raw = {**raw, "datasets": [{**entry, "root": self.datasets[entry["name"]]}
+                                       if isinstance(entry, dict) and entry.get("name") in self.datasets else entry
+                                       for entry in entries]}
+        training = raw.get("training")
+        entry = MODELS.get(training.get("model")) if isinstance(training, dict) else None
+        auxiliary = training.get("auxiliary") if entry is not None else None
+        if entry is None or not isinstance(auxiliary or {}, dict):
+            return raw
+        found = {name: self.datasets[name] for name in entry.auxiliary if name in self.datasets}
+        return {**raw, "training": {**training, "auxiliary": {**found, **(auxiliary or {})}}}
 
     def resolve_weights(self, config: RunConfig) -> RunConfig:
         """``weights: search`` (of the backbone or of an ensemble member) becomes the one matching file in

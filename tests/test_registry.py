@@ -151,3 +151,27 @@ def test_each_entry_has_its_class_config_and_readme_row(name):
     assert entry.reference in cells[1] and entry.code in cells[1]
     assert re.findall(r"`([^`]+)`", cells[2]) == list(entry.recipes)
     assert cells[3] == f"`{entry.config}`"
+
+
+def test_an_entrys_auxiliary_folders_come_from_the_paths_file_and_are_checked(monkeypatch, tmp_path):
+    """A model that trains with an auxiliary folder (DTD for DRAEM) is refused without one, naming the key and
+    where to set it; the site's paths file fills it by name; a missing folder and a folder for a model that
+    uses none are refused before any work starts."""
+    from jobs.cli import load_config
+
+    monkeypatch.setitem(MODELS, "toy", replace(TOY, auxiliary=("dtd",)))
+    with pytest.raises(ConfigError, match=r"training.auxiliary.dtd: toy trains with the dtd image folder; set "
+                                          r"datasets.dtd in configs/paths.yaml"):
+        toy_config(tmp_path)
+    with pytest.raises(ConfigError, match=r"training.auxiliary.imagenette: toy uses no imagenette folder \(it uses dtd\)"):
+        toy_config(tmp_path, auxiliary={"dtd": str(tmp_path), "imagenette": str(tmp_path)})
+    (tmp_path / "dtd").mkdir()
+    config_file = tmp_path / "toy.yaml"
+    config_file.write_text(json.dumps({
+        "datasets": [{"name": "tire_small", "format": "mvtec", "root": str(TIRE_ROOT)}],
+        "backbone": {"name": "tf_efficientnet_lite0", "weights": "package"}, "training": {"model": "toy"}}))
+    paths = tmp_path / "paths.yaml"
+    paths.write_text(f"datasets:\n  dtd: {tmp_path / 'dtd'}\n  imagenette: {tmp_path / 'nowhere'}\n")
+    assert load_config(config_file, [], paths).training.auxiliary == {"dtd": str(tmp_path / "dtd")}
+    with pytest.raises(ConfigError, match=rf"toy.yaml: training.auxiliary.dtd: folder not found: {tmp_path}/gone$"):
+        load_config(config_file, [f"training.auxiliary.dtd={tmp_path}/gone"], paths)

@@ -227,6 +227,9 @@ class _ScriptedModel(TrainableModel):
     def describe(self):
         return {"kind": self.kind}
 
+    def provenance(self):
+        return {}
+
 
 def test_early_stopping_on_the_loss_respects_min_delta(tmp_path):
     # Best 0.4 at epoch 2; 0.45, 0.41 and 0.36 are not better by more than 0.05: stop after epoch 5.

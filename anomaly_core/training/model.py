@@ -7,11 +7,14 @@ predict, and which optimizer it wants; the ``Trainer`` owns the loop, seeding, D
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
+from dataclasses import asdict
 from typing import Any, ClassVar
 
 import torch
 from torch.optim import Optimizer
 from torch.optim.lr_scheduler import LRScheduler
+
+from anomaly_core.backbones import architecture
 
 
 class TrainableModel(torch.nn.Module, ABC):
@@ -22,6 +25,28 @@ class TrainableModel(torch.nn.Module, ABC):
     """
 
     kind: ClassVar[str]  # the name model files record, e.g. "reverse_distillation"
+    settings_type: ClassVar[type]  # the model's settings dataclass: its fields are what model.json records
+    settings: Any
+
+    @classmethod
+    def settings_of(cls, values: dict[str, Any]) -> Any:
+        """The model's settings from the entries of ``values`` that name its fields (a resolved training config,
+        a ``describe()`` record); the settings type refuses any missing training value."""
+        names = cls.settings_type.__dataclass_fields__
+        return cls.settings_type(**{key: value for key, value in values.items() if key in names})
+
+    @classmethod
+    def from_description(cls, description: dict[str, Any], weights: str) -> TrainableModel:
+        """The model a ``describe()`` record (model.json, a checkpoint) describes, its pretrained part (if it
+        has one) from ``weights``."""
+        return cls(cls.settings_of(description), weights)
+
+    @classmethod
+    def normalisation(cls, backbone: str) -> tuple[tuple[float, ...], tuple[float, ...]]:
+        """The (mean, std) its input images are normalised with: the pretrained backbone's by default; a model
+        that works on raw [0, 1] pixels (DRAEM) returns zeros and ones."""
+        arch = architecture(backbone)
+        return tuple(arch.mean), tuple(arch.std)
 
     def forward(self, images: torch.Tensor) -> dict[str, torch.Tensor]:
         return self.training_step(images)
@@ -43,12 +68,18 @@ class TrainableModel(torch.nn.Module, ABC):
     def configure_optimizers(self, epochs: int, steps_per_epoch: int) -> tuple[Optimizer, LRScheduler | None]:
         """The optimizer and an optional scheduler, which the Trainer steps after every optimisation step."""
 
-    @abstractmethod
     def describe(self) -> dict[str, Any]:
-        """JSON description of everything that fixes the weights' meaning: kind, teacher, architecture, settings.
+        """JSON description of everything that fixes the weights' meaning: kind, settings, and ``provenance``.
 
         Checkpoints and model files record it, and refuse to load into a model that describes itself otherwise.
         """
+        return {"kind": self.kind, **asdict(self.settings), **self.provenance()}
+
+    @abstractmethod
+    def provenance(self) -> dict[str, Any]:
+        """The facts model files are checked against on load, with ``bank.json``'s names: ``backbone``,
+        ``layers`` and ``weights_sha256`` of its pretrained part (None for a model without one), ``crop``,
+        and the input normalisation's ``mean`` and ``std``."""
 
     def trainable_state(self) -> dict[str, torch.Tensor]:
         """The tensors a checkpoint must hold; models with a frozen, file-backed part leave that part out."""

@@ -92,8 +92,9 @@ def check_model_compatible(metadata: dict[str, Any], expected: dict[str, Any], s
 def load_model_files(directory: Path, teacher_weights: str, expected: dict[str, Any] | None = None) -> TrainableModel:
     """Rebuild a trained model from its folder, refusing one that differs from ``expected``.
 
-    ``teacher_weights`` is the teacher's weights file (or "package"), as ``backbone.weights`` in a config;
-    it must be the file the model was trained with (its sha256 is compared). ``expected`` holds
+    ``teacher_weights`` is the pretrained part's weights file (or "package"), as ``backbone.weights`` in a
+    config; it must be the file the model was trained with (its sha256 is compared; a model without a pretrained
+    part ignores it). ``expected`` holds
     ``COMPATIBILITY_KEYS`` values of the inference configuration, e.g. crop and resize.
     """
     directory = Path(directory)
@@ -106,8 +107,9 @@ def load_model_files(directory: Path, teacher_weights: str, expected: dict[str, 
         raise ModelFilesError(f"{tensors_path} does not match the tensors_sha256 recorded in {METADATA_FILE} "
                               f"(the file is damaged, or not the model this {METADATA_FILE} describes)")
     model = MODELS[metadata["kind"]].model_class().from_description(metadata, teacher_weights)
-    if model.teacher.weights_sha256 != metadata["weights_sha256"]:
-        raise ModelFilesError(f"teacher weights {teacher_weights!r} (sha256 {model.teacher.weights_sha256}) are "
+    weights_sha256 = model.provenance()["weights_sha256"]
+    if weights_sha256 != metadata["weights_sha256"]:
+        raise ModelFilesError(f"teacher weights {teacher_weights!r} (sha256 {weights_sha256}) are "
                               f"not the ones {directory} was trained with (sha256 {metadata['weights_sha256']})")
     model.load_trainable_state(load_file(str(tensors_path)))
     return model.eval()

@@ -7,8 +7,7 @@ files: they are rebuilt from the weights file and checked against the recorded d
 
 from __future__ import annotations
 
-from dataclasses import asdict
-from typing import Any, ClassVar
+from typing import Any
 
 import timm
 import torch
@@ -36,24 +35,6 @@ def default_layers(backbone: str, count: int = 3) -> tuple[str, ...]:
 class DistillationModel(TrainableModel):
     """A trainable model with a frozen CNN teacher that stays in eval mode whatever ``train()`` is asked."""
 
-    settings_type: ClassVar[type]  # the model's settings dataclass: its fields are what model.json records
-    settings: Any
-
-    @classmethod
-    def settings_of(cls, values: dict[str, Any]) -> Any:
-        """The model's settings from the entries of ``values`` that name its fields (a resolved training config,
-        a ``describe()`` record); the settings type refuses any missing training value."""
-        names = cls.settings_type.__dataclass_fields__
-        return cls.settings_type(**{key: value for key, value in values.items() if key in names})
-
-    @classmethod
-    def from_description(cls, description: dict[str, Any], weights: str) -> DistillationModel:
-        """The model a ``describe()`` record (model.json, a checkpoint) describes, its teacher from ``weights``."""
-        return cls(cls.settings_of(description), weights)
-
-    def describe(self) -> dict[str, Any]:
-        return {"kind": self.kind, **asdict(self.settings), **self.teacher_description()}
-
     def __init__(self, backbone: str, layers: tuple[str, ...], weights: str, crop: int) -> None:
         super().__init__()
         layers = tuple(layers) or default_layers(backbone)
@@ -76,7 +57,7 @@ class DistillationModel(TrainableModel):
         autograd refuses to save for backward; a clone made outside it is a normal (constant) tensor."""
         return [feature.clone() for feature in self.teacher(images)]
 
-    def teacher_description(self) -> dict[str, Any]:
+    def provenance(self) -> dict[str, Any]:
         """The teacher facts model files and checkpoints are checked against (``bank.json``'s names)."""
         return {
             "backbone": self.teacher.name,
