@@ -1,14 +1,18 @@
-"""Training speed of one category on one device: images/s of Reverse Distillation and STFPM — no Ray needed.
+"""Training and inference speed of one category on one device, for every trained model — no Ray needed.
 
     python benchmarks/train_speed.py --device cuda --epochs 10     # on a GPU machine (benchmarks/gpu_check.sh)
-    python benchmarks/train_speed.py --device cpu --epochs 1       # the same code path on the CPU (a dry run)
+    python benchmarks/train_speed.py --device cpu --epochs 1       # the same code path on the CPU
 
-Trains each model with the engine's ``Trainer`` (what a ``jobs.train`` fit task runs) on tire_small's good
-training images (34), at the configs' 256 px by default, with the real Lite0 package teacher unless
-``--backbone``/``--weights`` say otherwise (``--backbone wide_resnet50_2 --weights random`` costs what the
-authors' RD teacher, RD4AD's wide_resnet50_2, costs). Prints, per model, the first epoch's images/s (it includes CUDA's warm-up) and
-the median of the later epochs'; ``--json`` also writes them to a file. The loss of every step is read back
-to the host, so each epoch's seconds include all its GPU work.
+Each model is built by its registry entry from a config (``ModelEntry.build``: its default recipe, the
+authors' values) and trained with the engine's ``Trainer`` (what a ``jobs.train`` fit task runs) on
+tire_small's good training images (34), at the recipes' 256 px by default, with the real Lite0 package
+teacher unless ``--backbone``/``--weights`` say otherwise (``--backbone wide_resnet50_2 --weights random`` costs
+what the authors' WRN50 teachers cost). A model that trains with an auxiliary folder (DTD, Imagenette) gets
+``--auxiliary NAME=DIR``, else tire_small's training images stand in (same cost per image; printed).
+Prints, per model, the first epoch's training images/s (it includes CUDA's warm-up), the median of the later
+epochs', and inference images/s (``predict`` in batches of ``--predict-batch``, the median of three passes
+after one warm-up); ``--json`` also writes them. Losses and scores are read back to the host, so every
+figure includes all its GPU work.
 """
 
 from __future__ import annotations
@@ -17,6 +21,7 @@ import argparse
 import json
 import statistics
 import sys
+import time
 from pathlib import Path
 
 import torch
@@ -24,26 +29,57 @@ import torch
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from anomaly_core.backbones import architecture  # noqa: E402
+from anomaly_core.config import parse_config  # noqa: E402
 from anomaly_core.data import ImageTransform, load_split  # noqa: E402
 from anomaly_core.extraction import exact_fp32  # noqa: E402
 from anomaly_core.registry import MODELS  # noqa: E402
 from anomaly_core.training import Trainer, TrainerConfig, load_images  # noqa: E402
 
 
-def train_speed(model_name: str, images: torch.Tensor, args: argparse.Namespace) -> dict:
-    """Fit ``model_name`` for ``args.epochs`` epochs on ``images``; its per-epoch images/s and losses."""
-    model_class = MODELS[model_name].model_class()
-    recipe = MODELS[model_name].recipes[MODELS[model_name].default_recipe].values  # the authors' values
-    model = model_class(model_class.settings_of({**recipe, "backbone": args.backbone, "layers": (), "crop": args.crop,
-                                                  "init_seed": 0}), args.weights)
-    batch = args.batch_size or recipe["batch_size"]
-    config = TrainerConfig(epochs=args.epochs, batch_size=batch, log_every_n_steps=10**9, device=args.device)
-    result = Trainer(config).fit(model, images)
+def model_config(model_name: str, args: argparse.Namespace):
+    """The model's config: tire_small, the chosen teacher, its default recipe at ``--crop`` px."""
+    entry = MODELS[model_name]
+    stand_in = str(args.data / args.category / "train" / "good")
+    auxiliary = {name: args.auxiliary.get(name, stand_in) for name in entry.auxiliary}
+    return parse_config({
+        "datasets": [{"name": "tire_small", "format": "mvtec", "root": str(args.data)}],
+        "backbone": {"name": args.backbone, "layers": [], "weights": args.weights},
+        "preprocess": {"resize": args.crop, "crop": args.crop},
+        "training": {"model": model_name, "auxiliary": auxiliary,
+                     **({"batch_size": args.batch_size} if args.batch_size else {})},
+    }, f"train_speed {model_name}")
+
+
+def images_per_s(seconds: list[float], count: int) -> float:
+    return round(count / statistics.median(seconds), 2)
+
+
+def train_speed(model_name: str, args: argparse.Namespace) -> dict:
+    """Fit ``model_name`` for ``args.epochs`` epochs, then time its inference on the same images."""
+    config = model_config(model_name, args)
+    model = MODELS[model_name].build(config)
+    mean, std = type(model).normalisation(args.backbone)
+    transform = ImageTransform(resize=args.crop, crop=args.crop, mean=mean, std=std)
+    images = load_images(load_split("mvtec", args.data, args.category).train, transform)
+    training = config.training
+    trainer = TrainerConfig(epochs=args.epochs, batch_size=training.batch_size, log_every_n_steps=10**9,
+                            device=args.device)
+    result = Trainer(trainer).fit(model, images)
     rates = [len(images) / epoch["seconds"] for epoch in result.history]
-    return {"model": model_name, "device": args.device, "images": len(images), "batch_size": batch, "crop": args.crop,
-            "backbone": args.backbone, "epochs": args.epochs, "first_epoch_images_per_s": round(rates[0], 2),
+    model.eval()
+    passes = []
+    for _ in range(4):  # the first pass warms up (CUDA kernels, allocator) and is not counted
+        begin = time.perf_counter()
+        for start in range(0, len(images), args.predict_batch):
+            batch = images[start : start + args.predict_batch].to(args.device)
+            model.predict(batch)["pred_score"].cpu()
+        passes.append(time.perf_counter() - begin)
+    return {"model": model_name, "device": args.device, "images": len(images), "batch_size": training.batch_size,
+            "crop": args.crop, "backbone": args.backbone if MODELS[model_name].uses_backbone else None,
+            "auxiliary": training.auxiliary, "epochs": args.epochs,
+            "first_epoch_images_per_s": round(rates[0], 2),
             "later_epochs_images_per_s": round(statistics.median(rates[1:]), 2) if len(rates) > 1 else None,
+            "inference_images_per_s": images_per_s(passes[1:], len(images)), "predict_batch": args.predict_batch,
             "loss_first_epoch": result.history[0]["loss"], "loss_last_epoch": result.history[-1]["loss"]}
 
 
@@ -51,11 +87,14 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--device", default="cuda", help="cuda, cuda:N or cpu")
     parser.add_argument("--epochs", type=int, default=10)
-    parser.add_argument("--models", default="reverse_distillation,stfpm")
+    parser.add_argument("--models", default=",".join(MODELS), help="comma-separated (default: every trained model)")
     parser.add_argument("--backbone", default="tf_efficientnet_lite0", help="the frozen teacher")
     parser.add_argument("--weights", default="package", help="package, random or a weights file")
     parser.add_argument("--crop", type=int, default=256, help="image side (resize = crop)")
-    parser.add_argument("--batch-size", type=int, help="default: the authors' recipe's (RD 16, STFPM 32)")
+    parser.add_argument("--batch-size", type=int, help="training batch; default: the default recipe's")
+    parser.add_argument("--predict-batch", type=int, default=16, help="images per inference forward pass")
+    parser.add_argument("--auxiliary", action="append", default=[], metavar="NAME=DIR",
+                        help="an auxiliary image folder (dtd, imagenette); default: tire_small's training images")
     parser.add_argument("--threads", type=int, help="torch threads (CPU runs)")
     parser.add_argument("--data", type=Path, default=REPO / "data" / "tire_small")
     parser.add_argument("--category", default="tire")
@@ -72,18 +111,20 @@ def main() -> int:
         exact_fp32()
     if args.threads:
         torch.set_num_threads(args.threads)
-    arch = architecture(args.backbone)
-    transform = ImageTransform(resize=args.crop, crop=args.crop, mean=arch.mean, std=arch.std)
-    images = load_images(load_split("mvtec", args.data, args.category).train, transform)
+    pairs = [item.partition("=") for item in args.auxiliary]
+    if any(not name or not folder for name, _, folder in pairs):
+        parser.error("--auxiliary takes NAME=DIR")
+    args.auxiliary = {name: folder for name, _, folder in pairs}
     results = []
     for name in args.models.split(","):
-        result = train_speed(name, images, args)
+        result = train_speed(name, args)
         later = result["later_epochs_images_per_s"]
         print(f"train_speed {name} on {args.device} ({args.category}: {result['images']} images, batch "
-              f"{result['batch_size']}, {args.crop} px, teacher {args.backbone}): first epoch "
+              f"{result['batch_size']}, {args.crop} px, teacher {result['backbone']}): training first epoch "
               f"{result['first_epoch_images_per_s']} images/s" + ("" if later is None else f", epochs 2-{args.epochs} "
-              f"median {later} images/s") + f"; loss {result['loss_first_epoch']:.4f} -> {result['loss_last_epoch']:.4f}",
-              flush=True)
+              f"median {later} images/s") + f"; inference {result['inference_images_per_s']} images/s (batch "
+              f"{args.predict_batch}); loss {result['loss_first_epoch']:.4f} -> {result['loss_last_epoch']:.4f}"
+              + (f"; auxiliary {result['auxiliary']}" if result["auxiliary"] else ""), flush=True)
         results.append(result)
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
