@@ -37,10 +37,11 @@ COMPATIBILITY_KEYS = (
     "fp16",
     "gpu_jpeg_decode",
     "anomalydino",  # AnomalyDINO's per-category masking and rotation (None: off)
+    "padim",  # PaDiM's channel subset (None: PatchCore's embedding)
 )
 # What a bank that predates a key recorded implicitly (fp16 was always off, the patch stride 1, JPEGs decoded
 # by PIL, no AnomalyDINO preprocessing, before each was recorded).
-IMPLICIT_METADATA = {"fp16": False, "patch_stride": 1, "gpu_jpeg_decode": False, "anomalydino": None}
+IMPLICIT_METADATA = {"fp16": False, "patch_stride": 1, "gpu_jpeg_decode": False, "anomalydino": None, "padim": None}
 
 
 class BankError(ValueError):
@@ -63,6 +64,14 @@ class MemoryBank:
     @property
     def sha256(self) -> str:
         return features_sha256(self.features)
+
+    def save(self, directory: Path) -> tuple[Path, Path]:
+        """Write the memory's files into ``directory`` (a PaDiM statistics' own files: ``anomaly_core.padim``)."""
+        return save_bank(self, directory)
+
+    def scoring_payload(self) -> np.ndarray:
+        """What an evaluation actor's scorer is built from (``ScoringParams.scorer``)."""
+        return self.features
 
 
 def _umask() -> int:
