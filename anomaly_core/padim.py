@@ -84,9 +84,9 @@ class GaussianMoments:
             raise ValueError(f"feature shards must come in sample-index order: image "
                              f"{int(features.sample_indices[order[0]])} after image {self.last_index}")
         self.last_index = int(features.sample_indices[order[-1]])
-        embeddings = torch.as_tensor(features.embeddings).cpu()
         for position in order:
-            x = embeddings[position].to(torch.float64)
+            image = features.embeddings[position]  # a read-only host array from the object store, or a tensor
+            x = image.cpu().double() if isinstance(image, torch.Tensor) else torch.from_numpy(image.astype(np.float64))
             self.total += x
             self.outer.addcmul_(x[:, :, None], x[:, None, :])  # exact products, elementwise sums
             self.count += 1
