@@ -26,7 +26,6 @@ statistics are bit-identical for any number of extractors.
 from __future__ import annotations
 
 import hashlib
-import json
 import random
 from dataclasses import dataclass
 from pathlib import Path
@@ -35,7 +34,7 @@ from typing import Any, Sequence
 import numpy as np
 import torch
 
-from anomaly_core.bank import BankError, MemoryBank, atomic_write, write_json
+from anomaly_core.bank import BankError, MemoryBank, atomic_write, read_saved, write_json
 from anomaly_core.features import PatchFeatures
 
 PADIM_FORMAT = "anomaly-bench-padim/1"
@@ -224,23 +223,9 @@ def save_statistics(statistics: PadimStatistics, directory: Path) -> tuple[Path,
 
 def load_statistics(path: Path) -> PadimStatistics:
     """Statistics from their folder; refused when missing, damaged, or not what ``padim.json`` records."""
-    from safetensors.numpy import load_file
-
     folder = Path(path)
     tensors_path, json_path = folder / TENSORS_FILE, folder / METADATA_FILE
-    for required in (tensors_path, json_path):
-        if not required.is_file():
-            raise BankError(f"PaDiM statistics file not found: {required}")
-    try:
-        metadata = json.loads(json_path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as error:
-        raise BankError(f"{json_path} is not valid JSON: {error}") from error
-    if not isinstance(metadata, dict) or metadata.get("format") != PADIM_FORMAT:
-        raise BankError(f"{json_path}: not a {PADIM_FORMAT!r} record")
-    try:
-        tensors = load_file(str(tensors_path))
-    except Exception as error:  # safetensors raises its own error types for corrupt headers
-        raise BankError(f"cannot read PaDiM statistics {tensors_path}: {error}") from error
+    metadata, tensors = read_saved(tensors_path, json_path, "PaDiM statistics", PADIM_FORMAT)
     mean, inverse = tensors.get(MEAN_KEY), tensors.get(INVERSE_KEY)
     if mean is None or inverse is None or mean.ndim != 2 or inverse.shape != (*mean.shape, mean.shape[1]):
         raise BankError(f"{tensors_path} must hold {MEAN_KEY!r} [P, d] and {INVERSE_KEY!r} [P, d, d]")
