@@ -155,3 +155,23 @@ def test_bad_padim_settings_are_one_error_naming_the_key(section, message):
 
 def test_every_configurable_method_has_one_memory_method_entry():
     assert set(MEMORY_METHODS) == set(typing.get_args(RunConfig.model_fields["method"].annotation))
+
+
+def test_too_many_channels_or_one_training_image_fail_in_preflight_before_any_work(tire_root):
+    from anomaly_core.data import CategorySplit, load_split
+    from cluster.pipeline import CategoryJob
+    from jobs.preflight import check_k, check_model
+
+    lite0 = {"name": "tf_efficientnet_lite0", "layers": ["blocks.1", "blocks.2", "blocks.4"], "weights": "package"}
+    config = parse_config({**BASE, "backbone": lite0, "method": "padim", "padim": {"channels": 177},
+                           "preprocess": {"resize": 64, "crop": 64}}, "test.yaml")
+    with pytest.raises(ConfigError, match=r"^backbone \(tf_efficientnet_lite0, .*\): padim.channels=177 must be "
+                                          r"between 1 and 176, the channels of the chosen layers together$"):
+        check_model(config)
+    split = load_split("mvtec", tire_root, "tire")
+    job = CategoryJob("tire_small", str(tire_root), CategorySplit(split.dataset, split.category, split.train[:1], split.test))
+    with pytest.raises(ConfigError, match="^method padim needs at least 2 training images per category; "
+                                          "tire_small/tire has 1$"):
+        check_k(config, [job], (16, 16), "backbone")
+    check_k(config.model_copy(update={"method": "patchcore", "padim": RunConfig.model_fields["padim"].default}),
+            [job], (16, 16), "backbone")  # PatchCore's bank of one image is fine
