@@ -175,3 +175,14 @@ def test_too_many_channels_or_one_training_image_fail_in_preflight_before_any_wo
         check_k(config, [job], (16, 16), "backbone")
     check_k(config.model_copy(update={"method": "patchcore", "padim": RunConfig.model_fields["padim"].default}),
             [job], (16, 16), "backbone")  # PatchCore's bank of one image is fine
+
+
+def test_a_padim_folder_is_a_memory_bank_artifact_of_its_own_files(tmp_path):
+    from jobs.compare import method_of
+    from jobs.tracking import folder_artifact
+
+    save_statistics(fit_statistics(random_shards(), 0.01, {"backbone": "resnet18"}), tmp_path)
+    artifact = folder_artifact(tmp_path, "tire_small", "tire")
+    assert artifact.type == "memory-bank" and sorted(artifact.manifest.entries) == ["padim.json", "padim.safetensors"]
+    assert artifact.metadata["backbone"] == "resnet18" and artifact.metadata["format"] == "anomaly-bench-padim/1"
+    assert method_of({"config": {"method": "padim", "backbone": {"name": "resnet18"}}}) == "padim (resnet18)"
