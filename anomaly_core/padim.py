@@ -184,7 +184,8 @@ class MahalanobisScorer:
     def distances(self, embeddings: Any) -> np.ndarray:
         """[n, P] Mahalanobis distances sqrt(δᵀ Σ⁻¹ δ), δ = x − μ, of images' embeddings [n, P, d].
 
-        One image at a time, so an image's distances never depend on the others in its shard."""
+        One image at a time, so an image's distances never depend on the others in its shard. float32 products
+        as anomalib's: a GPU's differ from the CPU's in the last bits (unlike PatchCore's exact distances)."""
         embeddings = torch.as_tensor(embeddings)
         if tuple(embeddings.shape[1:]) != tuple(self.mean.shape):
             raise ValueError(f"embeddings of shape {list(embeddings.shape[1:])} per image do not fit PaDiM statistics "
