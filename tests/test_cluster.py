@@ -804,9 +804,10 @@ def test_padim_statistics_are_bit_identical_for_one_and_three_extractors(ray_clu
 
 
 def test_benchmark_job_with_padim_writes_its_statistics_and_resumes_them(ray_cluster, tire_job, tmp_path):
-    """jobs.benchmark with method padim on the whole tire category: padim.safetensors + padim.json, their memory
-    in the summary, a sensible AUROC, and a resumed run keeps the category."""
-    config = padim_config(num_extractors=2).model_copy(update={"output_dir": str(tmp_path)})
+    """jobs.benchmark with method padim on the whole tire category, scored by evaluator actors (not colocated):
+    padim.safetensors + padim.json, their memory in the summary, a sensible AUROC, and a resumed run keeps the
+    category."""
+    config = padim_config(num_extractors=2, colocate=False).model_copy(update={"output_dir": str(tmp_path)})
     run_dir = benchmark.run(config, run_name="padim")
     summary = json.loads((run_dir / "summary.json").read_text())
     (category,) = summary["categories"]
@@ -821,6 +822,7 @@ def test_benchmark_job_with_padim_writes_its_statistics_and_resumes_them(ray_clu
     metrics = category["metrics"]
     # tire at 112 px, 34 train images: measured 0.906 image / 0.961 pixel AUROC on this machine (engine, one process)
     assert metrics["image_auroc"] > 0.85 and metrics["pixel_auroc"] > 0.94
+    assert sum(e["images"] for e in summary["cluster"]["evaluators"]) == 28  # the evaluators scored every test image
     job = benchmark.category_jobs(config, None)[0]
     kept = finished_category(run_dir, job)
     assert kept is not None and kept.bank.sha256 == statistics.sha256
