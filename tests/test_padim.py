@@ -28,7 +28,6 @@ from anomaly_core.patch_features import ConcatEmbedder
 from anomaly_core.scoring import predict
 from cluster.pipeline import MEMORY_METHODS
 
-from .conftest import TIRE_ROOT
 
 GRID = (3, 4)
 
