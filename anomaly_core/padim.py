@@ -36,6 +36,7 @@ import torch
 
 from anomaly_core.bank import BankError, MemoryBank, atomic_write, read_saved, write_json
 from anomaly_core.features import PatchFeatures
+from anomaly_core.threads import limit_threads
 
 PADIM_FORMAT = "anomaly-bench-padim/1"
 TENSORS_FILE, METADATA_FILE = "padim.safetensors", "padim.json"
@@ -129,8 +130,8 @@ def fit_statistics(shards: Sequence[PatchFeatures], epsilon: float, metadata: di
     """Gaussians from feature shards (any grouping; they are ordered by sample index here).
 
     Covariance as the authors' ``np.cov(..., rowvar=False) + 0.01 * I``, from the moments:
-    (Σxxᵀ − n·μμᵀ) / (n − 1) + εI in float64, inverted in float64 (LAPACK, one matrix at a time, the same
-    on every machine that runs it), stored in float32.
+    (Σxxᵀ − n·μμᵀ) / (n − 1) + εI in float64, inverted in float64 (LAPACK on one thread, one matrix at a
+    time), stored in float32.
     """
     moments = GaussianMoments()
     for shard in sorted(shards, key=lambda part: int(np.min(part.sample_indices))):
@@ -145,7 +146,11 @@ def statistics_from_moments(moments: GaussianMoments, epsilon: float, metadata: 
     mean = moments.total / n
     covariance = (moments.outer - n * mean[:, :, None] * mean[:, None, :]) / (n - 1)
     covariance += epsilon * torch.eye(mean.shape[1], dtype=torch.float64)
-    inverse = np.stack([np.linalg.inv(matrix) for matrix in covariance.numpy()])
+    restore = limit_threads(1)  # LAPACK's blocking may follow its thread count: one thread, the same bits anywhere
+    try:
+        inverse = np.stack([np.linalg.inv(matrix) for matrix in covariance.numpy()])
+    finally:
+        restore()
     mean32, inverse32 = mean.numpy().astype(np.float32), inverse.astype(np.float32)
     record = {**metadata, "n_patches": n * mean.shape[0], "grid": list(moments.grid), "n_fit_images": n,
               "statistics_bytes": int(mean32.nbytes + inverse32.nbytes)}
