@@ -37,10 +37,11 @@ COMPATIBILITY_KEYS = (
     "fp16",
     "gpu_jpeg_decode",
     "anomalydino",  # AnomalyDINO's per-category masking and rotation (None: off)
+    "padim",  # PaDiM's channel subset (None: PatchCore's embedding)
 )
 # What a bank that predates a key recorded implicitly (fp16 was always off, the patch stride 1, JPEGs decoded
 # by PIL, no AnomalyDINO preprocessing, before each was recorded).
-IMPLICIT_METADATA = {"fp16": False, "patch_stride": 1, "gpu_jpeg_decode": False, "anomalydino": None}
+IMPLICIT_METADATA = {"fp16": False, "patch_stride": 1, "gpu_jpeg_decode": False, "anomalydino": None, "padim": None}
 
 
 class BankError(ValueError):
@@ -63,6 +64,14 @@ class MemoryBank:
     @property
     def sha256(self) -> str:
         return features_sha256(self.features)
+
+    def save(self, directory: Path) -> tuple[Path, Path]:
+        """Write the memory's files into ``directory`` (a PaDiM statistics' own files: ``anomaly_core.padim``)."""
+        return save_bank(self, directory)
+
+    def scoring_payload(self) -> np.ndarray:
+        """What an evaluation actor's scorer is built from (``ScoringParams.scorer``)."""
+        return self.features
 
 
 def _umask() -> int:
@@ -125,26 +134,32 @@ def save_bank(bank: MemoryBank, directory: Path) -> tuple[Path, Path]:
     return tensors_path, json_path
 
 
+def read_saved(tensors_path: Path, json_path: Path, what: str, fmt: str) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
+    """A saved memory's JSON record, of format ``fmt``, and its tensors (``what``: a memory bank, PaDiM
+    statistics); each file missing or unreadable is refused by name."""
+    for required in (tensors_path, json_path):
+        if not required.is_file():
+            raise BankError(f"{what} file not found: {required}")
+    try:
+        metadata = json.loads(json_path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as error:
+        raise BankError(f"{what} metadata {json_path} is not valid JSON: {error}") from error
+    if not isinstance(metadata, dict):
+        raise BankError(f"{what} metadata {json_path} must be a JSON object, got a {type(metadata).__name__}")
+    if metadata.get("format") != fmt:
+        raise BankError(f"{json_path}: format {metadata.get('format')!r} is not {fmt!r}")
+    try:
+        return metadata, load_file(str(tensors_path))
+    except Exception as error:  # safetensors raises its own error types for corrupt headers
+        raise BankError(f"cannot read {what} {tensors_path}: {error}") from error
+
+
 def load_bank(path: Path) -> MemoryBank:
     """Load a bank from its folder or its ``.safetensors`` file (``bank.json`` must sit beside it)."""
     path = Path(path)
     tensors_path = path / "bank.safetensors" if path.is_dir() else path
     json_path = tensors_path.with_suffix(".json")
-    for required in (tensors_path, json_path):
-        if not required.is_file():
-            raise BankError(f"memory bank file not found: {required}")
-    try:
-        metadata = json.loads(json_path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as error:
-        raise BankError(f"bank metadata {json_path} is not valid JSON: {error}") from error
-    if not isinstance(metadata, dict):
-        raise BankError(f"bank metadata {json_path} must be a JSON object, got a {type(metadata).__name__}")
-    if metadata.get("format") != BANK_FORMAT:
-        raise BankError(f"{json_path}: format {metadata.get('format')!r} is not {BANK_FORMAT!r}")
-    try:
-        tensors = load_file(str(tensors_path))
-    except Exception as error:  # safetensors raises its own error types for corrupt headers
-        raise BankError(f"cannot read memory bank {tensors_path}: {error}") from error
+    metadata, tensors = read_saved(tensors_path, json_path, "memory bank", BANK_FORMAT)
     features = tensors.get(FEATURES_KEY)
     if features is None or features.ndim != 2 or features.dtype != np.float32:
         found = "no" if features is None else f"a {features.dtype} {list(features.shape)}"

@@ -99,6 +99,17 @@ class ScoringConfig(_Strict):
         return self
 
 
+class PadimConfig(_Strict):
+    """PaDiM's settings (anomaly_core/padim.py), read where ``method: padim``. Defaults: the authors' code
+    (xiahaifeng1995): 100 channels (ResNet18's; 550 for WRN50), the subset drawn after random.seed(1024),
+    covariance + 0.01 I, maps blurred with sigma 4."""
+
+    channels: int = Field(100, ge=1, strict=True)  # kept of the chosen layers' channels
+    seed: int = Field(1024, strict=True)  # of the channel subset (recorded with its indices)
+    epsilon: float = Field(0.01, gt=0.0, allow_inf_nan=False)  # added to each covariance's diagonal
+    blur_sigma: float = Field(4.0, ge=0.0, allow_inf_nan=False)
+
+
 class ThresholdConfig(_Strict):
     # Where bank.json's deployment thresholds come from: F1-optimal on the labelled test set (optimistic),
     # or a quantile of the scores of good training images held out of the bank (anomaly_core/thresholds.py).
@@ -352,6 +363,10 @@ class RunConfig(_Strict):
     seed: int = 0
     datasets: list[DatasetConfig] = Field(min_length=1)
     backbone: BackboneConfig = BackboneConfig()
+    # The memory-based method jobs.benchmark builds per category (cluster.pipeline.MEMORY_METHODS): PatchCore's
+    # bank (embedding, coreset, scoring), or PaDiM's Gaussians (padim).
+    method: Literal["patchcore", "padim"] = "patchcore"
+    padim: PadimConfig = PadimConfig()
     # Several backbones, one bank each, scores normalised per member and averaged (anomaly_core/ensemble.py);
     # replaces ``backbone``. Empty: a single-backbone run.
     ensemble: list[BackboneConfig] = Field(default_factory=list)
@@ -381,6 +396,19 @@ class RunConfig(_Strict):
             raise ValueError("ensemble: needs at least two backbones (for one, set backbone instead)")
         if self.ensemble and self.backbone != BackboneConfig():  # a recorded config carries the default one
             raise ValueError("set either backbone or ensemble, not both: an ensemble lists its members' backbones")
+        return self
+
+    @model_validator(mode="after")
+    def _padim_fits(self) -> "RunConfig":
+        """PaDiM models one backbone's raw features per position: no ensemble, no AnomalyDINO preprocessing."""
+        if self.method != "padim":
+            if self.padim != PadimConfig():
+                raise ValueError("padim: settings apply to method: padim only (method is patchcore)")
+            return self
+        if self.ensemble:
+            raise ValueError("method padim does not combine with ensemble: set one backbone")
+        if self.anomalydino is not None:
+            raise ValueError("method padim does not combine with an anomalydino section (PatchCore-bank scoring)")
         return self
 
     @model_validator(mode="after")
@@ -429,6 +457,10 @@ class RunConfig(_Strict):
             raise ValueError(f"preprocess: crop ({preprocess.crop}) must not exceed resize ({preprocess.resize}); "
                              f"recipe {self.training.recipe} sets the unset {' and '.join(size)} to {recipe.values['crop']}")
         return self.model_copy(update={"preprocess": preprocess})
+
+    def padim_subset(self) -> tuple[int, int] | None:
+        """(channels, seed) of PaDiM's embedding where the method is padim (``extraction.ExtractionSettings``)."""
+        return (self.padim.channels, self.padim.seed) if self.method == "padim" else None
 
     def backbones(self) -> list[tuple[str, BackboneConfig]]:
         """(config key, block) of each backbone the run builds: the ensemble's members, else ``backbone``."""

@@ -28,7 +28,8 @@ from anomaly_core.backbones import FeatureBackbone
 from anomaly_core.data import ImageTransform, Sample, read_rgb
 from anomaly_core.data.device_decode import decode_batch, read_for_device
 from anomaly_core.features import PatchFeatures
-from anomaly_core.patch_features import PatchEmbedder
+from anomaly_core.padim import channel_subset
+from anomaly_core.patch_features import ConcatEmbedder, PatchEmbedder
 
 
 def exact_fp32() -> None:
@@ -61,6 +62,8 @@ class ExtractionSettings:
     batch_size: int = 8
     fp16: bool = False  # half-precision backbone on GPU and half-precision feature transfer
     gpu_jpeg_decode: bool = False  # JPEGs decoded, all images resized on the GPU (data/device_decode.py)
+    # PaDiM's embedding (patch_features.ConcatEmbedder): (channels kept, their seed); None: PatchCore's
+    padim_subset: tuple[int, int] | None = None
 
     def declared(self) -> dict[str, Any]:
         """The compatibility fields known without building the model, for failing fast on a bank.
@@ -97,6 +100,7 @@ class ExtractionSettings:
             batch_size=config.cluster.batch_size,
             fp16=config.cluster.fp16,
             gpu_jpeg_decode=config.preprocess.gpu_jpeg_decode,
+            padim_subset=config.padim_subset(),
         )
 
 
@@ -131,8 +135,15 @@ class PatchFeatureExtractor:
             self.backbone.half()
         elif self.device.type == "cuda":
             exact_fp32()
-        self.embedder = PatchEmbedder(settings.patch_size, settings.pretrain_dim, settings.target_dim,
-                                      settings.patch_stride)
+        self.padim: dict[str, Any] | None = None
+        if settings.padim_subset is None:
+            self.embedder = PatchEmbedder(settings.patch_size, settings.pretrain_dim, settings.target_dim,
+                                          settings.patch_stride)
+        else:
+            channels, seed = settings.padim_subset
+            indices = channel_subset(sum(self.backbone.channels), channels, seed)
+            self.embedder = ConcatEmbedder(indices)
+            self.padim = {"channels": channels, "seed": seed, "channel_indices": list(indices)}
         self.transform = ImageTransform(
             resize=settings.resize, crop=settings.crop, mean=self.backbone.mean, std=self.backbone.std
         )
@@ -143,8 +154,10 @@ class PatchFeatureExtractor:
 
     def describe(self) -> dict[str, Any]:
         """The bank-compatibility fields (see ``bank.COMPATIBILITY_KEYS``)."""
+        padim = {"padim": self.padim, "feature_dim": self.padim["channels"]} if self.padim else {}
         return {
             **self.settings.declared(),
+            **padim,
             "layers": list(self.backbone.layers),
             "weights_sha256": self.backbone.weights_sha256,
             "mean": list(self.backbone.mean),

@@ -63,3 +63,22 @@ class PatchEmbedder:
         stacked = torch.stack(per_layer, dim=1).reshape(per_layer[0].shape[0], 1, -1)
         embeddings = F.adaptive_avg_pool1d(stacked, self.target_dim).squeeze(1)
         return embeddings.contiguous(), grid
+
+
+@dataclass(frozen=True)
+class ConcatEmbedder:
+    """PaDiM's embedding (xiahaifeng1995 ``embedding_concat``; anomalib ``PadimModel.generate_embedding``): the
+    deeper layers' maps brought to the first layer's grid by nearest-neighbour upsampling, all concatenated
+    along the channels, then the channels ``indices`` kept in that order (``padim.channel_subset``). No
+    neighbourhood, no pooling: PaDiM models each position's raw CNN features."""
+
+    indices: tuple[int, ...]
+
+    @torch.inference_mode()
+    def __call__(self, feature_maps: list[torch.Tensor]) -> tuple[torch.Tensor, tuple[int, int]]:
+        """Feature maps of one batch -> ([B * H * W, len(indices)] float32 embeddings, (H, W) grid)."""
+        reference = feature_maps[0].float()
+        grid = tuple(reference.shape[-2:])
+        layers = [reference, *(F.interpolate(m.float(), size=grid, mode="nearest") for m in feature_maps[1:])]
+        chosen = torch.cat(layers, dim=1).index_select(1, torch.as_tensor(self.indices, device=reference.device))
+        return chosen.permute(0, 2, 3, 1).reshape(-1, len(self.indices)).contiguous(), grid

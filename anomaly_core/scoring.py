@@ -62,6 +62,11 @@ class ScoringParams:
         if self.background_mask is not None and not self.background_mask.masking:
             raise ValueError("ScoringParams.background_mask is for categories with anomalydino masking on")
 
+    def scorer(self, bank: Any, device: MatrixDevice | None = None, threads: int = 1) -> "NearestNeighbourScorer":
+        """The scorer of a bank's rows (``MemoryBank.scoring_payload``) with these parameters; PaDiM's scoring
+        builds its own (``padim.PadimScoring``), so evaluation actors never ask which method they score."""
+        return NearestNeighbourScorer(bank, self, device, threads)
+
 
 def unit_rows(rows: Any) -> Any:
     """Rows (numpy or a tensor, kept on its device) scaled to unit length in float32; zero rows stay zero.
@@ -156,13 +161,15 @@ class Predictions:
     sample_indices: np.ndarray  # [n] int64
 
 
-def predict(scorer: NearestNeighbourScorer, features: PatchFeatures, crop: int, threads: int = 1) -> Predictions:
+def predict(scorer: Any, features: PatchFeatures, crop: int, threads: int = 1) -> Predictions:
     """Image scores and blurred anomaly maps of every image, searched together (shard-independent); the
     search and the maps on ``threads`` one-thread workers (a map depends only on its image's scores)."""
     scores, patch_scores = scorer.score_images(features.embeddings, threads, features.grid)
-    maps = run_blocks(threads, lambda image: anomaly_map(image, features.grid, crop, scorer.params.blur_sigma),
-                      list(patch_scores))
-    return Predictions(scores.astype(np.float64), np.stack(maps), features.sample_indices.copy())
+    maps = np.stack(run_blocks(threads, lambda image: anomaly_map(image, features.grid, crop, scorer.params.blur_sigma),
+                               list(patch_scores)))
+    if scorer.params.image_score == "map_max":  # PaDiM's: the blurred map's maximum
+        scores = maps.reshape(len(maps), -1).max(axis=1)
+    return Predictions(scores.astype(np.float64), maps, features.sample_indices.copy())
 
 
 def merge_predictions(parts: Sequence[Predictions]) -> Predictions:

@@ -15,6 +15,8 @@ Sections (``--sections``):
   stfpm        same teacher file and same student init in both: maps, scores, loss; then both trained
   rd           same encoder file; OCBE paths and decoder with the same weights (the bottleneck stack differs
                in width, see the table's note); maps, scores and loss from the same features; then both trained
+  padim        same backbone file and channel subset (ours, in anomalib's ``idx``): embeddings, Gaussians,
+               Mahalanobis distances, maps, scores, and both sides' metrics
 Differences: ``max_abs`` = max |ours - anomalib|, ``rel`` = max_abs / max |anomalib|.
 
 Usage: PYTHONPATH=$PWD python benchmarks/parity_anomalib.py [--sections ...] [--json out.json]
@@ -43,6 +45,7 @@ from anomaly_core.backbones import RANDOM_INIT, RANDOM_INIT_SEED, architecture, 
 from anomaly_core.data import ImageTransform, load_split
 from anomaly_core.extraction import ExtractionSettings, PatchFeatureExtractor
 from anomaly_core.features import PatchFeatures
+from anomaly_core.padim import PadimScoring, fit_statistics
 from anomaly_core.patchcore import build_bank, evaluate
 from anomaly_core.registry import MODELS
 from anomaly_core.scoring import NearestNeighbourScorer, Predictions, ScoringParams, predict
@@ -60,7 +63,7 @@ from anomaly_core.training.batches import EpochPlan
 
 REPO = Path(__file__).resolve().parents[1]
 SIDE = Path(__file__).with_name("parity_anomalib_side.py")
-SECTIONS = ("preprocess", "patchcore", "stfpm", "rd")
+SECTIONS = ("preprocess", "patchcore", "stfpm", "rd", "padim")
 
 Runner = Callable[[str, dict, dict[str, torch.Tensor]], dict[str, torch.Tensor]]
 
@@ -275,6 +278,62 @@ def section_patchcore(args, runner: Runner, folder: Path, backbone: str, weights
     return rows, details
 
 
+def section_padim(args, runner: Runner, folder: Path, backbone: str, weights: str) -> tuple[list[Row], dict]:
+    """Both PaDiM models on the same images, weights file and channel subset; every stage compared."""
+    tag = f"padim/{backbone} ({weights})"
+    data = load_data(args.data, args.category, backbone, args.resize, args.crop, args.test_limit)
+    path = weights_file(backbone, weights, folder)
+    layers = PADIM_LAYERS.get(backbone, ("layer1", "layer2", "layer3"))
+    settings = ExtractionSettings(backbone, layers, str(path), args.resize, args.crop,
+                                  padim_subset=(args.padim_channels, args.padim_seed))
+    extractor = PatchFeatureExtractor(settings)
+
+    def features(images: torch.Tensor) -> PatchFeatures:
+        parts = [extractor.embed_batch(batch) for batch in images.split(8)]
+        return PatchFeatures(np.concatenate([p[0] for p in parts]), parts[0][1], np.arange(len(images)))
+
+    train, test = features(data.train), features(data.test)
+    statistics = fit_statistics([train], 0.01, extractor.describe())
+    aligned = fit_statistics([train], 0.01 + 1e-5, extractor.describe())  # anomalib's extra 1e-5 I
+    scorer = PadimScoring().scorer(statistics.scoring_payload(), "cpu")
+    ours = predict(scorer, test, args.crop)
+    indices = extractor.describe()["padim"]["channel_indices"]
+    out = runner("padim", {"backbone": backbone, "layers": list(layers), "weights_file": str(path),
+                           "channel_indices": indices}, {"train_images": data.train, "test_images": data.test})
+    n, (h, w) = len(data.test), test.grid
+    rows = [
+        row(tag, f"embedding ({'+'.join(layers)}, {len(indices)} of {sum(extractor.backbone.channels)} channels)",
+            test.embeddings, out["embeddings"].reshape(n, len(indices), h * w).permute(0, 2, 1)),
+        row(tag, "per-position mean", statistics.features, out["mean"].T,
+            "ours: float64 moments of float32 features, stored float32; anomalib: torch.mean in float32"),
+        row(tag, "inverse covariance", statistics.inverse_covariance, out["inverse_covariance"],
+            "recipe: ours (authors') cov + 0.01 I; anomalib cov + 0.01 I + 1e-5 I, inverted in float32"),
+        row(tag, "Mahalanobis distance per position", scorer.distances(test.embeddings),
+            out["distances"].reshape(n, h * w)),
+        row(tag, "inverse covariance, ours with anomalib's epsilon (0.01 + 1e-5)", aligned.inverse_covariance,
+            out["inverse_covariance"], "what is left: anomalib inverts in float32 (ours float64) a covariance of "
+            f"rank <= {len(data.train) - 1} + epsilon I ({len(indices)} dims): ill-conditioned"),
+        row(tag, "Mahalanobis distance, ours with anomalib's epsilon",
+            PadimScoring().scorer(aligned.scoring_payload(), "cpu").distances(test.embeddings),
+            out["distances"].reshape(n, h * w)),
+        row(tag, "anomaly map", ours.maps, out["anomaly_map"],
+            "recipe: both bilinear upsampling + Gaussian sigma 4 (kernel 33); ours scipy 'reflect' (edge repeated, "
+            "the authors'), anomalib kornia-style torch 'reflect' (edge not repeated)"),
+        row(tag, "anomaly map: ours reproduced with anomalib's blur",
+            torch_reflect_blur(F.interpolate(torch.as_tensor(scorer.distances(test.embeddings)).reshape(n, 1, h, w),
+                                             size=(args.crop, args.crop), mode="bilinear", align_corners=False)[:, 0],
+                               4.0),
+            out["anomaly_map"], "our distances, anomalib's blur: explains the row above"),
+        row(tag, "image score (max of the map)", ours.scores, out["pred_score"]),
+    ]
+    metric_row, details = metrics_row(tag, "metrics", data, ours, out["pred_score"], out["anomaly_map"])
+    return [*rows, metric_row], details
+
+
+# PaDiM's layers where they are not ResNet's layer1-3: lite0's stride 4, 8 and 16 stages.
+PADIM_LAYERS = {"tf_efficientnet_lite0": ("blocks.1", "blocks.2", "blocks.4")}
+
+
 def _stfpm_section(args, runner: Runner, folder: Path, backbone: str, weights: str, train_data: Data | None
                    ) -> tuple[list[Row], dict]:
     tag = f"stfpm/{backbone} ({weights})"
@@ -461,6 +520,9 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--train-resize", type=int, default=128)
     parser.add_argument("--train-crop", type=int, default=128)
     parser.add_argument("--train-stfpm-backbone", default="tf_efficientnet_lite0:package")
+    parser.add_argument("--padim-backbones", default="resnet18:random,tf_efficientnet_lite0:package")
+    parser.add_argument("--padim-channels", type=int, default=100, help="PaDiM's channel subset (resnet18: 100)")
+    parser.add_argument("--padim-seed", type=int, default=1024, help="of the subset (the authors' code: 1024)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--json", type=Path, default=None, help="write rows and metrics here")
     args = parser.parse_args(argv)
@@ -502,6 +564,10 @@ def run(args: argparse.Namespace, runner: Runner) -> tuple[list[Row], dict]:
             if train:
                 data = load_data(args.data, args.category, "wide_resnet50_2", args.train_resize, args.train_crop, None)
                 new, details["rd/trained"] = _rd_section(args, runner, folder, data)
+                rows += new
+        if "padim" in sections:
+            for backbone, weights in _pairs(args.padim_backbones):
+                new, details[f"padim/{backbone}"] = section_padim(args, runner, folder, backbone, weights)
                 rows += new
     return rows, details
 

@@ -213,7 +213,37 @@ def _train(model, loss, optimizer, tensors, epochs: int, out) -> None:
     out["trained/anomaly_map"] = torch.cat([r.anomaly_map[:, 0] for r in results])
 
 
-TASKS = {"preprocess": preprocess, "patchcore": patchcore, "stfpm": stfpm, "reverse_distillation": reverse_distillation}
+def padim(request: dict, tensors: dict[str, torch.Tensor], out: dict[str, torch.Tensor]) -> None:
+    """anomalib's PadimModel as its Lightning module runs it (training forward on every training image, fit,
+    then forward on the test images), with the driver's weights and the driver's channel subset in ``idx``."""
+    from anomalib.models.image.padim.torch_model import PadimModel
+
+    model = PadimModel(backbone=request["backbone"], layers=request["layers"], pre_trained=False,
+                       n_features=len(request["channel_indices"]))
+    if _load_into(model.feature_extractor.feature_extractor, load_file(request["weights_file"]), True):
+        raise KeyError("the weights file does not fill anomalib's feature extractor")
+    model.idx = torch.tensor(request["channel_indices"], dtype=torch.int64)
+    model.train()
+    with torch.no_grad():
+        for batch in tensors["train_images"].split(8):
+            model(batch)
+    model.fit()
+    model.eval()
+    with torch.no_grad():
+        embeddings = torch.cat([model.generate_embedding(model.feature_extractor(batch))
+                                for batch in tensors["test_images"].split(8)])
+        distances = model.anomaly_map_generator.compute_distance(
+            embeddings, [model.gaussian.mean, model.gaussian.inv_covariance])
+        results = [model(batch) for batch in tensors["test_images"].split(8)]
+    out["embeddings"] = embeddings  # [n, d, H, W]
+    out["mean"], out["inverse_covariance"] = model.gaussian.mean, model.gaussian.inv_covariance  # [d, P], [P, d, d]
+    out["distances"] = distances[:, 0]
+    out["pred_score"] = torch.cat([r.pred_score.reshape(-1) for r in results])
+    out["anomaly_map"] = torch.cat([r.anomaly_map[:, 0] for r in results])
+
+
+TASKS = {"preprocess": preprocess, "patchcore": patchcore, "stfpm": stfpm, "reverse_distillation": reverse_distillation,
+         "padim": padim}
 
 
 def main(exchange: Path) -> None:

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import threading
 import time
+from typing import Any
 
 import numpy as np
 import ray
@@ -25,7 +26,7 @@ from anomaly_core.data import ImageTransform, Sample
 from anomaly_core.features import PatchFeatures
 from anomaly_core.metrics import MetricReport
 from anomaly_core.patchcore import evaluate
-from anomaly_core.scoring import NearestNeighbourScorer, Predictions, ScoringParams, merge_predictions, predict
+from anomaly_core.scoring import Predictions, ScoringParams, merge_predictions, predict
 from anomaly_core.threads import limit_threads
 from anomaly_core.distances import MatrixDevice
 from cluster.devices import ReportsThreads, math_device
@@ -40,7 +41,7 @@ class Scoring:
         """``keep``: at most that many categories' scorers (the oldest dropped first: one only costs a
         rebuild), for actors that never see a category's ``finish``."""
         self.device, self.keep = device, keep
-        self.scorers: dict[tuple[str, str], NearestNeighbourScorer] = {}  # by (category, bank object)
+        self.scorers: dict[tuple[str, str], Any] = {}  # by (category, bank object); kNN or PaDiM scorers
         self.busy_seconds = 0.0
         self.images_done = 0
         self._lock = threading.Lock()  # a colocated extractor scores on two threads
@@ -54,7 +55,7 @@ class Scoring:
         with self._lock:
             scorer = self.scorers.get(held)
         if scorer is None:
-            scorer = NearestNeighbourScorer(ray.get(bank[0]), params, self.device, threads)
+            scorer = params.scorer(ray.get(bank[0]), self.device, threads)
             with self._lock:
                 self.scorers[held] = scorer
                 while self.keep is not None and len(self.scorers) > self.keep:

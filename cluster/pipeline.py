@@ -27,6 +27,7 @@ from anomaly_core.extraction import ExtractionSettings
 from anomaly_core.feature_cache import FeatureCache, cache_fields, cache_key
 from anomaly_core.features import coverage_radius_space
 from anomaly_core.metrics import MetricReport
+from anomaly_core.padim import GaussianMoments, PadimScoring, PadimStatistics, statistics_from_moments
 from anomaly_core.patchcore import (
     anomalydino_preprocess,
     augment_base_seed,
@@ -121,7 +122,9 @@ class BenchmarkPipeline:
         self.holders = (HolderPool([None] * len(self.extractors), actors=self.extractors) if self.plan.colocate
                         else HolderPool(self.plan.holders))
         # Colocated shards stay in their extractor, except where the feature cache must write them from the host.
-        self.keep_features = self.plan.colocate and not config.feature_cache.enabled
+        # PaDiM's moments are added on the driver: its shards must reach the object store.
+        self.keep_features = (self.plan.colocate and not config.feature_cache.enabled
+                              and MEMORY_METHODS[config.method].holds_features)
         # Fails fast (weights file errors, unknown layers) before any data is touched.
         self.description = ray.get(self.extractors[0].describe.remote())
         if resource_wait_s > 0:  # the actors hold their nodes now: let the cluster shrink after the run
@@ -247,21 +250,46 @@ class BenchmarkPipeline:
     def build_bank(
         self, job: CategoryJob, train_shards: list[Shard] | None = None, test_shards: list[Shard] | None = None,
     ) -> MemoryBank:
-        """Extract the training images (unless already queued) and select the bank with the sharded coreset.
+        """Extract the training images (unless already queued) and build the configured method's memory from
+        them (``MEMORY_METHODS``): PatchCore's bank, PaDiM's Gaussians."""
+        train_shards = train_shards if train_shards is not None else self._features(job, "train", job.split.train)
+        return MEMORY_METHODS[self.config.method].build(self, job, train_shards, test_shards)
+
+    def _extracted(self, job: CategoryJob, train_shards: list[Shard]) -> tuple[list[ray.ObjectRef], float]:
+        """The training shards' refs and the seconds the extractors took for them (cached shards took none),
+        once every shard is extracted."""
+        self.stage = f"extraction of {job.key} ({len(job.split.train)} train images, {len(self.extractors)} extractors)"
+        train_refs = self._refs(train_shards)
+        extract_s = sum(times["seconds"] for times in ray.get([shard.timing for shard in train_shards
+                                                                if shard.timing is not None]))
+        self.on_event("extracted", {"key": job.key, "images": len(job.split.train), "seconds": extract_s})
+        self._train_bytes[job.key] = object_bytes(train_refs)
+        return train_refs, extract_s
+
+    def _recorded(self, job: CategoryJob) -> dict[str, Any]:
+        """What every memory of a category records: the extraction, the category, its training images."""
+        copies = self._copies(job)
+        return {
+            **{key: value for key, value in self.description.items() if key not in ("device", "pid")},
+            "dataset": job.dataset,
+            "category": job.split.category,
+            "n_train_images": len(job.split.train),
+            **({"augment": copies.to_dict()} if copies.enabled else {}),
+            **category_record(self.config, job.split.dataset, job.split.category),
+            "train_list_sha256": train_list_sha256(job.split.train, job.root),
+        }
+
+    def _patchcore_bank(self, job: CategoryJob, train_shards: list[Shard], test_shards: list[Shard] | None
+                        ) -> MemoryBank:
+        """PatchCore's bank by the sharded coreset.
 
         ``test_shards``: the category's queued test extraction. Where the extractors hold every core of
         a holder's node, the coreset waits for it: running beside it would only slow both (on the
         2-core development machine the pair took 33 s overlapped against ~23 s one after the other).
         """
-        train_shards = train_shards if train_shards is not None else self._features(job, "train", job.split.train)
-        self.stage = f"extraction of {job.key} ({len(job.split.train)} train images, {len(self.extractors)} extractors)"
-        train_refs = self._refs(train_shards)
-        # Extraction time of the shards the extractors make (cached shards took none); waits for them.
-        extract_s = sum(times["seconds"] for times in ray.get([shard.timing for shard in train_shards
-                                                                if shard.timing is not None]))
+        train_refs, extract_s = self._extracted(job, train_shards)
         saturated = any(holder.cpus < 1 for holder in self.plan.holders)
         test_refs = self._refs(test_shards) if test_shards and saturated else ()
-        self.on_event("extracted", {"key": job.key, "images": len(job.split.train), "seconds": extract_s})
         coreset = self.config.coreset
         seed = coreset_seed(self.config.seed, job.dataset, job.split.category)
         threads = self._holder_threads()
@@ -279,16 +307,8 @@ class BenchmarkPipeline:
             after=test_refs,
             owners=[shard.slot for shard in train_shards] if self.plan.colocate else (),
         )
-        self._train_bytes[job.key] = object_bytes(train_refs)
-        copies = self._copies(job)
         metadata = {
-            **{key: value for key, value in self.description.items() if key not in ("device", "pid")},
-            "dataset": job.dataset,
-            "category": job.split.category,
-            "n_train_images": len(job.split.train),
-            **({"augment": copies.to_dict()} if copies.enabled else {}),
-            **category_record(self.config, job.split.dataset, job.split.category),
-            "train_list_sha256": train_list_sha256(job.split.train, job.root),
+            **self._recorded(job),
             "coreset": {"method": coreset.method, "ratio": coreset.ratio, "projection_dim": coreset.projection_dim,
                         "seed": seed, "distributed": coreset.distributed, **info["coreset"],
                         "coverage_radius_space": coverage_radius_space(coreset.method, coreset.projection_dim)},
@@ -301,6 +321,26 @@ class BenchmarkPipeline:
         }
         self.on_event("bank", {"key": job.key, "memory_size": len(features), "seconds": info["seconds"]})
         return MemoryBank(features=features, metadata=metadata)
+
+    def _padim_statistics(self, job: CategoryJob, train_shards: list[Shard], test_shards: list[Shard] | None
+                          ) -> PadimStatistics:
+        """PaDiM's Gaussians: the driver fetches the training shards one at a time (queued, and cached, in
+        sample-index order; ``GaussianMoments`` refuses any other) and adds each image to the moments
+        (``anomaly_core.padim``: bit-identical for any number of extractors)."""
+        train_refs, extract_s = self._extracted(job, train_shards)
+        self.stage = f"the PaDiM statistics of {job.key}"
+        started = time.perf_counter()
+        moments = GaussianMoments()
+        for ref in train_refs:
+            moments.add(ray.get(ref))
+        padim = self.config.padim
+        metadata = {**self._recorded(job), "method": "padim", "covariance_epsilon": padim.epsilon,
+                    "scoring": padim_scoring_record(self.config), "package_version": __version__}
+        statistics = statistics_from_moments(moments, padim.epsilon, metadata)
+        seconds = time.perf_counter() - started
+        statistics.metadata["timings"] = {"extract_train_s": round(extract_s, 4), "statistics_s": round(seconds, 4)}
+        self.on_event("bank", {"key": job.key, "memory_size": len(statistics.features), "seconds": seconds})
+        return statistics
 
     def submit_evaluation(
         self, job: CategoryJob, bank: MemoryBank, test_shards: list[Shard] | None = None,
@@ -320,8 +360,8 @@ class BenchmarkPipeline:
         slot = self._next_evaluator % len(self.evaluators)
         self._next_evaluator += 1
         threads = self._evaluator_threads(slot, coreset_follows)
-        bank_ref = bank_reference(bank.features)
-        params = scoring_params(self.config, anomalydino_preprocess(self.config, job.split.dataset, job.split.category))
+        bank_ref = bank_reference(bank.scoring_payload())
+        params = MEMORY_METHODS[self.config.method].params(self.config, job)
         crop = self.settings.crop
         evaluator = self.evaluators[slot]
 
@@ -421,6 +461,37 @@ class BenchmarkPipeline:
         """Each actor's system samples since the last call (``cluster.system_stats``), by role and position."""
         return {role: ray.get([actor.system_samples.remote() for actor in actors])
                 for role, actors in (("extractor", self.extractors), ("evaluator", self.evaluators))}
+
+
+@dataclass(frozen=True)
+class MemoryMethod:
+    """A memory-based method of jobs.benchmark (``config.method``), so the pipeline and the jobs look its
+    parts up here and never ask for a method by name: how a category's memory is built from its training
+    shards, the scoring parameters its evaluators build their scorer from (``params.scorer``), what the saved
+    memory records of that scoring, and whether colocated extractors may keep the shards they embed."""
+
+    build: Callable[["BenchmarkPipeline", CategoryJob, list[Shard], list[Shard] | None], MemoryBank]
+    params: Callable[[RunConfig, CategoryJob], Any]
+    scoring_record: Callable[[RunConfig], dict[str, Any]]
+    holds_features: bool
+    min_train_images: int  # preflight refuses a category with fewer
+
+
+def _patchcore_params(config: RunConfig, job: CategoryJob) -> Any:
+    return scoring_params(config, anomalydino_preprocess(config, job.split.dataset, job.split.category))
+
+
+def padim_scoring_record(config: RunConfig) -> dict[str, Any]:
+    return {"blur_sigma": config.padim.blur_sigma, "image_score": "map_max"}
+
+
+MEMORY_METHODS: dict[str, MemoryMethod] = {
+    "patchcore": MemoryMethod(BenchmarkPipeline._patchcore_bank, _patchcore_params,
+                              lambda config: config.scoring.model_dump(), holds_features=True, min_train_images=1),
+    "padim": MemoryMethod(BenchmarkPipeline._padim_statistics,
+                          lambda config, job: PadimScoring(**padim_scoring_record(config)),
+                          padim_scoring_record, holds_features=False, min_train_images=2),
+}
 
 
 def _stored(ref: ray.ObjectRef) -> Shard:

@@ -9,7 +9,6 @@ import argparse
 import sys
 from pathlib import Path
 
-from anomaly_core.bank import save_bank
 from cluster.pipeline import BenchmarkPipeline
 from jobs.benchmark import single_job
 from jobs.cli import category_parser, check_writable, config_from_args, single_backbone
@@ -40,7 +39,7 @@ def build(args: argparse.Namespace) -> Path:
         tracker.log_resolved({"plan": pipeline.plan.summary()})
         bank = pipeline.build_bank(job)
         pipeline.finish_cache_writes()
-        tensors, _ = save_bank(bank, out)
+        tensors, _ = bank.save(out)  # a bank, or PaDiM statistics
         tracker.use_backbone(bank.metadata)
         tracker.log_bank(job, out)
     print(f"{job.key}: {len(bank.features)} x {bank.features.shape[1]} bank -> {tensors} (sha256 {bank.sha256[:12]})")

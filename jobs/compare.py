@@ -27,13 +27,14 @@ COMPARED = ("image_auroc", "pixel_auroc", "aupro", "image_ap", "pixel_ap")
 
 
 def method_of(summary: dict[str, Any]) -> str:
-    """What produced a run: the trained model, an ensemble, or PatchCore with its backbone."""
+    """What produced a run: the trained model, an ensemble, or the memory-based method (PatchCore, PaDiM) with
+    its backbone."""
     config = summary.get("config", {})
     if config.get("training") and summary.get("job") == "train":
         return f"{config['training']['model']} ({config['backbone']['name']})"
     if config.get("ensemble"):
         return "patchcore ensemble (" + " + ".join(member["name"] for member in config["ensemble"]) + ")"
-    return f"patchcore ({config.get('backbone', {}).get('name', '?')})"
+    return f"{config.get('method', 'patchcore')} ({config.get('backbone', {}).get('name', '?')})"
 
 
 def read_summary(run_dir: Path) -> dict[str, Any]:

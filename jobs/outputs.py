@@ -17,12 +17,12 @@ import numpy as np
 import yaml
 from safetensors.numpy import save_file
 
-from anomaly_core.bank import MemoryBank, atomic_write, save_bank, write_json
+from anomaly_core.bank import MemoryBank, atomic_write, write_json
 from anomaly_core.config import RunConfig
 from anomaly_core.metrics import METRIC_NAMES, MetricReport, mean_metrics
 from anomaly_core.training.model_files import MODEL_FORMAT, annotate_model_files
 from cluster.ensemble import ENSEMBLE_KEY
-from cluster.pipeline import CategoryJob, CategoryResult
+from cluster.pipeline import MEMORY_METHODS, CategoryJob, CategoryResult
 from jobs.report import bank_rows_and_sha256
 
 
@@ -86,13 +86,13 @@ def write_category(run_dir: Path, result: CategoryResult, config: RunConfig, mem
     # apply to: jobs.predict scores with the bank's recorded scoring, so thresholds from one scoring
     # must never meet scores of another.
     result.bank.metadata["thresholds"] = deployment_thresholds(result)
-    result.bank.metadata["scoring"] = config.scoring.model_dump()
+    result.bank.metadata["scoring"] = MEMORY_METHODS[config.method].scoring_record(config)
     if ENSEMBLE_KEY in result.bank.metadata:
         write_json(folder / ENSEMBLE_RECORD, result.bank.metadata)
     elif result.bank.metadata.get("format") == MODEL_FORMAT:  # a trained model's files are the trainer's
         annotate_model_files(folder, thresholds=result.bank.metadata["thresholds"], weights=config.backbone.weights)
     else:
-        save_bank(result.bank, folder)
+        result.bank.save(folder)  # a bank, or PaDiM's statistics (anomaly_core.padim)
     write_yaml(folder / "config.yaml", config.model_dump(mode="json"))
     predictions = folder / "predictions"
     write_json(predictions / "predictions.json", prediction_records(result))
@@ -141,6 +141,9 @@ def summary(config: RunConfig, results: list[CategoryResult], run_seconds: float
             "n_patches": result.bank.metadata.get("n_patches"),  # before the coreset
             "feature_dim": int(result.bank.features.shape[1]),  # an ensemble's: its members' added up
             "bank_sha256": digest,
+            # PaDiM's statistics in memory: d²·H·W inverse covariances and the means, float32 (anomaly_core.padim)
+            **({"statistics_bytes": result.bank.metadata["statistics_bytes"]}
+               if "statistics_bytes" in result.bank.metadata else {}),
             **({"members": result.bank.metadata[ENSEMBLE_KEY]} if ENSEMBLE_KEY in result.bank.metadata else {}),
         })
     mean = mean_metrics([result.report for result in results]) if results else MetricReport({}, {})

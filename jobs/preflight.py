@@ -21,8 +21,9 @@ from anomaly_core.config import ConfigError, RunConfig
 from anomaly_core.coreset import coreset_size
 from anomaly_core.data.checks import check_split
 from anomaly_core.extraction import ExtractionSettings, PatchFeatureExtractor
+from anomaly_core.padim import PadimError
 from anomaly_core.patchcore import category_record
-from cluster.pipeline import CategoryJob
+from cluster.pipeline import MEMORY_METHODS, CategoryJob
 
 log = logging.getLogger("jobs.preflight")
 
@@ -33,7 +34,7 @@ def check_model(config: RunConfig, key: str = "backbone") -> tuple[int, int]:
     settings = ExtractionSettings.from_config(config)
     try:
         extractor = PatchFeatureExtractor(replace(settings, gpu_jpeg_decode=False), device="cpu")
-    except WeightsError as error:
+    except (WeightsError, PadimError) as error:
         raise ConfigError(f"{key} ({settings.backbone}, layers {list(settings.layers)}, weights "
                           f"{settings.weights}): {error}") from None
     _, grid = extractor.embed_batch(torch.zeros(1, 3, settings.crop, settings.crop))
@@ -52,8 +53,13 @@ def check_jobs(config: RunConfig, jobs: Sequence[CategoryJob], need_test: bool) 
 
 
 def check_k(config: RunConfig, jobs: Sequence[CategoryJob], grid: tuple[int, int], key: str) -> None:
-    """``scoring.k`` against the bank size each category will get from the backbone at ``key``."""
+    """``scoring.k`` against the bank size each category will get from the backbone at ``key``, and the
+    training images the method needs (PaDiM's covariance: two)."""
+    least = MEMORY_METHODS[config.method].min_train_images
     for job in jobs:
+        if len(job.split.train) < least:
+            raise ConfigError(f"method {config.method} needs at least {least} training images per category; "
+                              f"{job.key} has {len(job.split.train)}")
         patches = len(job.split.train) * grid[0] * grid[1]
         bank = patches if config.coreset.method == "none" else coreset_size(patches, None, config.coreset.ratio)
         if config.scoring.k > bank:

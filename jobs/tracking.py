@@ -48,6 +48,7 @@ from anomaly_core.metrics import METRIC_NAMES, THRESHOLD_NAMES, grouped_names
 from jobs.compare import method_of
 from anomaly_core.patchcore import train_list_sha256
 from anomaly_core.training.model_files import METADATA_FILE as MODEL_METADATA_FILE
+from anomaly_core.padim import METADATA_FILE as PADIM_METADATA_FILE, TENSORS_FILE as PADIM_TENSORS_FILE
 from jobs.report import (
     bank_rows_and_sha256,
     display_image,
@@ -572,20 +573,28 @@ def folder_artifact(folder: Path, dataset: str, category: str, member: str | Non
 
     folder = Path(folder)
     metadata = _folder_metadata(folder)
-    model = (folder / MODEL_METADATA_FILE).is_file()
-    kind, prefix, files = ((MODEL_ARTIFACT_TYPE, "model", ("model.safetensors", MODEL_METADATA_FILE)) if model else
-                           (BANK_ARTIFACT_TYPE, "bank", ("bank.safetensors", "bank.json")))
+    record, tensors, kind, prefix = _folder_kind(folder)
     artifact = wandb.Artifact(artifact_name(prefix, dataset, category, *([member] if member else [])), type=kind,
                               metadata=metadata)
-    for file in files:
+    for file in (tensors, record):
         # The files are written atomically and never changed afterwards: no staging copy needed.
         artifact.add_file(str(folder / file), name=file, policy="immutable")
     return artifact
 
 
+# What a category folder saves: (JSON record, tensors file, artifact type, name prefix), the first whose record
+# exists; else a bank's. PaDiM's statistics are a memory-based method's like a bank (anomaly_core.padim).
+FOLDER_KINDS = ((MODEL_METADATA_FILE, "model.safetensors", MODEL_ARTIFACT_TYPE, "model"),
+                (PADIM_METADATA_FILE, PADIM_TENSORS_FILE, BANK_ARTIFACT_TYPE, "bank"),
+                ("bank.json", "bank.safetensors", BANK_ARTIFACT_TYPE, "bank"))
+
+
+def _folder_kind(folder: Path) -> tuple[str, str, str, str]:
+    return next((kind for kind in FOLDER_KINDS if (Path(folder) / kind[0]).is_file()), FOLDER_KINDS[-1])
+
+
 def _folder_metadata(folder: Path) -> dict[str, Any]:
-    model = Path(folder) / MODEL_METADATA_FILE
-    return json.loads((model if model.is_file() else Path(folder) / "bank.json").read_text())
+    return json.loads((Path(folder) / _folder_kind(folder)[0]).read_text())
 
 
 def _relative(path: str | Path, root: str) -> str:

@@ -82,3 +82,44 @@ def test_stfpm_section_reports_zero_against_itself_and_exactly_a_planted_error(t
     assert by_name["image score"].max_abs == 0.0
     assert by_name["anomaly map"].max_abs == pytest.approx(0.25, abs=1e-6)
     assert by_name["training loss, first batch (train mode)"].max_abs == pytest.approx(1e-3, rel=1e-3)
+
+
+def test_padim_section_reports_zero_against_itself_and_exactly_a_planted_error(tmp_path):
+    """The PaDiM section's path (weights file, channel subset in the request, layouts of anomalib's [n, d, H, W]
+    embeddings, [d, P] mean and [n, H, W] distances) with a stub answering our engine's own numbers in anomalib's
+    layouts, except one distance moved by 0.5 and one map pixel by 0.25."""
+    from anomaly_core.extraction import ExtractionSettings, PatchFeatureExtractor
+    from anomaly_core.features import PatchFeatures
+    from anomaly_core.padim import PadimScoring, fit_statistics
+    from anomaly_core.scoring import predict
+
+    args = parity.parse_args(["--resize", "64", "--crop", "64", "--test-limit", "3", "--sections", "padim"])
+    args.data = TIRE_ROOT
+
+    def stub(task: str, request: dict, tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        assert task == "padim" and request["layers"] == ["layer1", "layer2", "layer3"]
+        assert len(request["channel_indices"]) == 100 and max(request["channel_indices"]) < 448
+        settings = ExtractionSettings("resnet18", tuple(request["layers"]), request["weights_file"], 64, 64,
+                                      padim_subset=(100, 1024))
+        extractor = PatchFeatureExtractor(settings)
+        train, grid = extractor.embed_batch(tensors["train_images"])
+        test, _ = extractor.embed_batch(tensors["test_images"])
+        statistics = fit_statistics([PatchFeatures(train, grid, np.arange(len(train)))], 0.01, {})
+        scorer = PadimScoring().scorer(statistics.scoring_payload(), "cpu")
+        predictions = predict(scorer, PatchFeatures(test, grid, np.arange(len(test))), 64)
+        distances = torch.from_numpy(scorer.distances(test)).reshape(len(test), *grid)
+        distances[2, 3, 4] += 0.5
+        maps = torch.from_numpy(predictions.maps).clone()
+        maps[1, 10, 20] += 0.25
+        n = len(test)
+        return {"embeddings": torch.from_numpy(test).permute(0, 2, 1).reshape(n, 100, *grid),
+                "mean": torch.from_numpy(statistics.features).T, "inverse_covariance":
+                torch.from_numpy(statistics.inverse_covariance), "distances": distances,
+                "pred_score": torch.from_numpy(predictions.scores), "anomaly_map": maps}
+
+    rows, _ = parity.section_padim(args, stub, tmp_path, "resnet18", "random")
+    by_name = {r.quantity.split(" (")[0]: r for r in rows}
+    assert by_name["embedding"].max_abs == 0.0 and by_name["per-position mean"].max_abs == 0.0
+    assert by_name["inverse covariance"].max_abs == 0.0 and by_name["image score"].max_abs == 0.0
+    assert by_name["Mahalanobis distance per position"].max_abs == pytest.approx(0.5, rel=1e-5)
+    assert by_name["anomaly map"].max_abs == pytest.approx(0.25, abs=1e-6)
