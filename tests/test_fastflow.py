@@ -18,7 +18,7 @@ from torch import nn
 
 import cluster.training
 from anomaly_core.backbones import TF_LITE_MEAN, TF_LITE_STD
-from anomaly_core.config import ConfigError, parse_config
+from anomaly_core.config import BackboneConfig, ConfigError, parse_config
 from anomaly_core.data import CategorySplit, ImageTransform, load_split
 from anomaly_core.registry import MODELS
 from anomaly_core.training import (
@@ -35,6 +35,7 @@ from anomaly_core.training import (
 from cluster.pipeline import CategoryJob
 from cluster.training import fit_category, predict_category
 from jobs import predict as predict_job
+from jobs.train import preflight
 
 from .conftest import TIRE_ROOT
 
@@ -268,3 +269,11 @@ def test_bad_fastflow_keys_are_refused_naming_the_key(tmp_path):
         fastflow_config(tmp_path, momentum=0.9)
     wrn50 = fastflow_config(tmp_path, recipe="fastflow_wrn50").training
     assert (wrn50.conv3x3_only, wrn50.drop_last, wrn50.epochs) == (False, True, 2)
+    # Refused by jobs.train's build on the driver, before Ray: a ratio that leaves a coupling no hidden channel, a ViT.
+    with pytest.raises(ConfigError, match=r"training \(fastflow, teacher tf_efficientnet_lite0 \[\]\, weights package\): "
+                                          r"hidden_ratio 0.01 leaves no hidden channels for a coupling of 12 input"):
+        preflight(fastflow_config(tmp_path, hidden_ratio=0.01), [])
+    vit = fastflow_config(tmp_path).model_copy(update={"backbone": BackboneConfig(
+        name="vit_small_patch14_dinov2", layers=[], weights="random")})
+    with pytest.raises(ConfigError, match="is a ViT: its maps share one stride, and RD/STFPM/FastFlow need a CNN"):
+        preflight(vit, [])
