@@ -1,4 +1,5 @@
-"""Training speed of one category on one device: images/s of Reverse Distillation and STFPM — no Ray needed.
+"""Training speed of one category on one device: images/s of the registry's models (``--models``, Reverse
+Distillation and STFPM by default; fastflow) — no Ray needed.
 
     python benchmarks/train_speed.py --device cuda --epochs 10     # on a GPU machine (benchmarks/gpu_check.sh)
     python benchmarks/train_speed.py --device cpu --epochs 1       # the same code path on the CPU (a dry run)
