@@ -306,12 +306,18 @@ def _stfpm_section(args, runner: Runner, folder: Path, backbone: str, weights: s
         rows.append(row(tag, "training loss, first batch (train mode)", _first_loss(model, data, plan, args.seed),
                         out["loss"]))
         return rows, details
+    return _trained_rows(args, tag, model, data, epochs, out)
+
+
+def _trained_rows(args, tag: str, model: Stfpm | Fastflow, data: Data, epochs: int, out: dict[str, torch.Tensor]
+                  ) -> tuple[list[Row], dict]:
+    """Our model trained by the Trainer on the batches anomalib's side trained on: epoch losses, map, metrics."""
     fit = Trainer(TrainerConfig(epochs=epochs, batch_size=args.batch_size, seed=args.seed)).fit(model, data.train)
     trained = predict_images(model, data.test)
     losses = [entry["loss"] for entry in fit.history]
-    rows.append(row(tag, f"epoch losses after {epochs} epochs of training", np.array(losses),
-                    out["trained/epoch_loss"], _losses_note(losses, out["trained/epoch_loss"])))
-    rows.append(row(tag, "trained: anomaly map", trained.maps, out["trained/anomaly_map"]))
+    rows = [row(tag, f"epoch losses after {epochs} epochs of training", np.array(losses), out["trained/epoch_loss"],
+                _losses_note(losses, out["trained/epoch_loss"])),
+            row(tag, "trained: anomaly map", trained.maps, out["trained/anomaly_map"])]
     metric_row, details = metrics_row(tag, "trained: metrics", data, trained, out["trained/pred_score"],
                                       out["trained/anomaly_map"])
     return rows + [metric_row], details
@@ -432,15 +438,7 @@ def _fastflow_section(args, runner: Runner, folder: Path, backbone: str, weights
                         "same recipe: -mean of upsampled exp(-0.5 mean z^2); FrEIA's AllInOneBlock vs anomalib's copy"))
         rows.append(row(tag, "training loss, first batch", _first_loss(model, data, plan, args.seed), out["loss"]))
         return rows, details
-    fit = Trainer(TrainerConfig(epochs=epochs, batch_size=args.batch_size, seed=args.seed)).fit(model, data.train)
-    trained = predict_images(model, data.test)
-    losses = [entry["loss"] for entry in fit.history]
-    rows.append(row(tag, f"epoch losses after {epochs} epochs of training", np.array(losses),
-                    out["trained/epoch_loss"], _losses_note(losses, out["trained/epoch_loss"])))
-    rows.append(row(tag, "trained: anomaly map", trained.maps, out["trained/anomaly_map"]))
-    metric_row, details = metrics_row(tag, "trained: metrics", data, trained, out["trained/pred_score"],
-                                      out["trained/anomaly_map"])
-    return rows + [metric_row], details
+    return _trained_rows(args, tag, model, data, epochs, out)
 
 
 def anomalib_fastflow_name(name: str) -> str:

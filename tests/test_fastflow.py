@@ -17,9 +17,8 @@ from FrEIA.modules import AllInOneBlock
 from torch import nn
 
 import cluster.training
-from anomaly_core.backbones import TF_LITE_MEAN, TF_LITE_STD
 from anomaly_core.config import BackboneConfig, ConfigError, parse_config
-from anomaly_core.data import CategorySplit, ImageTransform, load_split
+from anomaly_core.data import CategorySplit, load_split
 from anomaly_core.registry import MODELS
 from anomaly_core.training import (
     Fastflow,
@@ -38,33 +37,20 @@ from jobs import predict as predict_job
 from jobs.train import preflight
 
 from .conftest import TIRE_ROOT
+# Fixtures shared with the other trained models: one torch thread; 8 tire images at 64 px for the Lite0 teacher.
+from .test_training import CROP, TEACHER, one_thread, train_images  # noqa: F401
 
-CROP = 64
-EXTRACTOR = "tf_efficientnet_lite0"
 
 
 def make_model(recipe: str = "fastflow", weights: str = "package", **settings) -> Fastflow:
     values = MODELS["fastflow"].recipes[recipe].values
-    return Fastflow(Fastflow.settings_of({**values, "backbone": EXTRACTOR, "crop": CROP, "init_seed": 0, **settings}),
+    return Fastflow(Fastflow.settings_of({**values, "backbone": TEACHER, "crop": CROP, "init_seed": 0, **settings}),
                     weights)
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module")
 def split():
     return load_split("mvtec", TIRE_ROOT, "tire")
-
-
-@pytest.fixture(scope="module")
-def train_images(split) -> torch.Tensor:
-    return load_images(split.train[:8], ImageTransform(resize=CROP, crop=CROP, mean=TF_LITE_MEAN, std=TF_LITE_STD))
 
 
 # --- gathierry/FastFlow fastflow.py (2cf1f2f), its CNN path transcribed: the subnet, the flow and FastFlow.forward.
@@ -206,7 +192,7 @@ def fastflow_config(tmp_path, **training):
     return parse_config({
         "name": "ff", "output_dir": str(tmp_path),
         "datasets": [{"name": "tire_small", "format": "mvtec", "root": str(TIRE_ROOT)}],
-        "backbone": {"name": EXTRACTOR, "layers": [], "weights": "package"},
+        "backbone": {"name": TEACHER, "layers": [], "weights": "package"},
         "preprocess": {"resize": 72, "crop": CROP},
         "wandb": {"mode": "off"},
         "training": {"model": "fastflow", "epochs": 2, "batch_size": 4, "log_every_n_steps": 1, **training},
@@ -270,8 +256,8 @@ def test_bad_fastflow_keys_are_refused_naming_the_key(tmp_path):
     wrn50 = fastflow_config(tmp_path, recipe="fastflow_wrn50").training
     assert (wrn50.conv3x3_only, wrn50.drop_last, wrn50.epochs) == (False, True, 2)
     # Refused by jobs.train's build on the driver, before Ray: a ratio that leaves a coupling no hidden channel, a ViT.
-    with pytest.raises(ConfigError, match=r"training \(fastflow, teacher tf_efficientnet_lite0 \[\]\, weights package\): "
-                                          r"hidden_ratio 0.01 leaves no hidden channels for a coupling of 12 input"):
+    with pytest.raises(ConfigError, match=r"training \(fastflow, teacher tf_efficientnet_lite0 \[\], weights "
+                                          r"package\): hidden_ratio 0.01 leaves no hidden channels for a coupling of 12"):
         preflight(fastflow_config(tmp_path, hidden_ratio=0.01), [])
     vit = fastflow_config(tmp_path).model_copy(update={"backbone": BackboneConfig(
         name="vit_small_patch14_dinov2", layers=[], weights="random")})

@@ -105,7 +105,8 @@ def test_fastflow_section_hands_anomalib_our_flows_under_its_names_and_reports_a
         loss = copy.deepcopy(model).train().training_step(tensors["train_images"][first[first >= 0]])["loss"]
         scores = torch.from_numpy(predictions.scores).clone()
         scores[2] += 1e-3
-        return {"pred_score": scores, "anomaly_map": torch.from_numpy(predictions.maps), "loss": loss.detach().reshape(1)}
+        return {"pred_score": scores, "anomaly_map": torch.from_numpy(predictions.maps),
+                "loss": loss.detach().reshape(1)}
 
     rows, _ = parity._fastflow_section(args, stub, tmp_path, "resnet18", "random", None)
     by_name = {r.quantity: r for r in rows}
