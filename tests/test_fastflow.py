@@ -94,10 +94,10 @@ def _reference_forward(feature_extractor, norms, nf_flows, x, training, input_si
 
 @pytest.mark.parametrize("recipe", ["fastflow", "anomalib"])
 def test_loss_and_map_are_the_references_on_the_same_weights(recipe, train_images):
-    """Our trained norms and flows (after one Adam step, so no weight is at its init value) loaded into the
+    """Our norms and flows after one Adam step (every norm and coupling weight off its init) loaded into the
     transcribed reference (gathierry's, whose loss and map anomalib's loss.py and anomaly_map.py repeat): equal
-    loss, equal maps to the last bit, scores their maxima. Loading strictly also proves the subnet kernels:
-    3x3 throughout (fastflow, resnet18.yaml) or 1x1 on odd steps (anomalib)."""
+    loss, equal maps to the last bit, scores their maxima; strict loading proves the same architecture. The subnet
+    kernels: 3x3 throughout (fastflow, gathierry's resnet18.yaml) or 1x1 on odd steps (anomalib's default)."""
     model = make_model(recipe).train()
     optimizer, _ = model.configure_optimizers(epochs=1, steps_per_epoch=1)
     model.training_step(train_images[:4])["loss"].backward()
