@@ -17,6 +17,7 @@ from anomaly_core.registry import MODELS
 from anomaly_core.training import Fastflow, Stfpm, StfpmSettings, predict_images
 
 from .conftest import REPO, TIRE_ROOT
+from .test_training import one_thread  # noqa: F401 (one torch thread: 2 on a loaded 2-core machine crawl)
 
 sys.path.insert(0, str(REPO / "benchmarks"))
 import parity_anomalib as parity  # noqa: E402
