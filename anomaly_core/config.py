@@ -239,7 +239,7 @@ class TrainingConfig(_Strict):
     """
 
     model: str  # a name in anomaly_core.registry.MODELS
-    recipe: str | None = None  # None: the authors' code (rd4ad, stfpm); or ader (RD), anomalib (STFPM)
+    recipe: str | None = None  # None: the authors' code (rd4ad, stfpm, fastflow); or ader (RD), anomalib (STFPM)
     epochs: int | None = Field(None, ge=1)
     batch_size: int | None = Field(None, ge=1)  # global
     drop_last: bool | None = None
@@ -259,6 +259,11 @@ class TrainingConfig(_Strict):
     loss: Literal["mean", "half_sum"] | None = None
     zero_init_last: bool | None = None
     held_out_fraction: float | None = Field(None, ge=0.0, lt=1.0)
+    # fastflow: AllInOneBlock coupling steps per layer's flow; the subnets' hidden channels per input channel; 3x3
+    # subnet convolutions on every step (false: 1x1 on odd steps).
+    flow_steps: int | None = Field(None, ge=1)
+    hidden_ratio: float | None = Field(None, gt=0.0)
+    conv3x3_only: bool | None = None
     # Which epoch's weights are exported: "last", or "best" (the monitor's best; the default with patience). The
     # monitor: "loss" (the epoch's mean training loss), "held_out_loss" (mean anomaly map of the held-out images)
     # or a metric on the test set (e.g. image_auroc; validation on the test set as anomalib's default, an

@@ -80,7 +80,13 @@ class ModelEntry:
 
 
 # Where the authors' code and a library disagree, the authors' code is the default and the other is offered by
-# name. Each value was read in the file named (RD4AD 6554076, STFPM 2598a5e, ADer 902937a, anomalib b723368).
+# name. Each value was read in the file named (RD4AD 6554076, STFPM 2598a5e, ADer 902937a, anomalib b723368,
+# gathierry/FastFlow 2cf1f2f).
+# gathierry/FastFlow's values for resnet18 (the fastflow recipe below), shared by its wide_resnet50_2 setting.
+_GATHIERRY_FASTFLOW = {"epochs": 500, "batch_size": 32, "drop_last": True, "lr": 1e-3, "weight_decay": 1e-5,
+                       "clip_grad_norm": 0.0, "flow_steps": 8, "hidden_ratio": 1.0, "conv3x3_only": True,
+                       "monitor": "loss", "weights": "last", "resize": 256, "crop": 256}
+
 MODELS: dict[str, ModelEntry] = {
     "reverse_distillation": ModelEntry(
         "anomaly_core.training.reverse_distillation:ReverseDistillation",
@@ -130,5 +136,33 @@ MODELS: dict[str, ModelEntry] = {
         reference="Wang et al., Student-Teacher Feature Pyramid Matching for Anomaly Detection, BMVC 2021",
         code="gdwang08/STFPM",
         config="configs/stfpm.yaml",
+    ),
+    "fastflow": ModelEntry(
+        "anomaly_core.training.fastflow:Fastflow",
+        {
+            "fastflow": Recipe(
+                "gathierry/FastFlow (the authors published no code) configs/resnet18.yaml: input 256 "
+                "(dataset.py Resize(256), no crop), flow_step 8, hidden_ratio 1.0, conv3x3_only True; constants.py "
+                "batch 32, 500 epochs, Adam lr 1e-3, weight decay 1e-5; main.py: no scheduler, DataLoader drop_last "
+                "True, no selection of weights (the last epoch's)",
+                _GATHIERRY_FASTFLOW),
+            "fastflow_wrn50": Recipe(
+                "gathierry/FastFlow configs/wide_resnet50_2.yaml: the fastflow recipe with conv3x3_only False (1x1 "
+                "subnet convolutions on odd flow steps), its setting for wide_resnet50_2",
+                {**_GATHIERRY_FASTFLOW, "conv3x3_only": False}),
+            "anomalib": Recipe(
+                "open-edge-platform/anomalib src/anomalib/models/image/fastflow: lightning_model.py Adam(lr=0.001, "
+                "weight_decay=0.00001), gradient_clip_val 0; examples/configs/model/fastflow.yaml flow_steps 8, "
+                "hidden_ratio 1.0, conv3x3_only false for resnet18, 500 epochs (its EarlyStopping on the test set's "
+                "pixel AUROC, patience 3, is training.monitor/patience here); data/datamodules/image/mvtecad.py batch "
+                "32, base/image.py drop_last False; anomalib_module.py 256 x 256; the last epoch's weights",
+                {"epochs": 500, "batch_size": 32, "drop_last": False, "lr": 1e-3, "weight_decay": 1e-5,
+                 "clip_grad_norm": 0.0, "flow_steps": 8, "hidden_ratio": 1.0, "conv3x3_only": False,
+                 "monitor": "loss", "weights": "last", "resize": 256, "crop": 256}),
+        },
+        reference="Yu et al., FastFlow: Unsupervised Anomaly Detection and Localization via 2D Normalizing Flows, "
+                  "arXiv 2111.07677, 2021",
+        code="gathierry/FastFlow",
+        config="configs/fastflow.yaml",
     ),
 }

@@ -17,6 +17,8 @@ Sections (``--sections``):
                in width, see the table's note); maps, scores and loss from the same features; then both trained
   padim        same backbone file and channel subset (ours, in anomalib's ``idx``): embeddings, Gaussians,
                Mahalanobis distances, maps, scores, and both sides' metrics
+  fastflow     same extractor file, the same norms and flows (ours FrEIA's AllInOneBlock, anomalib's its vendored
+               copy): maps, scores, loss; then both trained
 Differences: ``max_abs`` = max |ours - anomalib|, ``rel`` = max_abs / max |anomalib|.
 
 Usage: PYTHONPATH=$PWD python benchmarks/parity_anomalib.py [--sections ...] [--json out.json]
@@ -50,6 +52,7 @@ from anomaly_core.patchcore import build_bank, evaluate
 from anomaly_core.registry import MODELS
 from anomaly_core.scoring import NearestNeighbourScorer, Predictions, ScoringParams, predict
 from anomaly_core.training import (
+    Fastflow,
     ReverseDistillation,
     ReverseDistillationSettings,
     Stfpm,
@@ -63,7 +66,7 @@ from anomaly_core.training.batches import EpochPlan
 
 REPO = Path(__file__).resolve().parents[1]
 SIDE = Path(__file__).with_name("parity_anomalib_side.py")
-SECTIONS = ("preprocess", "patchcore", "stfpm", "rd", "padim")
+SECTIONS = ("preprocess", "patchcore", "stfpm", "rd", "padim", "fastflow")
 
 Runner = Callable[[str, dict, dict[str, torch.Tensor]], dict[str, torch.Tensor]]
 
@@ -362,12 +365,18 @@ def _stfpm_section(args, runner: Runner, folder: Path, backbone: str, weights: s
         rows.append(row(tag, "training loss, first batch (train mode)", _first_loss(model, data, plan, args.seed),
                         out["loss"]))
         return rows, details
+    return _trained_rows(args, tag, model, data, epochs, out)
+
+
+def _trained_rows(args, tag: str, model: Stfpm | Fastflow, data: Data, epochs: int, out: dict[str, torch.Tensor]
+                  ) -> tuple[list[Row], dict]:
+    """Our model trained by the Trainer on the batches anomalib's side trained on: epoch losses, map, metrics."""
     fit = Trainer(TrainerConfig(epochs=epochs, batch_size=args.batch_size, seed=args.seed)).fit(model, data.train)
     trained = predict_images(model, data.test)
     losses = [entry["loss"] for entry in fit.history]
-    rows.append(row(tag, f"epoch losses after {epochs} epochs of training", np.array(losses),
-                    out["trained/epoch_loss"], _losses_note(losses, out["trained/epoch_loss"])))
-    rows.append(row(tag, "trained: anomaly map", trained.maps, out["trained/anomaly_map"]))
+    rows = [row(tag, f"epoch losses after {epochs} epochs of training", np.array(losses), out["trained/epoch_loss"],
+                _losses_note(losses, out["trained/epoch_loss"])),
+            row(tag, "trained: anomaly map", trained.maps, out["trained/anomaly_map"])]
     metric_row, details = metrics_row(tag, "trained: metrics", data, trained, out["trained/pred_score"],
                                       out["trained/anomaly_map"])
     return rows + [metric_row], details
@@ -446,6 +455,60 @@ def _rd_section(args, runner: Runner, folder: Path, train_data: Data | None) -> 
     return rows + [metric_row], details
 
 
+def _fastflow_sections(args, runner: Runner, folder: Path, details: dict) -> list[Row]:
+    """Each of ``--fastflow-backbones`` untrained, then ``--train-fastflow-backbone`` trained on both sides."""
+    rows = []
+    for backbone, weights in _pairs(args.fastflow_backbones):
+        rows += _fastflow_section(args, runner, folder, backbone, weights, None)[0]
+    if args.epochs > 0:
+        backbone, weights = _pairs(args.train_fastflow_backbone)[0]
+        data = load_data(args.data, args.category, backbone, args.train_resize, args.train_crop, None)
+        new, details["fastflow/trained"] = _fastflow_section(args, runner, folder, backbone, weights, data)
+        rows += new
+    return rows
+
+
+def _fastflow_section(args, runner: Runner, folder: Path, backbone: str, weights: str, train_data: Data | None
+                      ) -> tuple[list[Row], dict]:
+    tag = f"fastflow/{backbone} ({weights})"
+    data = train_data or load_data(args.data, args.category, backbone, args.resize, args.crop, args.test_limit)
+    path = weights_file(backbone, weights, folder)
+    # Our `anomalib` recipe: anomalib's Fastflow defaults (flow_steps 8, hidden_ratio 1.0, conv3x3_only False) and
+    # its Adam (lr 0.001, weight_decay 1e-5); anomalib builds the same flows from the request's values.
+    recipe = MODELS["fastflow"].recipes["anomalib"].values
+    model = Fastflow(Fastflow.settings_of({**recipe, "backbone": backbone, "crop": data.test.shape[-1],
+                                           "init_seed": args.seed}), str(path))
+    flows = {anomalib_fastflow_name(k): v.contiguous() for k, v in model.trainable_state().items()}
+    save_file(flows, str(folder / "fastflow.safetensors"))
+    epochs = args.epochs if train_data is not None else 0
+    plan = EpochPlan(len(data.train), args.batch_size, drop_last=False)
+    tensors = {"test_images": data.test, "train_images": data.train,
+               **{f"order/{e}": _padded(plan.global_batches(args.seed, e)) for e in range(max(epochs, 1))}}
+    settings = model.settings
+    request = {"backbone": backbone, "weights_file": str(path), "flow_file": str(folder / "fastflow.safetensors"),
+               "flow_steps": settings.flow_steps, "conv3x3_only": settings.conv3x3_only,
+               "hidden_ratio": settings.hidden_ratio, "epochs": epochs}
+    out = runner("fastflow", request, tensors)
+    rows, details = [], {}
+    if train_data is None:
+        ours = predict_images(model, data.test)
+        rows.append(row(tag, "image score", ours.scores, out["pred_score"]))
+        rows.append(row(tag, "anomaly map", ours.maps, out["anomaly_map"],
+                        "same recipe: -mean of upsampled exp(-0.5 mean z^2); FrEIA's AllInOneBlock vs anomalib's copy"))
+        rows.append(row(tag, "training loss, first batch", _first_loss(model, data, plan, args.seed), out["loss"]))
+        return rows, details
+    return _trained_rows(args, tag, model, data, epochs, out)
+
+
+def anomalib_fastflow_name(name: str) -> str:
+    """Our FastFlow parameter name -> anomalib's FastflowModel's: the flows are its ``fast_flow_blocks``."""
+    if name.startswith("norms."):
+        return name
+    if name.startswith("flows."):
+        return "fast_flow_blocks." + name.removeprefix("flows.")
+    raise KeyError(f"no anomalib counterpart known for FastFlow parameter {name}")
+
+
 _RD_PATH = re.compile(r"^bottleneck\.paths\.(\d)\.(\d)\.([01])\.(.+)$")
 _RD_DECODER = re.compile(r"^decoder\.stages\.(\d)\.(\d+)\.(body|shortcut)\.(\d)\.(.+)$")
 _BODY = {"0": "conv1", "1": "bn1", "3": "conv2", "4": "bn2", "6": "conv3", "7": "bn3"}
@@ -478,7 +541,7 @@ def _padded(batches: Sequence[torch.Tensor]) -> torch.Tensor:
     return torch.stack([F.pad(b, (0, width - len(b)), value=-1) for b in batches])
 
 
-def _first_loss(model: Stfpm, data: Data, plan: EpochPlan, seed: int) -> torch.Tensor:
+def _first_loss(model: Stfpm | Fastflow, data: Data, plan: EpochPlan, seed: int) -> torch.Tensor:
     """The training loss of epoch 0's first batch, in train mode (batch statistics), on a copy of the model
     (train-mode BatchNorm would move the running statistics)."""
     import copy
@@ -523,6 +586,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--padim-backbones", default="resnet18:random,tf_efficientnet_lite0:package")
     parser.add_argument("--padim-channels", type=int, default=100, help="PaDiM's channel subset (resnet18: 100)")
     parser.add_argument("--padim-seed", type=int, default=1024, help="of the subset (the authors' code: 1024)")
+    parser.add_argument("--fastflow-backbones", default="resnet18:random,wide_resnet50_2:random")
+    parser.add_argument("--train-fastflow-backbone", default="resnet18:random")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--json", type=Path, default=None, help="write rows and metrics here")
     args = parser.parse_args(argv)
@@ -569,6 +634,8 @@ def run(args: argparse.Namespace, runner: Runner) -> tuple[list[Row], dict]:
             for backbone, weights in _pairs(args.padim_backbones):
                 new, details[f"padim/{backbone}"] = section_padim(args, runner, folder, backbone, weights)
                 rows += new
+        if "fastflow" in sections:
+            rows += _fastflow_sections(args, runner, folder, details)
     return rows, details
 
 

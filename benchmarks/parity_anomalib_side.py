@@ -179,6 +179,26 @@ def reverse_distillation(request: dict, tensors: dict[str, torch.Tensor], out: d
         _train(model, ReverseDistillationLoss(), optimizer, tensors, request["epochs"], out)
 
 
+def fastflow(request: dict, tensors: dict[str, torch.Tensor], out: dict[str, torch.Tensor]) -> None:
+    from anomalib.models.image.fastflow.lightning_model import Fastflow
+    from anomalib.models.image.fastflow.loss import FastflowLoss
+    from anomalib.models.image.fastflow.torch_model import FastflowModel
+
+    model = FastflowModel(input_size=tuple(tensors["test_images"].shape[-2:]), backbone=request["backbone"],
+                          pre_trained=False, flow_steps=request["flow_steps"], conv3x3_only=request["conv3x3_only"],
+                          hidden_ratio=request["hidden_ratio"])
+    if _load_into(model.feature_extractor, load_file(request["weights_file"]), True):
+        raise KeyError("the weights file does not fill anomalib's FastFlow feature extractor")
+    unfilled = _load_into(model, load_file(request["flow_file"]))
+    if any(not key.startswith("feature_extractor.") for key in unfilled):
+        raise KeyError(f"the flow file leaves anomalib's norms or flows unfilled: {unfilled[:5]}")
+    loss = FastflowLoss()
+    _distillation_outputs(model, loss, tensors, out)
+    if request.get("epochs"):
+        optimizer = Fastflow.configure_optimizers(SimpleNamespace(model=model))  # anomalib's Adam, its values
+        _train(model, loss, optimizer, tensors, request["epochs"], out)
+
+
 def _distillation_outputs(model, loss, tensors, out) -> None:
     """Eval-mode prediction on the test images and the train-mode loss of the first training batch."""
     model.eval()
@@ -243,7 +263,7 @@ def padim(request: dict, tensors: dict[str, torch.Tensor], out: dict[str, torch.
 
 
 TASKS = {"preprocess": preprocess, "patchcore": patchcore, "stfpm": stfpm, "reverse_distillation": reverse_distillation,
-         "padim": padim}
+         "padim": padim, "fastflow": fastflow}
 
 
 def main(exchange: Path) -> None:

@@ -10,12 +10,14 @@ import sys
 import numpy as np
 import pytest
 import torch
+from safetensors.torch import load_file
 from scipy.ndimage import gaussian_filter
 
 from anomaly_core.registry import MODELS
-from anomaly_core.training import Stfpm, StfpmSettings, predict_images
+from anomaly_core.training import Fastflow, Stfpm, StfpmSettings, predict_images
 
 from .conftest import REPO, TIRE_ROOT
+from .test_training import one_thread  # noqa: F401 (one torch thread: 2 on a loaded 2-core machine crawl)
 
 sys.path.insert(0, str(REPO / "benchmarks"))
 import parity_anomalib as parity  # noqa: E402
@@ -123,3 +125,33 @@ def test_padim_section_reports_zero_against_itself_and_exactly_a_planted_error(t
     assert by_name["inverse covariance"].max_abs == 0.0 and by_name["image score"].max_abs == 0.0
     assert by_name["Mahalanobis distance per position"].max_abs == pytest.approx(0.5, rel=1e-5)
     assert by_name["anomaly map"].max_abs == pytest.approx(0.25, abs=1e-6)
+def test_fastflow_section_hands_anomalib_our_flows_under_its_names_and_reports_a_planted_error(tmp_path):
+    """The section's whole path with a stub for anomalib that rebuilds our model from the request alone (the
+    extractor file, the flow file under anomalib's names mapped back, the flow settings) and answers with its
+    outputs, one score moved by 1e-3: every other row is exactly zero, so the files carry the whole model."""
+    args = parity.parse_args(["--resize", "64", "--crop", "64", "--test-limit", "3", "--epochs", "0"])
+    args.data = TIRE_ROOT
+    seen = {}
+
+    def stub(task: str, request: dict, tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        seen.update(task=task, request=request)
+        flows = load_file(request["flow_file"])
+        assert sorted({key.split(".")[0] for key in flows}) == ["fast_flow_blocks", "norms"]
+        model = Fastflow(Fastflow.settings_of({**request, "lr": 1.0, "weight_decay": 0.0, "crop": 64,
+                                               "init_seed": 1}), request["weights_file"])  # another seed's flows
+        model.load_trainable_state({key.replace("fast_flow_blocks.", "flows."): value for key, value in flows.items()})
+        predictions = predict_images(model, tensors["test_images"])
+        first = tensors["order/0"][0]
+        loss = copy.deepcopy(model).train().training_step(tensors["train_images"][first[first >= 0]])["loss"]
+        scores = torch.from_numpy(predictions.scores).clone()
+        scores[2] += 1e-3
+        return {"pred_score": scores, "anomaly_map": torch.from_numpy(predictions.maps),
+                "loss": loss.detach().reshape(1)}
+
+    rows, _ = parity._fastflow_section(args, stub, tmp_path, "resnet18", "random", None)
+    by_name = {r.quantity: r for r in rows}
+    assert seen["task"] == "fastflow" and (seen["request"]["flow_steps"], seen["request"]["conv3x3_only"]) == (8, False)
+    assert by_name["image score"].max_abs == pytest.approx(1e-3, rel=1e-3)
+    assert by_name["anomaly map"].max_abs == 0.0 and by_name["training loss, first batch"].max_abs == 0.0
+    with pytest.raises(KeyError, match="teacher.model"):
+        parity.anomalib_fastflow_name("teacher.model.conv1.weight")

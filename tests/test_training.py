@@ -53,9 +53,10 @@ CROP = 64
 TEACHER = "tf_efficientnet_lite0"
 
 
-def make_model(kind: str, recipe: str | None = None, weights: str = "package", **settings) -> ReverseDistillation | Stfpm:
-    """``kind`` ("rd" or "stfpm") with a recipe's training values (the authors' by default), ``settings`` on top."""
-    name = "reverse_distillation" if kind == "rd" else "stfpm"
+def make_model(kind: str, recipe: str | None = None, weights: str = "package", **settings) -> TrainableModel:
+    """``kind`` ("rd", "stfpm" or "fastflow") with a recipe's training values (the authors' by default), ``settings``
+    on top."""
+    name = "reverse_distillation" if kind == "rd" else kind
     model = MODELS[name].model_class()
     values = MODELS[name].recipes[recipe or MODELS[name].default_recipe].values
     return model(model.settings_of({**values, "backbone": TEACHER, "crop": CROP, "init_seed": 0, **settings}), weights)
@@ -401,6 +402,7 @@ def test_model_files_round_trip_and_refuse_another_teacher_or_crop(train_images,
 # (STFPM) within these 4 steps: fresh networks at these rates amplify rounding differences (Adam's first steps
 # divide each gradient element by its own size, so rounding-level gradients become full-size steps).
 DDP_TOLERANCE = 1e-9
+DDP_KINDS = ("rd", "stfpm", "fastflow")
 
 
 def _fit_recording_losses(kind: str, images: torch.Tensor) -> tuple[list[float], dict[str, torch.Tensor]]:
@@ -420,7 +422,7 @@ def _ddp_worker(rank: int, folder: str) -> None:
     dist.init_process_group("gloo", init_method=f"file://{folder}/rendezvous", rank=rank, world_size=2)
     try:
         images = load_file(os.path.join(folder, "images.safetensors"))["images"]
-        for kind in ("rd", "stfpm"):
+        for kind in DDP_KINDS:
             losses, state = _fit_recording_losses(kind, images)
             if rank == 0:
                 save_file({k: v.contiguous() for k, v in state.items()}, os.path.join(folder, f"{kind}.safetensors"))
@@ -433,7 +435,7 @@ def test_two_ranks_train_like_one_process_with_the_global_batch(train_images, tm
     images = train_images[:6].double()  # batches of 4 and 2: the short last batch is split too
     save_file({"images": images.contiguous()}, str(tmp_path / "images.safetensors"))
     mp.start_processes(_ddp_worker, args=(str(tmp_path),), nprocs=2, start_method="spawn")
-    for kind in ("rd", "stfpm"):
+    for kind in DDP_KINDS:
         losses, state = _fit_recording_losses(kind, images)
         ddp_losses = json.loads((tmp_path / f"{kind}.json").read_text())
         assert len(ddp_losses) == len(losses) == 4

@@ -1,4 +1,4 @@
-"""Trained anomaly models (Reverse Distillation, STFPM) and the plain-PyTorch engine that trains them.
+"""Trained anomaly models (Reverse Distillation, STFPM, FastFlow) and the plain-PyTorch engine that trains them.
 
 Pure PyTorch: no Lightning, Ray or W&B. The job layer runs ``Trainer.fit`` (in Ray Train workers for DDP),
 forwards the Trainer's callbacks to its tracker, and exports the result with ``save_model_files``;
@@ -15,6 +15,7 @@ from anomaly_core.training.checkpoint import (
     save_checkpoint,
 )
 from anomaly_core.training.early_stopping import EarlyStopping
+from anomaly_core.training.fastflow import Fastflow, FastflowSettings
 from anomaly_core.training.images import held_out_split, load_images, load_validation_set
 from anomaly_core.training.model import TrainableModel
 from anomaly_core.training.model_files import (
@@ -39,6 +40,8 @@ __all__ = [
     "DistillationModel",
     "EarlyStopping",
     "EpochPlan",
+    "Fastflow",
+    "FastflowSettings",
     "FitResult",
     "ModelFilesError",
     "ReverseDistillation",

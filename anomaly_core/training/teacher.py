@@ -1,4 +1,5 @@
-"""The frozen, pretrained teacher that Reverse Distillation and STFPM train a network against.
+"""The frozen, pretrained teacher that Reverse Distillation and STFPM train a network against (FastFlow's
+frozen feature extractor).
 
 The teacher is a project ``FeatureBackbone`` (weights from a local file, recorded by sha256), so trained
 models carry the same provenance as memory banks. Its weights are not part of checkpoints or model
@@ -26,7 +27,7 @@ def default_layers(backbone: str, count: int = 3) -> tuple[str, ...]:
     corresponds to a ResNet's stem (act1), which the methods skip too.
     """
     if architecture(backbone).patch_size is not None:
-        raise WeightsError(f"backbone {backbone!r} is a ViT: its maps share one stride, and RD/STFPM need a CNN")
+        raise WeightsError(f"backbone {backbone!r} is a ViT: its maps share one stride, and RD/STFPM/FastFlow need a CNN")
     probe = timm.create_model(architecture(backbone).timm_name, pretrained=False, features_only=True)
     layers = [info["module"] for info in probe.feature_info.get_dicts() if info["reduction"] >= _MIN_STRIDE]
     return tuple(layers[:count])
@@ -39,7 +40,7 @@ class DistillationModel(TrainableModel):
         super().__init__()
         layers = tuple(layers) or default_layers(backbone)
         if architecture(backbone).patch_size is not None:
-            raise WeightsError(f"backbone {backbone!r} is a ViT; Reverse Distillation and STFPM need a CNN teacher")
+            raise WeightsError(f"backbone {backbone!r} is a ViT; {type(self).__name__} needs a CNN backbone")
         self.teacher = FeatureBackbone(backbone, layers, weights, crop)
         strides = self.teacher.strides
         if list(strides) != sorted(set(strides)):
