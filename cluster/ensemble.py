@@ -24,6 +24,7 @@ from anomaly_core.metrics import METRIC_NAMES, grouped_name, grouped_names
 from anomaly_core.patchcore import evaluate
 from anomaly_core.thresholds import validation_thresholds
 from cluster.pipeline import BenchmarkPipeline, CategoryJob, CategoryResult
+from cluster.system_stats import Samples
 
 log = logging.getLogger("cluster.ensemble")
 
@@ -41,7 +42,7 @@ class MemberRun:
                  resource_wait_s: float = 0.0) -> None:
         self.config, self.label, self.on_event, self.resource_wait_s = config, label, on_event, resource_wait_s
         self.stats: dict[str, Any] = {}
-        self.system: dict[str, list[list[dict]]] = {}  # the actors' system samples (cluster.system_stats)
+        self.system: Samples = {}  # the actors' system samples (cluster.system_stats)
 
     def _event(self, kind: str, info: dict) -> None:
         if kind != "done":  # the ensemble's progress ends after its last member, not after each

@@ -144,9 +144,10 @@ def test_cluster_run_equals_single_process_engine(ray_cluster, tire_job, referen
     (result,) = list(pipeline.run([tire_job]))
     assert result.bank.sha256 == reference["bank"].sha256
     samples = pipeline.system_samples()  # each actor sampled itself on its own thread while it worked
-    assert [len(samples["extractor"]), len(samples["evaluator"])] == [n_extractors, len(pipeline.evaluators)]
-    assert all(max(sample["cpu_percent"] for sample in actor) > 0 and min(sample["rss_mib"] for sample in actor) > 100
-               for actor in samples["extractor"])
+    assert list(samples) == [*(f"extractor_{i}" for i in range(n_extractors)),
+                             *(f"evaluator_{i}" for i in range(len(pipeline.evaluators)))]
+    assert all(max(sample["cpu_percent"] for sample in samples[f"extractor_{i}"]) > 0 and
+               min(sample["rss_mib"] for sample in samples[f"extractor_{i}"]) > 100 for i in range(n_extractors))
     assert np.array_equal(result.predictions.scores, reference["predictions"].scores)
     assert np.array_equal(result.predictions.maps, reference["predictions"].maps)
     assert result.report.values == reference["report"].values

@@ -108,10 +108,11 @@ def results(tire_root):
     return fake_results(tire_root)
 
 
-SYSTEM_SAMPLES = {  # what BenchmarkPipeline.system_samples returns: by role, then actor position
-    "extractor": [[{"time": 5.0, "cpu_percent": 180.0, "rss_mib": 900.0, "gpu_memory_mib": 512.0, "gpu_percent": 71.0},
-                   {"time": 7.0, "cpu_percent": 95.5, "rss_mib": 910.0, "gpu_memory_mib": 640.0, "gpu_percent": 88.0}]],
-    "evaluator": [[{"time": 6.0, "cpu_percent": 40.0, "rss_mib": 300.0}], [{"time": 4.0, "cpu_percent": 12.5, "rss_mib": 280.0}]],
+SYSTEM_SAMPLES = {  # what BenchmarkPipeline.system_samples returns: by process
+    "extractor_0": [{"time": 5.0, "cpu_percent": 180.0, "rss_mib": 900.0, "gpu_memory_mib": 512.0, "gpu_percent": 71.0},
+                    {"time": 7.0, "cpu_percent": 95.5, "rss_mib": 910.0, "gpu_memory_mib": 640.0, "gpu_percent": 88.0}],
+    "evaluator_0": [{"time": 6.0, "cpu_percent": 40.0, "rss_mib": 300.0}],
+    "evaluator_1": [{"time": 4.0, "cpu_percent": 12.5, "rss_mib": 280.0}],
 }
 
 
@@ -126,8 +127,8 @@ def _track_benchmark(tracker: Tracker, results, run_dir: Path) -> dict:
     tracker.define_metrics("patchcore (tf_efficientnet_lite0)")
     if tracker.active:
         started = tracker.run.start_time  # the samples' wall times, as seconds after the run's start
-        tracker.log_system({role: [[{**sample, "time": started + sample["time"]} for sample in actor] for actor in actors]
-                            for role, actors in SYSTEM_SAMPLES.items()})
+        tracker.log_system({process: [{**sample, "time": started + sample["time"]} for sample in samples]
+                            for process, samples in SYSTEM_SAMPLES.items()})
     for result in results:
         folder = run_dir / result.job.dataset / result.job.split.category
         result.bank.metadata["thresholds"] = {"image": result.report.values["image_threshold"],
