@@ -609,7 +609,14 @@ def test_evaluate_scores_a_trained_model_and_declares_it(wandb_env, tire_root, t
     assert (model.name, model.digest) == ("model-tire_small-tire", expected.digest)
     inputs = {artifact.type for artifact in recorded["artifacts"] if artifact.use_after_commit}
     assert inputs == {MODEL_ARTIFACT_TYPE, DATASET_ARTIFACT_TYPE, WEIGHTS_ARTIFACT_TYPE}
-    assert recorded["summary"]["tire_small/tire/image_auroc"] == pytest.approx(metrics["values"]["image_auroc"])
+    summary = recorded["summary"]
+    auroc = pytest.approx(metrics["values"]["image_auroc"])
+    assert summary["tire_small/tire/image_auroc"] == auroc
+    # The benchmark's metric definitions: its category on the category_index axis, W&B's min / max summary
+    axes = {item.name or item.glob_name: item for item in recorded["metrics"] if not item.expanded_from_glob}
+    assert axes["category/image_auroc"].step_metric == axes["examples"].step_metric == "category_index"
+    assert summary["category/image_auroc"] == {"min": auroc, "max": auroc}
+    assert recorded["config"]["method"] == "reverse_distillation (tf_efficientnet_lite0)"  # runs are grouped by it
 
 
 def test_a_folder_that_is_no_bank_leaves_tracking_on(wandb_env, tmp_path, caplog):
