@@ -245,13 +245,13 @@ def run_ensemble(config: RunConfig, run_dir: Path, todo: Sequence[CategoryJob], 
         log.info("ensemble member %s (%s): %d categories to compute", label, member.backbone.name, len(remaining))
         if not remaining:
             continue
-        run = MemberRun(member, label, progress, resource_wait_s(config.cluster))
+        run = MemberRun(member, label, progress, resource_wait_s(config.cluster),
+                        tracker.log_system if tracker.active else None)
         for result in run.run(remaining):
             folder = write_category(run_dir, result, member, member=label)
             tracker.log_bank(result.job, folder, member=label)
             log.info("%s member %s done: %s", result.job.key, label, _headline(result))
         cluster["members"][label] = run.stats
-        tracker.log_system(run.system)
         tracker.log_resolved({f"plan_{label}": run.stats["plan"]})
     progress("done", {})
     for job in todo:
