@@ -126,8 +126,9 @@ def fit_category(config: RunConfig, job: CategoryJob, folder: str, events: Queue
     started = time.perf_counter()
     rank, world = rank_and_world_size()
     name = process if world == 1 else f"{process}_rank_{rank}"
-    send = None if events is None else (lambda samples: events.put({"kind": "system", "process": name, "samples": samples}))
-    with SystemSampler(send=send) if send is not None else nullcontext():
+    sampled = nullcontext() if events is None else SystemSampler(
+        send=lambda samples: events.put({"kind": "system", "process": name, "samples": samples}))
+    with sampled:
         _fit(config, job, folder, events, threads, ray_train_worker)
     return time.perf_counter() - started
 

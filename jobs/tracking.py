@@ -385,7 +385,7 @@ class Tracker:
         """End of a benchmark or training: a results table of one row per category (method, backbone, dataset,
         metrics, timings), bar charts over it, throughput, memory, figures; the means, the run's time and its
         GPU-seconds in the summary: a benchmark's GPUs the plan reserved x run time, a training's as its
-        summary records them (``cluster.gpu_s``: GPUs x seconds its fit tasks held them)."""
+        summary records them (``cluster.gpu_s``: GPUs x the seconds its fit and predict tasks held them)."""
         import wandb
 
         method = method_of(summary)
