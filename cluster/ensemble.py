@@ -12,6 +12,7 @@ from __future__ import annotations
 import hashlib
 import logging
 import time
+from contextlib import nullcontext
 from typing import Any, Callable, Iterator, Sequence
 
 import numpy as np
@@ -24,6 +25,7 @@ from anomaly_core.metrics import METRIC_NAMES, grouped_name, grouped_names
 from anomaly_core.patchcore import evaluate
 from anomaly_core.thresholds import validation_thresholds
 from cluster.pipeline import BenchmarkPipeline, CategoryJob, CategoryResult
+from cluster.system_stats import Samples, SystemPoll
 
 log = logging.getLogger("cluster.ensemble")
 
@@ -35,13 +37,14 @@ NORMALISATION = ("z-score per member: image scores by the mean and standard devi
 
 
 class MemberRun:
-    """One member's pipeline over the categories it has still to do; its actors stop when it is done."""
+    """One member's pipeline over the categories it has still to do; its actors stop when it is done. With
+    ``on_system``, their system samples go there while it runs (``cluster.system_stats.SystemPoll``)."""
 
     def __init__(self, config: RunConfig, label: str, on_event: Callable[[str, dict], None],
-                 resource_wait_s: float = 0.0) -> None:
+                 resource_wait_s: float = 0.0, on_system: Callable[[Samples], object] | None = None) -> None:
         self.config, self.label, self.on_event, self.resource_wait_s = config, label, on_event, resource_wait_s
+        self.on_system = on_system
         self.stats: dict[str, Any] = {}
-        self.system: dict[str, list[list[dict]]] = {}  # the actors' system samples (cluster.system_stats)
 
     def _event(self, kind: str, info: dict) -> None:
         if kind != "done":  # the ensemble's progress ends after its last member, not after each
@@ -49,10 +52,11 @@ class MemberRun:
 
     def run(self, jobs: Sequence[CategoryJob]) -> Iterator[CategoryResult]:
         pipeline = BenchmarkPipeline(self.config, on_event=self._event, resource_wait_s=self.resource_wait_s)
+        polled = SystemPoll(pipeline.system_samples, self.on_system) if self.on_system is not None else nullcontext()
         try:
-            yield from pipeline.run(jobs)
+            with polled:
+                yield from pipeline.run(jobs)
             self.stats = {"plan": pipeline.plan.summary(), **pipeline.actor_stats(), "feature_cache": pipeline.cache_stats}
-            self.system = pipeline.system_samples()
         finally:
             pipeline.close()
 

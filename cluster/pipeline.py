@@ -50,6 +50,7 @@ from cluster.resources import plan_resources
 from cluster.scaling import acquire_nodes, withdraw_request
 from cluster.sharding import plan_shards, shard_count
 from cluster.store_stats import object_bytes
+from cluster.system_stats import Samples
 
 log = logging.getLogger("cluster.pipeline")
 
@@ -457,10 +458,11 @@ class BenchmarkPipeline:
             "evaluators": ray.get([actor.stats.remote() for actor in self.evaluators]),
         }
 
-    def system_samples(self) -> dict[str, list[list[dict]]]:
-        """Each actor's system samples since the last call (``cluster.system_stats``), by role and position."""
-        return {role: ray.get([actor.system_samples.remote() for actor in actors])
-                for role, actors in (("extractor", self.extractors), ("evaluator", self.evaluators))}
+    def system_samples(self) -> Samples:
+        """Each actor's system samples since the last call (``cluster.system_stats``), as ``<role>_<position>``."""
+        names = [f"{role}_{position}" for role, actors in (("extractor", self.extractors), ("evaluator", self.evaluators))
+                 for position in range(len(actors))]
+        return dict(zip(names, ray.get([actor.system_samples.remote() for actor in (*self.extractors, *self.evaluators)])))
 
 
 @dataclass(frozen=True)

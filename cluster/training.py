@@ -5,7 +5,8 @@ of Ray Train's ``TorchTrainer`` workers, where it finds the process group Ray Tr
 CPU workers, NCCL on GPU workers, each rank on the device Ray Train assigned it) and rank 0 alone writes
 checkpoints and model files. Then a ``predict_category`` task scores the test set from the written model
 files, and the run's evaluation actor computes the metrics, as for a memory bank. Step logs, validations
-and checkpoints travel to the driver through a Ray queue, so the job can put them on W&B while training runs.
+and checkpoints travel to the driver through a Ray queue, so the job can put them on W&B while training runs;
+so do every training process's system samples (CPU, memory, GPU: ``cluster.system_stats``).
 
 Resilience: ``fit_category`` always continues from the category's ``checkpoints/latest`` when there is one,
 so a fit task whose process or node dies is retried (``cluster.max_restarts`` times, as the actors are
@@ -24,6 +25,8 @@ import json
 import logging
 import math
 import os
+import time
+from contextlib import nullcontext
 from pathlib import Path
 from typing import Any, Callable
 
@@ -54,6 +57,7 @@ from anomaly_core.training.distributed import rank_and_world_size
 from cluster.pipeline import CategoryJob
 from cluster.resources import Placement
 from cluster.scaling import place, wait_for_bundles
+from cluster.system_stats import SystemSampler
 
 log = logging.getLogger("cluster.training")
 
@@ -110,11 +114,26 @@ def _ray_train_device() -> torch.device:
 
 
 def fit_category(config: RunConfig, job: CategoryJob, folder: str, events: Queue | None, threads: int,
-                 ray_train_worker: bool = False) -> None:
+                 ray_train_worker: bool = False, process: str = "fit_0") -> float:
     """Train ``job``'s model and write its model files and ``training.json`` (per-epoch history) into ``folder``
     (rank 0); continues from the folder's latest checkpoint if there is one (a resumed run, a retried task
     or a restarted Ray Train worker group), keeping the step log recorded up to that checkpoint. A recipe's
-    ``held_out_fraction`` of the training images (split by the run seed) is never trained on."""
+    ``held_out_fraction`` of the training images (split by the run seed) is never trained on.
+
+    With ``events``, this process's system samples go to the driver with the training's events while it
+    trains, named ``process`` (a Ray Train worker's ``<process>_rank_<rank>``). Returns the seconds it ran."""
+    started = time.perf_counter()
+    rank, world = rank_and_world_size()
+    name = process if world == 1 else f"{process}_rank_{rank}"
+    sampled = nullcontext() if events is None else SystemSampler(
+        send=lambda samples: events.put({"kind": "system", "process": name, "samples": samples}))
+    with sampled:
+        _fit(config, job, folder, events, threads, ray_train_worker)
+    return time.perf_counter() - started
+
+
+def _fit(config: RunConfig, job: CategoryJob, folder: str, events: Queue | None, threads: int,
+         ray_train_worker: bool) -> None:
     limit_threads(threads)
     device = training_device(ray_train_worker)
     model = build_model(config)
@@ -188,6 +207,12 @@ def predict_category(config: RunConfig, job: CategoryJob, folder: str, threads: 
     return predict_images(model, load_images(job.split.test, transform_of(config)))
 
 
+def timed_predict(config: RunConfig, job: CategoryJob, folder: str, threads: int) -> tuple[Predictions, float]:
+    """``predict_category`` and the seconds it ran (a task's share of the run's GPU-seconds)."""
+    started = time.perf_counter()
+    return predict_category(config, job, folder, threads), time.perf_counter() - started
+
+
 def task_options(config: RunConfig) -> dict[str, Any]:
     """A fit or predict task's resources and retries: a task whose process or node dies is run again
     (``cluster.max_restarts`` times, the budget the run's actors have), and a fit continues from its
@@ -207,8 +232,10 @@ def worker_bundle(config: RunConfig) -> dict[str, float]:
     return {"CPU": training.cpus_per_worker, **({"GPU": training.gpus_per_worker} if training.gpus_per_worker else {})}
 
 
-def fit_with_ray_train(config: RunConfig, job: CategoryJob, folder: str, events: Queue | None, storage: str) -> None:
-    """``fit_category`` on ``training.ddp_workers`` Ray Train workers (DDP; blocks until training ends).
+def fit_with_ray_train(config: RunConfig, job: CategoryJob, folder: str, events: Queue | None, storage: str,
+                       process: str = "fit_0") -> float:
+    """``fit_category`` on ``training.ddp_workers`` Ray Train workers (DDP; blocks until training ends); returns
+    the worker-seconds they were held (workers x seconds), as ``fit_category`` returns its one process's.
 
     ``storage`` (Ray Train's ``storage_path``, where it keeps its run records) must be readable from every
     node, like the category folder. A worker group that loses a worker is restarted ``cluster.max_restarts``
@@ -219,23 +246,27 @@ def fit_with_ray_train(config: RunConfig, job: CategoryJob, folder: str, events:
     from ray.train.torch import TorchTrainer
 
     def loop(_: dict) -> None:
-        fit_category(config, job, folder, events, threads_of(config), ray_train_worker=True)
+        fit_category(config, job, folder, events, threads_of(config), ray_train_worker=True, process=process)
 
     scaling = ScalingConfig(num_workers=config.training.ddp_workers, use_gpu=config.training.gpus_per_worker > 0,
                             resources_per_worker=worker_bundle(config))
     run = TrainRunConfig(name=job.key.replace("/", "-"), storage_path=storage,
                          failure_config=FailureConfig(max_failures=config.cluster.max_restarts))
+    started = time.perf_counter()
     TorchTrainer(loop, scaling_config=scaling, run_config=run).fit()
+    return (time.perf_counter() - started) * config.training.ddp_workers
 
 
-def submit_fit(config: RunConfig, job: CategoryJob, folder: str, events: Queue | None, run_dir: Path) -> ray.ObjectRef:
+def submit_fit(config: RunConfig, job: CategoryJob, folder: str, events: Queue | None, run_dir: Path,
+               process: str = "fit_0") -> ray.ObjectRef:
     """Start training ``job``: a fit task, or for a DDP category a task (0 CPUs) that runs Ray Train's
-    ``TorchTrainer.fit``; either way an object reference the driver waits on among the others."""
+    ``TorchTrainer.fit``; either way an object reference the driver waits on among the others, of the
+    worker-seconds the training held. ``process`` names its system samples."""
     if ddp_selected(config, job):
         return ray.remote(fit_with_ray_train).options(num_cpus=0, max_retries=config.cluster.max_restarts).remote(
-            config, job, folder, events, str((run_dir / RAY_TRAIN).resolve()))
+            config, job, folder, events, str((run_dir / RAY_TRAIN).resolve()), process)
     return ray.remote(fit_category).options(**task_options(config)).remote(config, job, folder, events,
-                                                                           threads_of(config))
+                                                                           threads_of(config), process=process)
 
 
 def ddp_selected(config: RunConfig, job: CategoryJob) -> bool:

@@ -14,6 +14,7 @@ import logging
 import resource
 import sys
 import time
+from contextlib import nullcontext
 from dataclasses import replace
 from pathlib import Path
 from typing import Any, Callable, Iterator, Sequence
@@ -28,6 +29,7 @@ from anomaly_core.thresholds import hold_out
 from cluster.ensemble import ENSEMBLE_KEY, MemberRun, ensemble_result
 from cluster.pipeline import BenchmarkPipeline, CategoryJob, CategoryResult
 from cluster.store_stats import StoreMonitor
+from cluster.system_stats import SystemPoll
 from jobs.cli import add_config_arguments, check_writable, config_from_args, config_overrides, load_config
 from jobs.compare import method_of
 from jobs.errors import run_job
@@ -144,6 +146,7 @@ def run(config: RunConfig, run_name: str | None = None, only: set[str] | None = 
         if todo:
             log.info("Ray: %s; resources %s", start_ray(), ray.cluster_resources())
             with StoreMonitor() as store:
+                polled: SystemPoll | nullcontext = nullcontext()
                 if config.ensemble:
                     computed = run_ensemble(config, run_dir, todo, tracker, progress, cluster)
                 else:
@@ -152,20 +155,21 @@ def run(config: RunConfig, run_name: str | None = None, only: set[str] | None = 
                     progress.waiting = pipeline.waiting_for
                     tracker.log_resolved({"plan": pipeline.plan.summary()})
                     computed = pipeline.run(todo)
-                for result in computed:
-                    transform = image_transform(result.bank.metadata)
-                    write_category_figure(run_dir, result, transform)
-                    folder = write_category(run_dir, result, config)
-                    tracker.log_category(result, transform)
-                    use_backbones(tracker, result)
-                    if not config.ensemble:  # an ensemble's members logged their banks as they finished
-                        tracker.log_bank(result.job, folder)
-                    log.info("%s done: %s -> %s", result.job.key, _headline(result), folder)
-                    results.append(released(result))
+                    if tracker.active:  # the actors' system samples into W&B as the run goes (no calls where it is off)
+                        polled = SystemPoll(pipeline.system_samples, tracker.log_system)
+                with polled:
+                    for result in computed:
+                        transform = image_transform(result.bank.metadata)
+                        write_category_figure(run_dir, result, transform)
+                        folder = write_category(run_dir, result, config)
+                        tracker.log_category(result, transform)
+                        use_backbones(tracker, result)
+                        if not config.ensemble:  # an ensemble's members logged their banks as they finished
+                            tracker.log_bank(result.job, folder)
+                        log.info("%s done: %s -> %s", result.job.key, _headline(result), folder)
+                        results.append(released(result))
             cluster["object_store"] = store.summary()
             if not config.ensemble:
-                if tracker.active:  # no calls to the actors for W&B's sake where it is off
-                    tracker.log_system(pipeline.system_samples())
                 cluster.update({"plan": pipeline.plan.summary(), **pipeline.actor_stats(),
                                 "feature_cache": pipeline.cache_stats})
             peak_rss_mb = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)  # KiB on Linux
@@ -241,13 +245,13 @@ def run_ensemble(config: RunConfig, run_dir: Path, todo: Sequence[CategoryJob], 
         log.info("ensemble member %s (%s): %d categories to compute", label, member.backbone.name, len(remaining))
         if not remaining:
             continue
-        run = MemberRun(member, label, progress, resource_wait_s(config.cluster))
+        run = MemberRun(member, label, progress, resource_wait_s(config.cluster),
+                        tracker.log_system if tracker.active else None)
         for result in run.run(remaining):
             folder = write_category(run_dir, result, member, member=label)
             tracker.log_bank(result.job, folder, member=label)
             log.info("%s member %s done: %s", result.job.key, label, _headline(result))
         cluster["members"][label] = run.stats
-        tracker.log_system(run.system)
         tracker.log_resolved({f"plan_{label}": run.stats["plan"]})
     progress("done", {})
     for job in todo:

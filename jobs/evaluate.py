@@ -28,6 +28,7 @@ from cluster.pipeline import BenchmarkPipeline, CategoryJob, CategoryResult
 from cluster.training import predict_category, transform_of
 from jobs.benchmark import single_job
 from jobs.cli import category_parser, check_writable, config_from_args, single_backbone
+from jobs.compare import method_of
 from jobs.errors import run_job
 from jobs.preflight import preflight
 from jobs.outputs import category_folder, format_table, write_category
@@ -55,7 +56,10 @@ def evaluate(args: argparse.Namespace) -> Path:
         tracker.use_dataset(job)
         if (path / METADATA_FILE).is_file():
             result = evaluate_model(config, job, path, category_folder(out, job))
-            tracker.use_backbone(result.bank.metadata)
+            model = result.bank.metadata
+            tracker.define_metrics(method_of({"config": {"training": {"model": model["kind"]},
+                                                         "backbone": {"name": model["backbone"]}}, "job": "train"}))
+            tracker.use_backbone(model)
             tracker.log_resolved({"model": {"source": str(args.bank), "tensors_sha256": result.bank.sha256}})
             folder = write_category(out, result, config)
             tracker.log_category(result, transform_of(config))
@@ -74,6 +78,7 @@ def evaluate(args: argparse.Namespace) -> Path:
             raise ConfigError(f"scoring.k={config.scoring.k} exceeds the bank {args.bank}: {len(bank.features)} rows")
         if tuple(bank.metadata.get("grid", grid)) != tuple(grid):
             raise BankError(f"{args.bank} was built on a {bank.metadata['grid']} patch grid; this config gives {list(grid)}")
+        tracker.define_metrics(method_of({"config": config.model_dump(mode="json")}))
         tracker.use_backbone(bank.metadata)
         tracker.log_resolved({"bank": {"source": str(args.bank), "bank_sha256": bank.sha256}})
         start_ray()

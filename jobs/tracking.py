@@ -11,7 +11,8 @@ and as history ``category/<metric>`` on the ``category_index`` step axis, stage 
 best scored test images as heat-map overlays with the ground-truth and predicted masks (``examples``, on
 the same axis); at the end a results table of one row per category with method, backbone and dataset
 columns (the means are in the summary), bar charts over it, throughput per extractor actor, peak memory,
-run time and reserved GPU-seconds, the report's figures, and each actor's system metrics against time.
+run time and reserved GPU-seconds, the report's figures; and, logged while the run goes, each actor's
+(a training's: each training process's) system metrics against time.
 Each category's memory bank is an artifact of type ``memory-bank`` (a trained model one of type
 ``trained-model``); the finished run folder's results (summary, report, CSVs, figures, per-category JSON) are one
 ``benchmark-results`` artifact, so a run on a cluster without shared storage keeps them.
@@ -33,6 +34,7 @@ import logging
 import netrc
 import os
 import re
+import threading
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Sequence, TypeVar
 from urllib.parse import urlsplit
@@ -61,6 +63,7 @@ from jobs.report import (
 
 if TYPE_CHECKING:
     from cluster.pipeline import CategoryJob, CategoryResult
+    from cluster.system_stats import Samples
 
 log = logging.getLogger("jobs.tracking")
 
@@ -149,13 +152,14 @@ def _guarded(method: Callable[..., T]) -> Callable[..., T | None]:
 
     @functools.wraps(method)
     def wrapper(self: "Tracker", *args: Any, **kwargs: Any) -> T | None:
-        if self.run is None:
-            return None
-        try:
-            return method(self, *args, **kwargs)
-        except Exception as error:  # W&B raises many types; none of them may stop the job
-            self._disable(f"{method.__name__} failed: {error}")
-            return None
+        with self._lock:  # the driver's event and system-sample threads log beside the main thread
+            if self.run is None:
+                return None
+            try:
+                return method(self, *args, **kwargs)
+            except Exception as error:  # W&B raises many types; none of them may stop the job
+                self._disable(f"{method.__name__} failed: {error}")
+                return None
 
     return wrapper
 
@@ -186,6 +190,7 @@ class Tracker:
         self.run_dir = Path(run_dir)
         self.mode = resolve_mode(settings.mode)
         self.run: Any = None
+        self._lock = threading.RLock()
         self._training_axes: set[str] = set()  # categories whose training metrics have their own step axis
         self._validations: dict[str, dict[str, float]] = {}  # each category's latest validation metrics
         self._declared: set[str] = set()  # input artifacts already declared, as name@digest
@@ -378,9 +383,10 @@ class Tracker:
 
     @_guarded
     def log_run(self, results: Sequence["CategoryResult"], summary: dict[str, Any], figures: dict[str, Path]) -> None:
-        """End of a benchmark: a results table of one row per category (method, backbone, dataset, metrics,
-        timings), bar charts over it, throughput, memory, figures; the means, the run's time and its
-        reserved GPU-seconds (GPUs the plan reserved x run time) in the summary."""
+        """End of a benchmark or training: a results table of one row per category (method, backbone, dataset,
+        metrics, timings), bar charts over it, throughput, memory, figures; the means, the run's time and its
+        GPU-seconds in the summary: a benchmark's GPUs the plan reserved x run time, a training's as its
+        summary records them (``cluster.gpu_s``: GPUs x the seconds its fit and predict tasks held them)."""
         import wandb
 
         method = method_of(summary)
@@ -411,8 +417,9 @@ class Tracker:
         if seconds is not None:
             totals["run/time_s"] = seconds
             gpus = reserved_gpus(cluster)
-            if gpus is not None:
-                totals["run/gpu_s"] = round(seconds * gpus, 3)
+            gpu_s = cluster.get("gpu_s", None if gpus is None else round(seconds * gpus, 3))  # a training's: its tasks'
+            if gpu_s is not None:
+                totals["run/gpu_s"] = gpu_s
         totals.update({f"actors/{position}/images_per_s": stats.get("images_per_s")
                        for position, stats in enumerate(extractors)})
         if cluster.get("driver_peak_rss_mb") is not None:
@@ -420,13 +427,13 @@ class Tracker:
         self.run.summary.update(totals)
 
     @_guarded
-    def log_system(self, samples: dict[str, list[list[dict[str, Any]]]]) -> None:
-        """The actors' system samples (``BenchmarkPipeline.system_samples``: by role, then actor position) as
-        ``system/<role>_<position>/<name>`` against ``system/time_s``, the seconds since the run started."""
+    def log_system(self, samples: "Samples") -> None:
+        """System samples by process (``extractor_0``, ``fit_1``: ``cluster.system_stats``) as
+        ``system/<process>/<name>`` against ``system/time_s``, the seconds since the run started. Called
+        while the run goes, with the samples that came since the last call."""
         started = self.run.start_time
-        timeline = sorted(((sample["time"], f"system/{role}_{position}", sample)
-                           for role, actors in samples.items() for position, actor in enumerate(actors)
-                           for sample in actor), key=lambda entry: entry[:2])
+        timeline = sorted(((sample["time"], f"system/{process}", sample)
+                           for process, taken in samples.items() for sample in taken), key=lambda entry: entry[:2])
         for moment, prefix, sample in timeline:
             values = {f"{prefix}/{name}": value for name, value in sample.items() if name != "time"}
             self.run.log({SYSTEM_STEP: round(moment - started, 3), **values})
@@ -555,7 +562,8 @@ class Tracker:
 
     def finish(self, exit_code: int = 0) -> None:
         """Close the run (bounded by the finish timeout); safe to call twice."""
-        run, self.run = self.run, None
+        with self._lock:
+            run, self.run = self.run, None
         if run is None:
             return
         try:
@@ -628,7 +636,7 @@ def _curve_chart(key: str, x: np.ndarray, y: np.ndarray, names: tuple[str, str],
 
 def reserved_gpus(cluster: dict[str, Any]) -> float | None:
     """GPUs the run's resource plan reserved (an ensemble's members run one after another: the most any did);
-    None without a plan (a training run's GPUs are Ray Train's, not recorded in the summary)."""
+    None without a plan (a training run has none: its summary records ``gpu_s``, its tasks' GPU-seconds)."""
     plans = [cluster["plan"]] if "plan" in cluster else [member["plan"] for member in cluster.get("members", {}).values()
                                                          if "plan" in member]
     return max((sum(actor.get("gpus", 0.0) for actor in plan.get("actors", [])) for plan in plans), default=None)

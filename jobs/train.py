@@ -18,6 +18,7 @@ import logging
 import sys
 import threading
 import time
+from contextlib import nullcontext
 from pathlib import Path
 from typing import Any
 
@@ -31,14 +32,15 @@ from cluster.devices import pinned
 from cluster.evaluator import evaluator_actor
 from cluster.pipeline import CategoryJob, CategoryResult
 from cluster.scaling import withdraw_request
+from cluster.system_stats import SystemPoll
 from cluster.training import (
     HISTORY,
     build_model,
     evaluator_placement,
-    predict_category,
     submit_fit,
     task_options,
     threads_of,
+    timed_predict,
     transform_of,
 )
 from jobs.benchmark import print_done, run_main, start_run, tracked_run, write_run
@@ -78,7 +80,8 @@ def preflight(config: RunConfig, jobs: list[CategoryJob]) -> None:
 
 
 class EventLog:
-    """Drains the training events queue on a thread: W&B gets every event, the log a line per epoch."""
+    """Drains the training events queue on a thread: W&B gets every event (the training processes' system
+    samples among them), the log a line per epoch."""
 
     def __init__(self, events: Queue, tracker: Tracker, epochs: int) -> None:
         self.events, self.tracker, self.epochs = events, tracker, epochs
@@ -91,6 +94,9 @@ class EventLog:
             try:
                 event = self.events.get(timeout=0.5)
             except Empty:
+                continue
+            if event["kind"] == "system":
+                self.tracker.log_system({event["process"]: event["samples"]})
                 continue
             if event["kind"] == "epoch":
                 metrics = event.get("metrics") or {}
@@ -118,11 +124,14 @@ def run(config: RunConfig, run_name: str | None = None, only: set[str] | None = 
             tracker.use_backbone(result.bank.metadata)
             tracker.log_category(result, transform)
             results.append(released(result))
+        gpu_s = 0.0
         if todo:
             log.info("Ray: %s; resources %s", start_ray(), ray.cluster_resources())
-            results += train_and_evaluate(config, run_dir, todo, tracker, transform)
+            trained, gpu_s = train_and_evaluate(config, run_dir, todo, tracker, transform)
+            results += trained
         seconds = time.perf_counter() - started
-        extra: dict[str, Any] = {"job": "train", "cluster": {"resources": ray.cluster_resources() if todo else {}}}
+        extra: dict[str, Any] = {"job": "train", "cluster": {"resources": ray.cluster_resources() if todo else {},
+                                                             "gpu_s": round(gpu_s, 3)}}
         if resume is not None:
             extra["resumed"] = sorted(kept)
         report = write_run(config, run_dir, jobs, results, seconds, extra, tracker)
@@ -131,69 +140,82 @@ def run(config: RunConfig, run_name: str | None = None, only: set[str] | None = 
 
 
 def train_and_evaluate(config: RunConfig, run_dir: Path, todo: list[CategoryJob], tracker: Tracker,
-                       transform: ImageTransform) -> list[CategoryResult]:
+                       transform: ImageTransform) -> tuple[list[CategoryResult], float]:
     """Fit every category at once (fit tasks, and DDP categories' Ray Train runs in tasks of their own), then
     score each model as it finishes and compute its metrics on the evaluation actor; results written as they
     come. Nothing is submitted before the cluster is known to hold what the training needs. The evaluator
-    (a CPU of its own) starts with the fits, so its imports are done when the first model is."""
+    (a CPU of its own) starts with the fits, so its imports are done when the first model is.
+
+    Returns the results and the GPU-seconds the fit and predict tasks held (``training.gpus_per_worker`` x
+    the seconds each task ran, per Ray Train worker). System samples reach W&B while the run goes: each
+    training process's as ``fit_<n>`` (``n``: the category's place in the run; ``resolved_fit_processes``
+    in the run config), the evaluator's as ``evaluator_0``."""
     wait_s = resource_wait_s(config.cluster)
     placement = evaluator_placement(config, todo, wait_s)
     # On the driver's node: a queue on a node that dies would take every later fit attempt's events with it.
     here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=False)
     events = Queue(actor_options={"num_cpus": 0, "scheduling_strategy": here})
     drain = EventLog(events, tracker, config.training.epochs)
-    predict_task = ray.remote(predict_category)
+    predict_task = ray.remote(timed_predict)
     options, threads = task_options(config), threads_of(config)
-    tracker.log_resolved({"task_options": options, "threads": threads})
+    keys = [f"{dataset.name}/{category}" for dataset in config.datasets for category in dataset.categories or []]
+    processes = {key: f"fit_{position}" for position, key in enumerate(keys)}  # stable across a --resume
+    tracker.log_resolved({"task_options": options, "threads": threads,
+                          "fit_processes": {processes[job.key]: job.key for job in todo}})
     folders = {job.key: str(category_folder(run_dir, job)) for job in todo}
     started = {job.key: time.perf_counter() for job in todo}
     evaluator = evaluator_actor(config.cluster.max_restarts).options(**pinned(placement)).remote()
-    fits = {submit_fit(config, job, folders[job.key], events, run_dir): job for job in todo}
+    fits = {submit_fit(config, job, folders[job.key], events, run_dir, processes[job.key]): job for job in todo}
     if wait_s > 0:  # the queued fits are the autoscaler's demand now: let the cluster shrink after the run
         withdraw_request()
-    results = []
+    results, worker_s = [], 0.0
+    polled = (SystemPoll(lambda: {"evaluator_0": ray.get(evaluator.system_samples.remote())}, tracker.log_system)
+              if tracker.active else nullcontext())
     try:
-        scoring: dict[ray.ObjectRef, tuple[CategoryJob, float, float]] = {}
-        while fits or scoring:
-            ready, _ = ray.wait(list(fits) + list(scoring), num_returns=1)
-            ref = ready[0]
-            if ref in fits:
-                job = fits.pop(ref)
-                ray.get(ref)  # raises the category's training error
-                train_s = time.perf_counter() - started[job.key]
-                scoring[_score(config, job, folders, predict_task, evaluator, threads, options)] = (job, train_s,
-                                                                                                  time.perf_counter())
-                continue
-            job, train_s, submitted = scoring.pop(ref)
-            predictions, report, metrics_s = ray.get(ref)
-            folder = Path(folders[job.key])
-            timings = {"train_s": round(train_s, 4), "evaluate_s": round(time.perf_counter() - submitted, 4),
-                       "metrics_s": round(metrics_s, 4)}
-            result = CategoryResult(job, model_record(folder), predictions, report, timings)
-            write_category_figure(run_dir, result, transform)
-            record = json.loads((folder / HISTORY).read_text())
-            training_figure(record["history"], record["steps"], f"{job.key}: {config.training.model}",
-                            figure_paths(run_dir, [result])[f"training/{job.key}"])
-            write_category(run_dir, result, config)
-            tracker.log_category(result, transform)
-            tracker.use_backbone(result.bank.metadata)
-            tracker.log_model(job, folder)
-            log.info("%s done: %s -> %s", job.key, ", ".join(f"{name}={report.values[name]:.3f}" for name in
-                                                           ("image_auroc", "pixel_auroc", "aupro")
-                                                           if report.values.get(name) is not None), folder)
-            results.append(released(result))
+        with polled:
+            scoring: dict[ray.ObjectRef, tuple[CategoryJob, float, float, ray.ObjectRef]] = {}
+            while fits or scoring:
+                ready, _ = ray.wait(list(fits) + list(scoring), num_returns=1)
+                ref = ready[0]
+                if ref in fits:
+                    job = fits.pop(ref)
+                    worker_s += ray.get(ref)  # raises the category's training error
+                    train_s = time.perf_counter() - started[job.key]
+                    metrics, predict_s = _score(config, job, folders, predict_task, evaluator, threads, options)
+                    scoring[metrics] = (job, train_s, time.perf_counter(), predict_s)
+                    continue
+                job, train_s, submitted, predict_s = scoring.pop(ref)
+                predictions, report, metrics_s = ray.get(ref)
+                worker_s += ray.get(predict_s)
+                folder = Path(folders[job.key])
+                timings = {"train_s": round(train_s, 4), "evaluate_s": round(time.perf_counter() - submitted, 4),
+                           "metrics_s": round(metrics_s, 4)}
+                result = CategoryResult(job, model_record(folder), predictions, report, timings)
+                write_category_figure(run_dir, result, transform)
+                record = json.loads((folder / HISTORY).read_text())
+                training_figure(record["history"], record["steps"], f"{job.key}: {config.training.model}",
+                                figure_paths(run_dir, [result])[f"training/{job.key}"])
+                write_category(run_dir, result, config)
+                tracker.log_category(result, transform)
+                tracker.use_backbone(result.bank.metadata)
+                tracker.log_model(job, folder)
+                log.info("%s done: %s -> %s", job.key, ", ".join(f"{name}={report.values[name]:.3f}" for name in
+                                                               ("image_auroc", "pixel_auroc", "aupro")
+                                                               if report.values.get(name) is not None), folder)
+                results.append(released(result))
     finally:
         drain.close()
         ray.kill(evaluator)
-    return results
+    return results, worker_s * config.training.gpus_per_worker
 
 
 def _score(config: RunConfig, job: CategoryJob, folders: dict[str, str], predict_task: Any, evaluator: Any,
-           threads: int, options: dict) -> ray.ObjectRef:
-    """The test set's predictions from the written model (a task on the training resources), then metrics."""
-    predictions = predict_task.options(**options).remote(config, job, folders[job.key], threads)
+           threads: int, options: dict) -> tuple[ray.ObjectRef, ray.ObjectRef]:
+    """The test set's predictions from the written model (a task on the training resources), then metrics; and
+    the seconds the prediction task ran."""
+    predictions, seconds = predict_task.options(**options, num_returns=2).remote(config, job, folders[job.key], threads)
     return evaluator.finish.remote(job.key, list(job.split.test), transform_of(config), config.metrics.pro_fpr_limit,
-                                   metric_groups(job.split.dataset), predictions)
+                                   metric_groups(job.split.dataset), predictions), seconds
 
 
 def main(argv: list[str] | None = None) -> int:

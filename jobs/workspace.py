@@ -7,9 +7,9 @@
 What it shows (the keys ``jobs.tracking`` logs): runs grouped by method (the ``method`` config value);
 methods x categories (every run's ``results`` table, one row per category with its method, backbone
 and metrics, merged across runs; the mean AUROC / AUPRO per run; each run's metrics over its
-categories); the heat-map overlays (``examples``, a slider over the categories); time and reserved
-GPU-seconds per run; the actors' CPU, memory and GPU against time. A written file is the workspace's
-view spec as W&B stores it, so applying it later needs no other input. ``wandb-workspaces`` is an
+categories); the heat-map overlays (``examples``, a slider over the categories); time and GPU-seconds
+per run; each process's (actors, training processes) CPU, memory and GPU against time. A written file
+is the workspace's view spec as W&B stores it, so applying it later needs no other input. ``wandb-workspaces`` is an
 optional extra: ``pip install 'anomaly-bench[workspace]'``.
 """
 
@@ -48,8 +48,8 @@ def build_workspace(project: str, entity: str = "", name: str = "Anomaly benchma
           for name in ("image_auroc", "aupro")),
     ]
     cost = [wr.BarPlot(title="run time (s)", metrics=["run/time_s"], groupby=method),
-            wr.BarPlot(title="reserved GPU-seconds", metrics=["run/gpu_s"], groupby=method)]
-    system = [wr.LinePlot(title=f"actors: {title}", x="system/time_s", metric_regex=f"system/.*/{name}")
+            wr.BarPlot(title="GPU-seconds", metrics=["run/gpu_s"], groupby=method)]
+    system = [wr.LinePlot(title=f"processes: {title}", x="system/time_s", metric_regex=f"system/.*/{name}")
               for name, title in (("cpu_percent", "CPU % (100 = one core)"), ("rss_mib", "resident memory (MiB)"),
                                   ("gpu_percent", "GPU utilisation %"), ("gpu_memory_mib", "GPU memory (MiB)"))]
     return ws.Workspace(
@@ -60,7 +60,7 @@ def build_workspace(project: str, entity: str = "", name: str = "Anomaly benchma
                                                                  media_keys=["examples"], layout=wr.Layout(w=24, h=12))],
                        is_open=True),
             ws.Section(name="Time and cost per run", panels=cost, is_open=True),
-            ws.Section(name="Actors' system metrics", panels=system),
+            ws.Section(name="System metrics per process", panels=system),
         ],
         runset_settings=ws.RunsetSettings(groupby=[ws.Config("method")]),
     )

@@ -27,7 +27,7 @@ from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
 from anomaly_core.augment import Augmentation, augment_seed
 from anomaly_core.bank import load_bank
-from anomaly_core.config import AugmentConfig, FeatureCacheConfig, RunConfig, ThresholdConfig, parse_config
+from anomaly_core.config import AugmentConfig, FeatureCacheConfig, RunConfig, ThresholdConfig, WandbConfig, parse_config
 from anomaly_core.coreset import greedy_coreset, greedy_select, start_index_for
 from anomaly_core.data import CategorySplit, load_split
 from anomaly_core.ensemble import Normalisation, combine
@@ -46,6 +46,7 @@ from anomaly_core.padim import PadimScoring, fit_statistics, load_statistics
 from anomaly_core.scoring import NearestNeighbourScorer, predict
 from anomaly_core.thresholds import hold_out
 from anomaly_core.training import Trainer, TrainerCallbacks, load_images, load_model_files, predict_images
+from cluster import system_stats
 from cluster.colocated import colocated_actor
 from cluster.coreset import CoresetHolder, HolderPool, HolderProxy
 from cluster.evaluator import bank_reference, evaluator_actor
@@ -63,7 +64,7 @@ from jobs.resume import finished_category
 from jobs.tracking import BANK_ARTIFACT_TYPE
 
 from .conftest import REPO, TIRE_ROOT
-from .test_tracking import read_offline_run, wandb_env  # noqa: F401 - wandb_env is a fixture
+from .test_tracking import read_offline_run, read_records, wandb_env  # noqa: F401 - wandb_env is a fixture
 
 
 def tire_config(**cluster):
@@ -145,9 +146,10 @@ def test_cluster_run_equals_single_process_engine(ray_cluster, tire_job, referen
     (result,) = list(pipeline.run([tire_job]))
     assert result.bank.sha256 == reference["bank"].sha256
     samples = pipeline.system_samples()  # each actor sampled itself on its own thread while it worked
-    assert [len(samples["extractor"]), len(samples["evaluator"])] == [n_extractors, len(pipeline.evaluators)]
-    assert all(max(sample["cpu_percent"] for sample in actor) > 0 and min(sample["rss_mib"] for sample in actor) > 100
-               for actor in samples["extractor"])
+    assert list(samples) == [*(f"extractor_{i}" for i in range(n_extractors)),
+                             *(f"evaluator_{i}" for i in range(len(pipeline.evaluators)))]
+    assert all(max(sample["cpu_percent"] for sample in samples[f"extractor_{i}"]) > 0 and
+               min(sample["rss_mib"] for sample in samples[f"extractor_{i}"]) > 100 for i in range(n_extractors))
     assert np.array_equal(result.predictions.scores, reference["predictions"].scores)
     assert np.array_equal(result.predictions.maps, reference["predictions"].maps)
     assert result.report.values == reference["report"].values
@@ -463,8 +465,10 @@ def copy_slice(job: CategoryJob, root: Path) -> Path:
     return root
 
 
-def test_driver_killed_then_resumed_equals_the_undisturbed_run(ray_cluster, reference, tire_job, tmp_path):
-    """SIGKILL the driver after its first category; --resume keeps that one and computes the other.
+def test_driver_killed_then_resumed_equals_the_undisturbed_run(ray_cluster, reference, tire_job, tmp_path, wandb_env,
+                                                               monkeypatch):
+    """SIGKILL the driver after its first category; --resume keeps that one and computes the other, and
+    continues the killed run's offline W&B run, its actors' system samples logged while it goes.
 
     Both datasets hold the ``tire_job`` slice; the undisturbed numbers are the single-process
     engine's (the cluster equals them, tested above), so no second full run is needed.
@@ -473,6 +477,7 @@ def test_driver_killed_then_resumed_equals_the_undisturbed_run(ray_cluster, refe
     config = tire_config(num_extractors=1, prefetch_categories=1).model_dump(mode="json")
     config["datasets"] = [{"name": name, "format": "mvtec", "root": str(root)} for name in ("tire_small", "tire_copy")]
     config["output_dir"] = str(tmp_path)
+    config["wandb"] = {"mode": "offline", "project": "anomaly-test"}
     config_path = tmp_path / "two.yaml"
     config_path.write_text(json.dumps(config))
     run_dir = tmp_path / "killed"
@@ -490,6 +495,7 @@ def test_driver_killed_then_resumed_equals_the_undisturbed_run(ray_cluster, refe
     kept_mtime = kept_bank.stat().st_mtime_ns
 
     assert benchmark.main(["--resume", str(run_dir), "--set", "scoring.k=3"]) == 2  # never two configs in one run
+    monkeypatch.setattr(system_stats, "POLL_EVERY_S", 0.2)  # the actors' samples asked for while the category runs
     assert benchmark.main(["--resume", str(run_dir)]) == 0
     summary = json.loads((run_dir / "summary.json").read_text())
     assert summary["resumed"] == ["tire_small/tire"] and kept_bank.stat().st_mtime_ns == kept_mtime
@@ -497,6 +503,21 @@ def test_driver_killed_then_resumed_equals_the_undisturbed_run(ray_cluster, refe
     assert kept["bank_sha256"] == reference["bank"].sha256 and kept["metrics"] == reference["report"].values
     copy_bank = build_bank(reference["train"], "approximate", 0.1, 128, coreset_seed(0, "tire_copy", "tire"), {})
     assert computed["bank_sha256"] == copy_bank.sha256
+
+    # One W&B run: the killed driver's offline run and the resumed one carry the id kept in the run folder
+    run_id = (run_dir / "wandb" / "run_id").read_text().strip()
+    killed, resumed = sorted((run_dir / "wandb").glob("offline-run-*/run-*.wandb"))
+    assert killed.name == resumed.name == f"run-{run_id}.wandb"
+    killed_run = next(record.run for record in read_records(killed) if record.WhichOneof("record_type") == "run")
+    recorded = read_offline_run(run_dir, resumed)
+    assert killed_run.run_id == recorded["run"].run_id == run_id
+    history = recorded["history"]
+    [copy_row] = [row for row in history if row.get("category") == "tire_copy/tire"]
+    extractor = [row for row in history if "system/extractor_0/rss_mib" in row]
+    assert extractor and all(row["system/extractor_0/rss_mib"] > 100 for row in extractor)
+    assert extractor[0]["_step"] < copy_row["_step"]  # logged while the category ran, not only at the end
+    times = [row["system/time_s"] for row in extractor]
+    assert all(a < b for a, b in zip(times, times[1:]))  # and each sample once
 
 
 def test_anomalydino_vit_bank_on_the_cluster_equals_the_single_process_engine(ray_cluster, tire_job):
@@ -665,6 +686,9 @@ def test_ray_train_two_workers_give_the_one_process_loss_curve(ray_cluster, tire
     assert (tmp_path / "ddp" / "model.safetensors").is_file()  # rank 0 wrote the model files
     assert sum(event["kind"] == "validation" for event in logged) == 2
     assert (tmp_path / "ray_train" / "tire_small-tire").is_dir()  # Ray Train's storage_path
+    system = [event for event in logged if event["kind"] == "system"]  # every worker's own samples, not rank 0's only
+    assert {event["process"] for event in system} == {"fit_0_rank_0", "fit_0_rank_1"}
+    assert all(sample["rss_mib"] > 100 for event in system for sample in event["samples"])
 
 
 def test_fit_task_whose_node_dies_is_retried_from_its_latest_checkpoint(ray_cluster, tire_job, tmp_path):
@@ -721,11 +745,14 @@ def test_train_job_refuses_at_once_what_no_node_can_hold(ray_cluster, tmp_path, 
 
 
 def test_train_job_trains_evaluates_like_a_bank_resumes_and_compares_with_patchcore(ray_cluster, tire_job, tmp_path,
-                                                                                   capsys):
-    """jobs.train on a tire slice: model files, the evaluators' metrics of the model's own predictions, a
-    resume that keeps the trained model, and jobs.compare putting it beside jobs.benchmark's PatchCore."""
+                                                                                   capsys, wandb_env):
+    """jobs.train on a tire slice (a GPU share per task: the nodes advertise one, torch sees none): model files,
+    the evaluators' metrics of the model's own predictions, the training process's system samples and the tasks'
+    GPU-seconds in its offline W&B run, a resume that keeps the trained model and continues that W&B run, and
+    jobs.compare putting it beside jobs.benchmark's PatchCore."""
     root = copy_slice(tire_job, tmp_path / "slice")
-    config = train_config(root, tmp_path)
+    config = train_config(root, tmp_path, gpus_per_worker=1).model_copy(
+        update={"wandb": WandbConfig(mode="offline", project="anomaly-test")})
     run_dir = train_job.run(config, run_name="rd")
     folder = run_dir / "tire_small" / "tire"
     model_json = json.loads((folder / "model.json").read_text())
@@ -745,6 +772,24 @@ def test_train_job_trains_evaluates_like_a_bank_resumes_and_compares_with_patchc
     # The recipe and every value it resolved to, in the summary (the run's config) and model.json.
     assert summary["config"]["training"]["recipe"] == model_json["training"]["recipe"]["name"] == "rd4ad"
     assert summary["config"]["training"]["lr"] == model_json["training"]["recipe"]["values"]["lr"] == model_json["lr"]
+    recorded = read_offline_run(run_dir)
+    history, timings = recorded["history"], summary["categories"][0]["timings"]
+    assert recorded["config"]["resolved_fit_processes"] == {"fit_0": "tire_small/tire"}
+    fit = [row for row in history if "system/fit_0/rss_mib" in row]  # sampled in the fit task, sent with its events
+    assert fit and all(row["system/fit_0/rss_mib"] > 100 and row["system/fit_0/cpu_percent"] >= 0 for row in fit)
+    assert max(row["system/fit_0/cpu_percent"] for row in fit) > 5  # it trained
+    assert all(0 < row["system/time_s"] < summary["timings"]["total_s"] for row in fit)  # since the run started
+    for process in ("fit_0", "evaluator_0"):  # each sample logged once: its times strictly increase
+        times = [row["system/time_s"] for row in history if f"system/{process}/rss_mib" in row]
+        assert times and all(a < b for a, b in zip(times, times[1:]))
+    # Logged as they came, not at the end: the fit's samples before the category's scores (seconds later)
+    [category_row] = [row for row in history if "category_index" in row]
+    assert fit[-1]["_step"] < category_row["_step"]
+    # One GPU x the seconds the fit and predict tasks ran, each within the driver's view of that stage
+    gpu_s = recorded["summary"]["run/gpu_s"]
+    assert gpu_s == summary["cluster"]["gpu_s"] and 0 < gpu_s < timings["train_s"] + timings["evaluate_s"]
+    assert recorded["summary"]["run/time_s"] == summary["timings"]["total_s"]
+    first_id = (run_dir / "wandb" / "run_id").read_text().strip()
 
     (folder / "metrics.json").unlink()  # the category is unfinished; its checkpoint says training is done
     tensors_mtime = (folder / "model.safetensors").stat().st_mtime_ns
@@ -756,6 +801,9 @@ def test_train_job_trains_evaluates_like_a_bank_resumes_and_compares_with_patchc
     assert again["metrics"] == summary["categories"][0]["metrics"]
     assert again["bank_sha256"] == summary["categories"][0]["bank_sha256"]  # the same weights, rewritten
     assert (folder / "model.safetensors").stat().st_mtime_ns != tensors_mtime
+    logs = sorted((run_dir / "wandb").glob("offline-run-*/run-*.wandb"))  # the resume continued the same W&B run
+    assert [log.name for log in logs] == [f"run-{first_id}.wandb"] * 2
+    assert read_offline_run(run_dir, logs[1])["run"].run_id == first_id
 
     predicted = tmp_path / "predicted"  # jobs.predict takes the trained model's folder like a bank's
     assert predict_job.main(["--bank", str(folder), "--input", str(root / "tire" / "test"), "--out", str(predicted)]) == 0

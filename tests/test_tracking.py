@@ -108,10 +108,11 @@ def results(tire_root):
     return fake_results(tire_root)
 
 
-SYSTEM_SAMPLES = {  # what BenchmarkPipeline.system_samples returns: by role, then actor position
-    "extractor": [[{"time": 5.0, "cpu_percent": 180.0, "rss_mib": 900.0, "gpu_memory_mib": 512.0, "gpu_percent": 71.0},
-                   {"time": 7.0, "cpu_percent": 95.5, "rss_mib": 910.0, "gpu_memory_mib": 640.0, "gpu_percent": 88.0}]],
-    "evaluator": [[{"time": 6.0, "cpu_percent": 40.0, "rss_mib": 300.0}], [{"time": 4.0, "cpu_percent": 12.5, "rss_mib": 280.0}]],
+SYSTEM_SAMPLES = {  # what BenchmarkPipeline.system_samples returns: by process
+    "extractor_0": [{"time": 5.0, "cpu_percent": 180.0, "rss_mib": 900.0, "gpu_memory_mib": 512.0, "gpu_percent": 71.0},
+                    {"time": 7.0, "cpu_percent": 95.5, "rss_mib": 910.0, "gpu_memory_mib": 640.0, "gpu_percent": 88.0}],
+    "evaluator_0": [{"time": 6.0, "cpu_percent": 40.0, "rss_mib": 300.0}],
+    "evaluator_1": [{"time": 4.0, "cpu_percent": 12.5, "rss_mib": 280.0}],
 }
 
 
@@ -126,8 +127,8 @@ def _track_benchmark(tracker: Tracker, results, run_dir: Path) -> dict:
     tracker.define_metrics("patchcore (tf_efficientnet_lite0)")
     if tracker.active:
         started = tracker.run.start_time  # the samples' wall times, as seconds after the run's start
-        tracker.log_system({role: [[{**sample, "time": started + sample["time"]} for sample in actor] for actor in actors]
-                            for role, actors in SYSTEM_SAMPLES.items()})
+        tracker.log_system({process: [{**sample, "time": started + sample["time"]} for sample in samples]
+                            for process, samples in SYSTEM_SAMPLES.items()})
     for result in results:
         folder = run_dir / result.job.dataset / result.job.split.category
         result.bank.metadata["thresholds"] = {"image": result.report.values["image_threshold"],
@@ -608,7 +609,14 @@ def test_evaluate_scores_a_trained_model_and_declares_it(wandb_env, tire_root, t
     assert (model.name, model.digest) == ("model-tire_small-tire", expected.digest)
     inputs = {artifact.type for artifact in recorded["artifacts"] if artifact.use_after_commit}
     assert inputs == {MODEL_ARTIFACT_TYPE, DATASET_ARTIFACT_TYPE, WEIGHTS_ARTIFACT_TYPE}
-    assert recorded["summary"]["tire_small/tire/image_auroc"] == pytest.approx(metrics["values"]["image_auroc"])
+    summary = recorded["summary"]
+    auroc = pytest.approx(metrics["values"]["image_auroc"])
+    assert summary["tire_small/tire/image_auroc"] == auroc
+    # The benchmark's metric definitions: its category on the category_index axis, W&B's min / max summary
+    axes = {item.name or item.glob_name: item for item in recorded["metrics"] if not item.expanded_from_glob}
+    assert axes["category/image_auroc"].step_metric == axes["examples"].step_metric == "category_index"
+    assert summary["category/image_auroc"] == {"min": auroc, "max": auroc}
+    assert recorded["config"]["method"] == "reverse_distillation (tf_efficientnet_lite0)"  # runs are grouped by it
 
 
 def test_a_folder_that_is_no_bank_leaves_tracking_on(wandb_env, tmp_path, caplog):

@@ -33,7 +33,7 @@ def test_written_workspace_groups_by_method_and_shows_the_logged_keys(tmp_path, 
     [runset] = view["spec"]["section"]["runSets"]
     assert runset["grouping"] == [{"section": "config", "name": "method.value"}]
     panels = _panels(view["spec"])
-    assert list(panels) == ["Methods x categories", "Heat maps", "Time and cost per run", "Actors' system metrics"]
+    assert list(panels) == ["Methods x categories", "Heat maps", "Time and cost per run", "System metrics per process"]
     quality = panels["Methods x categories"]
     assert quality[0]["viewType"] == "Weave" and '"results"' in json.dumps(quality[0])  # every run's results table
     bars = {tuple(panel["config"]["metrics"]) for panel in quality if panel["viewType"] == "Bar Chart"}
@@ -45,7 +45,7 @@ def test_written_workspace_groups_by_method_and_shows_the_logged_keys(tmp_path, 
     assert media["viewType"] == "Media Browser" and media["config"]["mediaKeys"] == ["examples"]
     assert [panel["config"]["metrics"] for panel in panels["Time and cost per run"]] == [["run/time_s"], ["run/gpu_s"]]
     assert all(panel["config"]["groupBy"] == "method.value" for panel in [*quality[1:], *panels["Time and cost per run"]])
-    system = [panel["config"] for panel in panels["Actors' system metrics"]]
+    system = [panel["config"] for panel in panels["System metrics per process"]]
     assert {(c["xAxis"], c["metricRegex"]) for c in system} == {
         ("system/time_s", f"system/.*/{name}") for name in ("cpu_percent", "rss_mib", "gpu_percent", "gpu_memory_mib")}
 
