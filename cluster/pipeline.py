@@ -107,7 +107,8 @@ class BenchmarkPipeline:
         self.config = config
         self.settings = ExtractionSettings.from_config(config)
         self.augmentation = Augmentation(**config.augment.model_dump())
-        self.plan = plan_resources(config.cluster, acquire_nodes(config.cluster, resource_wait_s))
+        self.plan = plan_resources(config.cluster, acquire_nodes(config.cluster, resource_wait_s),
+                                   coreset=MEMORY_METHODS[config.method].coreset)
         for warning in self.plan.warnings:
             log.warning("resource plan: %s", warning)
         self.on_event = on_event or (lambda kind, info: None)
@@ -477,6 +478,7 @@ class MemoryMethod:
     scoring_record: Callable[[RunConfig], dict[str, Any]]
     holds_features: bool
     min_train_images: int  # preflight refuses a category with fewer
+    coreset: bool  # selects a coreset: the plan starts coreset holders for it
 
 
 def _patchcore_params(config: RunConfig, job: CategoryJob) -> Any:
@@ -489,10 +491,11 @@ def padim_scoring_record(config: RunConfig) -> dict[str, Any]:
 
 MEMORY_METHODS: dict[str, MemoryMethod] = {
     "patchcore": MemoryMethod(BenchmarkPipeline._patchcore_bank, _patchcore_params,
-                              lambda config: config.scoring.model_dump(), holds_features=True, min_train_images=1),
+                              lambda config: config.scoring.model_dump(), holds_features=True, min_train_images=1,
+                              coreset=True),
     "padim": MemoryMethod(BenchmarkPipeline._padim_statistics,
                           lambda config, job: PadimScoring(**padim_scoring_record(config)),
-                          padim_scoring_record, holds_features=False, min_train_images=2),
+                          padim_scoring_record, holds_features=False, min_train_images=2, coreset=False),
 }
 
 

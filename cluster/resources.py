@@ -116,8 +116,9 @@ def _share(value: float) -> float:
     return math.floor(value * 1e4) / 1e4
 
 
-def plan_resources(cluster: Any, nodes: list[Node]) -> ResourcePlan:
-    """The plan for ``cluster`` (the config's ``cluster`` block) on ``nodes``; refuses what cannot fit."""
+def plan_resources(cluster: Any, nodes: list[Node], coreset: bool = True) -> ResourcePlan:
+    """The plan for ``cluster`` (the config's ``cluster`` block) on ``nodes``; refuses what cannot fit.
+    ``coreset``: whether the method selects a coreset (PaDiM does not: no holders are planned)."""
     if not nodes:
         raise ConfigError("the Ray cluster has no alive node")
     warnings: list[str] = []
@@ -158,7 +159,8 @@ def plan_resources(cluster: Any, nodes: list[Node]) -> ResourcePlan:
     # GPU nodes when there are any; else the nodes with CPUs (a head started with 0 CPUs, as ray_cluster.yaml's, takes none)
     math_nodes = [node for node in nodes if node.gpus > 0] or [node for node in nodes if node.cpus > 0] or nodes
     colocate = use_gpu if cluster.colocate == "auto" else cluster.colocate
-    n_holders = 0 if colocate else cluster.coreset_shards  # colocated: the extractors hold their own features
+    # Colocated: the extractors hold their own features; without a coreset nothing needs holding.
+    n_holders = 0 if colocate or not coreset else cluster.coreset_shards
     # Evaluators also compute their categories' metrics (a CPU sort over every test pixel): enough of
     # them that a full benchmark's metrics run side by side, one per 4 cores of the math nodes, <= 8.
     math_cores = sum(node.cpus for node in math_nodes)

@@ -871,6 +871,7 @@ def test_benchmark_job_with_padim_writes_its_statistics_and_resumes_them(ray_clu
     # tire at 112 px, 34 train images: measured 0.906 image / 0.961 pixel AUROC on this machine (engine, one process)
     assert metrics["image_auroc"] > 0.85 and metrics["pixel_auroc"] > 0.94
     assert sum(e["images"] for e in summary["cluster"]["evaluators"]) == 28  # the evaluators scored every test image
+    assert [actor["role"] for actor in summary["cluster"]["plan"]["actors"]].count("holder") == 0  # no coreset
     job = benchmark.category_jobs(config, None)[0]
     kept = finished_category(run_dir, job)
     assert kept is not None and kept.bank.sha256 == statistics.sha256

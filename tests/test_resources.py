@@ -137,3 +137,5 @@ def test_colocated_plan_starts_no_holders_and_keeps_the_gpu_for_the_extractors()
     assert not cpu.colocate and len(cpu.holders) == 2
     forced = plan_resources(cluster(cpus_per_actor=2, coreset_shards=2, colocate=True), [Node("a", 2, 0)])
     assert forced.colocate and forced.holders == ()
+    padim = plan_resources(cluster(cpus_per_actor=2, coreset_shards=2), [Node("a", 2, 0)], coreset=False)
+    assert not padim.colocate and padim.holders == () and len(padim.evaluators) == len(cpu.evaluators)
