@@ -309,6 +309,22 @@ class FeatureBackbone(torch.nn.Module):
             images, indices=self.block_indices, norm=True, output_fmt="NCHW", intermediates_only=True
         )
 
+    @torch.no_grad()
+    def block_tokens(self, images: torch.Tensor) -> list[torch.Tensor]:
+        """ViTs only: each chosen block's raw output [B, prefix + patches, C], the prefix tokens (CLS, registers)
+        first and no final norm, as DINOv2's blocks hand them on: what Dinomaly's decoder reconstructs. Made
+        under no_grad, not inference mode, so a trainable network may take them as input."""
+        if self.block_indices is None:
+            raise WeightsError(f"backbone {self.name!r} is a CNN; block tokens need a ViT")
+        outputs = self.model.forward_intermediates(images, indices=self.block_indices, norm=False, output_fmt="NLC",
+                                                   intermediates_only=True, return_prefix_tokens=True)
+        return [torch.cat([prefix, patches], dim=1) for patches, prefix in outputs]
+
+    @property
+    def prefix_tokens(self) -> int:
+        """Tokens before the patches in ``block_tokens``: CLS and registers (5 for DINOv2 with 4 registers)."""
+        return self.model.num_prefix_tokens
+
 
 def trainable_feature_model(name: str, layers: tuple[str, ...], seed: int, zero_init_last: bool = True
                             ) -> torch.nn.Module:
