@@ -29,6 +29,7 @@ from torch.optim import Optimizer
 from torch.optim.lr_scheduler import LRScheduler
 
 from anomaly_core.metrics import MetricReport
+from anomaly_core.seeding import derive_seed
 from anomaly_core.training.batches import EpochPlan
 from anomaly_core.training.checkpoint import CheckpointError, TrainingCheckpoint, load_checkpoint, save_checkpoint
 from anomaly_core.training.distributed import from_rank_zero, mean_over_ranks, rank_and_world_size
@@ -183,8 +184,22 @@ class Trainer:
         the same device type and thread count: those change float rounding). Under DDP the model's BatchNorm
         layers are switched to global statistics in place; a model the caller wrapped in
         DistributedDataParallel is used as is (``use_global_batchnorm`` before wrapping keeps its ranks
-        equivalent to one process).
+        equivalent to one process). The model's own random draws (dropout) come from torch's global generator,
+        seeded here by (seed, rank) in a forked state, so a run depends on its seed alone and the caller's
+        generator is left as it was (checkpoints record and restore that state).
         """
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(derive_seed(self.config.seed, "training-draws", str(rank_and_world_size()[0])))
+            return self._fit(model, train_images, validation, resume_from, held_out)
+
+    def _fit(
+        self,
+        model: TrainableModel | DistributedDataParallel,
+        train_images: torch.Tensor,
+        validation: ValidationSet | None,
+        resume_from: Path | None,
+        held_out: torch.Tensor | None,
+    ) -> FitResult:
         config = self.config
         if config.monitor not in (LOSS, HELD_OUT_LOSS) and validation is None:
             raise ValueError(f"monitor={config.monitor!r} is a validation metric, but no validation set was given")
