@@ -1,4 +1,4 @@
-"""Training speed of one category on one device: images/s of Reverse Distillation and STFPM — no Ray needed.
+"""Training and inference speed of one category on one device: images/s of trained models — no Ray needed.
 
     python benchmarks/train_speed.py --device cuda --epochs 10     # on a GPU machine (benchmarks/gpu_check.sh)
     python benchmarks/train_speed.py --device cpu --epochs 1       # the same code path on the CPU (a dry run)
@@ -7,7 +7,8 @@ Trains each model with the engine's ``Trainer`` (what a ``jobs.train`` fit task 
 training images (34), at the configs' 256 px by default, with the real Lite0 package teacher unless
 ``--backbone``/``--weights`` say otherwise (``--backbone wide_resnet50_2 --weights random`` costs what the
 authors' RD teacher, RD4AD's wide_resnet50_2, costs). Prints, per model, the first epoch's images/s (it includes CUDA's warm-up) and
-the median of the later epochs'; ``--json`` also writes them to a file. The loss of every step is read back
+the median of the later epochs', and the trained model's inference images/s on the same images (predict_images:
+batches of 16, maps brought to the host); ``--json`` also writes them to a file. The loss of every step is read back
 to the host, so each epoch's seconds include all its GPU work.
 """
 
@@ -17,6 +18,7 @@ import argparse
 import json
 import statistics
 import sys
+import time
 from pathlib import Path
 
 import torch
@@ -28,7 +30,7 @@ from anomaly_core.backbones import architecture  # noqa: E402
 from anomaly_core.data import ImageTransform, load_split  # noqa: E402
 from anomaly_core.extraction import exact_fp32  # noqa: E402
 from anomaly_core.registry import MODELS  # noqa: E402
-from anomaly_core.training import Trainer, TrainerConfig, load_images  # noqa: E402
+from anomaly_core.training import Trainer, TrainerConfig, load_images, predict_images  # noqa: E402
 
 
 def train_speed(model_name: str, images: torch.Tensor, args: argparse.Namespace) -> dict:
@@ -41,9 +43,13 @@ def train_speed(model_name: str, images: torch.Tensor, args: argparse.Namespace)
     config = TrainerConfig(epochs=args.epochs, batch_size=batch, log_every_n_steps=10**9, device=args.device)
     result = Trainer(config).fit(model, images)
     rates = [len(images) / epoch["seconds"] for epoch in result.history]
+    started = time.perf_counter()
+    predict_images(model.eval(), images)
+    inference = len(images) / (time.perf_counter() - started)
     return {"model": model_name, "device": args.device, "images": len(images), "batch_size": batch, "crop": args.crop,
             "backbone": args.backbone, "epochs": args.epochs, "first_epoch_images_per_s": round(rates[0], 2),
             "later_epochs_images_per_s": round(statistics.median(rates[1:]), 2) if len(rates) > 1 else None,
+            "inference_images_per_s": round(inference, 2),
             "loss_first_epoch": result.history[0]["loss"], "loss_last_epoch": result.history[-1]["loss"]}
 
 
@@ -52,7 +58,8 @@ def main() -> int:
     parser.add_argument("--device", default="cuda", help="cuda, cuda:N or cpu")
     parser.add_argument("--epochs", type=int, default=10)
     parser.add_argument("--models", default="reverse_distillation,stfpm")
-    parser.add_argument("--backbone", default="tf_efficientnet_lite0", help="the frozen teacher")
+    parser.add_argument("--backbone", default="tf_efficientnet_lite0",
+                        help="the frozen teacher or encoder (dinomaly: a DINOv2 ViT, e.g. vit_small_patch14_reg4_dinov2)")
     parser.add_argument("--weights", default="package", help="package, random or a weights file")
     parser.add_argument("--crop", type=int, default=256, help="image side (resize = crop)")
     parser.add_argument("--batch-size", type=int, help="default: the authors' recipe's (RD 16, STFPM 32)")
@@ -82,7 +89,7 @@ def main() -> int:
         print(f"train_speed {name} on {args.device} ({args.category}: {result['images']} images, batch "
               f"{result['batch_size']}, {args.crop} px, teacher {args.backbone}): first epoch "
               f"{result['first_epoch_images_per_s']} images/s" + ("" if later is None else f", epochs 2-{args.epochs} "
-              f"median {later} images/s") + f"; loss {result['loss_first_epoch']:.4f} -> {result['loss_last_epoch']:.4f}",
+              f"median {later} images/s") + f"; inference {result['inference_images_per_s']} images/s; loss {result['loss_first_epoch']:.4f} -> {result['loss_last_epoch']:.4f}",
               flush=True)
         results.append(result)
     if args.json:

@@ -254,14 +254,13 @@ class Dinomaly(TrainableModel):
 
     def configure_optimizers(self, epochs: int, steps_per_epoch: int) -> tuple[Optimizer, LambdaLR]:
         """StableAdamW (AMSGrad) on bottleneck + decoder; warm-up + cosine over min(max_steps, the run's steps),
-        as anomalib's ``configure_optimizers`` (the authors' loop runs exactly max_steps). A run shorter than the
-        warm-up warms up over all but its last step."""
+        as anomalib's ``configure_optimizers`` (the authors' loop runs exactly max_steps)."""
         settings = self.settings
         optimizer = StableAdamW([*self.bottleneck.parameters(), *self.decoder.parameters()], lr=settings.lr,
                                 betas=settings.betas, eps=settings.eps, weight_decay=settings.weight_decay,
                                 amsgrad=True)
         total = min(settings.max_steps, epochs * steps_per_epoch)
-        schedule = WarmCosine(settings.lr, settings.final_lr, total, min(settings.warmup_steps, total - 1))
+        schedule = WarmCosine(settings.lr, settings.final_lr, total, settings.warmup_steps)
         return optimizer, LambdaLR(optimizer, schedule)
 
     def provenance(self) -> dict[str, Any]:

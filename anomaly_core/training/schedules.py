@@ -43,7 +43,8 @@ class WarmCosine:
 
     A linear warm-up from 0 to ``base_lr`` over ``warmup_steps`` (np.linspace: step 0 has rate 0, step
     warmup_steps - 1 the full rate), then a cosine from ``base_lr`` down towards ``final_lr`` over the remaining
-    steps of ``total_steps``; ``final_lr`` from ``total_steps`` on.
+    steps of ``total_steps``; ``final_lr`` from ``total_steps`` on. A run shorter than its warm-up ends inside it
+    (then drops to ``final_lr``), as the reference's concatenated schedule does.
     """
 
     base_lr: float
@@ -52,14 +53,14 @@ class WarmCosine:
     warmup_steps: int
 
     def __post_init__(self) -> None:
-        if not 0 <= self.warmup_steps < self.total_steps:
-            raise ValueError(f"need 0 <= warmup_steps < total_steps, got {self.warmup_steps}, {self.total_steps}")
+        if self.total_steps < 1 or self.warmup_steps < 0:
+            raise ValueError(f"need total_steps >= 1 and warmup_steps >= 0, got {self.total_steps}, {self.warmup_steps}")
 
     def __call__(self, step: int) -> float:
         if step >= self.total_steps:
             return self.final_lr / self.base_lr
         if step < self.warmup_steps:  # np.linspace(0, base_lr, warmup_steps)[step]
-            rate = self.base_lr * step / (self.warmup_steps - 1) if self.warmup_steps > 1 else 0.0
+            rate = step * (self.base_lr / (self.warmup_steps - 1)) if self.warmup_steps > 1 else 0.0
         else:
             cosine = 1 + math.cos(math.pi * (step - self.warmup_steps) / (self.total_steps - self.warmup_steps))
             rate = self.final_lr + 0.5 * (self.base_lr - self.final_lr) * cosine
