@@ -5,6 +5,7 @@ Every number comes from real passes."""
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 
 import numpy as np
 import pytest
@@ -18,6 +19,7 @@ from anomaly_core.config import ConfigError, parse_config
 from anomaly_core.data import CategorySplit, ImageTransform, load_split
 from anomaly_core.registry import MODELS
 from anomaly_core.training import (
+    CheckpointError,
     ModelFilesError,
     Trainer,
     TrainerCallbacks,
@@ -141,6 +143,8 @@ def test_a_resumed_run_continues_the_hard_mining_ramp_and_the_schedule_identical
     resumed = Trainer(config).fit(resumed_model, images, resume_from=checkpoint)  # no checkpoints: 140 MB each
     assert [r["loss"] for r in resumed.history] == [r["loss"] for r in full.history]
     assert int(resumed_model.hard_mining_step) == 5
+    with pytest.raises(CheckpointError, match="its run had trainer=.*'max_steps': 5"):  # another schedule length
+        Trainer(replace(config, max_steps=6)).fit(make_model(**settings), images, resume_from=checkpoint)
     for name, value in full_model.state_dict().items():
         assert torch.equal(resumed_model.state_dict()[name], value), name
 

@@ -73,6 +73,11 @@ class DinomalySettings:
     blur_sigma: float = 4.0
     blur_kernel: int = 5
     top_ratio: float = 0.01  # the score: mean of this top fraction of the blurred map
+    # The file's position embeddings (DINOv2: 37 x 37) resampled to the crop's grid without antialiasing, as both
+    # references do: the authors' DINOv2 interpolate_pos_encoding (interpolate_antialias=False, models/vit_encoder.py)
+    # and anomalib's TimmFeatureExtractor (_disable_pos_embed_antialiasing). The authors' also scales by
+    # (grid + 0.1) / 37 (interpolate_offset), timm and anomalib map grid to grid: other weights of the bicubic.
+    pos_embed_antialias: bool = False
     lr: float  # StableAdamW, peak of the warm-up + cosine schedule
     final_lr: float
     warmup_steps: int
@@ -164,7 +169,7 @@ class Dinomaly(TrainableModel):
             raise WeightsError(f"Dinomaly needs an even number (>= 2) of encoder blocks, fused in two halves; "
                                f"got {list(layers)}")
         self.settings = replace(settings, layers=layers)
-        self.encoder = FeatureBackbone(settings.backbone, layers, weights, settings.crop)
+        self.encoder = FeatureBackbone(settings.backbone, layers, weights, settings.crop, settings.pos_embed_antialias)
         indices = [int(layer.removeprefix("blocks.")) for layer in layers]
         if indices != sorted(set(indices)):
             raise WeightsError(f"encoder blocks {list(layers)} must be distinct and ordered shallow to deep")
