@@ -261,3 +261,30 @@ def test_the_default_blocks_are_the_authors_and_a_cnn_or_an_odd_block_count_is_r
         make_model(backbone="resnet18")
     with pytest.raises(WeightsError, match="even number .* of encoder blocks"):
         make_model(layers=("blocks.2", "blocks.3", "blocks.4"))
+
+
+def test_position_embeddings_resample_without_antialiasing_as_the_references(tmp_path):
+    """A file's 6 x 6 grid of position embeddings loaded into a 4 x 4 model: bicubic with antialiasing by default
+    (timm's converter), without it for Dinomaly (DINOv2's and anomalib's): the two differ, each equals its own
+    torch interpolation."""
+    from timm.models.vision_transformer import VisionTransformer
+
+    from anomaly_core.backbones import load_vit_weights
+
+    def vit(side: int) -> VisionTransformer:
+        return VisionTransformer(img_size=side * 14, patch_size=14, embed_dim=24, depth=1, num_heads=2, reg_tokens=4,
+                                 no_embed_class=True, num_classes=0)
+
+    torch.manual_seed(0)
+    source = vit(6)
+    save_file({k: v.contiguous() for k, v in source.state_dict().items()}, str(tmp_path / "vit.safetensors"))
+    grid = source.pos_embed.detach().reshape(1, 6, 6, 24).permute(0, 3, 1, 2)
+    loaded = {}
+    for antialias in (True, False):
+        target = vit(4)
+        load_vit_weights(target, tmp_path / "vit.safetensors", antialias=antialias)
+        expected = F.interpolate(grid, size=(4, 4), mode="bicubic", antialias=antialias).permute(0, 2, 3, 1)
+        torch.testing.assert_close(target.pos_embed.detach(), expected.reshape(1, 16, 24))
+        loaded[antialias] = target.pos_embed.detach()
+    assert (loaded[True] - loaded[False]).abs().max() > 1e-3
+    assert not make_model().settings.pos_embed_antialias
