@@ -236,12 +236,7 @@ def dinomaly(request: dict, tensors: dict[str, torch.Tensor], out: dict[str, tor
             total, count, step = total + float(value.detach()), count + 1, step + 1
         epoch_losses.append(total / count)
         epoch += 1
-    model.eval()
-    with torch.no_grad():
-        results = [model(batch) for batch in tensors["test_images"].split(8)]
-    out["trained/epoch_loss"] = torch.tensor(epoch_losses, dtype=torch.float64)
-    out["trained/pred_score"] = torch.cat([r.pred_score.reshape(-1) for r in results])
-    out["trained/anomaly_map"] = torch.cat([r.anomaly_map[:, 0] for r in results])
+    _trained_outputs(model, tensors, epoch_losses, out)
 
 
 def _distillation_outputs(model, loss, tensors, out) -> None:
@@ -270,6 +265,11 @@ def _train(model, loss, optimizer, tensors, epochs: int, out) -> None:
             optimizer.step()
             total += float(value.detach())
         epoch_losses.append(total / len(order))
+    _trained_outputs(model, tensors, epoch_losses, out)
+
+
+def _trained_outputs(model, tensors, epoch_losses: list[float], out) -> None:
+    """The epoch losses, and the trained model's eval-mode scores and maps on the test images."""
     model.eval()
     with torch.no_grad():
         results = [model(batch) for batch in tensors["test_images"].split(8)]

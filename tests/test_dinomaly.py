@@ -38,6 +38,7 @@ from cluster.training import build_model, fit_category, predict_category, traine
 from jobs.predict import main as predict_main
 
 from .conftest import TIRE_ROOT
+from .test_training import one_thread  # noqa: F401 - autouse: one intra-op thread
 
 ENCODER = "vit_small_patch14_reg4_dinov2"
 CROP = 56
@@ -48,14 +49,6 @@ def make_model(recipe: str = "dinomaly", **settings) -> Dinomaly:
     values = MODELS["dinomaly"].recipes[recipe].values
     return Dinomaly(Dinomaly.settings_of({**values, "backbone": ENCODER, "layers": LAYERS, "crop": CROP,
                                           "init_seed": 0, **settings}), "random")
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module")
