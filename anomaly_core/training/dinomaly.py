@@ -13,11 +13,13 @@ utils.py ``global_cosine_hm_percent``, ``cal_anomaly_maps``, ``evaluation_batch`
 The loss (``global_cosine_hm_percent``): per group, the batch mean of 1 - cos between an image's flattened encoder
 and decoder maps, averaged over groups; the gradient reaching the decoder's points whose own 1 - cos lies below
 the batch's top (1 - p) fraction is multiplied by 0.1 (easy points matter less), p rising linearly from 0 to 0.9
-over the first 1000 steps. The step count lives in a buffer, so checkpoints resume it.
+over the first 1000 steps. The step count lives in a buffer, so checkpoints resume it. Under DDP each rank
+ranks the points of its own share of the batch (the authors train on one GPU).
 
 The image score (``evaluation_batch(max_ratio=0.01, resize_mask=256)``): the map, the groups' mean of 1 - cos each
 upsampled bilinearly (``align_corners=True``) to the image, is resized to 256 x 256, blurred by a 5 x 5 Gaussian
-of sigma 4, and the mean of its top 1 % is the score. Recipe settings, the rest alike in both:
+of sigma 4, and the mean of its top 1 % is the score. Where the authors' model and anomalib's differ, a setting
+the recipes choose (their training values differ too: anomaly_core.registry.MODELS):
 
 - ``mlp_bias``: the authors' MLPs (bottleneck and decoder) have biases; anomalib's ``DinomalyMLP`` none.
 - ``blur_padding``: the authors' blur is a Conv2d padded with zeros (utils.py ``get_gaussian_kernel``), anomalib's
