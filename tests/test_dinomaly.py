@@ -30,7 +30,7 @@ from anomaly_core.training import (
     predict_images,
     save_model_files,
 )
-from anomaly_core.training.dinomaly import Dinomaly
+from anomaly_core.training import Dinomaly
 from anomaly_core.training.schedules import WarmCosine
 from anomaly_core.training.stable_adamw import StableAdamW
 from cluster.pipeline import CategoryJob
