@@ -20,18 +20,18 @@ from anomaly_core.data import CategorySplit, ImageTransform, load_split
 from anomaly_core.registry import MODELS
 from anomaly_core.training import (
     CheckpointError,
+    Dinomaly,
     ModelFilesError,
     Trainer,
     TrainerCallbacks,
     TrainerConfig,
+    WarmCosine,
     load_checkpoint,
     load_images,
     load_model_files,
     predict_images,
     save_model_files,
 )
-from anomaly_core.training import Dinomaly
-from anomaly_core.training.schedules import WarmCosine
 from anomaly_core.training.stable_adamw import StableAdamW
 from cluster.pipeline import CategoryJob
 from cluster.training import build_model, fit_category, predict_category, trainer_config, transform_of
