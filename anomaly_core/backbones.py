@@ -235,11 +235,12 @@ def _without_zero_qkv_bias(
     return kept
 
 
-def load_vit_weights(model: torch.nn.Module, path: Path) -> None:
-    """Fill a timm ViT from a file in timm's or the original repository's layout, converted by timm, shape-checked."""
+def load_vit_weights(model: torch.nn.Module, path: Path, antialias: bool = True) -> None:
+    """Fill a timm ViT from a file in timm's or the original repository's layout, converted by timm, shape-checked.
+    ``antialias``: of the bicubic resampling of the file's position embeddings to the model's token grid."""
     state = _without_zero_qkv_bias(read_state_dict(path), model, path)
     try:
-        converted = VIT_CONVERTERS[type(model)](state, model)
+        converted = VIT_CONVERTERS[type(model)](state, model, antialias=antialias)
     except Exception as error:  # timm's converters raise many types on tensors of another architecture
         raise WeightsError(f"weights file {path} cannot be converted for {type(model).__name__}: {error}") from error
     model.load_state_dict(match_to_model(converted, model, path))
@@ -252,10 +253,12 @@ class FeatureBackbone(torch.nn.Module):
     (``blocks.<i>``) on its token grid ``crop / patch_size``, CLS and register tokens dropped, each normed
     with the model's final norm (DINOv2's ``get_intermediate_layers(norm=True)``; for the last block these
     are exactly the model's output patch tokens). A ViT is built for ``crop`` alone: its position
-    embeddings are resampled once, when the weights load, and any other input size is refused.
+    embeddings are resampled once, when the weights load (bicubic, antialiased unless ``pos_embed_antialias``
+    is off), and any other input size is refused.
     """
 
-    def __init__(self, name: str, layers: tuple[str, ...], weights: str, crop: int = 224) -> None:
+    def __init__(self, name: str, layers: tuple[str, ...], weights: str, crop: int = 224,
+                 pos_embed_antialias: bool = True) -> None:
         super().__init__()
         arch = architecture(name)
         self.name = name
@@ -269,7 +272,7 @@ class FeatureBackbone(torch.nn.Module):
             if arch.patch_size is None:
                 self._build_cnn(arch)
             else:
-                self._build_vit(arch, crop)
+                self._build_vit(arch, crop, pos_embed_antialias)
         self.weights_sha256 = RANDOM_INIT if self.weights_path is None else file_sha256(self.weights_path)
         self.eval().requires_grad_(False)
 
@@ -288,14 +291,14 @@ class FeatureBackbone(torch.nn.Module):
         self.strides = tuple(self.model.feature_info.reduction())
         self.channels = tuple(self.model.feature_info.channels())
 
-    def _build_vit(self, arch: Architecture, crop: int) -> None:
+    def _build_vit(self, arch: Architecture, crop: int, pos_embed_antialias: bool) -> None:
         check_input_size(self.name, crop)
         self.model = timm.create_model(
             arch.timm_name, pretrained=False, num_classes=0, img_size=crop, dynamic_img_size=False
         )
         _check_layers(self.name, self.layers, [f"blocks.{index}" for index in range(len(self.model.blocks))])
         if self.weights_path is not None:
-            load_vit_weights(self.model, self.weights_path)
+            load_vit_weights(self.model, self.weights_path, pos_embed_antialias)
         self.block_indices = [int(layer.removeprefix("blocks.")) for layer in self.layers]
         self.model.prune_intermediate_layers(self.block_indices, prune_norm=False)  # blocks past the deepest one
         self.strides = (arch.patch_size,) * len(self.layers)
@@ -308,6 +311,22 @@ class FeatureBackbone(torch.nn.Module):
         return self.model.forward_intermediates(
             images, indices=self.block_indices, norm=True, output_fmt="NCHW", intermediates_only=True
         )
+
+    @torch.no_grad()
+    def block_tokens(self, images: torch.Tensor) -> list[torch.Tensor]:
+        """ViTs only: each chosen block's raw output [B, prefix + patches, C], the prefix tokens (CLS, registers)
+        first and no final norm, as DINOv2's blocks hand them on: what Dinomaly's decoder reconstructs. Made
+        under no_grad, not inference mode, so a trainable network may take them as input."""
+        if self.block_indices is None:
+            raise WeightsError(f"backbone {self.name!r} is a CNN; block tokens need a ViT")
+        outputs = self.model.forward_intermediates(images, indices=self.block_indices, norm=False, output_fmt="NLC",
+                                                   intermediates_only=True, return_prefix_tokens=True)
+        return [torch.cat([prefix, patches], dim=1) for patches, prefix in outputs]
+
+    @property
+    def prefix_tokens(self) -> int:
+        """Tokens before the patches in ``block_tokens``: CLS and registers (5 for DINOv2 with 4 registers)."""
+        return self.model.num_prefix_tokens
 
 
 def trainable_feature_model(name: str, layers: tuple[str, ...], seed: int, zero_init_last: bool = True

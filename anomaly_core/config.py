@@ -239,7 +239,7 @@ class TrainingConfig(_Strict):
     """
 
     model: str  # a name in anomaly_core.registry.MODELS
-    recipe: str | None = None  # None: the authors' code (rd4ad, stfpm, fastflow); or ader (RD), anomalib (STFPM)
+    recipe: str | None = None  # None: the entry's default (the authors' code); else one of its recipes (README)
     epochs: int | None = Field(None, ge=1)
     batch_size: int | None = Field(None, ge=1)  # global
     drop_last: bool | None = None
@@ -264,6 +264,17 @@ class TrainingConfig(_Strict):
     flow_steps: int | None = Field(None, ge=1)
     hidden_ratio: float | None = Field(None, gt=0.0)
     conv3x3_only: bool | None = None
+    # dinomaly: StableAdamW (AMSGrad) with lr, betas, weight_decay above and its eps; the rate warms up over
+    # warmup_steps, then falls along a cosine to final_lr at max_steps optimisation steps, where training ends (within
+    # training.epochs); biases in its MLPs (the authors') or none (anomalib); the score map's blur padded with zeros
+    # (the authors') or reflected (anomalib); the anomaly map blurred (the authors') or raw (anomalib).
+    max_steps: int | None = Field(None, ge=1)
+    final_lr: float | None = Field(None, gt=0.0)
+    warmup_steps: int | None = Field(None, ge=0)
+    eps: float | None = Field(None, gt=0.0)
+    mlp_bias: bool | None = None
+    blur_padding: Literal["zeros", "reflect"] | None = None
+    blurred_map: bool | None = None
     # Which epoch's weights are exported: "last", or "best" (the monitor's best; the default with patience). The
     # monitor: "loss" (the epoch's mean training loss), "held_out_loss" (mean anomaly map of the held-out images)
     # or a metric on the test set (e.g. image_auroc; validation on the test set as anomalib's default, an

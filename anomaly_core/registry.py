@@ -79,14 +79,20 @@ class ModelEntry:
         return model(model.settings_of(values), backbone.weights)
 
 
-# Where the authors' code and a library disagree, the authors' code is the default and the other is offered by
-# name. Each value was read in the file named (RD4AD 6554076, STFPM 2598a5e, ADer 902937a, anomalib b723368,
-# gathierry/FastFlow 2cf1f2f).
+# Dinomaly's per-category script (dinomaly_mvtec_sep.py), which its other recipes vary.
+_DINOMALY = {"epochs": 5000, "max_steps": 5000, "batch_size": 16, "drop_last": True, "lr": 2e-3, "final_lr": 2e-4,
+             "warmup_steps": 100, "betas": (0.9, 0.999), "eps": 1e-8, "weight_decay": 1e-4, "clip_grad_norm": 0.1,
+             "mlp_bias": True, "blur_padding": "zeros", "blurred_map": True, "monitor": "loss", "weights": "last",
+             "resize": 448, "crop": 392}
+
 # gathierry/FastFlow's values for resnet18 (the fastflow recipe below), shared by its wide_resnet50_2 setting.
 _GATHIERRY_FASTFLOW = {"epochs": 500, "batch_size": 32, "drop_last": True, "lr": 1e-3, "weight_decay": 1e-5,
                        "clip_grad_norm": 0.0, "flow_steps": 8, "hidden_ratio": 1.0, "conv3x3_only": True,
                        "monitor": "loss", "weights": "last", "resize": 256, "crop": 256}
 
+# Where the authors' code and a library disagree, the authors' code is the default and the other is offered by
+# name. Each value was read in the file named (RD4AD 6554076, STFPM 2598a5e, ADer 902937a, anomalib b723368,
+# gathierry/FastFlow 2cf1f2f, Dinomaly c5c76d0; anomalib's dinomaly as installed in 2.7's parity venv).
 MODELS: dict[str, ModelEntry] = {
     "reverse_distillation": ModelEntry(
         "anomaly_core.training.reverse_distillation:ReverseDistillation",
@@ -164,5 +170,35 @@ MODELS: dict[str, ModelEntry] = {
                   "arXiv 2111.07677, 2021",
         code="gathierry/FastFlow",
         config="configs/fastflow.yaml",
+    ),
+    "dinomaly": ModelEntry(
+        "anomaly_core.training.dinomaly:Dinomaly",
+        {
+            "dinomaly": Recipe(
+                "guojiajeremy/Dinomaly dinomaly_mvtec_sep.py train() (one model per category): total_iters 5000, batch "
+                "16, DataLoader drop_last True, Resize 448 + CenterCrop 392, StableAdamW(lr=2e-3, betas=(0.9, 0.999), "
+                "weight_decay=1e-4, amsgrad=True, eps=1e-8), WarmCosineScheduler(final_value=2e-4, warmup_iters=100), "
+                "clip_grad_norm(max_norm=0.1), the last iteration's weights; models/vision_transformer.py bMlp and Mlp "
+                "with biases; utils.py evaluation_batch: the map blurred by get_gaussian_kernel (a zero-padded Conv2d). "
+                "epochs: a bound max_steps always reaches first (each epoch takes >= 1 step)",
+                _DINOMALY),
+            "dinomaly_uni": Recipe(
+                "guojiajeremy/Dinomaly dinomaly_mvtec_uni.py train(): as dinomaly_mvtec_sep.py but total_iters 10000 and "
+                "StableAdamW eps=1e-10. It trains one model on all 15 MVTec AD categories at once; here its values "
+                "train one per category",
+                {**_DINOMALY, "epochs": 10000, "max_steps": 10000, "eps": 1e-10}),
+            "anomalib": Recipe(
+                "open-edge-platform/anomalib src/anomalib/models/image/dinomaly: lightning_model.py TRAINING_CONFIG "
+                "StableAdamW(lr=2e-3, betas=(0.9, 0.999), weight_decay=1e-4, amsgrad=True, eps=1e-8), "
+                "WarmCosineScheduler(final 2e-4, warmup 100) over the run's steps, gradient_clip_val 0.1, pre-processor "
+                "448 / 392; README.md max_steps 5000, batch 16; data/datamodules/base/image.py no drop_last; "
+                "components/layers.py DinomalyMLP(bias=False); torch_model.py GaussianBlur2d (reflect padding) for "
+                "the score, the unblurred map returned; the last step's weights",
+                {**_DINOMALY, "drop_last": False, "mlp_bias": False, "blur_padding": "reflect", "blurred_map": False}),
+        },
+        reference="Guo et al., Dinomaly: The Less Is More Philosophy in Multi-Class Unsupervised Anomaly Detection, "
+                  "CVPR 2025",
+        code="guojiajeremy/Dinomaly",
+        config="configs/dinomaly.yaml",
     ),
 }

@@ -19,6 +19,8 @@ Sections (``--sections``):
                Mahalanobis distances, maps, scores, and both sides' metrics
   fastflow     same extractor file, the same norms and flows (ours FrEIA's AllInOneBlock, anomalib's its vendored
                copy): maps, scores, loss; then both trained
+  dinomaly     same ViT file and bottleneck/decoder weights (our anomalib recipe): maps, scores, loss and its
+               hard-mined gradient on one batch; then both trained without dropout on the same batches
 Differences: ``max_abs`` = max |ours - anomalib|, ``rel`` = max_abs / max |anomalib|.
 
 Usage: PYTHONPATH=$PWD python benchmarks/parity_anomalib.py [--sections ...] [--json out.json]
@@ -63,10 +65,11 @@ from anomaly_core.training import (
     predict_images,
 )
 from anomaly_core.training.batches import EpochPlan
+from anomaly_core.training.dinomaly import Dinomaly
 
 REPO = Path(__file__).resolve().parents[1]
 SIDE = Path(__file__).with_name("parity_anomalib_side.py")
-SECTIONS = ("preprocess", "patchcore", "stfpm", "rd", "padim", "fastflow")
+SECTIONS = ("preprocess", "patchcore", "stfpm", "rd", "padim", "fastflow", "dinomaly")
 
 Runner = Callable[[str, dict, dict[str, torch.Tensor]], dict[str, torch.Tensor]]
 
@@ -514,6 +517,66 @@ _RD_DECODER = re.compile(r"^decoder\.stages\.(\d)\.(\d+)\.(body|shortcut)\.(\d)\
 _BODY = {"0": "conv1", "1": "bn1", "3": "conv2", "4": "bn2", "6": "conv3", "7": "bn3"}
 
 
+def _dinomaly_section(args, runner: Runner, folder: Path) -> list[Row]:
+    """Our ``anomalib`` recipe against anomalib's DinomalyModel, the same weights in both. Loss and gradient rows
+    run in train mode with the dropout layers switched off (their draws cannot agree across processes); the
+    trained rows train both without dropout (bottleneck_dropout 0), so every step is deterministic."""
+    backbone, weights = _pairs(args.dinomaly_backbone)[0]
+    tag = f"dinomaly/{backbone} ({weights})"
+    data = load_data(args.data, args.category, backbone, args.dinomaly_resize, args.dinomaly_crop, args.test_limit)
+    path = weights_file(backbone, weights, folder)
+    values = MODELS["dinomaly"].recipes["anomalib"].values
+    steps = args.dinomaly_steps
+
+    def build(dropout: float) -> Dinomaly:
+        settings = Dinomaly.settings_of({**values, "backbone": backbone, "crop": data.test.shape[-1],
+                                         "init_seed": args.seed, "bottleneck_dropout": dropout, "max_steps": steps})
+        return Dinomaly(settings, str(path))
+
+    model = build(0.2)
+    trainable = {k: v.contiguous() for k, v in model.trainable_state().items() if k != "hard_mining_step"}
+    save_file(trainable, str(folder / "dinomaly.safetensors"))
+    plan = EpochPlan(len(data.train), args.batch_size, drop_last=False)
+    epochs = -(-steps // plan.steps_per_epoch) if steps else 1
+    orders = {f"order/{e}": _padded(plan.global_batches(args.seed, e)) for e in range(epochs)}
+    first = orders["order/0"][0]
+    batch = data.train[first[first >= 0]]
+    request = {"backbone": backbone, "target_layers": [int(layer.split(".")[1]) for layer in model.settings.layers],
+               "weights_file": str(path), "trainable_file": str(folder / "dinomaly.safetensors"), "steps": steps,
+               "mining_steps": [0, model.settings.hard_mining_steps]}
+    out = runner("dinomaly", {**request}, {"test_images": data.test, "train_images": data.train, "batch": batch,
+                                           **orders})
+    unfilled = out.get("json:dinomaly_unfilled", [])
+    ours = predict_images(model, data.test)
+    rows = [row(tag, "image score", ours.scores, out["pred_score"], f"anomalib's unfilled trainable tensors: {unfilled}"),
+            row(tag, "anomaly map", ours.maps, out["anomaly_map"], "anomalib recipe: the raw map at the image size")]
+    model.train()
+    for module in model.modules():
+        if isinstance(module, torch.nn.Dropout):
+            module.eval()
+    for step in request["mining_steps"]:
+        model.hard_mining_step.fill_(step)
+        model.zero_grad()
+        loss = model.training_step(batch)["loss"]
+        loss.backward()
+        rows.append(row(tag, f"loss, one batch (step {step})", loss.detach().reshape(1), out[f"loss/{step}"]))
+        rows.append(row(tag, f"gradient of bottleneck fc1 (step {step}: p = {model.hard_mining_share():.1f})",
+                        model.bottleneck[0].fc1.weight.grad, out[f"grad/{step}"]))
+    if not steps:
+        return rows
+    model = build(0.0)
+    config = TrainerConfig(epochs=epochs, max_steps=steps, batch_size=args.batch_size, seed=args.seed,
+                           clip_grad_norm=values["clip_grad_norm"])
+    fit = Trainer(config).fit(model, data.train)
+    trained = predict_images(model, data.test)
+    losses = [entry["loss"] for entry in fit.history]
+    rows.append(row(tag, f"epoch losses, {steps} steps without dropout", np.array(losses), out["trained/epoch_loss"],
+                    _losses_note(losses, out["trained/epoch_loss"])))
+    rows.append(row(tag, "trained: image score", trained.scores, out["trained/pred_score"]))
+    rows.append(row(tag, "trained: anomaly map", trained.maps, out["trained/anomaly_map"]))
+    return rows
+
+
 def anomalib_rd_name(name: str) -> str | None:
     """Our RD parameter name -> anomalib's (WRN50, three layers), or None where the modules differ (the stack).
 
@@ -588,6 +651,10 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--padim-seed", type=int, default=1024, help="of the subset (the authors' code: 1024)")
     parser.add_argument("--fastflow-backbones", default="resnet18:random,wide_resnet50_2:random")
     parser.add_argument("--train-fastflow-backbone", default="resnet18:random")
+    parser.add_argument("--dinomaly-backbone", default="vit_small_patch14_reg4_dinov2:random")
+    parser.add_argument("--dinomaly-resize", type=int, default=128)
+    parser.add_argument("--dinomaly-crop", type=int, default=112, help="a multiple of the ViT's patch (14)")
+    parser.add_argument("--dinomaly-steps", type=int, default=20, help="optimisation steps on both sides (0: none)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--json", type=Path, default=None, help="write rows and metrics here")
     args = parser.parse_args(argv)
@@ -636,6 +703,8 @@ def run(args: argparse.Namespace, runner: Runner) -> tuple[list[Row], dict]:
                 rows += new
         if "fastflow" in sections:
             rows += _fastflow_sections(args, runner, folder, details)
+        if "dinomaly" in sections:
+            rows += _dinomaly_section(args, runner, folder)
     return rows, details
 
 

@@ -197,6 +197,64 @@ def fastflow(request: dict, tensors: dict[str, torch.Tensor], out: dict[str, tor
     if request.get("epochs"):
         optimizer = Fastflow.configure_optimizers(SimpleNamespace(model=model))  # anomalib's Adam, its values
         _train(model, loss, optimizer, tensors, request["epochs"], out)
+def dinomaly(request: dict, tensors: dict[str, torch.Tensor], out: dict[str, torch.Tensor]) -> None:
+    from anomalib.models.image.dinomaly import torch_model as dinomaly_torch
+    from anomalib.models.image.dinomaly.components import StableAdamW, WarmCosineScheduler
+    from anomalib.models.image.dinomaly.lightning_model import TRAINING_CONFIG
+
+    def build(dropout: float):
+        # DinomalyModel builds its encoder with pre_trained=True (dinomaly/torch_model.py): that would download.
+        original = dinomaly_torch.TimmFeatureExtractor
+        dinomaly_torch.TimmFeatureExtractor = lambda **kwargs: original(**{**kwargs, "pre_trained": False})
+        try:
+            model = dinomaly_torch.DinomalyModel(encoder_name=request["backbone"], bottleneck_dropout=dropout,
+                                                 target_layers=request["target_layers"])
+        finally:
+            dinomaly_torch.TimmFeatureExtractor = original
+        if _load_into(model.encoder.feature_extractor, load_file(request["weights_file"]), True):
+            raise KeyError("the weights file does not fill anomalib's Dinomaly encoder")
+        unfilled = [key for key in _load_into(model, load_file(request["trainable_file"]))
+                    if not key.startswith(("encoder.", "gaussian_blur."))]
+        (Path(request["exchange"]) / "dinomaly_unfilled.json").write_text(json.dumps(unfilled))
+        return model
+
+    model = build(0.2).eval()
+    with torch.no_grad():
+        result = model(tensors["test_images"])
+    out["pred_score"], out["anomaly_map"] = result.pred_score.reshape(-1), result.anomaly_map[:, 0]
+    model.train()
+    for module in model.modules():  # the loss and its gradient without dropout draws (see the driver)
+        if isinstance(module, torch.nn.Dropout):
+            module.eval()
+    for step in request["mining_steps"]:
+        model.zero_grad()
+        loss = model(tensors["batch"], global_step=step)
+        loss.backward()
+        out[f"loss/{step}"] = loss.detach().reshape(1)
+        out[f"grad/{step}"] = model.bottleneck[0].fc1.weight.grad.clone()
+    if not request["steps"]:
+        return
+    model = build(0.0)
+    trainable = torch.nn.ModuleList([model.bottleneck, model.decoder])  # lightning_model.py trainable_modules
+    optimizer = StableAdamW([{"params": trainable.parameters()}], **TRAINING_CONFIG["optimizer"])
+    scheduler = WarmCosineScheduler(optimizer, **{**TRAINING_CONFIG["scheduler"], "total_iters": request["steps"]})
+    epoch_losses, step, epoch = [], 0, 0
+    while step < request["steps"]:  # Lightning's loop with max_steps and gradient_clip_val, written out
+        model.train()
+        total, count = 0.0, 0
+        for batch in tensors[f"order/{epoch}"]:
+            if step == request["steps"]:
+                break
+            optimizer.zero_grad(set_to_none=True)
+            value = model(tensors["train_images"][batch[batch >= 0]], global_step=step)
+            value.backward()
+            torch.nn.utils.clip_grad_norm_(trainable.parameters(), TRAINING_CONFIG["trainer"]["gradient_clip_val"])
+            optimizer.step()
+            scheduler.step()
+            total, count, step = total + float(value.detach()), count + 1, step + 1
+        epoch_losses.append(total / count)
+        epoch += 1
+    _trained_outputs(model, tensors, epoch_losses, out)
 
 
 def _distillation_outputs(model, loss, tensors, out) -> None:
@@ -225,6 +283,11 @@ def _train(model, loss, optimizer, tensors, epochs: int, out) -> None:
             optimizer.step()
             total += float(value.detach())
         epoch_losses.append(total / len(order))
+    _trained_outputs(model, tensors, epoch_losses, out)
+
+
+def _trained_outputs(model, tensors, epoch_losses: list[float], out) -> None:
+    """The epoch losses, and the trained model's eval-mode scores and maps on the test images."""
     model.eval()
     with torch.no_grad():
         results = [model(batch) for batch in tensors["test_images"].split(8)]
@@ -263,7 +326,7 @@ def padim(request: dict, tensors: dict[str, torch.Tensor], out: dict[str, torch.
 
 
 TASKS = {"preprocess": preprocess, "patchcore": patchcore, "stfpm": stfpm, "reverse_distillation": reverse_distillation,
-         "padim": padim, "fastflow": fastflow}
+         "padim": padim, "fastflow": fastflow, "dinomaly": dinomaly}
 
 
 def main(exchange: Path) -> None:

@@ -5,9 +5,10 @@
 
 Each model is built by its registry entry from a config (``ModelEntry.build``: its default recipe, the
 authors' values) and trained with the engine's ``Trainer`` (what a ``jobs.train`` fit task runs) on
-tire_small's good training images (34), at the recipes' 256 px by default, with the real Lite0 package
-teacher unless ``--backbone``/``--weights`` say otherwise (``--backbone wide_resnet50_2 --weights random`` costs
-what the authors' WRN50 teachers cost). A model that trains with an auxiliary folder (DTD, Imagenette) gets
+tire_small's good training images (34), at its recipe's image size and with its example config's backbone
+(``configs/<model>.yaml``: the authors' WRN50 / ResNet18 / DINOv2 ViT-B) at random init, which costs what the
+pretrained weights cost, unless ``--backbone``/``--weights``/``--crop`` say otherwise (``--backbone
+tf_efficientnet_lite0 --weights package``: the real Lite0 teacher). A model that trains with an auxiliary folder (DTD, Imagenette) gets
 ``--auxiliary NAME=DIR``, else tire_small's training images stand in (same cost per image; printed).
 Prints, per model, the first epoch's training images/s (it includes CUDA's warm-up), the median of the later
 epochs', and inference images/s (``predict`` in batches of ``--predict-batch``, the median of three passes
@@ -34,17 +35,23 @@ from anomaly_core.data import ImageTransform, load_split  # noqa: E402
 from anomaly_core.extraction import exact_fp32  # noqa: E402
 from anomaly_core.registry import MODELS  # noqa: E402
 from anomaly_core.training import Trainer, TrainerConfig, load_images  # noqa: E402
+from jobs.cli import read_yaml  # noqa: E402
 
 
 def model_config(model_name: str, args: argparse.Namespace):
-    """The model's config: tire_small, the chosen teacher, its default recipe at ``--crop`` px."""
+    """The model's config: tire_small, the chosen (or its example config's) backbone, its default recipe."""
     entry = MODELS[model_name]
     stand_in = str(args.data / args.category / "train" / "good")
     auxiliary = {name: args.auxiliary.get(name, stand_in) for name in entry.auxiliary}
+    example = read_yaml(REPO / entry.config)["backbone"]
+    backbone = {"name": example["name"], "layers": example.get("layers", []), "weights": "random"}
+    if args.backbone:
+        backbone = {"name": args.backbone, "layers": [], "weights": "random"}
+    crop = args.crop or entry.recipes[entry.default_recipe].values["crop"]
     return parse_config({
         "datasets": [{"name": "tire_small", "format": "mvtec", "root": str(args.data)}],
-        "backbone": {"name": args.backbone, "layers": [], "weights": args.weights},
-        "preprocess": {"resize": args.crop, "crop": args.crop},
+        "backbone": {**backbone, "weights": args.weights or backbone["weights"]},
+        "preprocess": {"resize": crop, "crop": crop},
         "training": {"model": model_name, "auxiliary": auxiliary,
                      **({"batch_size": args.batch_size} if args.batch_size else {})},
     }, f"train_speed {model_name}")
@@ -58,8 +65,9 @@ def train_speed(model_name: str, args: argparse.Namespace) -> dict:
     """Fit ``model_name`` for ``args.epochs`` epochs, then time its inference on the same images."""
     config = model_config(model_name, args)
     model = MODELS[model_name].build(config)
-    mean, std = type(model).normalisation(args.backbone)
-    transform = ImageTransform(resize=args.crop, crop=args.crop, mean=mean, std=std)
+    backbone, crop = config.backbone.name, config.preprocess.crop
+    mean, std = type(model).normalisation(backbone)
+    transform = ImageTransform(resize=crop, crop=crop, mean=mean, std=std)
     images = load_images(load_split("mvtec", args.data, args.category).train, transform)
     training = config.training
     trainer = TrainerConfig(epochs=args.epochs, batch_size=training.batch_size, log_every_n_steps=10**9,
@@ -75,7 +83,7 @@ def train_speed(model_name: str, args: argparse.Namespace) -> dict:
             model.predict(batch)["pred_score"].cpu()
         passes.append(time.perf_counter() - begin)
     return {"model": model_name, "device": args.device, "images": len(images), "batch_size": training.batch_size,
-            "crop": args.crop, "backbone": args.backbone if MODELS[model_name].uses_backbone else None,
+            "crop": crop, "backbone": backbone if MODELS[model_name].uses_backbone else None,
             "auxiliary": training.auxiliary, "epochs": args.epochs,
             "first_epoch_images_per_s": round(rates[0], 2),
             "later_epochs_images_per_s": round(statistics.median(rates[1:]), 2) if len(rates) > 1 else None,
@@ -88,9 +96,9 @@ def main() -> int:
     parser.add_argument("--device", default="cuda", help="cuda, cuda:N or cpu")
     parser.add_argument("--epochs", type=int, default=10)
     parser.add_argument("--models", default=",".join(MODELS), help="comma-separated (default: every trained model)")
-    parser.add_argument("--backbone", default="tf_efficientnet_lite0", help="the frozen teacher")
-    parser.add_argument("--weights", default="package", help="package, random or a weights file")
-    parser.add_argument("--crop", type=int, default=256, help="image side (resize = crop)")
+    parser.add_argument("--backbone", help="the frozen teacher/encoder (default: the model's example config's)")
+    parser.add_argument("--weights", help="package, random or a weights file (default: random)")
+    parser.add_argument("--crop", type=int, help="image side, resize = crop (default: the recipe's)")
     parser.add_argument("--batch-size", type=int, help="training batch; default: the default recipe's")
     parser.add_argument("--predict-batch", type=int, default=16, help="images per inference forward pass")
     parser.add_argument("--auxiliary", action="append", default=[], metavar="NAME=DIR",
@@ -120,7 +128,7 @@ def main() -> int:
         result = train_speed(name, args)
         later = result["later_epochs_images_per_s"]
         print(f"train_speed {name} on {args.device} ({args.category}: {result['images']} images, batch "
-              f"{result['batch_size']}, {args.crop} px, teacher {result['backbone']}): training first epoch "
+              f"{result['batch_size']}, {result['crop']} px, teacher {result['backbone']}): training first epoch "
               f"{result['first_epoch_images_per_s']} images/s" + ("" if later is None else f", epochs 2-{args.epochs} "
               f"median {later} images/s") + f"; inference {result['inference_images_per_s']} images/s (batch "
               f"{args.predict_batch}); loss {result['loss_first_epoch']:.4f} -> {result['loss_last_epoch']:.4f}"

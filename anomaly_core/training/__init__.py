@@ -1,4 +1,4 @@
-"""Trained anomaly models (Reverse Distillation, STFPM, FastFlow) and the plain-PyTorch engine that trains them.
+"""Trained anomaly models (anomaly_core.registry.MODELS) and the plain-PyTorch engine that trains them.
 
 Pure PyTorch: no Lightning, Ray or W&B. The job layer runs ``Trainer.fit`` (in Ray Train workers for DDP),
 forwards the Trainer's callbacks to its tracker, and exports the result with ``save_model_files``;
@@ -14,6 +14,7 @@ from anomaly_core.training.checkpoint import (
     restore_rng_state,
     save_checkpoint,
 )
+from anomaly_core.training.dinomaly import Dinomaly, DinomalySettings
 from anomaly_core.training.early_stopping import EarlyStopping
 from anomaly_core.training.fastflow import Fastflow, FastflowSettings
 from anomaly_core.training.images import held_out_split, load_images, load_validation_set
@@ -27,7 +28,7 @@ from anomaly_core.training.model_files import (
 )
 from anomaly_core.training.predict import predict_images
 from anomaly_core.training.reverse_distillation import ReverseDistillation, ReverseDistillationSettings
-from anomaly_core.training.schedules import WarmupStepDecay
+from anomaly_core.training.schedules import WarmCosine, WarmupStepDecay
 from anomaly_core.training.stfpm import Stfpm, StfpmSettings
 from anomaly_core.training.sync_batchnorm import use_global_batchnorm
 from anomaly_core.training.teacher import DistillationModel, default_layers
@@ -37,6 +38,8 @@ from anomaly_core.training.validation import ValidationSet, evaluate, held_out_l
 __all__ = [
     "HELD_OUT_LOSS",
     "CheckpointError",
+    "Dinomaly",
+    "DinomalySettings",
     "DistillationModel",
     "EarlyStopping",
     "EpochPlan",
@@ -54,6 +57,7 @@ __all__ = [
     "TrainerConfig",
     "TrainingCheckpoint",
     "ValidationSet",
+    "WarmCosine",
     "WarmupStepDecay",
     "capture_rng_state",
     "check_model_compatible",

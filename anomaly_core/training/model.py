@@ -25,6 +25,9 @@ class TrainableModel(torch.nn.Module, ABC):
     """
 
     kind: ClassVar[str]  # the name model files record, e.g. "reverse_distillation"
+    # Submodules built from a weights file and never trained (a teacher, an encoder): kept in eval mode, left out of
+    # checkpoints and model files (rebuilt from the file, checked by the sha256 that provenance() records instead).
+    frozen: ClassVar[tuple[str, ...]] = ()
     settings_type: ClassVar[type]  # the model's settings dataclass: its fields are what model.json records
     settings: Any
 
@@ -81,12 +84,25 @@ class TrainableModel(torch.nn.Module, ABC):
         ``layers`` and ``weights_sha256`` of its pretrained part (None for a model without one), ``crop``,
         and the input normalisation's ``mean`` and ``std``."""
 
+    def train(self, mode: bool = True) -> TrainableModel:
+        super().train(mode)
+        for name in self.frozen:  # BatchNorm statistics, dropout of the pretrained part must not move
+            getattr(self, name).eval()
+        return self
+
+    def _is_frozen(self, key: str) -> bool:
+        return key.split(".", 1)[0] in self.frozen
+
     def trainable_state(self) -> dict[str, torch.Tensor]:
-        """The tensors a checkpoint must hold; models with a frozen, file-backed part leave that part out."""
-        return self.state_dict()
+        """The tensors a checkpoint must hold: all but the ``frozen`` submodules'."""
+        return {name: value for name, value in self.state_dict().items() if not self._is_frozen(name)}
 
     def load_trainable_state(self, state: dict[str, torch.Tensor]) -> None:
-        self.load_state_dict(state)
+        result = self.load_state_dict(state, strict=False)
+        missing = [name for name in result.missing_keys if not self._is_frozen(name)]
+        if missing or result.unexpected_keys:
+            raise ValueError(f"state does not fit {type(self).__name__}: missing {missing[:5]}, "
+                             f"unexpected {result.unexpected_keys[:5]}")
 
     def on_fit_start(self) -> None:
         """Called once, after optimizers are configured and a checkpoint (if any) restored."""

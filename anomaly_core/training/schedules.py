@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 
@@ -33,3 +34,34 @@ class WarmupStepDecay:
         if step // self.steps_per_epoch >= int(self.decay_at * self.epochs):
             factor *= self.decay_factor
         return factor
+
+
+@dataclass
+class WarmCosine:
+    """Factor of the base learning rate ``base_lr`` at optimisation step ``step`` (0-based): Dinomaly's
+    ``WarmCosineScheduler`` (guojiajeremy/Dinomaly utils.py, anomalib's dinomaly/components/optimizer.py).
+
+    A linear warm-up from 0 to ``base_lr`` over ``warmup_steps`` (np.linspace: step 0 has rate 0, step
+    warmup_steps - 1 the full rate), then a cosine from ``base_lr`` down towards ``final_lr`` over the remaining
+    steps of ``total_steps``; ``final_lr`` from ``total_steps`` on. A run shorter than its warm-up ends inside it
+    (then drops to ``final_lr``), as the reference's concatenated schedule does.
+    """
+
+    base_lr: float
+    final_lr: float
+    total_steps: int
+    warmup_steps: int
+
+    def __post_init__(self) -> None:
+        if self.total_steps < 1 or self.warmup_steps < 0:
+            raise ValueError(f"need total_steps >= 1 and warmup_steps >= 0, got {self.total_steps}, {self.warmup_steps}")
+
+    def __call__(self, step: int) -> float:
+        if step >= self.total_steps:
+            return self.final_lr / self.base_lr
+        if step < self.warmup_steps:  # np.linspace(0, base_lr, warmup_steps)[step]
+            rate = step * (self.base_lr / (self.warmup_steps - 1)) if self.warmup_steps > 1 else 0.0
+        else:
+            cosine = 1 + math.cos(math.pi * (step - self.warmup_steps) / (self.total_steps - self.warmup_steps))
+            rate = self.final_lr + 0.5 * (self.base_lr - self.final_lr) * cosine
+        return rate / self.base_lr

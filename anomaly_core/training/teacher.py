@@ -8,7 +8,7 @@ files: they are rebuilt from the weights file and checked against the recorded d
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, ClassVar
 
 import timm
 import torch
@@ -16,7 +16,6 @@ import torch
 from anomaly_core.backbones import FeatureBackbone, WeightsError, architecture
 from anomaly_core.training.model import TrainableModel
 
-_TEACHER = "teacher."
 _MIN_STRIDE = 4  # stem-level maps (stride 2) are not distilled; see default_layers
 
 
@@ -34,7 +33,10 @@ def default_layers(backbone: str, count: int = 3) -> tuple[str, ...]:
 
 
 class DistillationModel(TrainableModel):
-    """A trainable model with a frozen CNN teacher that stays in eval mode whatever ``train()`` is asked."""
+    """A trainable model with a frozen CNN teacher (``frozen``: in eval mode whatever ``train()`` is asked, out of
+    checkpoints)."""
+
+    frozen: ClassVar[tuple[str, ...]] = ("teacher",)
 
     def __init__(self, backbone: str, layers: tuple[str, ...], weights: str, crop: int) -> None:
         super().__init__()
@@ -47,11 +49,6 @@ class DistillationModel(TrainableModel):
             raise WeightsError(f"teacher layers {list(layers)} must be distinct and ordered shallow to deep "
                                f"(strides {list(strides)})")
         self.crop = crop
-
-    def train(self, mode: bool = True) -> DistillationModel:
-        super().train(mode)
-        self.teacher.eval()  # BatchNorm statistics of the pretrained teacher must not move
-        return self
 
     def teacher_features(self, images: torch.Tensor) -> list[torch.Tensor]:
         """Teacher maps as ordinary tensors: ``FeatureBackbone`` runs under inference mode, whose tensors
@@ -70,13 +67,3 @@ class DistillationModel(TrainableModel):
             "channels": list(self.teacher.channels),
             "strides": list(self.teacher.strides),
         }
-
-    def trainable_state(self) -> dict[str, torch.Tensor]:
-        return {name: value for name, value in self.state_dict().items() if not name.startswith(_TEACHER)}
-
-    def load_trainable_state(self, state: dict[str, torch.Tensor]) -> None:
-        result = self.load_state_dict(state, strict=False)
-        missing = [name for name in result.missing_keys if not name.startswith(_TEACHER)]
-        if missing or result.unexpected_keys:
-            raise ValueError(f"state does not fit {type(self).__name__}: missing {missing[:5]}, "
-                           f"unexpected {result.unexpected_keys[:5]}")

@@ -29,6 +29,7 @@ from torch.optim import Optimizer
 from torch.optim.lr_scheduler import LRScheduler
 
 from anomaly_core.metrics import MetricReport
+from anomaly_core.seeding import derive_seed
 from anomaly_core.training.batches import EpochPlan
 from anomaly_core.training.checkpoint import CheckpointError, TrainingCheckpoint, load_checkpoint, save_checkpoint
 from anomaly_core.training.distributed import from_rank_zero, mean_over_ranks, rank_and_world_size
@@ -47,6 +48,9 @@ LAST = "last"  # LAST and BEST: TrainerConfig.weights, which epoch's weights fit
 class TrainerConfig:
     epochs: int
     batch_size: int  # global: split equally across DDP ranks
+    # Optimisation steps after which training ends, inside an epoch if need be (Lightning's max_steps): for
+    # recipes counted in iterations (Dinomaly's 5000), whatever the category's image count. None: epochs decide.
+    max_steps: int | None = None
     seed: int = 0  # batch order: epoch e is shuffled by (seed, e) alone
     drop_last: bool = False
     monitor: str = LOSS  # "loss", "held_out_loss" or a metric name of anomaly_core.metrics, e.g. "image_auroc"
@@ -70,11 +74,19 @@ class TrainerConfig:
             raise ValueError(f"weights must be {LAST} or {BEST}, got {self.weights!r}")
         if self.clip_grad_norm < 0:
             raise ValueError(f"clip_grad_norm must be >= 0, got {self.clip_grad_norm}")
+        if self.max_steps is not None and self.max_steps < 1:
+            raise ValueError(f"max_steps must be >= 1 (or None), got {self.max_steps}")
+
+    def epochs_for(self, steps_per_epoch: int) -> int:
+        """The epochs a run takes: ``epochs``, or fewer when ``max_steps`` ends it first (the last one partial)."""
+        if self.max_steps is None:
+            return self.epochs
+        return min(self.epochs, math.ceil(self.max_steps / steps_per_epoch))
 
     def resume_key(self) -> dict[str, Any]:
         """Settings a resumed run must share with the checkpoint's run to continue it exactly (patience,
         min_delta and weights may change: they are judged again on the recorded history)."""
-        keys = ("epochs", "batch_size", "seed", "drop_last", "monitor", "mode", "clip_grad_norm")
+        keys = ("epochs", "max_steps", "batch_size", "seed", "drop_last", "monitor", "mode", "clip_grad_norm")
         return {key: getattr(self, key) for key in keys}
 
 
@@ -172,8 +184,22 @@ class Trainer:
         the same device type and thread count: those change float rounding). Under DDP the model's BatchNorm
         layers are switched to global statistics in place; a model the caller wrapped in
         DistributedDataParallel is used as is (``use_global_batchnorm`` before wrapping keeps its ranks
-        equivalent to one process).
+        equivalent to one process). The model's own random draws (dropout) come from torch's global generator,
+        seeded here by (seed, rank) in a forked state, so a run depends on its seed alone and the caller's
+        generator is left as it was (checkpoints record and restore that state).
         """
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(derive_seed(self.config.seed, "training-draws", str(rank_and_world_size()[0])))
+            return self._fit(model, train_images, validation, resume_from, held_out)
+
+    def _fit(
+        self,
+        model: TrainableModel | DistributedDataParallel,
+        train_images: torch.Tensor,
+        validation: ValidationSet | None,
+        resume_from: Path | None,
+        held_out: torch.Tensor | None,
+    ) -> FitResult:
         config = self.config
         if config.monitor not in (LOSS, HELD_OUT_LOSS) and validation is None:
             raise ValueError(f"monitor={config.monitor!r} is a validation metric, but no validation set was given")
@@ -182,7 +208,8 @@ class Trainer:
         rank, world_size = rank_and_world_size()
         module, step = self._prepare(model, world_size)
         plan = EpochPlan(len(train_images), config.batch_size, config.drop_last, world_size)
-        optimizer, scheduler = module.configure_optimizers(config.epochs, plan.steps_per_epoch)
+        epochs = config.epochs_for(plan.steps_per_epoch)
+        optimizer, scheduler = module.configure_optimizers(epochs, plan.steps_per_epoch)
         n_held_out = 0 if held_out is None else len(held_out)
         progress = _Progress(EarlyStopping(config.mode, config.patience, config.min_delta))
         best_state = None
@@ -192,12 +219,12 @@ class Trainer:
             checkpoint.restore(module, optimizer, scheduler)
             best_state = self._best_state_so_far(module, progress)
         module.on_fit_start()
-        while progress.next_epoch < config.epochs and not progress.stopper.should_stop:
+        while progress.next_epoch < epochs and not progress.stopper.should_stop:
             epoch, started = progress.next_epoch, time.perf_counter()
             loss = self._train_epoch(module, step, optimizer, scheduler, train_images, plan, epoch, progress, rank)
             held_out_value = None if held_out is None else self._held_out_loss(module, held_out, rank)
             validated = validation is not None and (
-                (epoch + 1) % config.validate_every_n_epochs == 0 or epoch + 1 == config.epochs)
+                (epoch + 1) % config.validate_every_n_epochs == 0 or epoch + 1 == epochs)
             report = self._validate(module, validation, epoch) if validated and rank == 0 else None
             improved = self._check_monitor(progress.stopper, epoch, loss, held_out_value, report, validated, rank)
             if improved and config.weights == BEST:
@@ -266,11 +293,14 @@ class Trainer:
         progress: _Progress,
         rank: int,
     ) -> float:
-        """One epoch of optimisation steps; returns the mean loss over its steps (and over ranks)."""
+        """One epoch of optimisation steps (up to ``max_steps`` in all); returns the mean loss over its steps
+        (and over ranks)."""
         config, device = self.config, torch.device(self.config.device)
         module.train()
         module.on_train_epoch_start(epoch)
         batches = plan.rank_batches(config.seed, epoch, rank)
+        if config.max_steps is not None:
+            batches = batches[: config.max_steps - progress.global_step]
         total = torch.zeros((), dtype=torch.float64)
         previous_end = time.perf_counter()
         for indices in batches:
