@@ -228,8 +228,11 @@ class TrainingConfig(_Strict):
     """
 
     model: str  # a name in anomaly_core.registry.MODELS
-    recipe: str | None = None  # None: the authors' code (rd4ad, stfpm); or ader (RD), anomalib (STFPM)
+    recipe: str | None = None  # None: the authors' code (rd4ad, stfpm, efficientad); or ader, anomalib
     epochs: int | None = Field(None, ge=1)
+    # The Trainer's max_steps: training ends after this many optimisation steps, within an epoch if need be; a
+    # recipe counted in steps names it (efficient_ad: 70000) and sets epochs as a bound that never binds.
+    max_steps: int | None = Field(None, ge=1)
     batch_size: int | None = Field(None, ge=1)  # global
     drop_last: bool | None = None
     lr: float | None = Field(None, gt=0.0)
@@ -248,6 +251,10 @@ class TrainingConfig(_Strict):
     loss: Literal["mean", "half_sum"] | None = None
     zero_init_last: bool | None = None
     held_out_fraction: float | None = Field(None, ge=0.0, lt=1.0)
+    # efficient_ad (the teacher PDN, i.e. the size, is backbone.name pdn_small|pdn_medium; it reuses lr, weight_decay,
+    # decay_at, decay_factor and held_out_fraction): where the maps are quantile-normalised, at the PDN's resolution
+    # (grid: nelson1425) or padded and upsampled to the image (image: anomalib).
+    map_normalisation: Literal["grid", "image"] | None = None
     # Which epoch's weights are exported: "last", or "best" (the monitor's best; the default with patience). The
     # monitor: "loss" (the epoch's mean training loss), "held_out_loss" (mean anomaly map of the held-out images)
     # or a metric on the test set (e.g. image_auroc; validation on the test set as anomalib's default, an

@@ -131,4 +131,38 @@ MODELS: dict[str, ModelEntry] = {
         code="gdwang08/STFPM",
         config="configs/stfpm.yaml",
     ),
+    # EfficientAD: no authors' code; nelson1425/EfficientAD fcab514 (efficientad.py, common.py), anomalib b723368
+    "efficient_ad": ModelEntry(
+        "anomaly_core.training.efficient_ad:EfficientAd",
+        {
+            "efficientad": Recipe(
+                "nelson1425/EfficientAD efficientad.py (the paper's Algorithm 1): batch 1, Adam(lr=1e-4, "
+                "weight_decay=1e-5), train_steps 70000 (an infinite loader: max_steps ends it, epochs never do), "
+                "StepLR(step_size=int(0.95 x 70000), gamma=0.1), Resize((256, 256)) (here resize 256 + crop 256: the "
+                "same for square images); 10 % of train/good held out (random_split) for map_normalization's "
+                "quantiles 0.9/0.995 of the maps at the PDN's resolution, normalised before padding (grid); "
+                "the penalty images: --imagenet_train_path (ImageNet; Imagenette here, as anomalib)",
+                {"epochs": 70000, "max_steps": 70000, "batch_size": 1, "drop_last": False, "lr": 1e-4,
+                 "weight_decay": 1e-5, "decay_at": 0.95, "decay_factor": 0.1, "clip_grad_norm": 0.0,
+                 "held_out_fraction": 0.1, "map_normalisation": "grid", "monitor": "loss", "weights": "last",
+                 "resize": 256, "crop": 256}),
+            "anomalib": Recipe(
+                "open-edge-platform/anomalib src/anomalib/models/image/efficient_ad: lightning_model.py Adam(lr=1e-4, "
+                "weight_decay=1e-5), StepLR at 0.95 of min(max_steps, max_epochs x steps), gamma 0.1, train batch 1 "
+                "(it refuses others), Imagenette penalty images, configure_pre_processor Resize((256, 256)); "
+                "torch_model.py compute_maps: maps padded and upsampled before quantiles and normalisation (image). "
+                "Its quantiles come from the good images of the validation set anomalib splits off the test set; "
+                "here from 10 % of train/good, as the reference (test images never set a model's state). The "
+                "paper's 70000 steps as max_steps",
+                {"epochs": 70000, "max_steps": 70000, "batch_size": 1, "drop_last": False, "lr": 1e-4,
+                 "weight_decay": 1e-5, "decay_at": 0.95, "decay_factor": 0.1, "clip_grad_norm": 0.0,
+                 "held_out_fraction": 0.1, "map_normalisation": "image", "monitor": "loss", "weights": "last",
+                 "resize": 256, "crop": 256}),
+        },
+        reference="Batzner, Heckler & König, EfficientAD: Accurate Visual Anomaly Detection at Millisecond-Level "
+                  "Latencies, WACV 2024",
+        code="nelson1425/EfficientAD",
+        config="configs/efficient_ad.yaml",
+        auxiliary=("imagenette",),
+    ),
 }

@@ -32,8 +32,31 @@ def default_layers(backbone: str, count: int = 3) -> tuple[str, ...]:
     return tuple(layers[:count])
 
 
-class DistillationModel(TrainableModel):
-    """A trainable model with a frozen CNN teacher that stays in eval mode whatever ``train()`` is asked."""
+class FrozenTeacherModel(TrainableModel):
+    """A trainable model with a frozen pretrained ``teacher`` module: it stays in eval mode whatever ``train()``
+    is asked, and its weights (rebuilt from their file and checked by sha256) stay out of checkpoints and
+    model files."""
+
+    teacher: torch.nn.Module
+
+    def train(self, mode: bool = True) -> FrozenTeacherModel:
+        super().train(mode)
+        self.teacher.eval()  # BatchNorm statistics of the pretrained teacher must not move
+        return self
+
+    def trainable_state(self) -> dict[str, torch.Tensor]:
+        return {name: value for name, value in self.state_dict().items() if not name.startswith(_TEACHER)}
+
+    def load_trainable_state(self, state: dict[str, torch.Tensor]) -> None:
+        result = self.load_state_dict(state, strict=False)
+        missing = [name for name in result.missing_keys if not name.startswith(_TEACHER)]
+        if missing or result.unexpected_keys:
+            raise ValueError(f"state does not fit {type(self).__name__}: missing {missing[:5]}, "
+                           f"unexpected {result.unexpected_keys[:5]}")
+
+
+class DistillationModel(FrozenTeacherModel):
+    """A trainable model with a frozen CNN teacher (a ``FeatureBackbone``)."""
 
     def __init__(self, backbone: str, layers: tuple[str, ...], weights: str, crop: int) -> None:
         super().__init__()
@@ -46,11 +69,6 @@ class DistillationModel(TrainableModel):
             raise WeightsError(f"teacher layers {list(layers)} must be distinct and ordered shallow to deep "
                                f"(strides {list(strides)})")
         self.crop = crop
-
-    def train(self, mode: bool = True) -> DistillationModel:
-        super().train(mode)
-        self.teacher.eval()  # BatchNorm statistics of the pretrained teacher must not move
-        return self
 
     def teacher_features(self, images: torch.Tensor) -> list[torch.Tensor]:
         """Teacher maps as ordinary tensors: ``FeatureBackbone`` runs under inference mode, whose tensors
@@ -69,13 +87,3 @@ class DistillationModel(TrainableModel):
             "channels": list(self.teacher.channels),
             "strides": list(self.teacher.strides),
         }
-
-    def trainable_state(self) -> dict[str, torch.Tensor]:
-        return {name: value for name, value in self.state_dict().items() if not name.startswith(_TEACHER)}
-
-    def load_trainable_state(self, state: dict[str, torch.Tensor]) -> None:
-        result = self.load_state_dict(state, strict=False)
-        missing = [name for name in result.missing_keys if not name.startswith(_TEACHER)]
-        if missing or result.unexpected_keys:
-            raise ValueError(f"state does not fit {type(self).__name__}: missing {missing[:5]}, "
-                           f"unexpected {result.unexpected_keys[:5]}")

@@ -34,6 +34,7 @@ from anomaly_core.training.checkpoint import CheckpointError, TrainingCheckpoint
 from anomaly_core.training.distributed import from_rank_zero, mean_over_ranks, rank_and_world_size
 from anomaly_core.training.early_stopping import EarlyStopping
 from anomaly_core.training.model import TrainableModel
+from anomaly_core.training.predict import evaluating
 from anomaly_core.training.sync_batchnorm import use_global_batchnorm
 from anomaly_core.training.validation import ValidationSet, evaluate, held_out_loss
 
@@ -47,6 +48,9 @@ LAST = "last"  # LAST and BEST: TrainerConfig.weights, which epoch's weights fit
 class TrainerConfig:
     epochs: int
     batch_size: int  # global: split equally across DDP ranks
+    # Optimisation steps after which training ends even within an epoch (Lightning's max_steps: a recipe counted
+    # in steps, as EfficientAD's 70 000); None: epochs alone. The last, partial epoch is checkpointed and validated.
+    max_steps: int | None = None
     seed: int = 0  # batch order: epoch e is shuffled by (seed, e) alone
     drop_last: bool = False
     monitor: str = LOSS  # "loss", "held_out_loss" or a metric name of anomaly_core.metrics, e.g. "image_auroc"
@@ -66,6 +70,8 @@ class TrainerConfig:
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
         EarlyStopping(self.mode, self.patience, self.min_delta)  # validates mode, patience, min_delta
+        if self.max_steps is not None and self.max_steps < 1:
+            raise ValueError(f"max_steps must be >= 1 or None, got {self.max_steps}")
         if self.weights not in (LAST, BEST):
             raise ValueError(f"weights must be {LAST} or {BEST}, got {self.weights!r}")
         if self.clip_grad_norm < 0:
@@ -75,6 +81,8 @@ class TrainerConfig:
         """Settings a resumed run must share with the checkpoint's run to continue it exactly (patience,
         min_delta and weights may change: they are judged again on the recorded history)."""
         keys = ("epochs", "batch_size", "seed", "drop_last", "monitor", "mode", "clip_grad_norm")
+        # max_steps only where set: checkpoints of runs without it, written before it existed, stay resumable
+        keys += ("max_steps",) if self.max_steps is not None else ()
         return {key: getattr(self, key) for key in keys}
 
 
@@ -186,18 +194,25 @@ class Trainer:
         n_held_out = 0 if held_out is None else len(held_out)
         progress = _Progress(EarlyStopping(config.mode, config.patience, config.min_delta))
         best_state = None
-        if resume_from is not None:
+        if resume_from is None:
+            with evaluating(module) as (model_in_eval, _):
+                model_in_eval.prepare(train_images)
+        else:
             checkpoint = load_checkpoint(resume_from)
             progress = _Progress.from_json(checkpoint.progress, config, len(train_images), n_held_out, Path(resume_from))
             checkpoint.restore(module, optimizer, scheduler)
             best_state = self._best_state_so_far(module, progress)
         module.on_fit_start()
-        while progress.next_epoch < config.epochs and not progress.stopper.should_stop:
+        while (progress.next_epoch < config.epochs and not self._steps_done(progress)
+               and not progress.stopper.should_stop):
             epoch, started = progress.next_epoch, time.perf_counter()
             loss = self._train_epoch(module, step, optimizer, scheduler, train_images, plan, epoch, progress, rank)
             held_out_value = None if held_out is None else self._held_out_loss(module, held_out, rank)
             validated = validation is not None and (
-                (epoch + 1) % config.validate_every_n_epochs == 0 or epoch + 1 == config.epochs)
+                (epoch + 1) % config.validate_every_n_epochs == 0 or epoch + 1 == config.epochs
+                or self._steps_done(progress))
+            if validated:
+                self._calibrate(module, held_out)
             report = self._validate(module, validation, epoch) if validated and rank == 0 else None
             improved = self._check_monitor(progress.stopper, epoch, loss, held_out_value, report, validated, rank)
             if improved and config.weights == BEST:
@@ -221,8 +236,17 @@ class Trainer:
         if config.weights == BEST and stopper.best_epoch is not None and stopper.best_epoch != weights_epoch:
             module.load_trainable_state(best_state)
             weights_epoch = stopper.best_epoch
+        self._calibrate(module, held_out)
         return FitResult(progress.next_epoch, progress.global_step, stopper.should_stop, config.monitor, stopper.best,
                          stopper.best_epoch, weights_epoch, progress.history)
+
+    def _steps_done(self, progress: _Progress) -> bool:
+        return self.config.max_steps is not None and progress.global_step >= self.config.max_steps
+
+    def _calibrate(self, module: TrainableModel, held_out: torch.Tensor | None) -> None:
+        """The model's ``calibrate`` on every rank (their weights are the same), in eval mode, without gradients."""
+        with evaluating(module) as (model, _):
+            model.calibrate(held_out)
 
     def _best_state_so_far(self, module: TrainableModel, progress: _Progress) -> dict[str, torch.Tensor] | None:
         """For ``weights="best"`` on resume: the best epoch's weights, the restored ones if it is the checkpoint's
@@ -271,6 +295,8 @@ class Trainer:
         module.train()
         module.on_train_epoch_start(epoch)
         batches = plan.rank_batches(config.seed, epoch, rank)
+        if config.max_steps is not None:  # every rank has done the same number of steps
+            batches = batches[: config.max_steps - progress.global_step]
         total = torch.zeros((), dtype=torch.float64)
         previous_end = time.perf_counter()
         for indices in batches:
