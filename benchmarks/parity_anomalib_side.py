@@ -184,7 +184,8 @@ def efficient_ad(request: dict, tensors: dict[str, torch.Tensor], out: dict[str,
     from anomalib.models.image.efficient_ad.lightning_model import EfficientAd
     from anomalib.models.image.efficient_ad.torch_model import EfficientAdModel, EfficientAdModelSize
 
-    model = EfficientAdModel(teacher_out_channels=request["out_channels"], model_size=EfficientAdModelSize(request["size"]))
+    model = EfficientAdModel(teacher_out_channels=request["out_channels"],
+                             model_size=EfficientAdModelSize(request["size"]))
     unfilled = _load_into(model, load_file(request["weights_file"]))
     if [key for key in unfilled if not key.startswith(("mean_std.", "quantiles."))]:
         raise KeyError(f"the weights file leaves anomalib's EfficientAD parameters unfilled: {unfilled[:5]}")

@@ -173,6 +173,9 @@ def test_teacher_files_load_by_anomalibs_names_or_nelson1425s_positions(tiny, pe
         assert all(torch.equal(model.teacher.state_dict()[name], value) for name, value in shifted.items())
         assert model.provenance()["weights_sha256"] != "random"
         assert "teacher.conv1.weight" not in model.trainable_state()  # the teacher comes from its file, not ours
+    torch.save({"conv1.weight": shifted["conv1.weight"]}, tmp_path / "other.pth")
+    with pytest.raises(ConfigError, match=r"weights file .*other.pth lacks parameters the model needs"):
+        preflight(config_of(tmp_path, penalty, backbone={"weights": str(tmp_path / "other.pth")}), [])
 
 
 @pytest.mark.parametrize(("change", "message"), [

@@ -348,7 +348,8 @@ class EfficientAd(FrozenTeacherModel):
         folder = Path(self.settings.auxiliary[AUXILIARY]).expanduser()
         files = sorted(path for path in folder.rglob("*") if path.suffix.lower() in IMAGE_EXTENSIONS)
         if not files:
-            raise ValueError(f"training.auxiliary.{AUXILIARY}: no images ({', '.join(IMAGE_EXTENSIONS)}) under {folder}")
+            kinds = ", ".join(sorted(IMAGE_EXTENSIONS))
+            raise ValueError(f"training.auxiliary.{AUXILIARY}: no images ({kinds}) under {folder}")
         return files
 
     def _penalty_batch(self, count: int) -> torch.Tensor:
