@@ -434,7 +434,8 @@ def _efficient_ad_section(args, runner: Runner, folder: Path, backbone: str) -> 
     return [
         row(tag, "teacher channel mean (4 training images)", model.teacher_mean, out["teacher_mean"],
             "ours: efficientad.py's two passes (mean, then std around it); anomalib: one pass of sums and squares"),
-        row(tag, "teacher channel std", model.teacher_std, out["teacher_std"]),
+        row(tag, "teacher channel std", model.teacher_std, out["teacher_std"],
+            "anomalib's sqrt(E[x^2] - E[x]^2) in float32 loses digits where a channel's mean is large against its std"),
         row(tag, "map quantiles qa_st, qb_st, qa_ae, qb_ae (2 held-out images, recipe anomalib: image)",
             model.map_quantiles, out["quantiles"], "the same maps (padded, upsampled); our exact quantile vs torch's"),
         row(tag, "anomaly map, recipe anomalib (quantiles given equal)", ours["anomaly_map"], out["anomaly_map"]),
