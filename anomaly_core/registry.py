@@ -79,6 +79,11 @@ class ModelEntry:
         return model(model.settings_of(values), backbone.weights)
 
 
+# EfficientAD's two recipes share every value but where the maps are normalised (MODELS["efficient_ad"] cites them).
+_EFFICIENT_AD = {"epochs": 70000, "max_steps": 70000, "batch_size": 1, "drop_last": False, "lr": 1e-4,
+                 "weight_decay": 1e-5, "decay_at": 0.95, "decay_factor": 0.1, "clip_grad_norm": 0.0,
+                 "held_out_fraction": 0.1, "monitor": "loss", "weights": "last", "resize": 256, "crop": 256}
+
 # Where the authors' code and a library disagree, the authors' code is the default and the other is offered by
 # name. Each value was read in the file named (RD4AD 6554076, STFPM 2598a5e, ADer 902937a, anomalib b723368).
 MODELS: dict[str, ModelEntry] = {
@@ -142,10 +147,7 @@ MODELS: dict[str, ModelEntry] = {
                 "same for square images); 10 % of train/good held out (random_split) for map_normalization's "
                 "quantiles 0.9/0.995 of the maps at the PDN's resolution, normalised before padding (grid); "
                 "the penalty images: --imagenet_train_path (ImageNet; Imagenette here, as anomalib)",
-                {"epochs": 70000, "max_steps": 70000, "batch_size": 1, "drop_last": False, "lr": 1e-4,
-                 "weight_decay": 1e-5, "decay_at": 0.95, "decay_factor": 0.1, "clip_grad_norm": 0.0,
-                 "held_out_fraction": 0.1, "map_normalisation": "grid", "monitor": "loss", "weights": "last",
-                 "resize": 256, "crop": 256}),
+                {**_EFFICIENT_AD, "map_normalisation": "grid"}),
             "anomalib": Recipe(
                 "open-edge-platform/anomalib src/anomalib/models/image/efficient_ad: lightning_model.py Adam(lr=1e-4, "
                 "weight_decay=1e-5), StepLR at 0.95 of min(max_steps, max_epochs x steps), gamma 0.1, train batch 1 "
@@ -154,10 +156,7 @@ MODELS: dict[str, ModelEntry] = {
                 "Its quantiles come from the good images of the validation set anomalib splits off the test set; "
                 "here from 10 % of train/good, as the reference (test images never set a model's state). The "
                 "paper's 70000 steps as max_steps",
-                {"epochs": 70000, "max_steps": 70000, "batch_size": 1, "drop_last": False, "lr": 1e-4,
-                 "weight_decay": 1e-5, "decay_at": 0.95, "decay_factor": 0.1, "clip_grad_norm": 0.0,
-                 "held_out_fraction": 0.1, "map_normalisation": "image", "monitor": "loss", "weights": "last",
-                 "resize": 256, "crop": 256}),
+                {**_EFFICIENT_AD, "map_normalisation": "image"}),
         },
         reference="Batzner, Heckler & König, EfficientAD: Accurate Visual Anomaly Detection at Millisecond-Level "
                   "Latencies, WACV 2024",
