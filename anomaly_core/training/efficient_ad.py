@@ -19,8 +19,9 @@ Design, here:
   anomalib's ``pretrained_teacher_{small,medium}.pth`` (its key names are ours) or nelson1425's
   ``models/teacher_{small,medium}.pth`` (``nn.Sequential`` names, mapped by position), a path or ``search``
   (``weight_files.PUBLISHED_NAMES``); ``random`` for tests. Model files record its sha256, as for any teacher.
-- The ImageNet penalty images come from ``training.auxiliary.imagenette`` (every image under the folder, as
-  torchvision's ImageFolder reads it): resized to twice the crop, grey with probability 0.3, centre-cropped.
+- The ImageNet penalty images come from ``training.auxiliary.imagenette`` (every image under the folder, at any
+  depth: Imagenette's train/<class>/ and val/<class>/ alike): resized to twice the crop, grey with probability
+  0.3, centre-cropped.
 - 70 000 steps at batch 1 are ``training.max_steps`` (the Trainer stops mid-epoch there; ``epochs`` is only an
   upper bound); the rate drops x ``decay_factor`` (0.1) at ``decay_at`` (0.95) of the steps, StepLR per step.
 - The teacher's channel mean and std are computed from the training images before the first step
