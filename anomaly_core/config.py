@@ -241,6 +241,9 @@ class TrainingConfig(_Strict):
     model: str  # a name in anomaly_core.registry.MODELS
     recipe: str | None = None  # None: the entry's default (the authors' code); else one of its recipes (README)
     epochs: int | None = Field(None, ge=1)
+    # The Trainer's max_steps: training ends after this many optimisation steps, within an epoch if need be; a
+    # recipe counted in steps names it (efficient_ad: 70000, dinomaly: 5000) and sets epochs as a bound that never binds.
+    max_steps: int | None = Field(None, ge=1)
     batch_size: int | None = Field(None, ge=1)  # global
     drop_last: bool | None = None
     lr: float | None = Field(None, gt=0.0)
@@ -268,13 +271,16 @@ class TrainingConfig(_Strict):
     # warmup_steps, then falls along a cosine to final_lr at max_steps optimisation steps, where training ends (within
     # training.epochs); biases in its MLPs (the authors') or none (anomalib); the score map's blur padded with zeros
     # (the authors') or reflected (anomalib); the anomaly map blurred (the authors') or raw (anomalib).
-    max_steps: int | None = Field(None, ge=1)
     final_lr: float | None = Field(None, gt=0.0)
     warmup_steps: int | None = Field(None, ge=0)
     eps: float | None = Field(None, gt=0.0)
     mlp_bias: bool | None = None
     blur_padding: Literal["zeros", "reflect"] | None = None
     blurred_map: bool | None = None
+    # efficient_ad (the teacher PDN, i.e. the size, is backbone.name pdn_small|pdn_medium; it reuses lr, weight_decay,
+    # decay_at, decay_factor and held_out_fraction): where the maps are quantile-normalised, at the PDN's resolution
+    # (grid: nelson1425) or padded and upsampled to the image (image: anomalib).
+    map_normalisation: Literal["grid", "image"] | None = None
     # Which epoch's weights are exported: "last", or "best" (the monitor's best; the default with patience). The
     # monitor: "loss" (the epoch's mean training loss), "held_out_loss" (mean anomaly map of the held-out images)
     # or a metric on the test set (e.g. image_auroc; validation on the test set as anomalib's default, an

@@ -89,6 +89,10 @@ _DINOMALY = {"epochs": 5000, "max_steps": 5000, "batch_size": 16, "drop_last": T
 _GATHIERRY_FASTFLOW = {"epochs": 500, "batch_size": 32, "drop_last": True, "lr": 1e-3, "weight_decay": 1e-5,
                        "clip_grad_norm": 0.0, "flow_steps": 8, "hidden_ratio": 1.0, "conv3x3_only": True,
                        "monitor": "loss", "weights": "last", "resize": 256, "crop": 256}
+# EfficientAD's two recipes share every value but where the maps are normalised (MODELS["efficient_ad"] cites them).
+_EFFICIENT_AD = {"epochs": 70000, "max_steps": 70000, "batch_size": 1, "drop_last": False, "lr": 1e-4,
+                 "weight_decay": 1e-5, "decay_at": 0.95, "decay_factor": 0.1, "clip_grad_norm": 0.0,
+                 "held_out_fraction": 0.1, "monitor": "loss", "weights": "last", "resize": 256, "crop": 256}
 
 # Where the authors' code and a library disagree, the authors' code is the default and the other is offered by
 # name. Each value was read in the file named (RD4AD 6554076, STFPM 2598a5e, ADer 902937a, anomalib b723368,
@@ -200,5 +204,33 @@ MODELS: dict[str, ModelEntry] = {
                   "CVPR 2025",
         code="guojiajeremy/Dinomaly",
         config="configs/dinomaly.yaml",
+    ),
+    # EfficientAD: no authors' code; nelson1425/EfficientAD fcab514 (efficientad.py, common.py), anomalib b723368
+    "efficient_ad": ModelEntry(
+        "anomaly_core.training.efficient_ad:EfficientAd",
+        {
+            "efficientad": Recipe(
+                "nelson1425/EfficientAD efficientad.py (the paper's Algorithm 1): batch 1, Adam(lr=1e-4, "
+                "weight_decay=1e-5), train_steps 70000 (an infinite loader: max_steps ends it, epochs never do), "
+                "StepLR(step_size=int(0.95 x 70000), gamma=0.1), Resize((256, 256)) (here resize 256 + crop 256: the "
+                "same for square images); 10 % of train/good held out (random_split) for map_normalization's "
+                "quantiles 0.9/0.995 of the maps at the PDN's resolution, normalised before padding (grid); "
+                "the penalty images: --imagenet_train_path (ImageNet; Imagenette here, as anomalib)",
+                {**_EFFICIENT_AD, "map_normalisation": "grid"}),
+            "anomalib": Recipe(
+                "open-edge-platform/anomalib src/anomalib/models/image/efficient_ad: lightning_model.py Adam(lr=1e-4, "
+                "weight_decay=1e-5), StepLR at 0.95 of min(max_steps, max_epochs x steps), gamma 0.1, train batch 1 "
+                "(it refuses others), Imagenette penalty images, configure_pre_processor Resize((256, 256)); "
+                "torch_model.py compute_maps: maps padded and upsampled before quantiles and normalisation (image). "
+                "Its quantiles come from the good images of the validation set anomalib splits off the test set; "
+                "here from 10 % of train/good, as the reference (test images never set a model's state). The "
+                "paper's 70000 steps as max_steps",
+                {**_EFFICIENT_AD, "map_normalisation": "image"}),
+        },
+        reference="Batzner, Heckler & König, EfficientAD: Accurate Visual Anomaly Detection at Millisecond-Level "
+                  "Latencies, WACV 2024",
+        code="nelson1425/EfficientAD",
+        config="configs/efficient_ad.yaml",
+        auxiliary=("imagenette",),
     ),
 }

@@ -28,6 +28,9 @@ PUBLISHED_NAMES: dict[str, tuple[str, ...]] = {
     "vit_base_patch16_dinov3": ("dinov3_vitb16_pretrain*.pth",),
     "vit_small_patch16_dinov3_qkvb": ("dinov3_vits16_pretrain*.pth",),  # the same files, with their q/v biases
     "vit_base_patch16_dinov3_qkvb": ("dinov3_vitb16_pretrain*.pth",),
+    # EfficientAD's teacher PDNs: anomalib's release (efficientad_pretrained_weights.zip), nelson1425's models/
+    "pdn_small": ("pretrained_teacher_small.pth", "teacher_small.pth"),
+    "pdn_medium": ("pretrained_teacher_medium.pth", "teacher_medium.pth"),
 }
 
 

@@ -3,7 +3,7 @@
 # image lacks travels as wheels in two parts over two back-to-back device calls on the same machine (one call
 # carries at most 64 MiB with the repo; Ray's wheel alone is ~76 MiB, so it is cut across the parts), then
 # benchmarks/gpu_check.py runs the stages within a time budget: the engine's stages, one category trained
-# (benchmarks/train_speed.py: RD and STFPM images/s), the tire-shaped category through the cluster job with the
+# (benchmarks/train_speed.py: RD, STFPM and EfficientAD S/M images/s), the tire-shaped category through the cluster job with the
 # CPU-equal check, the MVTec-AD-shaped benchmark with Lite0 and WRN50, the demo, and tire through jobs.train.
 #
 #   bash benchmarks/gpu_check.sh wheels   # here, where pip reaches the index: .gpuwheels/part1 and part2

@@ -21,6 +21,8 @@ Sections (``--sections``):
                copy): maps, scores, loss; then both trained
   dinomaly     same ViT file and bottleneck/decoder weights (our anomalib recipe): maps, scores, loss and its
                hard-mined gradient on one batch; then both trained without dropout on the same batches
+  efficient_ad same teacher, student and autoencoder weights (S and M): teacher statistics, map quantiles, maps and
+               scores (quantiles given equal), the loss terms on the same penalty and jittered image, dropout off
 Differences: ``max_abs`` = max |ours - anomalib|, ``rel`` = max_abs / max |anomalib|.
 
 Usage: PYTHONPATH=$PWD python benchmarks/parity_anomalib.py [--sections ...] [--json out.json]
@@ -44,8 +46,9 @@ import timm
 import torch
 import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
+from torchvision.transforms import functional as TF
 
-from anomaly_core.backbones import RANDOM_INIT, RANDOM_INIT_SEED, architecture, build_classifier
+from anomaly_core.backbones import IMAGENET_MEAN, IMAGENET_STD, RANDOM_INIT, RANDOM_INIT_SEED, architecture, build_classifier
 from anomaly_core.data import ImageTransform, load_split
 from anomaly_core.extraction import ExtractionSettings, PatchFeatureExtractor
 from anomaly_core.features import PatchFeatures
@@ -66,10 +69,12 @@ from anomaly_core.training import (
 )
 from anomaly_core.training.batches import EpochPlan
 from anomaly_core.training.dinomaly import Dinomaly
+from anomaly_core.training.efficient_ad import EfficientAd, EfficientAdSettings
+from penalty_images import write_penalty_images
 
 REPO = Path(__file__).resolve().parents[1]
 SIDE = Path(__file__).with_name("parity_anomalib_side.py")
-SECTIONS = ("preprocess", "patchcore", "stfpm", "rd", "padim", "fastflow", "dinomaly")
+SECTIONS = ("preprocess", "patchcore", "stfpm", "rd", "padim", "fastflow", "dinomaly", "efficient_ad")
 
 Runner = Callable[[str, dict, dict[str, torch.Tensor]], dict[str, torch.Tensor]]
 
@@ -510,6 +515,62 @@ def anomalib_fastflow_name(name: str) -> str:
     if name.startswith("flows."):
         return "fast_flow_blocks." + name.removeprefix("flows.")
     raise KeyError(f"no anomalib counterpart known for FastFlow parameter {name}")
+def _efficient_ad_section(args, runner: Runner, folder: Path, backbone: str) -> list[Row]:
+    """Our EfficientAD and anomalib's EfficientAdModel with the same (random) teacher, student and autoencoder."""
+    tag = f"efficient_ad/{backbone} (random)"
+    recipe = MODELS["efficient_ad"].recipes["anomalib"].values
+    settings = EfficientAdSettings(
+        backbone=backbone, init_seed=args.seed, auxiliary={"imagenette": str(write_penalty_images(folder / "penalty", 4))},
+        **{key: recipe[key] for key in ("lr", "weight_decay", "max_steps", "decay_at", "decay_factor",
+                                        "held_out_fraction", "map_normalisation")})
+    model = EfficientAd(settings, RANDOM_INIT).eval()
+    transform = ImageTransform(256, 256, IMAGENET_MEAN, IMAGENET_STD)
+    split = load_split("mvtec", args.data, args.category)
+    train, held_out = load_images(split.train[:4], transform), load_images(split.train[4:6], transform)
+    test = load_images(list(split.test)[: args.efficient_ad_images], transform)
+    mean, std = torch.tensor(IMAGENET_MEAN)[:, None, None], torch.tensor(IMAGENET_STD)[:, None, None]
+    raw = lambda images: images * std + mean  # noqa: E731 (anomalib normalises inside its networks)
+    with torch.no_grad():
+        model.prepare(train)
+        model.calibrate(held_out)
+        ours = model.predict(test)
+        grid = EfficientAd(replace(settings, map_normalisation="grid"), RANDOM_INIT).eval()
+        grid.load_trainable_state(model.trainable_state())
+        grid.calibrate(held_out)  # its own quantiles: of the maps at the PDN's resolution
+        ours_grid = grid.predict(test)
+    penalty = model._penalty_batch(1)
+    jittered = TF.adjust_brightness(raw(train[:1]), 1.1)
+    model.train()
+    model.ae.eval()  # dropout off: its masks are drawn differently on each side
+    model._penalty_batch = lambda count: penalty
+    model._jittered = lambda images: (jittered - mean) / std
+    with torch.no_grad():
+        losses = model.training_step(train[:1])
+    weights = {k: v.contiguous() for k, v in model.state_dict().items() if k.split(".")[0] in ("teacher", "student", "ae")}
+    save_file(weights, str(folder / "efficient_ad.safetensors"))
+    request = {"size": backbone.removeprefix("pdn_"), "out_channels": model.out_channels,
+               "weights_file": str(folder / "efficient_ad.safetensors")}
+    tensors = {"train_images": raw(train), "held_out_images": raw(held_out), "test_images": raw(test),
+               "given/mean": model.teacher_mean, "given/std": model.teacher_std, "given/quantiles": model.map_quantiles,
+               "penalty": raw(penalty), "jittered": jittered}
+    out = runner("efficient_ad", request, tensors)
+    return [
+        row(tag, "teacher channel mean (4 training images)", model.teacher_mean, out["teacher_mean"],
+            "ours: efficientad.py's two passes (mean, then std around it); anomalib: one pass of sums and squares"),
+        row(tag, "teacher channel std", model.teacher_std, out["teacher_std"],
+            "anomalib's sqrt(E[x^2] - E[x]^2) in float32 loses digits where a channel's mean is large against its std"),
+        row(tag, "map quantiles qa_st, qb_st, qa_ae, qb_ae (2 held-out images, recipe anomalib: image)",
+            model.map_quantiles, out["quantiles"], "the same maps (padded, upsampled); our exact quantile vs torch's"),
+        row(tag, "anomaly map, recipe anomalib (quantiles given equal)", ours["anomaly_map"], out["anomaly_map"]),
+        row(tag, "image score, recipe anomalib", ours["pred_score"], out["pred_score"]),
+        row(tag, "anomaly map, recipe efficientad (grid)", ours_grid["anomaly_map"], out["anomaly_map"],
+            "recipe: nelson1425 normalises the 56 x 56 maps and pads the combined map with 0; anomalib pads each "
+            "raw map with 0 and normalises after upsampling (its border -0.1 qa/(qb - qa)); each takes its "
+            "quantiles of the maps it normalises"),
+        row(tag, "image score, recipe efficientad (grid)", ours_grid["pred_score"], out["pred_score"]),
+        row(tag, "loss terms st, ae, stae (same penalty and jittered image, dropout off)",
+            torch.stack([losses["loss/st"], losses["loss/ae"], losses["loss/stae"]]), out["losses"]),
+    ]
 
 
 _RD_PATH = re.compile(r"^bottleneck\.paths\.(\d)\.(\d)\.([01])\.(.+)$")
@@ -655,6 +716,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--dinomaly-resize", type=int, default=128)
     parser.add_argument("--dinomaly-crop", type=int, default=112, help="a multiple of the ViT's patch (14)")
     parser.add_argument("--dinomaly-steps", type=int, default=20, help="optimisation steps on both sides (0: none)")
+    parser.add_argument("--efficient-ad-sizes", default="pdn_small,pdn_medium")
+    parser.add_argument("--efficient-ad-images", type=int, default=4, help="test images of the efficient_ad section")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--json", type=Path, default=None, help="write rows and metrics here")
     args = parser.parse_args(argv)
@@ -705,6 +768,9 @@ def run(args: argparse.Namespace, runner: Runner) -> tuple[list[Row], dict]:
             rows += _fastflow_sections(args, runner, folder, details)
         if "dinomaly" in sections:
             rows += _dinomaly_section(args, runner, folder)
+        if "efficient_ad" in sections:
+            for backbone in args.efficient_ad_sizes.split(","):
+                rows += _efficient_ad_section(args, runner, folder, backbone)
     return rows, details
 
 

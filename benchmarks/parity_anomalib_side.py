@@ -255,6 +255,35 @@ def dinomaly(request: dict, tensors: dict[str, torch.Tensor], out: dict[str, tor
         epoch_losses.append(total / count)
         epoch += 1
     _trained_outputs(model, tensors, epoch_losses, out)
+def efficient_ad(request: dict, tensors: dict[str, torch.Tensor], out: dict[str, torch.Tensor]) -> None:
+    """anomalib's EfficientAdModel with the driver's weights; its Lightning module's statistics methods on it."""
+    from anomalib.models.image.efficient_ad.lightning_model import EfficientAd
+    from anomalib.models.image.efficient_ad.torch_model import EfficientAdModel, EfficientAdModelSize
+
+    model = EfficientAdModel(teacher_out_channels=request["out_channels"],
+                             model_size=EfficientAdModelSize(request["size"]))
+    unfilled = _load_into(model, load_file(request["weights_file"]))
+    if [key for key in unfilled if not key.startswith(("mean_std.", "quantiles."))]:
+        raise KeyError(f"the weights file leaves anomalib's EfficientAD parameters unfilled: {unfilled[:5]}")
+    module = SimpleNamespace(model=model, device=torch.device("cpu"))
+    module._get_quantiles_of_maps = lambda maps: EfficientAd._get_quantiles_of_maps(module, maps)
+    model.eval()
+    stats = EfficientAd.teacher_channel_mean_std(module, [SimpleNamespace(image=image[None])
+                                                          for image in tensors["train_images"]])
+    out["teacher_mean"], out["teacher_std"] = stats["mean"], stats["std"]
+    model.mean_std.update({"mean": tensors["given/mean"], "std": tensors["given/std"]})
+    quantiles = EfficientAd.map_norm_quantiles(module, [SimpleNamespace(image=image[None], gt_label=torch.tensor([0]))
+                                                        for image in tensors["held_out_images"]])
+    out["quantiles"] = torch.stack([quantiles[key] for key in ("qa_st", "qb_st", "qa_ae", "qb_ae")])
+    given = tensors["given/quantiles"]
+    model.quantiles.update({key: given[i] for i, key in enumerate(("qa_st", "qb_st", "qa_ae", "qb_ae"))})
+    with torch.no_grad():
+        result = model(tensors["test_images"])
+        out["pred_score"], out["anomaly_map"] = result.pred_score.reshape(-1), result.anomaly_map[:, 0]
+        model.train()
+        model.ae.eval()  # dropout off, as on the driver's side
+        model.choose_random_aug_image = lambda image: tensors["jittered"]
+        out["losses"] = torch.stack(model(tensors["train_images"][:1], tensors["penalty"]))
 
 
 def _distillation_outputs(model, loss, tensors, out) -> None:
@@ -326,7 +355,7 @@ def padim(request: dict, tensors: dict[str, torch.Tensor], out: dict[str, torch.
 
 
 TASKS = {"preprocess": preprocess, "patchcore": patchcore, "stfpm": stfpm, "reverse_distillation": reverse_distillation,
-         "padim": padim, "fastflow": fastflow, "dinomaly": dinomaly}
+         "padim": padim, "fastflow": fastflow, "dinomaly": dinomaly, "efficient_ad": efficient_ad}
 
 
 def main(exchange: Path) -> None:

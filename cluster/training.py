@@ -75,7 +75,8 @@ def build_model(config: RunConfig) -> TrainableModel:
 def trainer_config(config: RunConfig, device: str) -> TrainerConfig:
     training = config.training
     return TrainerConfig(
-        epochs=training.epochs, max_steps=training.max_steps, batch_size=training.batch_size, seed=config.seed, drop_last=training.drop_last,
+        epochs=training.epochs, max_steps=training.max_steps, batch_size=training.batch_size, seed=config.seed,
+        drop_last=training.drop_last,
         monitor=training.monitor, mode=training.mode, patience=training.patience, min_delta=training.min_delta,
         weights=training.weights, clip_grad_norm=training.clip_grad_norm,
         log_every_n_steps=training.log_every_n_steps, validate_every_n_epochs=training.validate_every_n_epochs,

@@ -35,7 +35,8 @@ class SitePaths:
 
     def apply_roots(self, raw: dict[str, Any]) -> dict[str, Any]:
         """``raw`` (a config mapping) with the roots of the datasets this file names, and the auxiliary folders
-        (DTD, Imagenette) its trained model needs and the config leaves unset (``training.auxiliary``)."""
+        (DTD, Imagenette) its trained model needs (``training.auxiliary``): this file's, as for dataset roots, over
+        the config file's (an example config's default folder)."""
         entries = raw.get("datasets")
         if not self.datasets:
             return raw
@@ -49,7 +50,7 @@ class SitePaths:
         if entry is None or not isinstance(auxiliary or {}, dict):
             return raw
         found = {name: self.datasets[name] for name in entry.auxiliary if name in self.datasets}
-        return {**raw, "training": {**training, "auxiliary": {**found, **(auxiliary or {})}}}
+        return {**raw, "training": {**training, "auxiliary": {**(auxiliary or {}), **found}}}
 
     def resolve_weights(self, config: RunConfig) -> RunConfig:
         """``weights: search`` (of the backbone or of an ensemble member) becomes the one matching file in

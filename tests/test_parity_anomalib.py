@@ -155,3 +155,41 @@ def test_fastflow_section_hands_anomalib_our_flows_under_its_names_and_reports_a
     assert by_name["anomaly map"].max_abs == 0.0 and by_name["training loss, first batch"].max_abs == 0.0
     with pytest.raises(KeyError, match="teacher.model"):
         parity.anomalib_fastflow_name("teacher.model.conv1.weight")
+def test_efficient_ad_section_reports_zero_against_itself_and_exactly_a_planted_error(tmp_path, monkeypatch):
+    """The section's path (weights file of teacher, student and autoencoder, raw [0, 1] images, the statistics it
+    gives anomalib) with a stub that answers with our own model rebuilt from that file, except the teacher mean
+    moved by 1e-3 and one map pixel by 0.25; a PDN 8 channels wide keeps it fast."""
+    from anomaly_core.backbones import IMAGENET_MEAN, IMAGENET_STD
+    from anomaly_core.training.efficient_ad import PDN_SIZES, EfficientAd, EfficientAdSettings, PdnSize
+
+    monkeypatch.setitem(PDN_SIZES, "pdn_tiny", PdnSize((8, 8, 8), 8))
+    args = parity.parse_args(["--efficient-ad-images", "2"])
+    args.data = TIRE_ROOT
+    mean, std = torch.tensor(IMAGENET_MEAN)[:, None, None], torch.tensor(IMAGENET_STD)[:, None, None]
+    recipe = MODELS["efficient_ad"].recipes["anomalib"].values
+
+    def stub(task: str, request: dict, tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        assert task == "efficient_ad" and request["size"] == "tiny" and request["out_channels"] == 8
+        weights = load_file(request["weights_file"])
+        assert {key.split(".")[0] for key in weights} == {"teacher", "student", "ae"}
+        settings = EfficientAdSettings(backbone="pdn_tiny", init_seed=1, auxiliary={"imagenette": str(tmp_path)}, **{
+            key: recipe[key] for key in ("lr", "weight_decay", "max_steps", "decay_at", "decay_factor",
+                                         "held_out_fraction", "map_normalisation")})
+        model = EfficientAd(settings, "random").eval()  # another init: every weight must come from the file
+        model.load_state_dict({**model.state_dict(), **weights})
+        model.teacher_mean.copy_(tensors["given/mean"])
+        model.teacher_std.copy_(tensors["given/std"])
+        model.map_quantiles.copy_(tensors["given/quantiles"])
+        result = model.predict((tensors["test_images"] - mean) / std)
+        maps = result["anomaly_map"].clone()
+        maps[1, 5, 7] += 0.25
+        return {"teacher_mean": tensors["given/mean"] + 1e-3, "teacher_std": tensors["given/std"],
+                "quantiles": tensors["given/quantiles"], "anomaly_map": maps, "pred_score": result["pred_score"],
+                "losses": torch.zeros(3)}
+
+    rows = {r.quantity: r for r in parity._efficient_ad_section(args, stub, tmp_path, "pdn_tiny")}
+    assert rows["teacher channel mean (4 training images)"].max_abs == pytest.approx(1e-3, rel=1e-3)
+    assert rows["teacher channel std"].max_abs == 0.0
+    assert rows["anomaly map, recipe anomalib (quantiles given equal)"].max_abs == pytest.approx(0.25, abs=1e-5)
+    assert rows["image score, recipe anomalib"].max_abs < 1e-6
+    assert rows["loss terms st, ae, stae (same penalty and jittered image, dropout off)"].max_abs > 0.1

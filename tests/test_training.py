@@ -9,6 +9,7 @@ from __future__ import annotations
 import ast
 import json
 import os
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -514,3 +515,23 @@ def test_the_held_out_split_is_the_authors_seeded_by_the_run_seed():
     assert (sorted(authors_train), sorted(authors_held_out)) == (trained, held_out)
     assert held_out_split(34, 0.0, seed=0) == (list(range(34)), [])
     assert held_out_split(5, 0.2, seed=2**32 + 3) == held_out_split(5, 0.2, seed=3)  # numpy's seed range
+
+
+def test_max_steps_ends_inside_an_epoch_which_is_validated_checkpointed_and_resumed_exactly(tmp_path):
+    """6 steps over 4 images at batch 1: epochs 0 and a half of 1, the partial one validated and checkpointed; a
+    resume from its checkpoint has nothing left to do; one with another max_steps is refused."""
+    images = torch.zeros(4, 3, 4, 4)
+    validation = ValidationSet(torch.zeros(2, 3, 4, 4), np.array([0, 1]), None)
+    validated = []
+    config = TrainerConfig(epochs=100, max_steps=6, batch_size=1, validate_every_n_epochs=50)
+    callbacks = TrainerCallbacks(on_validation=lambda record: validated.append(record["epoch"]))
+    model = _ScriptedModel([1.0] * 3, [1.0] * 3)
+    result = Trainer(config, tmp_path, callbacks).fit(model, images, validation)
+    assert (result.epochs_completed, result.global_step, validated) == (2, 6, [1])
+    assert float(model.weight.detach()) == pytest.approx(-0.6)  # six SGD steps of -0.1
+    again = Trainer(config, tmp_path).fit(_ScriptedModel([1.0] * 3, [1.0] * 3), images,
+                                          resume_from=tmp_path / "latest.safetensors")
+    assert again.global_step == 6 and len(again.history) == 2
+    with pytest.raises(CheckpointError, match=r"its run had trainer=.*'max_steps': 6.*this one has .*'max_steps': 7"):
+        Trainer(replace(config, max_steps=7), tmp_path).fit(_ScriptedModel([1.0] * 3, [1.0] * 3), images,
+                                                            resume_from=tmp_path / "latest.safetensors")

@@ -104,6 +104,17 @@ class TrainableModel(torch.nn.Module, ABC):
             raise ValueError(f"state does not fit {type(self).__name__}: missing {missing[:5]}, "
                              f"unexpected {result.unexpected_keys[:5]}")
 
+    def prepare(self, train_images: torch.Tensor) -> None:
+        """Statistics of the training images (on the host; the model moves its batches) that the training step
+        needs (EfficientAD's teacher channel mean and std), computed in eval mode without gradients before the
+        first step of a fresh run; a resumed run restores them from its checkpoint, so they must be part of
+        ``trainable_state``."""
+
+    def calibrate(self, held_out: torch.Tensor | None) -> None:
+        """Statistics that predictions need from normal images never trained on (EfficientAD's map normalisation
+        quantiles), with the current weights: called in eval mode without gradients before each validation and
+        once on the final weights; ``held_out`` (on the host) is None where the run holds no images out."""
+
     def on_fit_start(self) -> None:
         """Called once, after optimizers are configured and a checkpoint (if any) restored."""
 

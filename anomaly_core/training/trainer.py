@@ -35,6 +35,7 @@ from anomaly_core.training.checkpoint import CheckpointError, TrainingCheckpoint
 from anomaly_core.training.distributed import from_rank_zero, mean_over_ranks, rank_and_world_size
 from anomaly_core.training.early_stopping import EarlyStopping
 from anomaly_core.training.model import TrainableModel
+from anomaly_core.training.predict import evaluating
 from anomaly_core.training.sync_batchnorm import use_global_batchnorm
 from anomaly_core.training.validation import ValidationSet, evaluate, held_out_loss
 
@@ -48,8 +49,8 @@ LAST = "last"  # LAST and BEST: TrainerConfig.weights, which epoch's weights fit
 class TrainerConfig:
     epochs: int
     batch_size: int  # global: split equally across DDP ranks
-    # Optimisation steps after which training ends, inside an epoch if need be (Lightning's max_steps): for
-    # recipes counted in iterations (Dinomaly's 5000), whatever the category's image count. None: epochs decide.
+    # Optimisation steps after which training ends even within an epoch (Lightning's max_steps: a recipe counted
+    # in steps, as EfficientAD's 70 000, Dinomaly's 5000); None: epochs alone. The last, partial epoch is checkpointed and validated.
     max_steps: int | None = None
     seed: int = 0  # batch order: epoch e is shuffled by (seed, e) alone
     drop_last: bool = False
@@ -70,12 +71,12 @@ class TrainerConfig:
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
         EarlyStopping(self.mode, self.patience, self.min_delta)  # validates mode, patience, min_delta
+        if self.max_steps is not None and self.max_steps < 1:
+            raise ValueError(f"max_steps must be >= 1 or None, got {self.max_steps}")
         if self.weights not in (LAST, BEST):
             raise ValueError(f"weights must be {LAST} or {BEST}, got {self.weights!r}")
         if self.clip_grad_norm < 0:
             raise ValueError(f"clip_grad_norm must be >= 0, got {self.clip_grad_norm}")
-        if self.max_steps is not None and self.max_steps < 1:
-            raise ValueError(f"max_steps must be >= 1 (or None), got {self.max_steps}")
 
     def epochs_for(self, steps_per_epoch: int) -> int:
         """The epochs a run takes: ``epochs``, or fewer when ``max_steps`` ends it first (the last one partial)."""
@@ -86,7 +87,9 @@ class TrainerConfig:
     def resume_key(self) -> dict[str, Any]:
         """Settings a resumed run must share with the checkpoint's run to continue it exactly (patience,
         min_delta and weights may change: they are judged again on the recorded history)."""
-        keys = ("epochs", "max_steps", "batch_size", "seed", "drop_last", "monitor", "mode", "clip_grad_norm")
+        keys = ("epochs", "batch_size", "seed", "drop_last", "monitor", "mode", "clip_grad_norm")
+        # max_steps only where set: checkpoints of runs without it, written before it existed, stay resumable
+        keys += ("max_steps",) if self.max_steps is not None else ()
         return {key: getattr(self, key) for key in keys}
 
 
@@ -213,7 +216,10 @@ class Trainer:
         n_held_out = 0 if held_out is None else len(held_out)
         progress = _Progress(EarlyStopping(config.mode, config.patience, config.min_delta))
         best_state = None
-        if resume_from is not None:
+        if resume_from is None:
+            with evaluating(module) as (model_in_eval, _):
+                model_in_eval.prepare(train_images)
+        else:
             checkpoint = load_checkpoint(resume_from)
             progress = _Progress.from_json(checkpoint.progress, config, len(train_images), n_held_out, Path(resume_from))
             checkpoint.restore(module, optimizer, scheduler)
@@ -225,6 +231,8 @@ class Trainer:
             held_out_value = None if held_out is None else self._held_out_loss(module, held_out, rank)
             validated = validation is not None and (
                 (epoch + 1) % config.validate_every_n_epochs == 0 or epoch + 1 == epochs)
+            if validated:
+                self._calibrate(module, held_out)
             report = self._validate(module, validation, epoch) if validated and rank == 0 else None
             improved = self._check_monitor(progress.stopper, epoch, loss, held_out_value, report, validated, rank)
             if improved and config.weights == BEST:
@@ -248,8 +256,14 @@ class Trainer:
         if config.weights == BEST and stopper.best_epoch is not None and stopper.best_epoch != weights_epoch:
             module.load_trainable_state(best_state)
             weights_epoch = stopper.best_epoch
+        self._calibrate(module, held_out)
         return FitResult(progress.next_epoch, progress.global_step, stopper.should_stop, config.monitor, stopper.best,
                          stopper.best_epoch, weights_epoch, progress.history)
+
+    def _calibrate(self, module: TrainableModel, held_out: torch.Tensor | None) -> None:
+        """The model's ``calibrate`` on every rank (their weights are the same), in eval mode, without gradients."""
+        with evaluating(module) as (model, _):
+            model.calibrate(held_out)
 
     def _best_state_so_far(self, module: TrainableModel, progress: _Progress) -> dict[str, torch.Tensor] | None:
         """For ``weights="best"`` on resume: the best epoch's weights, the restored ones if it is the checkpoint's
@@ -299,7 +313,7 @@ class Trainer:
         module.train()
         module.on_train_epoch_start(epoch)
         batches = plan.rank_batches(config.seed, epoch, rank)
-        if config.max_steps is not None:
+        if config.max_steps is not None:  # every rank has done the same number of steps
             batches = batches[: config.max_steps - progress.global_step]
         total = torch.zeros((), dtype=torch.float64)
         previous_end = time.perf_counter()
