@@ -83,8 +83,9 @@ class EventLog:
     """Drains the training events queue on a thread: W&B gets every event (the training processes' system
     samples among them), the log a line per epoch."""
 
-    def __init__(self, events: Queue, tracker: Tracker, epochs: int) -> None:
-        self.events, self.tracker, self.epochs = events, tracker, epochs
+    def __init__(self, events: Queue, tracker: Tracker, epochs: int, max_steps: int | None) -> None:
+        # A recipe counted in steps (max_steps) ends long before its epochs bound: its progress is in steps.
+        self.events, self.tracker, self.epochs, self.max_steps = events, tracker, epochs, max_steps
         self.stop = threading.Event()
         self.thread = threading.Thread(target=self._drain, name="training-events", daemon=True)
         self.thread.start()
@@ -101,7 +102,9 @@ class EventLog:
             if event["kind"] == "epoch":
                 metrics = event.get("metrics") or {}
                 auroc = metrics.get("image_auroc")
-                log.info("%s epoch %d/%d: loss %.5f%s", event["key"], event["epoch"] + 1, self.epochs, event["loss"],
+                where = (f"epoch {event['epoch'] + 1}/{self.epochs}" if self.max_steps is None
+                         else f"epoch {event['epoch'] + 1}, step {event['step']}/{self.max_steps}")
+                log.info("%s %s: loss %.5f%s", event["key"], where, event["loss"],
                          "" if auroc is None else f", image AUROC {auroc:.4f}")
             if self.tracker.active:
                 self.tracker.log_training(event)
@@ -155,7 +158,7 @@ def train_and_evaluate(config: RunConfig, run_dir: Path, todo: list[CategoryJob]
     # On the driver's node: a queue on a node that dies would take every later fit attempt's events with it.
     here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=False)
     events = Queue(actor_options={"num_cpus": 0, "scheduling_strategy": here})
-    drain = EventLog(events, tracker, config.training.epochs)
+    drain = EventLog(events, tracker, config.training.epochs, config.training.max_steps)
     predict_task = ray.remote(timed_predict)
     options, threads = task_options(config), threads_of(config)
     keys = [f"{dataset.name}/{category}" for dataset in config.datasets for category in dataset.categories or []]
