@@ -248,6 +248,19 @@ class TrainingConfig(_Strict):
     loss: Literal["mean", "half_sum"] | None = None
     zero_init_last: bool | None = None
     held_out_fraction: float | None = Field(None, ge=0.0, lt=1.0)
+    # draem: lr x decay_factor at each of milestones (fractions of the epochs); simulated anomalies (synthesis: the
+    # authors' augmenters or anomalib's generator) with anomaly_probability, texture opacity in [low, high), the
+    # normal image itself rotated with probability image_rotation; the loss's form, the discriminator's input
+    # order, the score's average-pooling size (1: the map's max), the authors' N(0, 0.02) initialisation.
+    milestones: tuple[float, ...] | None = None
+    synthesis: Literal["draem", "anomalib"] | None = None
+    anomaly_probability: float | None = Field(None, ge=0.0, le=1.0)
+    opacity: tuple[float, float] | None = None
+    image_rotation: float | None = Field(None, ge=0.0, le=1.0)
+    loss_form: Literal["draem", "anomalib"] | None = None
+    discriminator_input: Literal["reconstruction_first", "image_first"] | None = None
+    score_pool: int | None = Field(None, ge=1)
+    init_normal: bool | None = None
     # Which epoch's weights are exported: "last", or "best" (the monitor's best; the default with patience). The
     # monitor: "loss" (the epoch's mean training loss), "held_out_loss" (mean anomaly map of the held-out images)
     # or a metric on the test set (e.g. image_auroc; validation on the test set as anomalib's default, an
@@ -299,6 +312,27 @@ class TrainingConfig(_Strict):
     def _betas_in_range(cls, value: tuple[float, float] | None) -> tuple[float, float] | None:
         if value is not None and not all(0.0 <= beta < 1.0 for beta in value):
             raise ValueError(f"Adam's betas must lie in [0, 1), got {list(value)}")
+        return value
+
+    @field_validator("milestones")
+    @classmethod
+    def _milestones_in_range(cls, value: tuple[float, ...] | None) -> tuple[float, ...] | None:
+        if value is not None and not all(0.0 < m <= 1.0 for m in value):
+            raise ValueError(f"milestones are fractions of the epochs in (0, 1], got {list(value)}")
+        return value
+
+    @field_validator("opacity")
+    @classmethod
+    def _opacity_range(cls, value: tuple[float, float] | None) -> tuple[float, float] | None:
+        if value is not None and not 0.0 <= value[0] <= value[1] <= 1.0:
+            raise ValueError(f"must be [low, high] with 0 <= low <= high <= 1, got {list(value)}")
+        return value
+
+    @field_validator("score_pool")
+    @classmethod
+    def _odd_pool(cls, value: int | None) -> int | None:
+        if value is not None and value % 2 == 0:
+            raise ValueError(f"must be odd (a window centred on each pixel), got {value}")
         return value
 
     @model_validator(mode="after")

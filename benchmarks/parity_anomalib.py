@@ -15,6 +15,7 @@ Sections (``--sections``):
   stfpm        same teacher file and same student init in both: maps, scores, loss; then both trained
   rd           same encoder file; OCBE paths and decoder with the same weights (the bottleneck stack differs
                in width, see the table's note); maps, scores and loss from the same features; then both trained
+  draem        our `anomalib` recipe's weights in both: reconstruction, map, score on test and synthetic images; loss
 Differences: ``max_abs`` = max |ours - anomalib|, ``rel`` = max_abs / max |anomalib|.
 
 Usage: PYTHONPATH=$PWD python benchmarks/parity_anomalib.py [--sections ...] [--json out.json]
@@ -60,7 +61,7 @@ from anomaly_core.training.batches import EpochPlan
 
 REPO = Path(__file__).resolve().parents[1]
 SIDE = Path(__file__).with_name("parity_anomalib_side.py")
-SECTIONS = ("preprocess", "patchcore", "stfpm", "rd")
+SECTIONS = ("preprocess", "patchcore", "stfpm", "rd", "draem")
 
 Runner = Callable[[str, dict, dict[str, torch.Tensor]], dict[str, torch.Tensor]]
 
@@ -413,6 +414,47 @@ def anomalib_rd_name(name: str) -> str | None:
     raise KeyError(f"no anomalib counterpart known for RD parameter {name}")
 
 
+def _draem_section(args, runner: Runner, folder: Path) -> list[Row]:
+    """Our DRAEM with the `anomalib` recipe (anomalib's discriminator input order, map-max score, loss form) and
+    anomalib's DraemModel with its weights, on raw [0, 1] tire images and on one batch of our simulated anomalies
+    (generated textures as DTD). Training is not compared: the two synthesise different random anomalies."""
+    from anomaly_core.data.synthetic import write_textures
+    from anomaly_core.training.anomaly_synthesis import image_seeds
+    from anomaly_core.training.draem import Draem, draem_loss
+
+    size, tag = args.draem_size, f"draem ({args.draem_size} px, random init)"
+    transform = ImageTransform(size, size, (0.0, 0.0, 0.0), (1.0, 1.0, 1.0))
+    split = load_split("mvtec", args.data, args.category)
+    test = load_images(list(split.test)[: args.test_limit or 8], transform)
+    train = load_images(list(split.train)[: args.batch_size], transform)
+    values = {**MODELS["draem"].recipes["anomalib"].values, "crop": size, "init_seed": args.seed,
+              "auxiliary": {"dtd": str(write_textures(folder / "dtd", 2, size))}}
+    model = Draem(Draem.settings_of(values)).eval()
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(folder / "draem.safetensors"))
+    anomalous, target, masks = model.synthesis(train, image_seeds(args.seed, 0, 0, 0, len(train)))
+    tensors = {"test_images": test, "anomalous_images": anomalous, "target_images": target, "masks": masks}
+    out = runner("draem", {"weights_file": str(folder / "draem.safetensors")}, tensors)
+    if int(out["unfilled"]):
+        raise KeyError(f"our DRAEM weights left {int(out['unfilled'])} of anomalib's DraemModel tensors unfilled")
+    rows = []
+    with torch.no_grad():
+        for name, images in (("test", test), ("anomalous", anomalous)):
+            ours = model.predict(images)
+            rows.append(row(tag, f"{name}: reconstruction", model.reconstructive_subnetwork(images),
+                            out[f"{name}/reconstruction"]))
+            rows.append(row(tag, f"{name}: anomaly map", ours["anomaly_map"], out[f"{name}/anomaly_map"]))
+            rows.append(row(tag, f"{name}: image score", ours["pred_score"], out[f"{name}/pred_score"],
+                            "recipe anomalib: the map's max (the authors': 21 x 21 mean first)"))
+        import copy
+
+        reconstruction, logits = copy.deepcopy(model).train().discriminate(anomalous)
+        losses = draem_loss(target, reconstruction, masks, logits, "anomalib")
+    note = f"train mode, {len(train)} images, {int(masks.flatten(1).amax(1).sum())} with an anomaly"
+    for key in ("loss", "loss/l2", "loss/ssim", "loss/focal"):
+        rows.append(row(tag, f"synthetic batch: {key}", losses[key].reshape(1), out[key], note))
+    return rows
+
+
 def _padded(batches: Sequence[torch.Tensor]) -> torch.Tensor:
     """Batches of image indices as one rectangular tensor (-1 fills a short last batch)."""
     width = max(len(b) for b in batches)
@@ -461,6 +503,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--train-resize", type=int, default=128)
     parser.add_argument("--train-crop", type=int, default=128)
     parser.add_argument("--train-stfpm-backbone", default="tf_efficientnet_lite0:package")
+    parser.add_argument("--draem-size", type=int, default=256, help="DRAEM's square input (a multiple of 32)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--json", type=Path, default=None, help="write rows and metrics here")
     args = parser.parse_args(argv)
@@ -503,6 +546,8 @@ def run(args: argparse.Namespace, runner: Runner) -> tuple[list[Row], dict]:
                 data = load_data(args.data, args.category, "wide_resnet50_2", args.train_resize, args.train_crop, None)
                 new, details["rd/trained"] = _rd_section(args, runner, folder, data)
                 rows += new
+        if "draem" in sections:
+            rows += _draem_section(args, runner, folder)
     return rows, details
 
 
