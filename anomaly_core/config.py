@@ -251,7 +251,9 @@ class TrainingConfig(_Strict):
     # draem: lr x decay_factor at each of milestones (fractions of the epochs); simulated anomalies (synthesis: the
     # authors' augmenters or anomalib's generator) with anomaly_probability, texture opacity in [low, high), the
     # normal image itself rotated with probability image_rotation; the loss's form, the discriminator's input
-    # order, the score's average-pooling size (1: the map's max), the authors' N(0, 0.02) initialisation.
+    # order, the score's average-pooling size (1: the map's max), the authors' N(0, 0.02) initialisation; the
+    # reconstructive network's base width (the discriminative network's is half).
+    base_width: int | None = Field(None, ge=2)
     milestones: tuple[float, ...] | None = None
     synthesis: Literal["draem", "anomalib"] | None = None
     anomaly_probability: float | None = Field(None, ge=0.0, le=1.0)
@@ -454,8 +456,13 @@ class RunConfig(_Strict):
         """A trained model's unset preprocess.resize / crop are its recipe's (PatchCore's 256 -> 224 are not)."""
         if self.training is None:
             return self
-        recipe = MODELS[self.training.model].recipes[self.training.recipe]
+        entry = MODELS[self.training.model]
+        recipe = entry.recipes[self.training.recipe]
         size = {key: recipe.values[key] for key in IMAGE_SIZE if key not in self.preprocess.model_fields_set}
+        crop = size.get("crop", self.preprocess.crop)
+        if crop % entry.crop_multiple:
+            raise ValueError(f"preprocess.crop: {self.training.model} needs a multiple of {entry.crop_multiple}, "
+                             f"got {crop}")
         if not size:
             return self
         preprocess = self.preprocess.model_copy(update=size)

@@ -71,11 +71,18 @@ def texture_files(folder: str | Path) -> list[Path]:
 def perlin_noise(height: int, width: int, generator: torch.Generator) -> torch.Tensor:
     """[height, width] gradient noise with 2^[0, 6) cells per axis (the authors' perlin.py / anomalib's)."""
     scale_y, scale_x = (2 ** int(torch.randint(0, 6, (1,), generator=generator)) for _ in range(2))
+    angles = 2 * math.pi * torch.rand(scale_y + 1, scale_x + 1, generator=generator, dtype=torch.float64)
+    return gradient_noise(height, width, angles).float()
+
+
+def gradient_noise(height: int, width: int, angles: torch.Tensor) -> torch.Tensor:
+    """Perlin noise of the lattice whose gradient directions are ``angles`` [cells_y + 1, cells_x + 1] (radians),
+    on the next power-of-two grid, cropped: float64 [height, width]."""
+    scale_y, scale_x = angles.shape[0] - 1, angles.shape[1] - 1
     pad_h, pad_w = (2 ** math.ceil(math.log2(size)) for size in (height, width))
     ys = torch.arange(pad_h, dtype=torch.float64) * scale_y / pad_h
     xs = torch.arange(pad_w, dtype=torch.float64) * scale_x / pad_w
     grid = torch.stack(torch.meshgrid(ys, xs, indexing="ij"), dim=-1) % 1
-    angles = 2 * math.pi * torch.rand(scale_y + 1, scale_x + 1, generator=generator, dtype=torch.float64)
     gradients = torch.stack((torch.cos(angles), torch.sin(angles)), dim=-1)
     cells = (pad_h // scale_y, pad_w // scale_x)
 
@@ -86,7 +93,7 @@ def perlin_noise(height: int, width: int, generator: torch.Generator) -> torch.T
     t = 6 * grid**5 - 15 * grid**4 + 10 * grid**3
     top = torch.lerp(corner(0, 0), corner(1, 0), t[..., 0])
     bottom = torch.lerp(corner(0, 1), corner(1, 1), t[..., 0])
-    return (math.sqrt(2) * torch.lerp(top, bottom, t[..., 1]))[:height, :width].float()
+    return (math.sqrt(2) * torch.lerp(top, bottom, t[..., 1]))[:height, :width]
 
 
 def _uniform(generator: torch.Generator, low: float, high: float) -> float:

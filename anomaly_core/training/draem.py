@@ -7,7 +7,7 @@ discriminative UNet, given the image and its reconstruction, learns to segment t
 time the discriminator's softmax probability of "anomalous" is the map.
 
 The two sub-networks are the authors' model_unet.py (``ReconstructiveSubNetwork`` base width 128,
-``DiscriminativeSubNetwork`` base width 64), with anomalib torch_model.py's parameter names
+``DiscriminativeSubNetwork`` base width 64; ``base_width`` scales both, for small CPU runs and tests), with anomalib torch_model.py's parameter names
 (``reconstructive_subnetwork.encoder.block1.0.weight`` ...), so either side's weights load into the other.
 Where the authors and anomalib differ, a setting chooses (the recipes of ``anomaly_core.registry.MODELS``):
 
@@ -58,6 +58,7 @@ class DraemSettings:
     names each one)."""
 
     crop: int = 256  # the square input size (a multiple of 32: five 2x poolings in the discriminator)
+    base_width: int  # the reconstructive network's first width (128); the discriminative network's is half
     lr: float  # Adam
     milestones: tuple[float, ...]  # fractions of the epochs where the rate is multiplied by decay_factor
     decay_factor: float
@@ -75,6 +76,8 @@ class DraemSettings:
     def __post_init__(self) -> None:
         for name in ("milestones", "opacity"):  # JSON gives lists back
             object.__setattr__(self, name, tuple(getattr(self, name)))
+        if self.base_width < 2 or self.base_width % 2:
+            raise ValueError(f"base_width must be an even number >= 2, got {self.base_width}")
         if self.crop % 32:
             raise ValueError(f"DRAEM needs an input size divisible by 32 (preprocess.crop), got {self.crop}")
         if self.loss_form not in LOSS_FORMS:
@@ -232,8 +235,8 @@ class Draem(TrainableModel):
         self.settings = settings
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(derive_seed(settings.init_seed, "draem-init"))
-            self.reconstructive_subnetwork = ReconstructiveSubNetwork()
-            self.discriminative_subnetwork = DiscriminativeSubNetwork()
+            self.reconstructive_subnetwork = ReconstructiveSubNetwork(base_width=settings.base_width)
+            self.discriminative_subnetwork = DiscriminativeSubNetwork(base_width=settings.base_width // 2)
             if settings.init_normal:
                 self.apply(_weights_init)
         self._synthesis: AnomalySynthesis | None = None  # textures are listed on the first training step
