@@ -217,21 +217,52 @@ def _interrupt(record: dict) -> None:
         raise RuntimeError("interrupted")
 
 
-def test_the_recipes_differ_where_the_authors_and_anomalib_do(textures, tire_images):
+def test_the_recipes_differ_where_the_authors_and_anomalib_do(textures, tire_images, monkeypatch):
     """The same weights, the two recipes' inference: the discriminator input order is a permutation of its first
-    layer's channels, so swapping those weights makes anomalib's order give the authors' map; the authors' score
-    is the 21 x 21 mean's max, below the map's max."""
+    layer's channels, so swapping those weights makes anomalib's order give the authors' maps (compared in train
+    mode, where BatchNorm's batch statistics keep an untrained network's maps from being flat). The authors' score
+    is the max of the 21 x 21 mean with zero padding counted, anomalib's the map's max: one hot pixel shows both."""
     recipes = MODELS["draem"].recipes
-    base = {"crop": SIZE, "init_seed": 0, "auxiliary": {"dtd": str(textures)}}
-    authors = Draem(Draem.settings_of({**recipes["draem"].values, **base})).eval()
-    library = Draem(Draem.settings_of({**recipes["anomalib"].values, **base})).eval()
+    base = {"crop": SIZE, "init_seed": 0, "base_width": WIDTH, "auxiliary": {"dtd": str(textures)}}
+    authors = Draem(Draem.settings_of({**recipes["draem"].values, **base})).train()
+    library = Draem(Draem.settings_of({**recipes["anomalib"].values, **base})).train()
     state = copy.deepcopy(authors.state_dict())
     first = "discriminative_subnetwork.encoder_segment.block1.0.weight"
     state[first] = torch.cat((state[first][:, 3:], state[first][:, :3]), dim=1)
     library.load_state_dict(state)
     ours, theirs = authors.predict(tire_images), library.predict(tire_images)
+    assert ours["anomaly_map"].std() > 1e-3
     torch.testing.assert_close(theirs["anomaly_map"], ours["anomaly_map"], rtol=1e-5, atol=1e-6)
-    torch.testing.assert_close(theirs["pred_score"], ours["anomaly_map"].amax(dim=(1, 2)))
-    pooled = torch.nn.functional.avg_pool2d(ours["anomaly_map"][:, None], 21, stride=1, padding=10)
-    torch.testing.assert_close(ours["pred_score"], pooled.amax(dim=(1, 2, 3)))
-    assert (ours["pred_score"] < theirs["pred_score"]).all()
+
+    logits = torch.zeros(1, 2, SIZE, SIZE)
+    logits[0, 1, 0, 5] = 4.0  # p = 0.982 at (0, 5) near the border, 0.5 elsewhere
+    for model in (authors, library):
+        monkeypatch.setattr(model, "discriminate", lambda images: (images, logits))
+    hot = torch.sigmoid(torch.tensor(4.0)).item()
+    assert library.predict(tire_images[:1])["pred_score"].item() == pytest.approx(hot)
+    # The window centred at (10, 10) holds the hot pixel and 21 x 21 - 1 others, none of them padding.
+    assert authors.predict(tire_images[:1])["pred_score"].item() == pytest.approx((hot + 440 * 0.5) / 441, rel=1e-6)
+
+
+def test_a_ranks_share_of_a_batch_gets_the_anomalies_one_process_gives_those_positions(monkeypatch, textures):
+    """Rank 1 of 2 with images 2-3 of a global batch of 4 draws with the seeds of positions 2-3 of (epoch, step):
+    the seeds one process uses for the same images, so DDP and one process synthesise alike."""
+    import anomaly_core.training.draem as draem_module
+
+    values = {**MODELS["draem"].recipes["draem"].values, "crop": SIZE, "init_seed": 5, "base_width": 2,
+              "auxiliary": {"dtd": str(textures)}}
+    model = Draem(Draem.settings_of(values))
+    drawn = []
+
+    def record(images, seeds):
+        drawn.append(list(seeds))
+        raise StopIteration
+
+    monkeypatch.setattr(Draem, "synthesis", property(lambda self: record))
+    for rank, world in ((0, 1), (1, 2)):
+        monkeypatch.setattr(draem_module, "rank_and_world_size", lambda rank=rank, world=world: (rank, world))
+        model.on_train_epoch_start(3)
+        with pytest.raises(StopIteration):
+            model.training_step(torch.zeros(4 // world, 3, SIZE, SIZE))
+    assert drawn[1] == drawn[0][2:] == image_seeds(5, 3, 0, 2, 2)
+    assert len(set(drawn[0])) == 4

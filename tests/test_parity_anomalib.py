@@ -10,6 +10,7 @@ import sys
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 from scipy.ndimage import gaussian_filter
 
 from anomaly_core.registry import MODELS
@@ -82,3 +83,39 @@ def test_stfpm_section_reports_zero_against_itself_and_exactly_a_planted_error(t
     assert by_name["image score"].max_abs == 0.0
     assert by_name["anomaly map"].max_abs == pytest.approx(0.25, abs=1e-6)
     assert by_name["training loss, first batch (train mode)"].max_abs == pytest.approx(1e-3, rel=1e-3)
+
+
+def _authors_draem_loss(target, reconstruction, mask, logits):
+    """VitjanZ/DRAEM loss.py transcribed (``FocalLoss()`` on the softmax, ``ssim`` with val_range None and its
+    zero-padded 11 x 11 window) with train_DRAEM.py's sum: the reference our ``loss_form="draem"`` must equal."""
+    probabilities = torch.softmax(logits, dim=1)
+    flat = probabilities.permute(0, 2, 3, 1).reshape(-1, 2)
+    one_hot = torch.zeros(len(flat), 2).scatter_(1, mask.reshape(-1, 1).long(), 1).clamp(1e-5 / 1, 1.0 - 1e-5)
+    pt = (one_hot * flat).sum(1) + 1e-5
+    focal = (-1 * torch.ones(len(flat)) * torch.pow(1 - pt, 2) * pt.log()).mean()
+    g = torch.tensor([np.exp(-(x - 5) ** 2 / (2 * 1.5**2)) for x in range(11)], dtype=torch.float32)
+    g = (g / g.sum()).unsqueeze(1)
+    window = g.mm(g.t()).expand(3, 1, 11, 11).contiguous()
+    img1, img2 = reconstruction, target
+    value_range = (255 if img1.max() > 128 else 1) - (-1 if img1.min() < -0.5 else 0)
+    mu1, mu2 = (F.conv2d(x, window, padding=5, groups=3) for x in (img1, img2))
+    s1 = F.conv2d(img1 * img1, window, padding=5, groups=3) - mu1.pow(2)
+    s2 = F.conv2d(img2 * img2, window, padding=5, groups=3) - mu2.pow(2)
+    s12 = F.conv2d(img1 * img2, window, padding=5, groups=3) - mu1 * mu2
+    c1, c2 = (0.01 * value_range) ** 2, (0.03 * value_range) ** 2
+    ssim = (((2 * mu1 * mu2 + c1) * (2.0 * s12 + c2)) / ((mu1.pow(2) + mu2.pow(2) + c1) * (s1 + s2 + c2))).mean()
+    return torch.nn.MSELoss()(reconstruction, target) + (1.0 - ssim) + focal
+
+
+@pytest.mark.parametrize("low", [0.0, -0.7])  # -0.7: the authors' ssim switches to a dynamic range of 2
+def test_draem_loss_is_the_authors_loss_py(low):
+    from anomaly_core.training.draem import draem_loss
+
+    g = torch.Generator().manual_seed(0)
+    target = torch.rand(2, 3, 32, 32, generator=g)
+    reconstruction = low + (1 - low) * torch.rand(2, 3, 32, 32, generator=g)
+    mask = (torch.rand(2, 1, 32, 32, generator=g) > 0.8).float()
+    logits = 3 * torch.randn(2, 2, 32, 32, generator=g)
+    ours = draem_loss(target, reconstruction, mask, logits, "draem")["loss"]
+    torch.testing.assert_close(ours, _authors_draem_loss(target, reconstruction, mask, logits), rtol=1e-6, atol=1e-6)
+    assert not torch.isclose(ours, draem_loss(target, reconstruction, mask, logits, "anomalib")["loss"])
