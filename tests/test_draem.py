@@ -33,6 +33,7 @@ from anomaly_core.training.draem import Draem
 from cluster.pipeline import CategoryJob
 from cluster.training import build_model, fit_category, predict_category, trainer_config, transform_of
 from jobs import predict as predict_job
+from jobs.cli import load_config
 
 from .conftest import TIRE_ROOT
 
@@ -142,6 +143,12 @@ def test_bad_draem_values_are_one_line_errors_naming_the_key(tmp_path, textures)
         draem_config(tmp_path, textures, momentum=0.9)
     with pytest.raises(DatasetError, match=r"training.auxiliary.dtd: no images .* under"):
         texture_files(tmp_path)  # what the first training step lists
+    (tmp_path / "empty").mkdir()
+    config_file = tmp_path / "draem.yaml"
+    config_file.write_text(json.dumps({"datasets": [{"name": "tire_small", "format": "mvtec", "root": str(TIRE_ROOT)}],
+                                       "training": {"model": "draem", "auxiliary": {"dtd": str(tmp_path / "empty")}}}))
+    with pytest.raises(ConfigError, match=r"draem.yaml: training.auxiliary.dtd: no images \(.*\) under .*empty$"):
+        load_config(config_file, [], None)  # before any work, as jobs.train reads it
 
 
 def test_three_steps_lower_the_loss_on_their_synthetic_batch(textures, tire_images):
