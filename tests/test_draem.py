@@ -132,6 +132,7 @@ def test_bad_draem_values_are_one_line_errors_naming_the_key(tmp_path, textures)
         "training.image_rotation": {"image_rotation": -0.1},
         "training.loss_form": {"loss_form": "l1"},
         "training.discriminator_input": {"discriminator_input": "stacked"},
+        "training.base_width": {"base_width": 1},
     }
     for key, values in cases.items():
         with pytest.raises(ConfigError, match=rf"(?m)^  {key}: "):
