@@ -36,6 +36,7 @@ from jobs import predict as predict_job
 from jobs.cli import load_config
 
 from .conftest import TIRE_ROOT
+from .test_training import one_thread  # noqa: F401  (autouse: one intra-op thread, as there)
 
 SIZE = 32
 WIDTH = 8  # the authors' 128 (discriminator 64) where a test checks their recipe's arithmetic, 8 where it trains
@@ -50,14 +51,6 @@ def textures(tmp_path_factory):
 def tire_images():
     split = load_split("mvtec", TIRE_ROOT, "tire")
     return load_images(split.train[:4], ImageTransform(SIZE, SIZE, (0.0, 0.0, 0.0), (1.0, 1.0, 1.0)))
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def draem_config(tmp_path, textures, **training):
