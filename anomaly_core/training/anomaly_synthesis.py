@@ -15,9 +15,9 @@ Two forms, each a setting (``synthesis``):
   channel, which is imgaug's change of Y in YCrCb), ``pillike.EnhanceSharpness()`` (factor in [0, 2),
   torchvision's sharpness is PIL's), ``Solarize(0.5, threshold=(32, 128))``, ``Posterize()`` (1-8 bits),
   ``Invert()``, ``pillike.Equalize()``, ``Affine(rotate=(-45, 45))`` (bilinear, black corners). Different:
-  ``AddToHueAndSaturation((-50, 50), per_channel=True)`` shifts the hue by v/255 of the circle (torchvision's
-  ``adjust_hue``, in HSV where imgaug uses OpenCV's 180-step hue) and adds s/255 to HSV saturation keeping the
-  value; ``pillike.Autocontrast()`` (cutoff 0-20 %) clips each channel at its cutoff quantiles as PIL's
+  ``AddToHueAndSaturation((-50, 50), per_channel=True)`` shifts the hue by v/255 of the circle with torchvision's
+  ``adjust_hue`` (imgaug truncates it to OpenCV's 2-degree hue steps) and adds s/255 to the HSV saturation,
+  keeping the value; ``pillike.Autocontrast()`` (cutoff 0-20 %) clips each channel at its cutoff quantiles as PIL's
   histogram cut does, up to the quantiles' interpolation. The texture is resized bilinearly without
   antialiasing (cv2.resize). Images are RGB here; the authors' cv2 pipeline runs on BGR, which changes only
   which way a hue shift turns.
