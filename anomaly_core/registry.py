@@ -142,11 +142,11 @@ MODELS: dict[str, ModelEntry] = {
                 "data_loader.py MVTecDRAEMTrainDataset: 256 x 256, pixels in [0, 1] without normalisation, the image "
                 "rotated by [-90, 90) degrees with probability 0.3, anomaly with probability 0.5, texture opacity "
                 "1 - beta, beta in [0, 0.8), 3 of its 10 imgaug augmenters; loss.py: MSE + (1 - SSIM) + focal; "
-                "model_unet.py: base widths 128 and 64; test_DRAEM.py: discriminator input [reconstruction, image], score the max of the 21 x 21 "
-                "average-pooled map",
+                "model_unet.py: base widths 128 and 64; test_DRAEM.py: discriminator input [reconstruction, image], "
+                "score the max of the 21 x 21 average-pooled map",
                 {"epochs": 700, "batch_size": 8, "drop_last": False, "base_width": 128, "lr": 1e-4,
-                 "milestones": (0.8, 0.9),
-                 "decay_factor": 0.2, "clip_grad_norm": 0.0, "synthesis": "draem", "anomaly_probability": 0.5,
+                 "milestones": (0.8, 0.9), "decay_factor": 0.2, "clip_grad_norm": 0.0, "synthesis": "draem",
+                 "anomaly_probability": 0.5,
                  "opacity": (0.2, 1.0), "image_rotation": 0.3, "loss_form": "draem",
                  "discriminator_input": "reconstruction_first", "score_pool": 21, "init_normal": True,
                  "monitor": "loss", "weights": "last", "resize": 256, "crop": 256}),
@@ -158,8 +158,8 @@ MODELS: dict[str, ModelEntry] = {
                 "loss.py MSE + 2 x kornia SSIMLoss + kornia FocalLoss(alpha=1); torch_model.py default init, "
                 "discriminator input [image, reconstruction], score the map's max; mvtecad.py batch 32; 256 x 256",
                 {"epochs": 700, "batch_size": 32, "drop_last": False, "base_width": 128, "lr": 1e-4,
-                 "milestones": (4 / 7, 6 / 7),
-                 "decay_factor": 0.1, "clip_grad_norm": 0.0, "synthesis": "anomalib", "anomaly_probability": 0.5,
+                 "milestones": (4 / 7, 6 / 7), "decay_factor": 0.1, "clip_grad_norm": 0.0, "synthesis": "anomalib",
+                 "anomaly_probability": 0.5,
                  "opacity": (0.1, 1.0), "image_rotation": 0.0, "loss_form": "anomalib",
                  "discriminator_input": "image_first", "score_pool": 1, "init_normal": False,
                  "monitor": "loss", "weights": "last", "resize": 256, "crop": 256}),

@@ -21,7 +21,14 @@ from anomaly_core.config import ConfigError, parse_config
 from anomaly_core.data import CategorySplit, DatasetError, ImageTransform, load_split
 from anomaly_core.data.synthetic import write_textures
 from anomaly_core.registry import MODELS
-from anomaly_core.training import ModelFilesError, Trainer, TrainerCallbacks, load_images, load_model_files, predict_images
+from anomaly_core.training import (
+    ModelFilesError,
+    Trainer,
+    TrainerCallbacks,
+    load_images,
+    load_model_files,
+    predict_images,
+)
 from anomaly_core.training.anomaly_synthesis import (
     AnomalySynthesis,
     SynthesisSettings,
@@ -205,9 +212,9 @@ def test_draem_trains_resumes_and_predicts_through_the_cluster_functions(monkeyp
     folder.mkdir()
     for sample in job.split.test[:2]:
         shutil.copy(sample.image_path, folder / f"{len(list(folder.iterdir()))}.png")
-    assert predict_job.main(["--bank", str(tmp_path / "model"), "--input", str(folder), "--out",
-                             str(tmp_path / "predicted"), "--threshold", "0.5", "--wandb", "off", "--device", "cpu"]) == 0
-    written = json.loads((tmp_path / "predicted" / "predictions.json").read_text())
+    assert predict_job.main(["--bank", str(tmp_path / "model"), "--input", str(folder), "--out", str(tmp_path / "out"),
+                             "--threshold", "0.5", "--wandb", "off", "--device", "cpu"]) == 0
+    written = json.loads((tmp_path / "out" / "predictions.json").read_text())
     assert [r["pred_score"] for r in written["predictions"]] == pytest.approx(expected.scores[:2].tolist(), rel=1e-6)
     with pytest.raises(ModelFilesError, match="crop: model has 32, inference uses 64"):
         load_model_files(tmp_path / "model", "", {"crop": 64})

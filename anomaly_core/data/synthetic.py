@@ -226,7 +226,8 @@ def write_textures(folder: str | Path, per_texture: int = 4, size: int = 96, see
     folder = Path(folder)
     for category in TEXTURES:
         for i in range(per_texture):
-            _save_png(_normal_image(_rng(seed, category, "texture", i), category, size), folder / category / f"{i:03d}.png")
+            image = _normal_image(_rng(seed, category, "texture", i), category, size)
+            _save_png(image, folder / category / f"{i:03d}.png")
     return folder
 
 

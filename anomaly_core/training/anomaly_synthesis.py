@@ -87,7 +87,8 @@ def gradient_noise(height: int, width: int, angles: torch.Tensor) -> torch.Tenso
     cells = (pad_h // scale_y, pad_w // scale_x)
 
     def corner(dy: int, dx: int) -> torch.Tensor:
-        grads = gradients[dy:dy + scale_y, dx:dx + scale_x].repeat_interleave(cells[0], 0).repeat_interleave(cells[1], 1)
+        grads = gradients[dy:dy + scale_y, dx:dx + scale_x]
+        grads = grads.repeat_interleave(cells[0], 0).repeat_interleave(cells[1], 1)
         return ((grid - torch.tensor([dy, dx], dtype=torch.float64)) * grads).sum(dim=-1)
 
     t = 6 * grid**5 - 15 * grid**4 + 10 * grid**3

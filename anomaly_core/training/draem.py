@@ -7,8 +7,9 @@ discriminative UNet, given the image and its reconstruction, learns to segment t
 time the discriminator's softmax probability of "anomalous" is the map.
 
 The two sub-networks are the authors' model_unet.py (``ReconstructiveSubNetwork`` base width 128,
-``DiscriminativeSubNetwork`` base width 64; ``base_width`` scales both, for small CPU runs and tests), with anomalib torch_model.py's parameter names
-(``reconstructive_subnetwork.encoder.block1.0.weight`` ...), so either side's weights load into the other.
+``DiscriminativeSubNetwork`` base width 64; ``base_width`` scales both, for small CPU runs and tests), with
+anomalib torch_model.py's parameter names (``reconstructive_subnetwork.encoder.block1.0.weight`` ...), so either
+side's weights load into the other.
 Where the authors and anomalib differ, a setting chooses (the recipes of ``anomaly_core.registry.MODELS``):
 
 - ``loss_form``: ``"draem"`` (loss.py, train_DRAEM.py): MSE + (1 - SSIM), SSIM with an 11-pixel Gaussian

@@ -54,7 +54,8 @@ class MultiStepDecay:
         if self.steps_per_epoch < 1 or self.epochs < 1:
             raise ValueError(f"need steps_per_epoch >= 1 and epochs >= 1; got {self}")
         if not all(0 < m <= 1 for m in self.milestones) or not 0 < self.decay_factor <= 1:
-            raise ValueError(f"milestones and decay_factor must be in (0, 1], got {self.milestones}, {self.decay_factor}")
+            raise ValueError(f"milestones and decay_factor must be in (0, 1], got {self.milestones}, "
+                             f"{self.decay_factor}")
         self.milestones = tuple(self.milestones)
 
     def __call__(self, step: int) -> float:
