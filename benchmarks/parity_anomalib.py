@@ -422,18 +422,19 @@ def _draem_section(args, runner: Runner, folder: Path) -> list[Row]:
     from anomaly_core.training.anomaly_synthesis import image_seeds
     from anomaly_core.training.draem import Draem, draem_loss
 
-    size, tag = args.draem_size, f"draem ({args.draem_size} px, random init)"
+    size, width = args.draem_size, args.draem_width
+    tag = f"draem ({size} px, random init" + ("" if width == 128 else f", base width {width}") + ")"
     transform = ImageTransform(size, size, (0.0, 0.0, 0.0), (1.0, 1.0, 1.0))
     split = load_split("mvtec", args.data, args.category)
     test = load_images(list(split.test)[: args.test_limit or 8], transform)
     train = load_images(list(split.train)[: args.batch_size], transform)
-    values = {**MODELS["draem"].recipes["anomalib"].values, "crop": size, "init_seed": args.seed,
+    values = {**MODELS["draem"].recipes["anomalib"].values, "crop": size, "init_seed": args.seed, "base_width": width,
               "auxiliary": {"dtd": str(write_textures(folder / "dtd", 2, size))}}
     model = Draem(Draem.settings_of(values)).eval()
     save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(folder / "draem.safetensors"))
     anomalous, target, masks = model.synthesis(train, image_seeds(args.seed, 0, 0, 0, len(train)))
     tensors = {"test_images": test, "anomalous_images": anomalous, "target_images": target, "masks": masks}
-    out = runner("draem", {"weights_file": str(folder / "draem.safetensors")}, tensors)
+    out = runner("draem", {"weights_file": str(folder / "draem.safetensors"), "base_width": width}, tensors)
     if int(out["unfilled"]):
         raise KeyError(f"our DRAEM weights left {int(out['unfilled'])} of anomalib's DraemModel tensors unfilled")
     rows = []
@@ -450,6 +451,8 @@ def _draem_section(args, runner: Runner, folder: Path) -> list[Row]:
         reconstruction, logits = copy.deepcopy(model).train().discriminate(anomalous)
         losses = draem_loss(target, reconstruction, masks, logits, "anomalib")
     note = f"train mode, {len(train)} images, {int(masks.flatten(1).amax(1).sum())} with an anomaly"
+    rows.append(row(tag, "synthetic batch: anomaly map", torch.softmax(logits, dim=1)[:, 1], out["train/anomaly_map"],
+                    note + " (an untrained network's eval-mode maps are nearly flat; batch statistics are not)"))
     for key in ("loss", "loss/l2", "loss/ssim", "loss/focal"):
         rows.append(row(tag, f"synthetic batch: {key}", losses[key].reshape(1), out[key], note))
     return rows
@@ -504,6 +507,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--train-crop", type=int, default=128)
     parser.add_argument("--train-stfpm-backbone", default="tf_efficientnet_lite0:package")
     parser.add_argument("--draem-size", type=int, default=256, help="DRAEM's square input (a multiple of 32)")
+    parser.add_argument("--draem-width", type=int, default=128, help="DRAEM's base width (the recipes': 128)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--json", type=Path, default=None, help="write rows and metrics here")
     args = parser.parse_args(argv)

@@ -215,11 +215,15 @@ def _train(model, loss, optimizer, tensors, epochs: int, out) -> None:
 
 def draem(request: dict, tensors: dict[str, torch.Tensor], out: dict[str, torch.Tensor]) -> None:
     """anomalib's DraemModel with the driver's weights: reconstruction, map and score on the test images and on the
-    driver's synthetic batch (eval mode), and DraemLoss with its three terms on that batch (train mode, a copy)."""
+    driver's synthetic batch (eval mode), and DraemLoss with its three terms and the map on that batch (train mode,
+    a copy)."""
     from anomalib.models.image.draem.loss import DraemLoss
-    from anomalib.models.image.draem.torch_model import DraemModel
+    from anomalib.models.image.draem.torch_model import DiscriminativeSubNetwork, DraemModel, ReconstructiveSubNetwork
 
     model = DraemModel()
+    width = request["base_width"]  # anomalib's subnetworks take it; DraemModel builds them at 128 and 64
+    model.reconstructive_subnetwork = ReconstructiveSubNetwork(base_width=width)
+    model.discriminative_subnetwork = DiscriminativeSubNetwork(in_channels=6, out_channels=2, base_width=width // 2)
     out["unfilled"] = torch.tensor(len(_load_into(model, load_file(request["weights_file"]))))
     model.eval()
     with torch.no_grad():
@@ -230,6 +234,7 @@ def draem(request: dict, tensors: dict[str, torch.Tensor], out: dict[str, torch.
             out[f"{name}/pred_score"], out[f"{name}/anomaly_map"] = result.pred_score, result.anomaly_map
         clone = copy.deepcopy(model).train()
         reconstruction, prediction = clone(tensors["anomalous_images"])
+        out["train/anomaly_map"] = torch.softmax(prediction, dim=1)[:, 1]
         loss, target, mask = DraemLoss(), tensors["target_images"], tensors["masks"]
         out["loss"] = loss(target, reconstruction, mask, prediction).reshape(1)
         out["loss/l2"] = loss.l2_loss(reconstruction, target).reshape(1)

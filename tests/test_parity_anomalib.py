@@ -119,3 +119,46 @@ def test_draem_loss_is_the_authors_loss_py(low):
     ours = draem_loss(target, reconstruction, mask, logits, "draem")["loss"]
     torch.testing.assert_close(ours, _authors_draem_loss(target, reconstruction, mask, logits), rtol=1e-6, atol=1e-6)
     assert not torch.isclose(ours, draem_loss(target, reconstruction, mask, logits, "anomalib")["loss"])
+
+
+def test_draem_section_reports_zero_against_itself_and_exactly_a_planted_error(tmp_path):
+    """The DRAEM section's path (weights file, generated textures, synthetic batch, exchange, rows) with a stub for
+    anomalib that answers with our own model (anomalib's recipe, the weights it was sent) and errors planted."""
+    from safetensors.torch import load_file
+
+    from anomaly_core.training.draem import Draem, draem_loss
+
+    args = parity.parse_args(["--draem-size", "32", "--draem-width", "4", "--test-limit", "2", "--batch-size", "4"])
+    args.data = TIRE_ROOT
+
+    def stub(task: str, request: dict, tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        assert task == "draem" and request["base_width"] == 4
+        values = {**MODELS["draem"].recipes["anomalib"].values, "crop": 32, "init_seed": 99, "base_width": 4}
+        model = Draem(Draem.settings_of(values)).eval()
+        model.load_state_dict(load_file(request["weights_file"]))
+        out = {"unfilled": torch.tensor(0)}
+        with torch.no_grad():
+            for name in ("test", "anomalous"):
+                images = tensors[f"{name}_images"]
+                predicted = model.predict(images)
+                out[f"{name}/reconstruction"] = model.reconstructive_subnetwork(images)
+                out[f"{name}/pred_score"], out[f"{name}/anomaly_map"] = predicted["pred_score"], predicted["anomaly_map"]
+            reconstruction, logits = copy.deepcopy(model).train().discriminate(tensors["anomalous_images"])
+            out["train/anomaly_map"] = torch.softmax(logits, dim=1)[:, 1]
+            losses = draem_loss(tensors["target_images"], reconstruction, tensors["masks"], logits, "anomalib")
+        out.update({key: value.reshape(1) for key, value in losses.items()})
+        out["anomalous/anomaly_map"][1, 3, 4] += 0.25
+        out["loss/ssim"] = out["loss/ssim"] + 1e-3
+        return out
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # on a loaded 2-core machine OpenMP's threads make these small convolutions crawl
+    try:
+        rows = {r.quantity: r for r in parity._draem_section(args, stub, tmp_path)}
+    finally:
+        torch.set_num_threads(threads)
+    assert rows["test: anomaly map"].max_abs == rows["test: image score"].max_abs == 0.0
+    assert rows["synthetic batch: anomaly map"].max_abs == rows["synthetic batch: loss"].max_abs == 0.0
+    assert rows["anomalous: anomaly map"].max_abs == pytest.approx(0.25, abs=1e-6)
+    assert rows["synthetic batch: loss/ssim"].max_abs == pytest.approx(1e-3, rel=1e-3)
+    assert rows["test: reconstruction"].section == "draem (32 px, random init, base width 4)"
