@@ -23,7 +23,7 @@ Where the authors and anomalib differ, a setting chooses (the recipes of ``anoma
 - ``score_pool``: the image score is the max of the map average-pooled over 21 x 21 (test_DRAEM.py, zero
   padding counted) or, at 1, the map's max (anomalib).
 - ``init_normal``: the authors' ``weights_init`` (convolution weights N(0, 0.02), BatchNorm weights
-  N(1, 0.02), biases 0); anomalib keeps PyTorch's defaults.
+  N(1, 0.02) and biases 0; convolution biases keep PyTorch's init); anomalib keeps PyTorch's defaults.
 - The synthesis (``synthesis``, ``opacity``, ``image_rotation``), see ``anomaly_synthesis``; the schedule,
   Adam at ``lr`` times ``decay_factor`` at each of ``milestones`` (``schedules.MultiStepDecay``).
 
