@@ -281,6 +281,21 @@ class TrainingConfig(_Strict):
     # decay_at, decay_factor and held_out_fraction): where the maps are quantile-normalised, at the PDN's resolution
     # (grid: nelson1425) or padded and upsampled to the image (image: anomalib).
     map_normalisation: Literal["grid", "image"] | None = None
+    # draem: lr x decay_factor at each of milestones (fractions of the epochs); simulated anomalies (synthesis: the
+    # authors' augmenters or anomalib's generator) with anomaly_probability, texture opacity in [low, high), the
+    # normal image itself rotated with probability image_rotation; the loss's form, the discriminator's input
+    # order, the score's average-pooling size (1: the map's max), the authors' N(0, 0.02) initialisation; the
+    # reconstructive network's base width (the discriminative network's is half).
+    base_width: int | None = Field(None, ge=2)
+    milestones: tuple[float, ...] | None = None
+    synthesis: Literal["draem", "anomalib"] | None = None
+    anomaly_probability: float | None = Field(None, ge=0.0, le=1.0)
+    opacity: tuple[float, float] | None = None
+    image_rotation: float | None = Field(None, ge=0.0, le=1.0)
+    loss_form: Literal["draem", "anomalib"] | None = None
+    discriminator_input: Literal["reconstruction_first", "image_first"] | None = None
+    score_pool: int | None = Field(None, ge=1)
+    init_normal: bool | None = None
     # Which epoch's weights are exported: "last", or "best" (the monitor's best; the default with patience). The
     # monitor: "loss" (the epoch's mean training loss), "held_out_loss" (mean anomaly map of the held-out images)
     # or a metric on the test set (e.g. image_auroc; validation on the test set as anomalib's default, an
@@ -332,6 +347,27 @@ class TrainingConfig(_Strict):
     def _betas_in_range(cls, value: tuple[float, float] | None) -> tuple[float, float] | None:
         if value is not None and not all(0.0 <= beta < 1.0 for beta in value):
             raise ValueError(f"Adam's betas must lie in [0, 1), got {list(value)}")
+        return value
+
+    @field_validator("milestones")
+    @classmethod
+    def _milestones_in_range(cls, value: tuple[float, ...] | None) -> tuple[float, ...] | None:
+        if value is not None and not all(0.0 < m <= 1.0 for m in value):
+            raise ValueError(f"milestones are fractions of the epochs in (0, 1], got {list(value)}")
+        return value
+
+    @field_validator("opacity")
+    @classmethod
+    def _opacity_range(cls, value: tuple[float, float] | None) -> tuple[float, float] | None:
+        if value is not None and not 0.0 <= value[0] <= value[1] <= 1.0:
+            raise ValueError(f"must be [low, high] with 0 <= low <= high <= 1, got {list(value)}")
+        return value
+
+    @field_validator("score_pool")
+    @classmethod
+    def _odd_pool(cls, value: int | None) -> int | None:
+        if value is not None and value % 2 == 0:
+            raise ValueError(f"must be odd (a window centred on each pixel), got {value}")
         return value
 
     @model_validator(mode="after")
@@ -470,8 +506,13 @@ class RunConfig(_Strict):
         """A trained model's unset preprocess.resize / crop are its recipe's (PatchCore's 256 -> 224 are not)."""
         if self.training is None:
             return self
-        recipe = MODELS[self.training.model].recipes[self.training.recipe]
+        entry = MODELS[self.training.model]
+        recipe = entry.recipes[self.training.recipe]
         size = {key: recipe.values[key] for key in IMAGE_SIZE if key not in self.preprocess.model_fields_set}
+        crop = size.get("crop", self.preprocess.crop)
+        if crop % entry.crop_multiple:
+            raise ValueError(f"preprocess.crop: {self.training.model} needs a multiple of {entry.crop_multiple}, "
+                             f"got {crop}")
         if not size:
             return self
         preprocess = self.preprocess.model_copy(update=size)

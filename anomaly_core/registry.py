@@ -47,6 +47,8 @@ class ModelEntry:
     # Auxiliary image folders it trains with, by name (dtd for DRAEM, imagenette for EfficientAD): each must be
     # in training.auxiliary, which configs/paths.yaml fills from its datasets mapping.
     auxiliary: tuple[str, ...] = ()
+    # The input size (preprocess.crop) must be a multiple of this: DRAEM's UNets pool five times (32).
+    crop_multiple: int = 1
     recipe_keys: tuple[str, ...] = field(init=False)  # the training keys its recipes set
 
     def __post_init__(self) -> None:
@@ -232,5 +234,44 @@ MODELS: dict[str, ModelEntry] = {
         code="nelson1425/EfficientAD",
         config="configs/efficient_ad.yaml",
         auxiliary=("imagenette",),
+    ),
+    "draem": ModelEntry(
+        "anomaly_core.training.draem:Draem",
+        {
+            "draem": Recipe(
+                "VitjanZ/DRAEM (2dbf673) train_DRAEM.py: batch 8, Adam lr 1e-4 (both sub-networks), 700 epochs, "
+                "MultiStepLR at 0.8 and 0.9 of the epochs x0.2, weights_init N(0, 0.02), the last epoch's weights; "
+                "data_loader.py MVTecDRAEMTrainDataset: 256 x 256, pixels in [0, 1] without normalisation, the image "
+                "rotated by [-90, 90) degrees with probability 0.3, anomaly with probability 0.5, texture opacity "
+                "1 - beta, beta in [0, 0.8), 3 of its 10 imgaug augmenters; loss.py: MSE + (1 - SSIM) + focal; "
+                "model_unet.py: base widths 128 and 64; test_DRAEM.py: discriminator input [reconstruction, image], "
+                "score the max of the 21 x 21 average-pooled map",
+                {"epochs": 700, "batch_size": 8, "drop_last": False, "base_width": 128, "lr": 1e-4,
+                 "milestones": (0.8, 0.9), "decay_factor": 0.2, "clip_grad_norm": 0.0, "synthesis": "draem",
+                 "anomaly_probability": 0.5,
+                 "opacity": (0.2, 1.0), "image_rotation": 0.3, "loss_form": "draem",
+                 "discriminator_input": "reconstruction_first", "score_pool": 21, "init_normal": True,
+                 "monitor": "loss", "weights": "last", "resize": 256, "crop": 256}),
+            "anomalib": Recipe(
+                "open-edge-platform/anomalib src/anomalib/models/image/draem: lightning_model.py Adam lr 1e-4, "
+                "MultiStepLR milestones 400 and 600 x0.1, beta (0.1, 1.0); examples/configs/model/draem.yaml 700 "
+                "epochs (its EarlyStopping on pixel AUROC is training.monitor/patience here); data/utils/generators/"
+                "perlin.py PerlinAnomalyGenerator (probability 0.5, torchvision augmenters, no image rotation); "
+                "loss.py MSE + 2 x kornia SSIMLoss + kornia FocalLoss(alpha=1); torch_model.py default init, "
+                "discriminator input [image, reconstruction], score the map's max; mvtecad.py batch 32; 256 x 256",
+                {"epochs": 700, "batch_size": 32, "drop_last": False, "base_width": 128, "lr": 1e-4,
+                 "milestones": (4 / 7, 6 / 7), "decay_factor": 0.1, "clip_grad_norm": 0.0, "synthesis": "anomalib",
+                 "anomaly_probability": 0.5,
+                 "opacity": (0.1, 1.0), "image_rotation": 0.0, "loss_form": "anomalib",
+                 "discriminator_input": "image_first", "score_pool": 1, "init_normal": False,
+                 "monitor": "loss", "weights": "last", "resize": 256, "crop": 256}),
+        },
+        reference="Zavrtanik, Kristan & Skočaj, DRAEM - A Discriminatively Trained Reconstruction Embedding for "
+                  "Surface Anomaly Detection, ICCV 2021",
+        code="VitjanZ/DRAEM",
+        config="configs/draem.yaml",
+        uses_backbone=False,
+        auxiliary=("dtd",),
+        crop_multiple=32,
     ),
 }

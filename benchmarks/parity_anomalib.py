@@ -23,6 +23,7 @@ Sections (``--sections``):
                hard-mined gradient on one batch; then both trained without dropout on the same batches
   efficient_ad same teacher, student and autoencoder weights (S and M): teacher statistics, map quantiles, maps and
                scores (quantiles given equal), the loss terms on the same penalty and jittered image, dropout off
+  draem        our `anomalib` recipe's weights in both: reconstruction, map, score on test and synthetic images; loss
 Differences: ``max_abs`` = max |ours - anomalib|, ``rel`` = max_abs / max |anomalib|.
 
 Usage: PYTHONPATH=$PWD python benchmarks/parity_anomalib.py [--sections ...] [--json out.json]
@@ -74,7 +75,7 @@ from penalty_images import write_penalty_images
 
 REPO = Path(__file__).resolve().parents[1]
 SIDE = Path(__file__).with_name("parity_anomalib_side.py")
-SECTIONS = ("preprocess", "patchcore", "stfpm", "rd", "padim", "fastflow", "dinomaly", "efficient_ad")
+SECTIONS = ("preprocess", "patchcore", "stfpm", "rd", "padim", "fastflow", "dinomaly", "efficient_ad", "draem")
 
 Runner = Callable[[str, dict, dict[str, torch.Tensor]], dict[str, torch.Tensor]]
 
@@ -659,6 +660,50 @@ def anomalib_rd_name(name: str) -> str | None:
     raise KeyError(f"no anomalib counterpart known for RD parameter {name}")
 
 
+def _draem_section(args, runner: Runner, folder: Path) -> list[Row]:
+    """Our DRAEM with the `anomalib` recipe (anomalib's discriminator input order, map-max score, loss form) and
+    anomalib's DraemModel with its weights, on raw [0, 1] tire images and on one batch of our simulated anomalies
+    (generated textures as DTD). Training is not compared: the two synthesise different random anomalies."""
+    from anomaly_core.data.synthetic import write_textures
+    from anomaly_core.training.anomaly_synthesis import image_seeds
+    from anomaly_core.training.draem import Draem, draem_loss
+
+    size, width = args.draem_size, args.draem_width
+    tag = f"draem ({size} px, random init" + ("" if width == 128 else f", base width {width}") + ")"
+    transform = ImageTransform(size, size, (0.0, 0.0, 0.0), (1.0, 1.0, 1.0))
+    split = load_split("mvtec", args.data, args.category)
+    test = load_images(list(split.test)[: args.test_limit or 8], transform)
+    train = load_images(list(split.train)[: args.batch_size], transform)
+    values = {**MODELS["draem"].recipes["anomalib"].values, "crop": size, "init_seed": args.seed, "base_width": width,
+              "auxiliary": {"dtd": str(write_textures(folder / "dtd", 2, size))}}
+    model = Draem(Draem.settings_of(values)).eval()
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(folder / "draem.safetensors"))
+    anomalous, target, masks = model.synthesis(train, image_seeds(args.seed, 0, 0, 0, len(train)))
+    tensors = {"test_images": test, "anomalous_images": anomalous, "target_images": target, "masks": masks}
+    out = runner("draem", {"weights_file": str(folder / "draem.safetensors"), "base_width": width}, tensors)
+    if int(out["unfilled"]):
+        raise KeyError(f"our DRAEM weights left {int(out['unfilled'])} of anomalib's DraemModel tensors unfilled")
+    rows = []
+    with torch.no_grad():
+        for name, images in (("test", test), ("anomalous", anomalous)):
+            ours = model.predict(images)
+            rows.append(row(tag, f"{name}: reconstruction", model.reconstructive_subnetwork(images),
+                            out[f"{name}/reconstruction"]))
+            rows.append(row(tag, f"{name}: anomaly map", ours["anomaly_map"], out[f"{name}/anomaly_map"]))
+            rows.append(row(tag, f"{name}: image score", ours["pred_score"], out[f"{name}/pred_score"],
+                            "recipe anomalib: the map's max (the authors': 21 x 21 mean first)"))
+        import copy
+
+        reconstruction, logits = copy.deepcopy(model).train().discriminate(anomalous)
+        losses = draem_loss(target, reconstruction, masks, logits, "anomalib")
+    note = f"train mode, {len(train)} images, {int(masks.flatten(1).amax(1).sum())} with an anomaly"
+    rows.append(row(tag, "synthetic batch: anomaly map", torch.softmax(logits, dim=1)[:, 1], out["train/anomaly_map"],
+                    note + " (an untrained network's eval-mode maps are nearly flat; batch statistics are not)"))
+    for key in ("loss", "loss/l2", "loss/ssim", "loss/focal"):
+        rows.append(row(tag, f"synthetic batch: {key}", losses[key].reshape(1), out[key], note))
+    return rows
+
+
 def _padded(batches: Sequence[torch.Tensor]) -> torch.Tensor:
     """Batches of image indices as one rectangular tensor (-1 fills a short last batch)."""
     width = max(len(b) for b in batches)
@@ -718,6 +763,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--dinomaly-steps", type=int, default=20, help="optimisation steps on both sides (0: none)")
     parser.add_argument("--efficient-ad-sizes", default="pdn_small,pdn_medium")
     parser.add_argument("--efficient-ad-images", type=int, default=4, help="test images of the efficient_ad section")
+    parser.add_argument("--draem-size", type=int, default=256, help="DRAEM's square input (a multiple of 32)")
+    parser.add_argument("--draem-width", type=int, default=128, help="DRAEM's base width (the recipes': 128)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--json", type=Path, default=None, help="write rows and metrics here")
     args = parser.parse_args(argv)
@@ -771,6 +818,8 @@ def run(args: argparse.Namespace, runner: Runner) -> tuple[list[Row], dict]:
         if "efficient_ad" in sections:
             for backbone in args.efficient_ad_sizes.split(","):
                 rows += _efficient_ad_section(args, runner, folder, backbone)
+        if "draem" in sections:
+            rows += _draem_section(args, runner, folder)
     return rows, details
 
 

@@ -354,8 +354,37 @@ def padim(request: dict, tensors: dict[str, torch.Tensor], out: dict[str, torch.
     out["anomaly_map"] = torch.cat([r.anomaly_map[:, 0] for r in results])
 
 
+def draem(request: dict, tensors: dict[str, torch.Tensor], out: dict[str, torch.Tensor]) -> None:
+    """anomalib's DraemModel with the driver's weights: reconstruction, map and score on the test images and on the
+    driver's synthetic batch (eval mode), and DraemLoss with its three terms and the map on that batch (train mode,
+    a copy)."""
+    from anomalib.models.image.draem.loss import DraemLoss
+    from anomalib.models.image.draem.torch_model import DiscriminativeSubNetwork, DraemModel, ReconstructiveSubNetwork
+
+    model = DraemModel()
+    width = request["base_width"]  # anomalib's subnetworks take it; DraemModel builds them at 128 and 64
+    model.reconstructive_subnetwork = ReconstructiveSubNetwork(base_width=width)
+    model.discriminative_subnetwork = DiscriminativeSubNetwork(in_channels=6, out_channels=2, base_width=width // 2)
+    out["unfilled"] = torch.tensor(len(_load_into(model, load_file(request["weights_file"]))))
+    model.eval()
+    with torch.no_grad():
+        for name in ("test", "anomalous"):
+            images = tensors[f"{name}_images"]
+            out[f"{name}/reconstruction"] = model.reconstructive_subnetwork(images)
+            result = model(images)
+            out[f"{name}/pred_score"], out[f"{name}/anomaly_map"] = result.pred_score, result.anomaly_map
+        clone = copy.deepcopy(model).train()
+        reconstruction, prediction = clone(tensors["anomalous_images"])
+        out["train/anomaly_map"] = torch.softmax(prediction, dim=1)[:, 1]
+        loss, target, mask = DraemLoss(), tensors["target_images"], tensors["masks"]
+        out["loss"] = loss(target, reconstruction, mask, prediction).reshape(1)
+        out["loss/l2"] = loss.l2_loss(reconstruction, target).reshape(1)
+        out["loss/ssim"] = (loss.ssim_loss(reconstruction, target) * 2).reshape(1)
+        out["loss/focal"] = loss.focal_loss(prediction, mask.squeeze(1).long()).reshape(1)
+
+
 TASKS = {"preprocess": preprocess, "patchcore": patchcore, "stfpm": stfpm, "reverse_distillation": reverse_distillation,
-         "padim": padim, "fastflow": fastflow, "dinomaly": dinomaly, "efficient_ad": efficient_ad}
+         "padim": padim, "fastflow": fastflow, "dinomaly": dinomaly, "efficient_ad": efficient_ad, "draem": draem}
 
 
 def main(exchange: Path) -> None:

@@ -16,6 +16,7 @@ import yaml
 
 from anomaly_core.backbones import PACKAGE_WEIGHTS, RANDOM_INIT
 from anomaly_core.config import ConfigError, RunConfig, parse_config
+from anomaly_core.data import IMAGE_EXTENSIONS
 from jobs.site_paths import paths_file, read_site_paths
 
 
@@ -120,6 +121,9 @@ def check_paths(config: RunConfig, source: str) -> None:
     for name, folder in (config.training.auxiliary if config.training else {}).items():
         if not Path(folder).expanduser().is_dir():
             raise ConfigError(f"{source}: training.auxiliary.{name}: folder not found: {folder}")
+        if not any(p.suffix.lower() in IMAGE_EXTENSIONS for p in Path(folder).expanduser().rglob("*")):
+            raise ConfigError(f"{source}: training.auxiliary.{name}: no images ({', '.join(sorted(IMAGE_EXTENSIONS))}) "
+                              f"under {folder}")
     for key, backbone in config.backbones():
         weights = backbone.weights
         if weights not in (RANDOM_INIT, PACKAGE_WEIGHTS) and not Path(weights).expanduser().is_file():

@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 import torch
 from safetensors.torch import load_file
+import torch.nn.functional as F
 from scipy.ndimage import gaussian_filter
 
 from anomaly_core.registry import MODELS
@@ -193,3 +194,80 @@ def test_efficient_ad_section_reports_zero_against_itself_and_exactly_a_planted_
     assert rows["anomaly map, recipe anomalib (quantiles given equal)"].max_abs == pytest.approx(0.25, abs=1e-5)
     assert rows["image score, recipe anomalib"].max_abs < 1e-6
     assert rows["loss terms st, ae, stae (same penalty and jittered image, dropout off)"].max_abs > 0.1
+def _authors_draem_loss(target, reconstruction, mask, logits):
+    """VitjanZ/DRAEM loss.py transcribed (``FocalLoss()`` on the softmax, ``ssim`` with val_range None and its
+    zero-padded 11 x 11 window) with train_DRAEM.py's sum: the reference our ``loss_form="draem"`` must equal."""
+    probabilities = torch.softmax(logits, dim=1)
+    flat = probabilities.permute(0, 2, 3, 1).reshape(-1, 2)
+    one_hot = torch.zeros(len(flat), 2).scatter_(1, mask.reshape(-1, 1).long(), 1).clamp(1e-5 / 1, 1.0 - 1e-5)
+    pt = (one_hot * flat).sum(1) + 1e-5
+    focal = (-1 * torch.ones(len(flat)) * torch.pow(1 - pt, 2) * pt.log()).mean()
+    g = torch.tensor([np.exp(-(x - 5) ** 2 / (2 * 1.5**2)) for x in range(11)], dtype=torch.float32)
+    g = (g / g.sum()).unsqueeze(1)
+    window = g.mm(g.t()).expand(3, 1, 11, 11).contiguous()
+    img1, img2 = reconstruction, target
+    value_range = (255 if img1.max() > 128 else 1) - (-1 if img1.min() < -0.5 else 0)
+    mu1, mu2 = (F.conv2d(x, window, padding=5, groups=3) for x in (img1, img2))
+    s1 = F.conv2d(img1 * img1, window, padding=5, groups=3) - mu1.pow(2)
+    s2 = F.conv2d(img2 * img2, window, padding=5, groups=3) - mu2.pow(2)
+    s12 = F.conv2d(img1 * img2, window, padding=5, groups=3) - mu1 * mu2
+    c1, c2 = (0.01 * value_range) ** 2, (0.03 * value_range) ** 2
+    ssim = (((2 * mu1 * mu2 + c1) * (2.0 * s12 + c2)) / ((mu1.pow(2) + mu2.pow(2) + c1) * (s1 + s2 + c2))).mean()
+    return torch.nn.MSELoss()(reconstruction, target) + (1.0 - ssim) + focal
+
+
+@pytest.mark.parametrize("low", [0.0, -0.7])  # -0.7: the authors' ssim switches to a dynamic range of 2
+def test_draem_loss_is_the_authors_loss_py(low):
+    from anomaly_core.training.draem import draem_loss
+
+    g = torch.Generator().manual_seed(0)
+    target = torch.rand(2, 3, 32, 32, generator=g)
+    reconstruction = low + (1 - low) * torch.rand(2, 3, 32, 32, generator=g)
+    mask = (torch.rand(2, 1, 32, 32, generator=g) > 0.8).float()
+    logits = 3 * torch.randn(2, 2, 32, 32, generator=g)
+    ours = draem_loss(target, reconstruction, mask, logits, "draem")["loss"]
+    torch.testing.assert_close(ours, _authors_draem_loss(target, reconstruction, mask, logits), rtol=1e-6, atol=1e-6)
+    assert not torch.isclose(ours, draem_loss(target, reconstruction, mask, logits, "anomalib")["loss"])
+
+
+def test_draem_section_reports_zero_against_itself_and_exactly_a_planted_error(tmp_path):
+    """The DRAEM section's path (weights file, generated textures, synthetic batch, exchange, rows) with a stub for
+    anomalib that answers with our own model (anomalib's recipe, the weights it was sent) and errors planted."""
+    from safetensors.torch import load_file
+
+    from anomaly_core.training.draem import Draem, draem_loss
+
+    args = parity.parse_args(["--draem-size", "32", "--draem-width", "4", "--test-limit", "2", "--batch-size", "4"])
+    args.data = TIRE_ROOT
+
+    def stub(task: str, request: dict, tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        assert task == "draem" and request["base_width"] == 4
+        values = {**MODELS["draem"].recipes["anomalib"].values, "crop": 32, "init_seed": 99, "base_width": 4}
+        model = Draem(Draem.settings_of(values)).eval()
+        model.load_state_dict(load_file(request["weights_file"]))
+        out = {"unfilled": torch.tensor(0)}
+        with torch.no_grad():
+            for name in ("test", "anomalous"):
+                images = tensors[f"{name}_images"]
+                predicted = model.predict(images)
+                out[f"{name}/reconstruction"] = model.reconstructive_subnetwork(images)
+                out[f"{name}/pred_score"], out[f"{name}/anomaly_map"] = predicted["pred_score"], predicted["anomaly_map"]
+            reconstruction, logits = copy.deepcopy(model).train().discriminate(tensors["anomalous_images"])
+            out["train/anomaly_map"] = torch.softmax(logits, dim=1)[:, 1]
+            losses = draem_loss(tensors["target_images"], reconstruction, tensors["masks"], logits, "anomalib")
+        out.update({key: value.reshape(1) for key, value in losses.items()})
+        out["anomalous/anomaly_map"][1, 3, 4] += 0.25
+        out["loss/ssim"] = out["loss/ssim"] + 1e-3
+        return out
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # on a loaded 2-core machine OpenMP's threads make these small convolutions crawl
+    try:
+        rows = {r.quantity: r for r in parity._draem_section(args, stub, tmp_path)}
+    finally:
+        torch.set_num_threads(threads)
+    assert rows["test: anomaly map"].max_abs == rows["test: image score"].max_abs == 0.0
+    assert rows["synthetic batch: anomaly map"].max_abs == rows["synthetic batch: loss"].max_abs == 0.0
+    assert rows["anomalous: anomaly map"].max_abs == pytest.approx(0.25, abs=1e-6)
+    assert rows["synthetic batch: loss/ssim"].max_abs == pytest.approx(1e-3, rel=1e-3)
+    assert rows["test: reconstruction"].section == "draem (32 px, random init, base width 4)"

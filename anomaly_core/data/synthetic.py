@@ -220,6 +220,17 @@ def _write_category(
             _save_png(mask.astype(np.uint8) * 255, dest / "ground_truth" / defect / f"{i:0{width}d}_mask.png")
 
 
+def write_textures(folder: str | Path, per_texture: int = 4, size: int = 96, seed: int = 0) -> Path:
+    """A small stand-in for DTD (DRAEM's anomaly textures, training.auxiliary.dtd): ``per_texture`` images of
+    each procedural texture in ``folder/<texture>/NNN.png``, DTD's layout; the same bytes on every call."""
+    folder = Path(folder)
+    for category in TEXTURES:
+        for i in range(per_texture):
+            image = _normal_image(_rng(seed, category, "texture", i), category, size)
+            _save_png(image, folder / category / f"{i:03d}.png")
+    return folder
+
+
 def _read_manifest(root: Path) -> dict | None:
     try:
         return json.loads((root / MANIFEST).read_text())

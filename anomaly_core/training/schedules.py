@@ -65,3 +65,31 @@ class WarmCosine:
             cosine = 1 + math.cos(math.pi * (step - self.warmup_steps) / (self.total_steps - self.warmup_steps))
             rate = self.final_lr + 0.5 * (self.base_lr - self.final_lr) * cosine
         return rate / self.base_lr
+
+
+@dataclass
+class MultiStepDecay:
+    """Factor of the base learning rate at optimisation step ``step``: ``decay_factor`` to the number of
+    ``milestones`` (fractions of the epochs) its epoch has reached, as MultiStepLR stepped once per epoch.
+
+    A milestone's epoch is ``round(fraction * epochs)``: DRAEM's ``[0.8 epochs, 0.9 epochs]`` (train_DRAEM.py),
+    and anomalib's epochs 400 and 600 of 700 as 4/7 and 6/7. (The authors' MultiStepLR never reaches a milestone
+    that is not a whole epoch; this one rounds it.)
+    """
+
+    steps_per_epoch: int
+    epochs: int
+    milestones: tuple[float, ...]
+    decay_factor: float
+
+    def __post_init__(self) -> None:
+        if self.steps_per_epoch < 1 or self.epochs < 1:
+            raise ValueError(f"need steps_per_epoch >= 1 and epochs >= 1; got {self}")
+        if not all(0 < m <= 1 for m in self.milestones) or not 0 < self.decay_factor <= 1:
+            raise ValueError(f"milestones and decay_factor must be in (0, 1], got {self.milestones}, "
+                             f"{self.decay_factor}")
+        self.milestones = tuple(self.milestones)
+
+    def __call__(self, step: int) -> float:
+        epoch = step // self.steps_per_epoch
+        return self.decay_factor ** sum(epoch >= round(m * self.epochs) for m in self.milestones)
