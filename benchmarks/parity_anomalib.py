@@ -51,6 +51,7 @@ from torchvision.transforms import functional as TF
 
 from anomaly_core.backbones import IMAGENET_MEAN, IMAGENET_STD, RANDOM_INIT, RANDOM_INIT_SEED, architecture, build_classifier
 from anomaly_core.data import ImageTransform, load_split
+from anomaly_core.data.synthetic import write_textures
 from anomaly_core.extraction import ExtractionSettings, PatchFeatureExtractor
 from anomaly_core.features import PatchFeatures
 from anomaly_core.padim import PadimScoring, fit_statistics
@@ -71,7 +72,6 @@ from anomaly_core.training import (
 from anomaly_core.training.batches import EpochPlan
 from anomaly_core.training.dinomaly import Dinomaly
 from anomaly_core.training.efficient_ad import EfficientAd, EfficientAdSettings
-from penalty_images import write_penalty_images
 
 REPO = Path(__file__).resolve().parents[1]
 SIDE = Path(__file__).with_name("parity_anomalib_side.py")
@@ -521,7 +521,7 @@ def _efficient_ad_section(args, runner: Runner, folder: Path, backbone: str) -> 
     tag = f"efficient_ad/{backbone} (random)"
     recipe = MODELS["efficient_ad"].recipes["anomalib"].values
     settings = EfficientAdSettings(
-        backbone=backbone, init_seed=args.seed, auxiliary={"imagenette": str(write_penalty_images(folder / "penalty", 4))},
+        backbone=backbone, init_seed=args.seed, auxiliary={"imagenette": str(write_textures(folder / "penalty", 1, 64))},
         **{key: recipe[key] for key in ("lr", "weight_decay", "max_steps", "decay_at", "decay_factor",
                                         "held_out_fraction", "map_normalisation")})
     model = EfficientAd(settings, RANDOM_INIT).eval()
@@ -664,7 +664,6 @@ def _draem_section(args, runner: Runner, folder: Path) -> list[Row]:
     """Our DRAEM with the `anomalib` recipe (anomalib's discriminator input order, map-max score, loss form) and
     anomalib's DraemModel with its weights, on raw [0, 1] tire images and on one batch of our simulated anomalies
     (generated textures as DTD). Training is not compared: the two synthesise different random anomalies."""
-    from anomaly_core.data.synthetic import write_textures
     from anomaly_core.training.anomaly_synthesis import image_seeds
     from anomaly_core.training.draem import Draem, draem_loss
 

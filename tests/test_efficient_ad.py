@@ -5,7 +5,6 @@ step on a CPU), random init, real tire images at the model's smallest size (256)
 from __future__ import annotations
 
 import json
-import sys
 
 import numpy as np
 import pytest
@@ -14,6 +13,7 @@ import torch
 import cluster.training
 from anomaly_core.config import ConfigError, parse_config
 from anomaly_core.data import CategorySplit, load_split
+from anomaly_core.data.synthetic import write_textures
 from anomaly_core.training import (
     ModelFilesError,
     Trainer,
@@ -31,13 +31,11 @@ from jobs.train import preflight
 
 from .conftest import REPO, TIRE_ROOT
 
-sys.path.insert(0, str(REPO / "benchmarks"))
-from penalty_images import write_penalty_images  # noqa: E402
 
 
 @pytest.fixture(scope="module")
 def penalty(tmp_path_factory):
-    return write_penalty_images(tmp_path_factory.mktemp("imagenette"), count=4)
+    return write_textures(tmp_path_factory.mktemp("imagenette"), per_texture=1, size=64)
 
 
 @pytest.fixture
