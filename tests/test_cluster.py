@@ -64,7 +64,7 @@ from jobs.resume import finished_category
 from jobs.tracking import BANK_ARTIFACT_TYPE
 
 from .conftest import REPO, TIRE_ROOT
-from .test_tracking import read_offline_run, read_records, wandb_env  # noqa: F401 - wandb_env is a fixture
+from .test_tracking import read_offline_run, wandb_env  # noqa: F401 - wandb_env is a fixture
 
 
 def tire_config(**cluster):
@@ -507,10 +507,11 @@ def test_driver_killed_then_resumed_equals_the_undisturbed_run(ray_cluster, refe
     # One W&B run: the killed driver's offline run and the resumed one carry the id kept in the run folder
     run_id = (run_dir / "wandb" / "run_id").read_text().strip()
     killed, resumed = sorted((run_dir / "wandb").glob("offline-run-*/run-*.wandb"))
+    # (wandb names the file by the run's id when it starts; what a SIGKILLed driver's file holds beyond that
+    # depends on how far wandb's writer had flushed: nothing more is asked of it)
     assert killed.name == resumed.name == f"run-{run_id}.wandb"
-    killed_run = next(record.run for record in read_records(killed) if record.WhichOneof("record_type") == "run")
     recorded = read_offline_run(run_dir, resumed)
-    assert killed_run.run_id == recorded["run"].run_id == run_id
+    assert recorded["run"].run_id == run_id
     history = recorded["history"]
     [copy_row] = [row for row in history if row.get("category") == "tire_copy/tire"]
     extractor = [row for row in history if "system/extractor_0/rss_mib" in row]
