@@ -36,8 +36,8 @@ import torch
 from anomaly_core.bank import BankError, MemoryBank, atomic_write, check_compatible, write_json
 from anomaly_core.config import WandbConfig
 from anomaly_core.data import IMAGE_EXTENSIONS, ImageTransform, image_size, read_rgb
-from anomaly_core.extraction import ExtractionSettings, PatchFeatureExtractor
 from anomaly_core.distances import MatrixDevice
+from anomaly_core.extraction import ExtractionSettings, PatchFeatureExtractor
 from anomaly_core.features import PatchFeatures
 from anomaly_core.memories import SavedMemory, load_memory
 from anomaly_core.scoring import Predictions, predict
@@ -104,9 +104,9 @@ def rebuild_extractor(metadata: dict[str, Any], weights: str | None, source: str
 def thresholds(metadata: dict[str, Any], override: float | None, source: str, record: str) -> dict[str, Any]:
     """Image and pixel thresholds, and where they come from (``record``: the JSON file holding ``metadata``).
 
-    Image scores and map values share a unit (distance to the nearest bank patch), so a single
-    ``--threshold`` serves both; a bank without a pixel threshold (no masks at evaluation) uses its
-    image threshold for the masks. Recorded thresholds must be finite numbers: a NaN labels nothing
+    Image scores and map values share a unit (a patch's distance to the nearest bank patch, or PaDiM's
+    Mahalanobis distance to its position's Gaussian), so a single ``--threshold`` serves both; a bank
+    without a pixel threshold (no masks at evaluation) uses its image threshold for the masks. Recorded thresholds must be finite numbers: a NaN labels nothing
     anomalous, and a string would fail half-way through writing the outputs.
     """
     if override is not None:

@@ -294,3 +294,23 @@ def test_a_padim_folder_of_other_extraction_settings_is_refused_in_one_line(padi
                         "--weights", "random"]) == 2
     error = capsys.readouterr().err
     assert "does not match the inference configuration" in error and "weights_sha256" in error
+
+
+def test_saved_memories_are_told_apart_by_their_files(padim_folder, tmp_path):
+    """A PaDiM folder, or its padim.safetensors, loads as PaDiM's statistics with their recorded scoring; a folder
+    holding neither kind's files is read as a bank, whose loader names the file that is missing."""
+    from anomaly_core.bank import MemoryBank
+    from anomaly_core.memories import load_memory, saved_memory
+    from anomaly_core.padim import PadimStatistics
+
+    folder, _, statistics, _ = padim_folder
+    for path in (folder, folder / "padim.safetensors"):
+        memory, loaded = load_memory(path)
+        assert memory.method == "padim" and isinstance(loaded, PadimStatistics) and loaded.sha256 == statistics.sha256
+        assert memory.scoring(loaded.metadata) == PadimScoring(blur_sigma=4.0, image_score="map_max")
+    bank = MemoryBank(np.ones((3, 2), np.float32), {"scoring": {"k": 1}})
+    bank.save(tmp_path / "bank")
+    assert load_memory(tmp_path / "bank" / "bank.safetensors")[0].method == "patchcore"
+    assert saved_memory(tmp_path).method == "patchcore"
+    with pytest.raises(BankError, match=f"^memory bank file not found: {tmp_path}/bank.safetensors$"):
+        load_memory(tmp_path)
