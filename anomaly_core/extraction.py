@@ -79,7 +79,8 @@ class ExtractionSettings:
             "patch_size": self.patch_size,
             "patch_stride": self.patch_stride,
             "pretrain_dim": self.pretrain_dim,
-            "feature_dim": self.target_dim,
+            # PaDiM's embedding is its channel subset (``patch_features.ConcatEmbedder``), not the projection
+            "feature_dim": self.padim_subset[0] if self.padim_subset else self.target_dim,
             "fp16": self.fp16,
             "gpu_jpeg_decode": self.gpu_jpeg_decode,
             "batch_size": self.batch_size,
@@ -154,10 +155,9 @@ class PatchFeatureExtractor:
 
     def describe(self) -> dict[str, Any]:
         """The bank-compatibility fields (see ``bank.COMPATIBILITY_KEYS``)."""
-        padim = {"padim": self.padim, "feature_dim": self.padim["channels"]} if self.padim else {}
         return {
             **self.settings.declared(),
-            **padim,
+            **({"padim": self.padim} if self.padim else {}),
             "layers": list(self.backbone.layers),
             "weights_sha256": self.backbone.weights_sha256,
             "mean": list(self.backbone.mean),

@@ -227,9 +227,16 @@ def save_statistics(statistics: PadimStatistics, directory: Path) -> tuple[Path,
     return tensors_path, json_path
 
 
+def recorded_scoring(metadata: dict[str, Any]) -> PadimScoring:
+    """The scoring saved statistics record (``scoring``: what their thresholds were found with)."""
+    return PadimScoring(**metadata.get("scoring", {}))
+
+
 def load_statistics(path: Path) -> PadimStatistics:
-    """Statistics from their folder; refused when missing, damaged, or not what ``padim.json`` records."""
-    folder = Path(path)
+    """Statistics from their folder (or its ``padim.safetensors``); refused when missing, damaged, or not what
+    ``padim.json`` records."""
+    path = Path(path)
+    folder = path if path.is_dir() or path.name != TENSORS_FILE else path.parent
     tensors_path, json_path = folder / TENSORS_FILE, folder / METADATA_FILE
     metadata, tensors = read_saved(tensors_path, json_path, "PaDiM statistics", PADIM_FORMAT)
     mean, inverse = tensors.get(MEAN_KEY), tensors.get(INVERSE_KEY)

@@ -3,6 +3,9 @@
     python -m jobs.evaluate --config configs/demo.yaml --dataset tire_small --category tire \
         --bank outputs/banks/tire_small/tire        # or --bank wandb:<entity>/<project>/<name>:<alias>
 
+A PaDiM category folder (``padim.safetensors`` + ``padim.json``) is evaluated as a bank, with a config of
+``method: padim`` (``anomaly_core.memories`` tells the two apart by their files).
+
 A trained model's folder (jobs.train: ``model.safetensors`` + ``model.json``, or a ``trained-model``
 artifact) is scored in this process, as jobs.train scores it, and its metrics computed the same way.
 """
@@ -17,9 +20,10 @@ import sys
 import time
 from pathlib import Path
 
-from anomaly_core.bank import BankError, check_compatible, load_bank
+from anomaly_core.bank import BankError, check_compatible
 from anomaly_core.config import ConfigError, RunConfig
 from anomaly_core.extraction import ExtractionSettings
+from anomaly_core.memories import load_memory
 from anomaly_core.data import metric_groups
 from anomaly_core.patchcore import evaluate as compute_report
 from anomaly_core.patchcore import category_record, train_list_sha256
@@ -64,12 +68,15 @@ def evaluate(args: argparse.Namespace) -> Path:
             folder = write_category(out, result, config)
             tracker.log_category(result, transform_of(config))
             return finished(result, folder)
-        bank = load_bank(path)
-        # Settings mismatches fail here, before any actor starts; weights and normalisation are
-        # checked against the loaded model once the pipeline is up.
+        memory, bank = load_memory(path)  # a PatchCore bank or PaDiM's statistics, by the files there
+        if memory.method != config.method:
+            raise ConfigError(f"{args.bank} holds a {memory.method} memory ({memory.record}); this config's method "
+                              f"is {config.method}: evaluate it with a config of method: {memory.method}")
+        # Settings mismatches fail here, before the model is built; its layers, weights, normalisation and
+        # PaDiM channel subset in preflight, which builds it, before any actor starts.
         check_compatible(bank.metadata, {**ExtractionSettings.from_config(config).declared(),
                                          **category_record(config, job.split.dataset, job.split.category)}, args.bank)
-        grid = preflight(config, [job], need_test=True)
+        grid = preflight(config, [job], need_test=True, saved=(bank.metadata, str(args.bank)))
         if job.validation and bank.metadata.get("train_list_sha256") != train_list_sha256(job.split.train, job.root):
             raise ConfigError(f"thresholds.source=validation: {args.bank} was not built from the training images this "
                               f"config's validation split leaves ({len(job.split.train)} of "

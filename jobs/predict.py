@@ -3,10 +3,12 @@
     python -m jobs.predict --bank <folder|bank.safetensors|wandb:entity/project/name:alias> --input <image|folder>
                            [--out DIR] [--weights PATH] [--threshold X] [--wandb off|offline|online|auto]
 
-The extractor is rebuilt from the bank's own metadata (backbone, layers, weights, preprocessing), and
-the scoring too (AnomalyDINO's background mask where the bank records masking), and the extractor is
-then checked against it, so a bank is never scored with features it was not built from. A trained
-model's folder (jobs.train: ``model.safetensors`` + ``model.json``) works the same way. Single
+The extractor is rebuilt from the bank's own metadata (backbone, layers, weights, preprocessing, PaDiM's
+channel subset), and the scoring too (AnomalyDINO's background mask where the bank records masking), and
+the extractor is then checked against it, so a bank is never scored with features it was not built from.
+A PaDiM category folder (``padim.safetensors`` + ``padim.json``) is read as a bank: which one a folder holds,
+and so how it loads and scores, is ``anomaly_core.memories``' lookup. A trained model's folder (jobs.train:
+``model.safetensors`` + ``model.json``) works the same way. Single
 process, no Ray: the engine functions of ``anomaly_core.patchcore`` do the work, as in a benchmark.
 
 Output in ``--out``: ``predictions.json`` (per image ``pred_score``, ``pred_label``, and the paths,
@@ -31,13 +33,14 @@ from typing import Any, Callable, Sequence
 import numpy as np
 import torch
 
-from anomaly_core.bank import BankError, MemoryBank, atomic_write, check_compatible, load_bank, write_json
+from anomaly_core.bank import BankError, MemoryBank, atomic_write, check_compatible, write_json
 from anomaly_core.config import WandbConfig
 from anomaly_core.data import IMAGE_EXTENSIONS, ImageTransform, image_size, read_rgb
+from anomaly_core.distances import MatrixDevice
 from anomaly_core.extraction import ExtractionSettings, PatchFeatureExtractor
 from anomaly_core.features import PatchFeatures
-from anomaly_core.patchcore import bank_scoring_params
-from anomaly_core.scoring import NearestNeighbourScorer, Predictions, predict
+from anomaly_core.memories import SavedMemory, load_memory
+from anomaly_core.scoring import Predictions, predict
 from anomaly_core.training import load_model_files, read_model_metadata
 from anomaly_core.training import predict_images as predict_model
 from anomaly_core.training.model_files import METADATA_FILE
@@ -72,6 +75,7 @@ def rebuild_extractor(metadata: dict[str, Any], weights: str | None, source: str
     weights = weights or metadata.get("weights")
     if not weights:
         raise PredictError(f"{source} does not record the backbone weights it was built with; pass --weights PATH")
+    padim = metadata.get("padim")  # PaDiM's channel subset, None for a PatchCore bank
     if metadata.get("gpu_jpeg_decode"):
         raise PredictError(f"{source} was built with preprocess.gpu_jpeg_decode (JPEGs decoded and images resized on "
                            "the GPU); jobs.predict decodes and resizes with PIL, whose pixels differ")
@@ -88,6 +92,7 @@ def rebuild_extractor(metadata: dict[str, Any], weights: str | None, source: str
             target_dim=metadata["feature_dim"],
             batch_size=metadata.get("batch_size", ExtractionSettings.batch_size),
             fp16=metadata.get("fp16", False),
+            padim_subset=(padim["channels"], padim["seed"]) if padim else None,
         )
     except KeyError as missing:
         raise BankError(f"{source}: bank metadata lacks {missing}, so its extractor cannot be rebuilt") from None
@@ -96,12 +101,12 @@ def rebuild_extractor(metadata: dict[str, Any], weights: str | None, source: str
     return extractor
 
 
-def thresholds(metadata: dict[str, Any], override: float | None, source: str) -> dict[str, Any]:
-    """Image and pixel thresholds, and where they come from.
+def thresholds(metadata: dict[str, Any], override: float | None, source: str, record: str) -> dict[str, Any]:
+    """Image and pixel thresholds, and where they come from (``record``: the JSON file holding ``metadata``).
 
-    Image scores and map values share a unit (distance to the nearest bank patch), so a single
-    ``--threshold`` serves both; a bank without a pixel threshold (no masks at evaluation) uses its
-    image threshold for the masks. Recorded thresholds must be finite numbers: a NaN labels nothing
+    Image scores and map values share a unit (a patch's distance to the nearest bank patch, or PaDiM's
+    Mahalanobis distance to its position's Gaussian), so a single ``--threshold`` serves both; a bank
+    without a pixel threshold (no masks at evaluation) uses its image threshold for the masks. Recorded thresholds must be finite numbers: a NaN labels nothing
     anomalous, and a string would fail half-way through writing the outputs.
     """
     if override is not None:
@@ -109,14 +114,14 @@ def thresholds(metadata: dict[str, Any], override: float | None, source: str) ->
     recorded = metadata.get("thresholds") or {}
     if not isinstance(recorded, dict) or recorded.get("image") is None:
         raise PredictError(f"{source} records no image threshold (its evaluation had no anomalous images, or it "
-                           f"predates thresholds in bank.json); pass --threshold X")
+                           f"predates thresholds in {record}); pass --threshold X")
     for key in ("image", "pixel"):
         value = recorded.get(key)
         if value is not None and not (isinstance(value, (int, float)) and not isinstance(value, bool)
                                       and math.isfinite(value)):
-            raise BankError(f"{source}: bank.json thresholds.{key} is {value!r}, not a finite number; pass --threshold X")
+            raise BankError(f"{source}: {record} thresholds.{key} is {value!r}, not a finite number; pass --threshold X")
     pixel = recorded.get("pixel")
-    origin = "bank.json" + ("" if pixel is not None else " (image threshold used for masks)")
+    origin = record + ("" if pixel is not None else " (image threshold used for masks)")
     if recorded.get("source"):
         origin += f": {recorded['source']}"
     return {"image": recorded["image"], "pixel": pixel if pixel is not None else recorded["image"], "source": origin}
@@ -161,10 +166,11 @@ class ImageScorer:
     score: Callable[[torch.Tensor, int], Predictions]  # (transformed batch, index of its first image)
 
 
-def bank_scorer(bank: MemoryBank, extractor: PatchFeatureExtractor, source: str) -> ImageScorer:
+def memory_scorer(memory: SavedMemory, bank: MemoryBank, extractor: PatchFeatureExtractor, source: str) -> ImageScorer:
+    """A saved memory (a bank, PaDiM's statistics) scored on the CPU with the scoring its record describes."""
     # A single process with the machine to itself: the search and the maps get every core it may use.
     threads = len(os.sched_getaffinity(0))
-    scorer = NearestNeighbourScorer(bank.features, bank_scoring_params(bank.metadata), threads=threads)
+    scorer = memory.scoring(bank.metadata).scorer(bank.scoring_payload(), MatrixDevice(), threads)
 
     def score(images: torch.Tensor, start: int) -> Predictions:
         embeddings, grid = extractor.embed_batch(images)
@@ -240,13 +246,13 @@ def run(args: argparse.Namespace) -> Path:
         source = str(args.bank)
         if (bank_path / METADATA_FILE).is_file():  # a trained model's folder (jobs.train)
             scorer, metadata = model_scorer(bank_path, args.weights, args.device)
-            digest = metadata["tensors_sha256"]
-        else:
-            bank = load_bank(bank_path)
-            metadata, digest = bank.metadata, bank.metadata.get("bank_sha256")
-            scorer = bank_scorer(bank, rebuild_extractor(metadata, args.weights, source, args.device), source)
+            digest, record = metadata["tensors_sha256"], METADATA_FILE
+        else:  # a bank or PaDiM's statistics (anomaly_core.memories)
+            memory, bank = load_memory(bank_path)
+            metadata, digest, record = bank.metadata, bank.metadata.get("bank_sha256"), memory.record
+            scorer = memory_scorer(memory, bank, rebuild_extractor(metadata, args.weights, source, args.device), source)
         tracker.use_backbone(metadata)
-        limits = thresholds(metadata, args.threshold, source)
+        limits = thresholds(metadata, args.threshold, source, record)
         records = predict_images(scorer, root, images, limits, out_dir)
         write_json(out_dir / "predictions.json", {
             "bank": {"source": source, "bank_sha256": digest,

@@ -12,11 +12,12 @@ from __future__ import annotations
 
 import logging
 from dataclasses import replace
-from typing import Sequence
+from typing import Any, Sequence
 
 import torch
 
 from anomaly_core.backbones import WeightsError
+from anomaly_core.bank import check_compatible
 from anomaly_core.config import ConfigError, RunConfig
 from anomaly_core.coreset import coreset_size
 from anomaly_core.data.checks import check_split
@@ -28,15 +29,20 @@ from cluster.pipeline import MEMORY_METHODS, CategoryJob
 log = logging.getLogger("jobs.preflight")
 
 
-def check_model(config: RunConfig, key: str = "backbone") -> tuple[int, int]:
+def check_model(config: RunConfig, key: str = "backbone", saved: tuple[dict[str, Any], str] | None = None
+                ) -> tuple[int, int]:
     """Build the configured extractor on the CPU; returns its patch grid. Errors name the config ``key``.
-    (Decoding is not part of the check: a ``gpu_jpeg_decode`` run's model is built with PIL decoding here.)"""
+    (Decoding is not part of the check: a ``gpu_jpeg_decode`` run's model is built with PIL decoding here.)
+    ``saved``: (the record, the source) of a saved memory the job scores with: refused now unless the built
+    extractor is the one it records (layers, weights, PaDiM's channel subset), not once the actors are up."""
     settings = ExtractionSettings.from_config(config)
     try:
         extractor = PatchFeatureExtractor(replace(settings, gpu_jpeg_decode=False), device="cpu")
     except (WeightsError, PadimError) as error:
         raise ConfigError(f"{key} ({settings.backbone}, layers {list(settings.layers)}, weights "
                           f"{settings.weights}): {error}") from None
+    if saved is not None:  # as the configured extractor decodes (built here with PIL decoding)
+        check_compatible(saved[0], {**extractor.describe(), "gpu_jpeg_decode": settings.gpu_jpeg_decode}, saved[1])
     _, grid = extractor.embed_batch(torch.zeros(1, 3, settings.crop, settings.crop))
     return grid
 
@@ -69,10 +75,12 @@ def check_k(config: RunConfig, jobs: Sequence[CategoryJob], grid: tuple[int, int
             )
 
 
-def preflight(config: RunConfig, jobs: Sequence[CategoryJob], need_test: bool) -> tuple[int, int]:
-    """Model (each ensemble member's), data and ``k`` checks of a job; returns the (first) model's patch grid."""
+def preflight(config: RunConfig, jobs: Sequence[CategoryJob], need_test: bool,
+              saved: tuple[dict[str, Any], str] | None = None) -> tuple[int, int]:
+    """Model (each ensemble member's), data and ``k`` checks of a job; returns the (first) model's patch grid.
+    ``saved``: the record and source of the saved memory a one-backbone job scores with (``check_model``)."""
     keys = [key for key, _ in config.backbones()]
-    grids = [check_model(member, key) for member, key in zip(config.members(), keys)]
+    grids = [check_model(member, key, saved) for member, key in zip(config.members(), keys)]
     check_jobs(config, jobs, need_test)
     for grid, key in zip(grids, keys):
         check_k(config, jobs, grid, key)

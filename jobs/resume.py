@@ -22,7 +22,7 @@ from anomaly_core.backbones import file_sha256
 from anomaly_core.bank import BankError, MemoryBank, load_bank
 from anomaly_core.config import ConfigError, RunConfig, parse_config
 from anomaly_core.metrics import MetricReport
-from anomaly_core.padim import METADATA_FILE as PADIM_FILE, load_statistics
+from anomaly_core.memories import load_memory
 from anomaly_core.scoring import Predictions
 from anomaly_core.training.model_files import METADATA_FILE, TENSORS_FILE, read_model_metadata
 from cluster.ensemble import ENSEMBLE_KEY
@@ -84,10 +84,8 @@ def finished_category(run_dir: Path, job: CategoryJob, member: str | None = None
             bank = _ensemble_record(folder, job)
         elif (folder / METADATA_FILE).is_file():
             bank = model_record(folder)
-        elif (folder / PADIM_FILE).is_file():
-            bank = load_statistics(folder)
-        else:
-            bank = load_bank(folder)
+        else:  # a bank or PaDiM's statistics, by the files there
+            _, bank = load_memory(folder)
         if record.get("bank_sha256") != bank.metadata["bank_sha256"]:
             raise BankError(f"{metrics_path} names bank {record.get('bank_sha256')}, the folder holds "
                             f"{bank.metadata['bank_sha256']}")

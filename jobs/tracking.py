@@ -50,7 +50,7 @@ from anomaly_core.metrics import METRIC_NAMES, THRESHOLD_NAMES, grouped_names
 from jobs.compare import method_of
 from anomaly_core.patchcore import train_list_sha256
 from anomaly_core.training.model_files import METADATA_FILE as MODEL_METADATA_FILE
-from anomaly_core.padim import METADATA_FILE as PADIM_METADATA_FILE, TENSORS_FILE as PADIM_TENSORS_FILE
+from anomaly_core.memories import SAVED_MEMORIES
 from jobs.report import (
     bank_rows_and_sha256,
     display_image,
@@ -495,7 +495,7 @@ class Tracker:
 
     @_guarded
     def _use_folder(self, folder: Path) -> None:
-        if not any((folder / name).is_file() for name in ("bank.json", MODEL_METADATA_FILE)):
+        if not any((folder / kind[0]).is_file() for kind in FOLDER_KINDS):
             return  # not a bank or model folder: the job's own loading says so, tracking stays on
         metadata = _folder_metadata(folder)
         self._use(folder_artifact(folder, metadata.get("dataset") or folder.parent.name,
@@ -591,10 +591,9 @@ def folder_artifact(folder: Path, dataset: str, category: str, member: str | Non
 
 
 # What a category folder saves: (JSON record, tensors file, artifact type, name prefix), the first whose record
-# exists; else a bank's. PaDiM's statistics are a memory-based method's like a bank (anomaly_core.padim).
+# exists; else a bank's. Every saved memory (a bank, PaDiM's statistics: anomaly_core.memories) is a bank artifact.
 FOLDER_KINDS = ((MODEL_METADATA_FILE, "model.safetensors", MODEL_ARTIFACT_TYPE, "model"),
-                (PADIM_METADATA_FILE, PADIM_TENSORS_FILE, BANK_ARTIFACT_TYPE, "bank"),
-                ("bank.json", "bank.safetensors", BANK_ARTIFACT_TYPE, "bank"))
+                *((memory.record, memory.tensors, BANK_ARTIFACT_TYPE, "bank") for memory in SAVED_MEMORIES))
 
 
 def _folder_kind(folder: Path) -> tuple[str, str, str, str]:

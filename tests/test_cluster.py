@@ -878,6 +878,33 @@ def test_benchmark_job_with_padim_writes_its_statistics_and_resumes_them(ray_clu
     assert kept is not None and kept.bank.sha256 == statistics.sha256
 
 
+def test_evaluate_job_scores_a_padim_folder_as_the_engine_does(ray_cluster, tmp_path):
+    """jobs.evaluate with a PaDiM category folder (statistics fitted in this process from 6 training images):
+    the engine's scores and metrics of the whole test set, bit for bit, and the statistics beside them with
+    the thresholds found."""
+    from anomaly_core.data import metric_groups
+
+    from .test_padim import save_padim_folder
+
+    config = padim_config(num_extractors=1)
+    torch.set_num_threads(1)  # what the extractors use (cluster.cpus_per_actor < 2)
+    extractor = PatchFeatureExtractor(ExtractionSettings.from_config(config))
+    split = load_split("mvtec", TIRE_ROOT, "tire")
+    statistics, expected = save_padim_folder(tmp_path / "padim", extractor, split.train[:6], split.test)
+    report = evaluate(split.test, expected, extractor.transform, 0.3, metric_groups(split.dataset))
+    config_path = tmp_path / "padim.yaml"
+    config_path.write_text(json.dumps(config.model_dump(mode="json")))  # JSON is YAML
+    assert evaluate_job.main(["--config", str(config_path), "--category", "tire", "--bank", str(tmp_path / "padim"),
+                              "--out", str(tmp_path / "eval")]) == 0
+    folder = tmp_path / "eval" / "tire_small" / "tire"
+    metrics = json.loads((folder / "metrics.json").read_text())
+    assert metrics["values"] == report.values and metrics["bank_sha256"] == statistics.sha256
+    records = json.loads((folder / "predictions" / "predictions.json").read_text())
+    assert [record["pred_score"] for record in records] == expected.scores.tolist()
+    saved = load_statistics(folder)
+    assert saved.sha256 == statistics.sha256 and saved.metadata["thresholds"]["image"] == metrics["values"]["image_threshold"]
+
+
 def test_feature_cache_skips_extraction_with_identical_results(ray_cluster, tire_job, reference, tmp_path):
     """With the cache on, a category's second run reads train and test features from disk (no extractor
     work) and gives the same bank and scores. (That any keyed setting misses: tests/test_feature_cache.py.)"""

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import random
+import re
 import typing
 
 import numpy as np
@@ -185,3 +186,131 @@ def test_a_padim_folder_is_a_memory_bank_artifact_of_its_own_files(tmp_path):
     assert artifact.type == "memory-bank" and sorted(artifact.manifest.entries) == ["padim.json", "padim.safetensors"]
     assert artifact.metadata["backbone"] == "resnet18" and artifact.metadata["format"] == "anomaly-bench-padim/1"
     assert method_of({"config": {"method": "padim", "backbone": {"name": "resnet18"}}}) == "padim (resnet18)"
+
+
+# jobs.evaluate and jobs.predict with a PaDiM category folder, statistics fitted in this process.
+
+def padim_raw(root) -> dict:
+    """PaDiM on lite0's stride 4, 8 and 16 stages at 128 -> 112 (100 of 176 channels), tracking off."""
+    return {"name": "padim-test", "datasets": [{"name": "tire_small", "format": "mvtec", "root": str(root)}],
+            "backbone": {"name": "tf_efficientnet_lite0", "layers": ["blocks.1", "blocks.2", "blocks.4"],
+                         "weights": "package"},
+            "preprocess": {"resize": 128, "crop": 112}, "method": "padim", "cluster": {"batch_size": 4},
+            "wandb": {"mode": "off"}}
+
+
+def save_padim_folder(folder, extractor, train, test=()) -> tuple[typing.Any, typing.Any]:
+    """Statistics of ``train`` saved as jobs.benchmark saves a category's (its record, its scoring), and the
+    engine's predictions for ``test`` (PadimScoring's defaults), whose median score is the recorded threshold."""
+    from anomaly_core.padim import PadimScoring
+
+    record = {**extractor.describe(), "dataset": "tire_small", "category": "tire", "method": "padim",
+              "scoring": {"blur_sigma": 4.0, "image_score": "map_max"}}
+    statistics = fit_statistics([extractor.extract(train, range(len(train)))], 0.01, record)
+    predictions = None
+    if test:
+        scorer = PadimScoring().scorer(statistics.scoring_payload(), "cpu")
+        predictions = predict(scorer, extractor.extract(test, range(len(test))), extractor.settings.crop)
+        median = float(np.median(predictions.scores))
+        statistics.metadata["thresholds"] = {"image": median, "pixel": median}
+    save_statistics(statistics, folder)
+    return statistics, predictions
+
+
+@pytest.fixture(scope="module")
+def padim_folder(tire_root, tmp_path_factory):
+    """A PaDiM folder from 6 training images and the engine's predictions of 4 test images (2 good, 2 not)."""
+    from anomaly_core.data import load_split
+    from anomaly_core.extraction import ExtractionSettings, PatchFeatureExtractor
+
+    config = parse_config(padim_raw(tire_root), "test.yaml")
+    extractor = PatchFeatureExtractor(ExtractionSettings.from_config(config))
+    split = load_split("mvtec", tire_root, "tire")
+    test = [split.test[i] for i in (0, 15, 16, 25)]
+    assert sorted(sample.label for sample in test) == [0, 0, 1, 1]
+    folder = tmp_path_factory.mktemp("padim") / "tire_small" / "tire"
+    statistics, predictions = save_padim_folder(folder, extractor, split.train[:6], test)
+    return folder, test, statistics, predictions
+
+
+def test_predict_scores_a_padim_folder_as_the_engine_does_and_declares_it(padim_folder, tmp_path, monkeypatch):
+    """jobs.predict with a PaDiM folder: the engine's scores and maps bit for bit (the extractor rebuilt with
+    the recorded channel subset), labels at padim.json's threshold, and the folder declared as the bank
+    artifact its files make."""
+    from jobs.predict import main
+    from jobs.tracking import BANK_ARTIFACT_TYPE, folder_artifact
+    from tests.test_tracking import read_offline_run
+
+    folder, test, statistics, expected = padim_folder
+    inputs = tmp_path / "input"
+    inputs.mkdir()
+    for position, sample in enumerate(test):  # named so that their sorted order is the engine's
+        (inputs / f"{position}.png").write_bytes(open(sample.image_path, "rb").read())
+    monkeypatch.setenv("WANDB_DIR", str(tmp_path / "wandb_home"))
+    out = tmp_path / "out"
+    assert main(["--bank", str(folder), "--input", str(inputs), "--out", str(out), "--wandb", "offline"]) == 0
+    payload = json.loads((out / "predictions.json").read_text())
+    assert payload["bank"]["bank_sha256"] == statistics.sha256
+    assert payload["thresholds"]["source"] == "padim.json" and payload["thresholds"]["image"] == float(
+        np.median(expected.scores))
+    records = payload["predictions"]
+    assert [record["pred_score"] for record in records] == expected.scores.tolist()
+    for record, amap in zip(records, expected.maps):
+        assert np.array_equal(np.load(out / record["anomaly_map"]), amap)
+    assert [record["pred_label"] for record in records] == [int(s >= np.median(expected.scores)) for s in expected.scores]
+    assert sum(record["pred_label"] for record in records) == 2
+    [used] = [artifact for artifact in read_offline_run(out)["artifacts"] if artifact.type == BANK_ARTIFACT_TYPE]
+    artifact = folder_artifact(folder, "tire_small", "tire")
+    artifact.finalize()
+    assert (used.name, used.digest, used.use_after_commit) == ("bank-tire_small-tire", artifact.digest, True)
+
+
+def test_a_padim_folder_of_other_extraction_settings_is_refused_in_one_line(padim_folder, tire_root, tmp_path,
+                                                                            capsys):
+    """jobs.evaluate refuses statistics built with another channel subset or other layers before any actor
+    starts (preflight builds the model and checks its record), and a PatchCore config; jobs.predict refuses
+    other backbone weights than the recorded ones."""
+    from jobs.evaluate import main as evaluate
+    from jobs.predict import main as predict_job
+
+    folder, test, _, _ = padim_folder
+    config = tmp_path / "padim.yaml"
+    config.write_text(json.dumps(padim_raw(tire_root)))  # JSON is YAML
+    common = ["--config", str(config), "--category", "tire", "--bank", str(folder), "--set", f"output_dir={tmp_path}"]
+    for change, message in (
+        ("padim.seed=7", rf"^error: memory bank {folder} does not match the inference configuration: padim: bank has "
+                         r"\{'channel_indices': \[4, 123, .*\], 'channels': 100, 'seed': 1024\}, inference uses "
+                         r"\{'channels': 100, 'seed': 7, 'channel_indices': \[82, 38, .*\]\}$"),
+        ("backbone.layers=[blocks.1,blocks.2,blocks.6]", r"layers: bank has \['blocks.1', 'blocks.2', 'blocks.4'\], "
+                                                         r"inference uses \['blocks.1', 'blocks.2', 'blocks.6'\]"),
+        ("method=patchcore", rf"error: {folder} holds a padim memory \(padim.json\); this config's method is "
+                             r"patchcore: evaluate it with a config of method: padim$"),
+    ):
+        assert evaluate([*common, "--set", change]) == 2
+        error = capsys.readouterr().err.strip()
+        assert len(error.splitlines()) == 1 and re.search(message, error), error
+    assert not any(tmp_path.rglob("metrics.json"))
+    assert predict_job(["--bank", str(folder), "--input", test[0].image_path, "--out", str(tmp_path / "p"),
+                        "--weights", "random"]) == 2
+    error = capsys.readouterr().err
+    assert "does not match the inference configuration" in error and "weights_sha256" in error
+
+
+def test_saved_memories_are_told_apart_by_their_files(padim_folder, tmp_path):
+    """A PaDiM folder, or its padim.safetensors, loads as PaDiM's statistics with their recorded scoring; a folder
+    holding neither kind's files is read as a bank, whose loader names the file that is missing."""
+    from anomaly_core.bank import MemoryBank
+    from anomaly_core.memories import load_memory, saved_memory
+    from anomaly_core.padim import PadimStatistics
+
+    folder, _, statistics, _ = padim_folder
+    for path in (folder, folder / "padim.safetensors"):
+        memory, loaded = load_memory(path)
+        assert memory.method == "padim" and isinstance(loaded, PadimStatistics) and loaded.sha256 == statistics.sha256
+        assert memory.scoring(loaded.metadata) == PadimScoring(blur_sigma=4.0, image_score="map_max")
+    bank = MemoryBank(np.ones((3, 2), np.float32), {"scoring": {"k": 1}})
+    bank.save(tmp_path / "bank")
+    assert load_memory(tmp_path / "bank" / "bank.safetensors")[0].method == "patchcore"
+    assert saved_memory(tmp_path).method == "patchcore"
+    with pytest.raises(BankError, match=f"^memory bank file not found: {tmp_path}/bank.safetensors$"):
+        load_memory(tmp_path)
