@@ -9,7 +9,8 @@
 cd "$(dirname "$0")/.."
 OUT=$(mktemp -d /tmp/anomaly-bench-methods.XXXX)
 EPOCHS=${EPOCHS:-10}
-STEPS=${STEPS:-300}
+STEPS=${STEPS:-300}        # Dinomaly's steps (batch 16)
+EAD_STEPS=${EAD_STEPS:-40}  # EfficientAD's steps (batch 1, ~5 s each here: three PDN-sized networks at 256 px)
 PYTHON=${PYTHON:-.venv/bin/python}
 $PYTHON -c "from anomaly_core.data.synthetic import write_textures as w; w('$OUT/dtd', 8, 128); w('$OUT/imagenette', 8, 160)"
 TIRE='datasets=[{name: tire_small, format: mvtec, root: data/tire_small}]'
@@ -31,7 +32,7 @@ timed padim jobs.benchmark --config configs/padim.yaml --categories tire
 timed reverse_distillation jobs.train --config configs/reverse_distillation.yaml --set "$TIRE" "${LITE0[@]}" "${ONE_CPU[@]}" --set training.epochs=$EPOCHS
 timed stfpm jobs.train --config configs/stfpm.yaml --set "$TIRE" "${LITE0[@]}" "${ONE_CPU[@]}" --set training.epochs=$EPOCHS
 timed fastflow jobs.train --config configs/fastflow.yaml --set "$TIRE" "${LITE0[@]}" "${ONE_CPU[@]}" --set training.epochs=$EPOCHS --set training.batch_size=8
-timed efficient_ad jobs.train --config configs/efficient_ad.yaml --set "$TIRE" --set backbone.weights=random "${ONE_CPU[@]}" --set training.max_steps=$STEPS --set training.auxiliary.imagenette=$OUT/imagenette
+timed efficient_ad jobs.train --config configs/efficient_ad.yaml --set "$TIRE" --set backbone.weights=random "${ONE_CPU[@]}" --set training.max_steps=$EAD_STEPS --set training.auxiliary.imagenette=$OUT/imagenette
 timed draem jobs.train --config configs/draem.yaml --set "$TIRE" "${ONE_CPU[@]}" --set training.epochs=$EPOCHS --set training.base_width=32 --set preprocess.resize=128 --set preprocess.crop=128 --set training.auxiliary.dtd=$OUT/dtd
 timed dinomaly jobs.train --config configs/dinomaly.yaml --set "$TIRE" --set backbone.name=vit_small_patch14_reg4_dinov2 --set backbone.layers=[] --set backbone.weights=random --set preprocess.resize=128 --set preprocess.crop=112 "${ONE_CPU[@]}" --set training.max_steps=$STEPS
 $PYTHON -m jobs.compare $OUT/patchcore $OUT/padim $OUT/reverse_distillation $OUT/stfpm $OUT/fastflow $OUT/efficient_ad $OUT/draem $OUT/dinomaly --out $OUT > $OUT/compare.log 2>&1

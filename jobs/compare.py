@@ -20,6 +20,7 @@ import numpy as np
 
 from anomaly_core.bank import atomic_write
 from anomaly_core.config import ConfigError
+from anomaly_core.registry import MODELS
 from jobs.errors import run_job
 from jobs.report import write_csv
 
@@ -31,7 +32,9 @@ def method_of(summary: dict[str, Any]) -> str:
     its backbone."""
     config = summary.get("config", {})
     if config.get("training") and summary.get("job") == "train":
-        return f"{config['training']['model']} ({config['backbone']['name']})"
+        model = config["training"]["model"]
+        entry = MODELS.get(model)
+        return model if entry is not None and not entry.uses_backbone else f"{model} ({config['backbone']['name']})"
     if config.get("ensemble"):
         return "patchcore ensemble (" + " + ".join(member["name"] for member in config["ensemble"]) + ")"
     return f"{config.get('method', 'patchcore')} ({config.get('backbone', {}).get('name', '?')})"

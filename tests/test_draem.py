@@ -274,3 +274,12 @@ def test_a_ranks_share_of_a_batch_gets_the_anomalies_one_process_gives_those_pos
             model.training_step(torch.zeros(4 // world, 3, SIZE, SIZE))
     assert drawn[1] == drawn[0][2:] == image_seeds(5, 3, 0, 2, 2)
     assert len(set(drawn[0])) == 4
+
+
+def test_jobs_compare_names_draem_without_the_backbone_it_ignores():
+    """DRAEM trains from scratch: a run's config still holds a backbone section, which its column must not claim."""
+    from jobs.compare import method_of
+
+    config = {"training": {"model": "draem"}, "backbone": {"name": "wide_resnet50_2"}}
+    assert method_of({"job": "train", "config": config}) == "draem"
+    assert method_of({"job": "train", "config": {**config, "training": {"model": "stfpm"}}}) == "stfpm (wide_resnet50_2)"
