@@ -5,7 +5,7 @@
 
 Each model is built by its registry entry from a config (``ModelEntry.build``: its default recipe, the
 authors' values) and trained with the engine's ``Trainer`` (what a ``jobs.train`` fit task runs) on
-tire_small's good training images (34), at its recipe's image size and with its example config's backbone
+tire_small's good training images (34, less a recipe's held-out share, as a fit task), at its recipe's image size and with its example config's backbone
 (``configs/<model>.yaml``: the authors' WRN50 / ResNet18 / DINOv2 ViT-B) at random init, which costs what the
 pretrained weights cost, unless ``--backbone``/``--weights``/``--crop`` say otherwise (``--backbone
 tf_efficientnet_lite0 --weights package``: the real Lite0 teacher). A model that trains with an auxiliary folder (DTD, Imagenette) gets
@@ -34,7 +34,7 @@ from anomaly_core.config import parse_config  # noqa: E402
 from anomaly_core.data import ImageTransform, load_split  # noqa: E402
 from anomaly_core.extraction import exact_fp32  # noqa: E402
 from anomaly_core.registry import MODELS  # noqa: E402
-from anomaly_core.training import Trainer, TrainerConfig, load_images  # noqa: E402
+from anomaly_core.training import Trainer, TrainerConfig, held_out_split, load_images  # noqa: E402
 from jobs.cli import read_yaml  # noqa: E402
 
 
@@ -43,14 +43,16 @@ def model_config(model_name: str, args: argparse.Namespace):
     entry = MODELS[model_name]
     stand_in = str(args.data / args.category / "train" / "good")
     auxiliary = {name: args.auxiliary.get(name, stand_in) for name in entry.auxiliary}
-    example = read_yaml(REPO / entry.config)["backbone"]
-    backbone = {"name": example["name"], "layers": example.get("layers", []), "weights": "random"}
+    example = read_yaml(REPO / entry.config).get("backbone")  # none for a model trained from scratch (DRAEM)
+    backbone = {} if example is None else {"name": example["name"], "layers": example.get("layers", [])}
     if args.backbone:
-        backbone = {"name": args.backbone, "layers": [], "weights": "random"}
+        backbone = {"name": args.backbone, "layers": []}
+    if backbone:
+        backbone["weights"] = args.weights or "random"
     crop = args.crop or entry.recipes[entry.default_recipe].values["crop"]
     return parse_config({
         "datasets": [{"name": "tire_small", "format": "mvtec", "root": str(args.data)}],
-        "backbone": {**backbone, "weights": args.weights or backbone["weights"]},
+        **({"backbone": backbone} if backbone else {}),
         "preprocess": {"resize": crop, "crop": crop},
         "training": {"model": model_name, "auxiliary": auxiliary,
                      **({"batch_size": args.batch_size} if args.batch_size else {})},
@@ -72,7 +74,9 @@ def train_speed(model_name: str, args: argparse.Namespace) -> dict:
     training = config.training
     trainer = TrainerConfig(epochs=args.epochs, batch_size=training.batch_size, log_every_n_steps=10**9,
                             device=args.device)
-    result = Trainer(trainer).fit(model, images)
+    trained, held_out = held_out_split(len(images), training.held_out_fraction or 0.0, config.seed)  # as a fit task
+    result = Trainer(trainer).fit(model, images[trained], held_out=images[held_out] if held_out else None)
+    images = images[trained]
     rates = [len(images) / epoch["seconds"] for epoch in result.history]
     model.eval()
     passes = []
